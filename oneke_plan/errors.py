@@ -1,0 +1,24 @@
+"""Errors the CLIs turn into one clear line and an exit code (no traceback)."""
+
+from __future__ import annotations
+
+EXIT_BAD_INPUT = 2
+EXIT_DOES_NOT_FIT = 3
+
+
+class OnekePlanError(Exception):
+    """Base: a message meant for the user, and the exit code that goes with it."""
+
+    exit_code = 1
+
+
+class BadInput(OnekePlanError):
+    """A file, flag or value the user gave is wrong. The message says what, where and what to do."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class DoesNotFit(OnekePlanError):
+    """The model and workload do not fit the machine, or the machine does not match a profile."""
+
+    exit_code = EXIT_DOES_NOT_FIT
