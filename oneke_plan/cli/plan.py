@@ -1,0 +1,233 @@
+"""oneke-plan: how a causal LM fits on your GPUs, written as a YAML placement profile."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from oneke_plan import __version__
+from oneke_plan.catalog import card_names
+from oneke_plan.cli.common import format_table, run_main, wants_debug
+from oneke_plan.errors import BadInput, DoesNotFit
+from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, Workload
+from oneke_plan.sizes import SizeError, format_bytes, parse_size
+
+EPILOG = """\
+examples:
+  oneke-plan oneke --gpu 24GiB --gpu 12GiB -o profiles/my-machine.yaml
+  oneke-plan oneke --gpu "RTX 3060" --quantize 4bit
+  oneke-plan oneke --gpu 24GiB --gpu 12GiB --solve max-input-tokens
+  oneke-plan /models/OneKE                     # GPUs detected on this machine
+
+exit codes: 0 planned, 2 bad input, 3 does not fit (the message says what would).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="oneke-plan",
+        description="Plan how a Hugging Face causal LM (OneKE first) fits on your GPUs, counting weights, KV cache, "
+        "activations and the CUDA reserve, and write a YAML placement profile for oneke-run. Needs no weights and "
+        "no network.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="'oneke' (built-in config), a model directory with config.json, or a repo id in the local "
+        "Hugging Face cache",
+    )
+    machine = p.add_argument_group("machine (default: the GPUs detected here)")
+    machine.add_argument(
+        "--gpu",
+        action="append",
+        metavar="SPEC",
+        default=None,
+        help="a GPU you have or plan for, in device order: a size (24GiB, 12GB), a card name "
+        "('RTX 3090'), or NAME:SIZE; repeat for each GPU",
+    )
+    machine.add_argument(
+        "--inventory",
+        type=Path,
+        metavar="FILE.yaml",
+        help="GPUs from a YAML file: gpus: [{name: RTX 3090}, {memory: 12GiB}]",
+    )
+    machine.add_argument(
+        "--cpu-memory",
+        metavar="SIZE",
+        help="host memory the model may use for offloaded weights; 0 = no CPU offload "
+        "(default: available memory detected here)",
+    )
+    machine.add_argument("--offload-dir", metavar="DIR", help="enable disk offload into DIR")
+    machine.add_argument(
+        "--reserve",
+        metavar="SIZE",
+        default=format_bytes(DEFAULT_GPU_RESERVE_BYTES).replace(" ", ""),
+        help="per-GPU runtime reserve for the CUDA context and allocator slack (default: %(default)s)",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="compute dtype; auto = the config's, bf16 only where every GPU supports it",
+    )
+    model.add_argument(
+        "--quantize",
+        choices=QUANT_MODES,
+        default="none",
+        help="load Linear weights with bitsandbytes 8-bit or 4-bit (default: %(default)s)",
+    )
+    model.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit data type")
+    model.add_argument("--no-double-quant", action="store_true", help="4-bit: keep absmax scales in fp32")
+    model.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow code shipped with the model to run (off by default; OneKE does not need it)",
+    )
+    work = p.add_argument_group("workload")
+    work.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="longest prompt, in tokens (default: %(default)s)",
+    )
+    work.add_argument(
+        "--max-new-tokens", type=int, default=512, metavar="N", help="longest answer, in tokens (default: %(default)s)"
+    )
+    work.add_argument(
+        "--batch-size", type=int, default=4, metavar="N", help="prompts generated together (default: %(default)s)"
+    )
+    work.add_argument(
+        "--eager-attention",
+        action="store_true",
+        help="count attention scores as eager attention materializes them (default: SDPA)",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--strategy",
+        choices=["fill", "balanced"],
+        default="fill",
+        help="fill GPUs in order (default), or spread layers in proportion to each GPU's memory",
+    )
+    out.add_argument(
+        "--solve",
+        choices=["max-input-tokens", "batch-size"],
+        help="find the largest context (or batch) that fits, and plan for it",
+    )
+    out.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the profile here (default: stdout)")
+    out.add_argument("-v", "--verbose", action="store_true", help="explain each planning step on stderr")
+    out.add_argument("--list-cards", action="store_true", help="print the built-in GPU catalog and exit")
+    out.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"oneke-plan {__version__}")
+    return p
+
+
+def _size(flag: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise BadInput(f"{flag}: {exc}") from None
+
+
+def summary_table(plan, profile) -> str:  # type: ignore[no-untyped-def]
+    layers = [c.name for c in plan.costs if c.kind == "layer"]
+    rows = []
+    for device in profile.devices:
+        est = profile.estimate[device.id]
+        mine = [i for i, name in enumerate(layers) if plan.placement.assignment.get(name) == device.id]
+        span = "-" if not mine else f"{mine[0]}-{mine[-1]}" if len(mine) > 1 else str(mine[0])
+        total = format_bytes(device.total_bytes) if device.total_bytes is not None else "unbounded"
+        label = device.id if isinstance(device.id, str) else f"GPU {device.id}"
+        rows.append(
+            [
+                str(label),
+                device.name if device.name != label else "",
+                f"{format_bytes(est['total_bytes'])} / {total}",
+                format_bytes(est["weights_bytes"]),
+                format_bytes(est["kv_cache_bytes"]),
+                format_bytes(est["workspace_bytes"]),
+                format_bytes(est["reserve_bytes"]),
+                span,
+            ]
+        )
+    header = ["device", "name", "used / total", "weights", "KV cache", "workspace", "reserve", "layers"]
+    return format_table(header, rows, right=(2, 3, 4, 5, 6))
+
+
+def run(args: argparse.Namespace) -> int:
+    from oneke_plan.inventory import build_inventory
+    from oneke_plan.model_source import resolve_model
+    from oneke_plan.planner import Planner, PlanSettings
+    from oneke_plan.profile import write_atomic
+
+    if args.list_cards:
+        print("\n".join(card_names()))
+        return 0
+    if args.output is not None and args.output.is_dir():
+        raise BadInput(f"-o {args.output}: is a folder; give a file name such as {args.output}/machine.yaml")
+    if args.output is not None and not args.output.parent.exists():
+        raise BadInput(f"-o {args.output}: folder {args.output.parent} does not exist; create it first")
+    reserve = _size("--reserve", args.reserve)
+    inventory = build_inventory(args.gpu, args.inventory, args.cpu_memory, args.offload_dir)
+    settings = PlanSettings(
+        workload=Workload(args.max_input_tokens, args.max_new_tokens, args.batch_size),
+        quant=Quantization(args.quantize, args.quant_type, not args.no_double_quant),
+        dtype=args.dtype,
+        strategy=args.strategy,
+        reserve_bytes=reserve,
+        eager_attention=args.eager_attention,
+    )
+    planner = Planner(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
+    planner.check_workload(settings.workload)
+    if args.solve:
+        what = args.solve.replace("-", "_")
+        best = planner.largest(inventory, settings, what)
+        if best == 0:
+            plan = planner.plan(inventory, replace(settings, workload=replace(settings.workload, **{what: 1})))
+            raise DoesNotFit(
+                f"--solve {args.solve}: even 1 does not fit.\n" + planner.does_not_fit_message(plan, inventory)
+            )
+        settings = replace(settings, workload=replace(settings.workload, **{what: best}))
+        print(f"oneke-plan: the largest {what} that fits is {best}", file=sys.stderr)
+    plan = planner.plan(inventory, settings)
+    if args.verbose:
+        for line in plan.log:
+            print(f"  {line}", file=sys.stderr)
+    profile = planner.profile(plan, inventory)  # raises DoesNotFit with what would fit
+    text = profile.to_yaml()
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        write_atomic(args.output, text)
+    layout = planner.layout
+    quant = settings.quant.mode if settings.quant.mode != "none" else "no quantization"
+    w = settings.workload
+    print(
+        f"\n{planner.source.name}: {layout.architecture}, {layout.parameter_count / 1e9:.2f}B parameters, "
+        f"{plan.dtype}, {quant}; workload: batch {w.batch_size} x ({w.max_input_tokens} in + {w.max_new_tokens} "
+        f"new) tokens",
+        file=sys.stderr,
+    )
+    print(summary_table(plan, profile), file=sys.stderr)
+    for note in profile.notes:
+        print(note, file=sys.stderr)
+    if args.output is not None:
+        print(f"profile written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # "device N is not available" when planning elsewhere
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_main("oneke-plan", lambda: run(args), args.debug or wants_debug(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Placement arithmetic: which block goes on which device so that every device's estimate fits its memory.
+
+Pure functions over byte counts (no torch): `block_costs` prices each block for a dtype, quantization and
+workload; `estimate` sums a placement per device; `place` fills devices in order (or balanced) and says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from oneke_plan.layout import BlockInfo, ModelLayout
+from oneke_plan.memory import (
+    DTYPE_BYTES,
+    Quantization,
+    Workload,
+    hidden_state_bytes,
+    layer_activation_bytes,
+    layer_kv_cache_bytes,
+    linear_weight_bytes,
+    logits_bytes,
+    quant_scratch_bytes,
+)
+from oneke_plan.sizes import format_bytes
+
+DeviceId = int | str
+OFFLOAD_DEVICES = ("cpu", "disk")
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """One block priced in bytes. KV, activations, logits and scratch are charged to its execution device."""
+
+    name: str
+    kind: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_bytes: int
+    logits_bytes: int
+    quant_scratch_bytes: int
+    tied_to: str | None
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A device the planner may fill: `capacity_bytes` is all it may use, reserve included."""
+
+    id: DeviceId
+    name: str
+    capacity_bytes: int | None  # None: unbounded (disk with unknown size)
+    reserve_bytes: int
+
+    @property
+    def is_gpu(self) -> bool:
+        return isinstance(self.id, int)
+
+
+@dataclass(frozen=True)
+class DeviceEstimate:
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    workspace_bytes: int = 0
+    reserve_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes + self.reserve_bytes
+
+
+@dataclass
+class Placement:
+    assignment: dict[str, DeviceId]  # block name -> device
+    estimates: dict[DeviceId, DeviceEstimate]
+    unplaced: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.unplaced
+
+
+def _tensor_bytes(tensor, dtype_bytes: int, quant: Quantization) -> int:
+    if tensor.linear_shape is not None and quant.mode != "none":
+        out_features, in_features = tensor.linear_shape
+        return linear_weight_bytes(out_features, in_features, quant, dtype_bytes)
+    if tensor.is_buffer or not tensor.is_float:
+        return tensor.numel * tensor.own_dtype_bytes  # buffers keep the dtype they were built with
+    return tensor.numel * dtype_bytes
+
+
+def block_weights_bytes(block: BlockInfo, dtype: str, quant: Quantization) -> int:
+    """Bytes of the block's parameters and buffers once loaded in `dtype` with `quant` (tied ones counted once)."""
+    return sum(_tensor_bytes(t, DTYPE_BYTES[dtype], quant) for t in block.tensors)
+
+
+def block_costs(
+    layout: ModelLayout, dtype: str, quant: Quantization, workload: Workload, eager_attention: bool = False
+) -> list[BlockCost]:
+    """Price every block of `layout` for this dtype, quantization and workload."""
+    size = DTYPE_BYTES[dtype]
+    shape = layout.attention
+    costs = []
+    for block in layout.blocks:
+        scratch = max(
+            (quant_scratch_bytes(*t.linear_shape, quant) for t in block.tensors if t.linear_shape is not None),
+            default=0,
+        )
+        if block.kind == "layer":
+            kv = layer_kv_cache_bytes(shape, workload, size)
+            activation = layer_activation_bytes(shape, workload, size, eager=eager_attention)
+        else:
+            kv = 0
+            activation = hidden_state_bytes(shape, workload, size) if block.tensors else 0
+        logits = logits_bytes(shape, workload, size) if block.kind == "lm_head" else 0
+        costs.append(
+            BlockCost(
+                block.name,
+                block.kind,
+                block_weights_bytes(block, dtype, quant),
+                kv,
+                activation,
+                logits,
+                scratch,
+                block.tied_to,
+            )
+        )
+    return costs
+
+
+def execution_device(device: DeviceId, slots: Sequence[Slot]) -> DeviceId:
+    """Where a block's computation (and so its KV cache and activations) happens.
+
+    A block on a GPU runs there. accelerate runs a block offloaded to CPU or disk on the main device, the first GPU,
+    after copying its weights there; without GPUs everything runs on the CPU.
+    """
+    if device not in OFFLOAD_DEVICES:
+        return device
+    gpus = [s.id for s in slots if s.is_gpu]
+    return gpus[0] if gpus else "cpu"
+
+
+def estimate(
+    assignment: dict[str, DeviceId], costs: Sequence[BlockCost], slots: Sequence[Slot]
+) -> dict[DeviceId, DeviceEstimate]:
+    """Per-device bytes of a placement. Workspace = largest activation + logits + largest quantization scratch
+    + (on the main GPU) a staging copy of the largest offloaded block."""
+    weights: dict[DeviceId, int] = {}
+    kv: dict[DeviceId, int] = {}
+    activation: dict[DeviceId, int] = {}
+    logits: dict[DeviceId, int] = {}
+    scratch: dict[DeviceId, int] = {}
+    staging: dict[DeviceId, int] = {}
+    for cost in costs:
+        if cost.name not in assignment:
+            continue
+        home = assignment[cost.name]
+        run = execution_device(home, slots)
+        weights[home] = weights.get(home, 0) + cost.weights_bytes
+        kv[run] = kv.get(run, 0) + cost.kv_cache_bytes
+        activation[run] = max(activation.get(run, 0), cost.activation_bytes)
+        logits[run] = logits.get(run, 0) + cost.logits_bytes
+        scratch[run] = max(scratch.get(run, 0), cost.quant_scratch_bytes)
+        if home != run:
+            staging[run] = max(staging.get(run, 0), cost.weights_bytes)
+    used = set(weights) | set(kv) | set(activation)
+    result = {}
+    for slot in slots:
+        if slot.id not in used:
+            continue
+        workspace = (
+            activation.get(slot.id, 0) + logits.get(slot.id, 0) + scratch.get(slot.id, 0) + staging.get(slot.id, 0)
+        )
+        reserve = slot.reserve_bytes if slot.id != "disk" else 0
+        result[slot.id] = DeviceEstimate(weights.get(slot.id, 0), kv.get(slot.id, 0), workspace, reserve)
+    return result
+
+
+def _within(estimates: dict[DeviceId, DeviceEstimate], limits: Mapping[DeviceId, int | None]) -> bool:
+    return all(limits.get(d) is None or e.total_bytes <= limits[d] for d, e in estimates.items())  # type: ignore[operator]
+
+
+def fill(
+    costs: Sequence[BlockCost],
+    slots: Sequence[Slot],
+    limits: Mapping[DeviceId, int | None],
+    weight_caps: dict[DeviceId, int] | None = None,
+) -> Placement:
+    """Place blocks in model order, each on the current device while every device stays within `limits` (and
+    its weights within `weight_caps`), else on the next device. Blocks tied to an earlier block go where it went."""
+    caps = weight_caps or {}
+    partners: dict[str, list[str]] = {}
+    for cost in costs:
+        if cost.tied_to:
+            partners.setdefault(cost.tied_to, []).append(cost.name)
+    assignment: dict[str, DeviceId] = {}
+    unplaced: list[str] = []
+    current = 0
+    for cost in costs:
+        if cost.name in assignment:
+            continue
+        group = [cost.name, *partners.get(cost.name, [])]
+        while current < len(slots) and not unplaced:
+            trial = dict(assignment)
+            trial.update({name: slots[current].id for name in group})
+            trial_estimates = estimate(trial, costs, slots)
+            capped = any(trial_estimates[d].weights_bytes > cap for d, cap in caps.items() if d in trial_estimates)
+            if not capped and _within(trial_estimates, limits):
+                assignment = trial
+                break
+            current += 1
+        else:
+            unplaced.extend(group)
+    return Placement(assignment, estimate(assignment, costs, slots), unplaced)
+
+
+def _describe(placement: Placement, costs: Sequence[BlockCost], slots: Sequence[Slot]) -> list[str]:
+    lines = []
+    for slot in slots:
+        names = [c.name for c in costs if placement.assignment.get(c.name) == slot.id]
+        if not names:
+            continue
+        est = placement.estimates[slot.id]
+        cap = "unbounded" if slot.capacity_bytes is None else format_bytes(slot.capacity_bytes)
+        lines.append(
+            f"{slot.name}: {len(names)} blocks ({names[0]} .. {names[-1]}), {format_bytes(est.total_bytes)} of {cap}"
+        )
+    return lines
+
+
+def place(costs: Sequence[BlockCost], slots: Sequence[Slot], strategy: str = "fill") -> Placement:
+    """Choose a placement. `fill`: GPUs in order, then CPU, then disk. `balanced`: the smallest equal share of every
+    GPU's memory that holds the whole model on GPUs, so layers spread in proportion to each card's memory."""
+    limits: Mapping[DeviceId, int | None] = {s.id: s.capacity_bytes for s in slots}
+    log = []
+    gpus = [s for s in slots if s.is_gpu]
+    if strategy == "balanced" and len(gpus) > 1:
+        gpu_only = list(gpus)
+        full = fill(costs, gpu_only, {s.id: s.capacity_bytes for s in gpu_only})
+        if full.fits:
+            low, high = 0.0, 1.0
+            for _ in range(40):
+                mid = (low + high) / 2
+                trial = fill(costs, gpu_only, {s.id: int((s.capacity_bytes or 0) * mid) for s in gpu_only})
+                low, high = (low, mid) if trial.fits else (mid, high)
+            share = {s.id: int((s.capacity_bytes or 0) * high) for s in gpu_only}
+            placement = fill(costs, gpu_only, share)
+            log.append(f"balanced: every GPU filled to at most {high:.1%} of its memory")
+            placement.log = log + _describe(placement, costs, slots)
+            return placement
+        log.append("balanced: the model does not fit on the GPUs alone, so GPUs are filled in order before offload")
+    placement = fill(costs, slots, limits)
+    if not placement.fits and gpus and any(s.id in OFFLOAD_DEVICES for s in slots):
+        # Offloaded blocks run on the first GPU, so their KV cache and staging copy need room there: keep one
+        # block fewer on the first GPU at a time until the offloaded rest fits.
+        first = gpus[0].id
+        kept = [c for c in costs if placement.assignment.get(c.name) == first]
+        cap = sum(c.weights_bytes for c in kept)
+        while kept and not placement.fits:
+            cap -= kept.pop().weights_bytes
+            placement = fill(costs, slots, limits, {first: cap})
+        if placement.fits and len(kept) < len(costs):
+            log.append(f"{gpus[0].name}: keeps fewer blocks so that offloaded blocks can run there")
+    placement.log = log + _describe(placement, costs, slots)
+    return placement

@@ -1,0 +1,155 @@
+"""The memory model: pure byte arithmetic on shapes. No torch, no weights, every term named.
+
+All results are ints, in bytes. A device's estimate is
+
+    weights_bytes + kv_cache_bytes + workspace_bytes + reserve_bytes
+
+and each function below computes one of those terms (docs/memory-model.md explains each with its source).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+GiB = 2**30
+MiB = 2**20
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+QuantMode = Literal["none", "8bit", "4bit"]
+QUANT_MODES: tuple[QuantMode, ...] = ("none", "8bit", "4bit")
+
+# bitsandbytes 4-bit layout (bitsandbytes/functional.py, quantize_4bit): weights packed two per byte, one absmax per
+# block of 64 values; with double quantization the absmaxes are themselves quantized to uint8 in blocks of 256.
+BNB_4BIT_BLOCKSIZE = 64
+BNB_NESTED_BLOCKSIZE = 256
+BNB_4BIT_CODE_BYTES = 16 * 4  # the nf4/fp4 lookup table, 16 fp32 values, kept per quant state
+BNB_NESTED_CODE_BYTES = 256 * 4  # the dynamic-quantization map of the nested absmax, 256 fp32 values
+BNB_NESTED_OFFSET_BYTES = 4  # the fp32 mean subtracted from the absmaxes before nesting
+
+# Default per-GPU runtime reserve: the CUDA context (driver, kernels of torch/cuBLAS loaded lazily, about 0.5 GiB
+# on recent drivers) plus cuBLAS workspaces and caching-allocator fragmentation. Not yet calibrated on a GPU
+# (see issue "Check the memory model on a real GPU"): change it with --reserve.
+DEFAULT_GPU_RESERVE_BYTES = 1 * GiB
+# Host memory the running process needs besides the weights it holds: the Python interpreter with torch,
+# transformers, accelerate and bitsandbytes imported, the tokenizer and I/O buffers (measured: docs/memory-model.md).
+DEFAULT_CPU_RESERVE_BYTES = 2 * GiB
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How Linear weights are stored. `mode` is the public contract; the rest are bitsandbytes settings."""
+
+    mode: QuantMode = "none"
+    quant_type: str = "nf4"  # 4-bit only: nf4 or fp4
+    double_quant: bool = True  # 4-bit only: quantize the absmaxes too (QLoRA's default)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one generate call must hold: a batch of prompts up to max_input_tokens, each growing by max_new_tokens."""
+
+    max_input_tokens: int
+    max_new_tokens: int
+    batch_size: int
+
+    @property
+    def sequence_tokens(self) -> int:
+        """Positions the KV cache must hold per sequence (prompt plus every generated token)."""
+        return self.max_input_tokens + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The sizes of a decoder layer that set its KV cache and activations."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+
+
+def linear_weight_bytes(out_features: int, in_features: int, quant: Quantization, dtype_bytes: int) -> int:
+    """Bytes a Linear's weight matrix takes once loaded (bias excluded: it stays in the compute dtype).
+
+    - none: out*in elements of the compute dtype.
+    - 8bit (bitsandbytes Int8Params): 1 byte per element plus one fp32 scale (SCB) per output row.
+    - 4bit (bitsandbytes Params4bit): half a byte per element plus one absmax per 64-element block: fp32, or
+      with double quantization uint8 plus an fp32 absmax per 256 blocks, the nested code table and its offset;
+      plus the 16-entry fp32 code table of nf4/fp4.
+    """
+    n = out_features * in_features
+    if quant.mode == "none":
+        return n * dtype_bytes
+    if quant.mode == "8bit":
+        return n + 4 * out_features
+    blocks = -(-n // BNB_4BIT_BLOCKSIZE)
+    packed = -(-n // 2)
+    if not quant.double_quant:
+        return packed + 4 * blocks + BNB_4BIT_CODE_BYTES
+    nested_blocks = -(-blocks // BNB_NESTED_BLOCKSIZE)
+    return packed + blocks + 4 * nested_blocks + BNB_NESTED_CODE_BYTES + BNB_NESTED_OFFSET_BYTES + BNB_4BIT_CODE_BYTES
+
+
+def kv_cache_bytes_per_token(shape: AttentionShape, dtype_bytes: int) -> int:
+    """KV cache bytes one decoder layer adds per token of one sequence: K and V, each kv_heads x head_dim.
+
+    Uses num_key_value_heads, so grouped-query attention (GQA) models need proportionally less.
+    """
+    return 2 * shape.num_key_value_heads * shape.head_dim * dtype_bytes
+
+
+def layer_kv_cache_bytes(shape: AttentionShape, workload: Workload, dtype_bytes: int) -> int:
+    """KV cache of one decoder layer for the whole workload: batch x (input + new tokens) positions."""
+    return kv_cache_bytes_per_token(shape, dtype_bytes) * workload.batch_size * workload.sequence_tokens
+
+
+def layer_activation_bytes(shape: AttentionShape, workload: Workload, dtype_bytes: int, eager: bool = False) -> int:
+    """Peak transient bytes of one decoder layer during prefill (the largest step of generation).
+
+    Prefill runs the batch's full prompts (batch x max_input_tokens rows) through the layer. Alive at once:
+    - in attention: the residual input and its normed copy (2 x hidden), q, k and v with k/v expanded to all
+      heads for grouped-query attention, and the attention output (4 x heads x head_dim);
+    - in the MLP: residual and normed input (2 x hidden), gate, up and act(gate) * up (3 x intermediate).
+    The layer's peak is the larger of the two. With SDPA (transformers' default) the attention scores are never
+    materialized; with eager attention (`eager=True`) batch x heads x seq x seq scores are added, in the compute
+    dtype plus their fp32 softmax.
+    """
+    rows = workload.batch_size * workload.max_input_tokens
+    attention = rows * (2 * shape.hidden_size + 4 * shape.num_attention_heads * shape.head_dim)
+    mlp = rows * (2 * shape.hidden_size + 3 * shape.intermediate_size)
+    peak = max(attention, mlp) * dtype_bytes
+    if eager:
+        seq = workload.max_input_tokens
+        peak += workload.batch_size * shape.num_attention_heads * seq * seq * (dtype_bytes + 4)
+    return peak
+
+
+def hidden_state_bytes(shape: AttentionShape, workload: Workload, dtype_bytes: int) -> int:
+    """One prefill hidden-state tensor (batch x max_input_tokens x hidden): what embeddings and norms produce."""
+    return workload.batch_size * workload.max_input_tokens * shape.hidden_size * dtype_bytes
+
+
+def logits_bytes(shape: AttentionShape, workload: Workload, dtype_bytes: int) -> int:
+    """Logits alive on the lm_head's device per decoding step.
+
+    transformers computes logits for the last position only while generating (logits_to_keep=1): batch x vocab in
+    the compute dtype, generate's fp32 copy, and the fp32 scores the logits processors return.
+    """
+    return workload.batch_size * shape.vocab_size * (dtype_bytes + 4 + 4)
+
+
+def quant_scratch_bytes(out_features: int, in_features: int, quant: Quantization) -> int:
+    """Transient bytes a quantized Linear needs beside its stored weight.
+
+    - 4bit: bitsandbytes dequantizes the weight to the compute dtype (2 bytes) for a prefill matmul.
+    - 8bit: the weight arrives in 16 bits and is quantized on the device, so one 16-bit copy of the largest
+      Linear is alive at load time.
+    - none: nothing.
+    """
+    if quant.mode == "none":
+        return 0
+    return out_features * in_features * 2

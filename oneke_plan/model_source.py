@@ -1,0 +1,105 @@
+"""Where a model comes from: a local directory, a Hugging Face repo id in the local cache, or the built-in `oneke`.
+
+Planning reads only config.json; nothing here touches the network or runs code from the model directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from oneke_plan.errors import BadInput
+
+BUILTIN_MODELS = {"oneke": "oneke_config.json"}
+ONEKE_REPO_ID = "zjunlp/OneKE"
+# Keys that change with the tool that saved a config, not with the model it describes.
+_VOLATILE_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: what the user typed, the directory holding it (None for a built-in), its config dict."""
+
+    name: str
+    kind: str  # "builtin", "directory" or "hub-cache"
+    directory: Path | None
+    config: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return config_fingerprint(self.config)
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """sha256 of the config's canonical JSON, ignoring keys that only record which tool saved it."""
+    stable = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS}
+    blob = json.dumps(stable, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict, or BadInput naming the file and the problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"{path}: not found; a model directory needs a config.json") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: cannot be read ({exc}); check the file") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix or re-download config.json") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"{path}: config.json must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def _hub_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return home / "hub"
+
+
+def find_in_hub_cache(repo_id: str) -> Path | None:
+    """The snapshot directory of `repo_id` in the local Hugging Face cache (refs/main first), or None."""
+    repo_dir = _hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        candidate = snapshots / ref.read_text().strip()
+        if (candidate / "config.json").is_file():
+            return candidate
+    if snapshots.is_dir():
+        found = sorted(p for p in snapshots.iterdir() if (p / "config.json").is_file())
+        if found:
+            return found[-1]
+    return None
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Turn what the user typed into a ModelSource, or BadInput saying what was looked for and where."""
+    if name.lower() in BUILTIN_MODELS:
+        text = resources.files("oneke_plan.data").joinpath(BUILTIN_MODELS[name.lower()]).read_text("utf-8")
+        return ModelSource(name.lower(), "builtin", None, json.loads(text))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelSource(name, "directory", path, read_config(path / "config.json"))
+    if path.exists():
+        raise BadInput(f"{name}: is a file; give the model's directory (the one holding config.json)")
+    if _REPO_ID.match(name) and not name.startswith(("./", "../")):
+        snapshot = find_in_hub_cache(name)
+        if snapshot is not None:
+            return ModelSource(name, "hub-cache", snapshot, read_config(snapshot / "config.json"))
+        raise BadInput(
+            f"{name}: not a directory and not in the local Hugging Face cache ({_hub_cache_dir()}); "
+            f"download it first (huggingface-cli download {name}) or give a local directory"
+        )
+    raise BadInput(f"{name}: no such directory; give a model directory, a cached repo id, or 'oneke'")

@@ -1,0 +1,183 @@
+"""The placement profile: a YAML file written by `oneke-plan` and applied by `oneke-run`.
+
+Public contract (docs/profile-format.md): `format_version`, `device_map`, `devices` (each with `id` and
+`total_bytes`), `estimate.<device id>` (weights_bytes, kv_cache_bytes, workspace_bytes, reserve_bytes, total_bytes),
+`quantization.mode` (none, 8bit, 4bit) and `workload` (max_input_tokens, max_new_tokens, batch_size).
+Read with yaml.safe_load only: a profile is data and can never make code run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from oneke_plan.errors import BadInput
+
+FORMAT_VERSION = 1
+ESTIMATE_KEYS = ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes", "total_bytes")
+QUANT_MODES = ("none", "8bit", "4bit")
+
+
+@dataclass
+class ProfileDevice:
+    id: int | str  # GPU index, "cpu" or "disk"
+    name: str
+    total_bytes: int | None
+    usable_bytes: int | None = None  # what the plan was allowed to use (free memory when detected)
+    compute_capability: str | None = None
+
+
+@dataclass
+class Profile:
+    model: dict[str, Any]  # source, architecture, model_type, parameter_count, config_fingerprint
+    dtype: str
+    quantization: dict[str, Any]  # mode, and for 4-bit quant_type and double_quant
+    workload: dict[str, int]  # max_input_tokens, max_new_tokens, batch_size
+    devices: list[ProfileDevice]
+    device_map: dict[str, int | str]
+    estimate: dict[int | str, dict[str, int]]
+    strategy: str = "fill"
+    offload_dir: str | None = None
+    format_version: int = FORMAT_VERSION
+    created_by: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_yaml(self) -> str:
+        data = asdict(self)
+        ordered = {
+            key: data[key]
+            for key in (
+                "format_version",
+                "created_by",
+                "model",
+                "dtype",
+                "quantization",
+                "workload",
+                "strategy",
+                "offload_dir",
+                "devices",
+                "device_map",
+                "estimate",
+                "notes",
+            )
+        }
+        return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, width=120)
+
+    def gpu_ids(self) -> list[int]:
+        return [d.id for d in self.devices if isinstance(d.id, int)]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise BadInput(f"{path}: folder {path.parent} does not exist; create it or choose another path")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in data:
+        raise BadInput(f"{where}: missing '{key}'; re-create the profile with oneke-plan")
+    if not isinstance(data[key], kind):
+        raise BadInput(f"{where}: '{key}' has the wrong type ({type(data[key]).__name__}); re-create the profile")
+    return data[key]
+
+
+def _device_id(value: Any, where: str) -> int | str:
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= 0 or value in ("cpu", "disk")):
+        raise BadInput(f"{where}: device {value!r} is not a GPU index, 'cpu' or 'disk'")
+    return value  # type: ignore[no-any-return]
+
+
+def read_profile(path: Path) -> Profile:
+    """Load and check a profile file; every problem is a BadInput naming the file and the key."""
+    where = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"{where}: profile not found; create one with oneke-plan MODEL -o {where}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{where}: cannot be read as UTF-8 text ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise BadInput(f"{where}{line}: not valid YAML; re-create the profile with oneke-plan") from None
+    if data is None:
+        raise BadInput(f"{where}: the profile is empty; create one with oneke-plan MODEL -o {where}")
+    if not isinstance(data, dict):
+        raise BadInput(f"{where}: a profile is a YAML mapping, not {type(data).__name__}")
+    version = _need(data, "format_version", int, where)
+    if version != FORMAT_VERSION:
+        raise BadInput(
+            f"{where}: format_version {version} is not supported (this tool reads {FORMAT_VERSION}); "
+            "re-create the profile with this version of oneke-plan"
+        )
+    model = _need(data, "model", dict, where)
+    quant = _need(data, "quantization", dict, where)
+    if quant.get("mode") not in QUANT_MODES:
+        raise BadInput(f"{where}: quantization.mode must be one of {', '.join(QUANT_MODES)}")
+    workload = _need(data, "workload", dict, where)
+    for key in ("max_input_tokens", "max_new_tokens", "batch_size"):
+        value = workload.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise BadInput(f"{where}: workload.{key} must be a positive integer, not {value!r}")
+    dtype = _need(data, "dtype", str, where)
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise BadInput(f"{where}: dtype {dtype!r} is not bfloat16, float16 or float32")
+    devices = []
+    for i, entry in enumerate(_need(data, "devices", list, where)):
+        if not isinstance(entry, dict):
+            raise BadInput(f"{where}: devices[{i}] must be a mapping with id and total_bytes")
+        devices.append(
+            ProfileDevice(
+                id=_device_id(entry.get("id"), f"{where}: devices[{i}].id"),
+                name=str(entry.get("name", "")),
+                total_bytes=entry.get("total_bytes"),
+                usable_bytes=entry.get("usable_bytes"),
+                compute_capability=entry.get("compute_capability"),
+            )
+        )
+    device_map = _need(data, "device_map", dict, where)
+    if not device_map:
+        raise BadInput(f"{where}: device_map is empty; re-create the profile with oneke-plan")
+    known = {d.id for d in devices}
+    for module, device in device_map.items():
+        device = _device_id(device, f"{where}: device_map[{module!r}]")
+        if device not in known:
+            raise BadInput(f"{where}: device_map[{module!r}] names device {device!r}, which is not in devices")
+    estimate = data.get("estimate") or {}
+    if not isinstance(estimate, dict):
+        raise BadInput(f"{where}: estimate must be a mapping of device id to byte counts")
+    offload_dir = data.get("offload_dir")
+    if "disk" in device_map.values() and not offload_dir:
+        raise BadInput(f"{where}: device_map offloads to disk but offload_dir is not set")
+    return Profile(
+        model=model,
+        dtype=dtype,
+        quantization=quant,
+        workload=workload,
+        devices=devices,
+        device_map=device_map,
+        estimate=estimate,
+        strategy=str(data.get("strategy", "fill")),
+        offload_dir=str(offload_dir) if offload_dir is not None else None,
+        format_version=version,
+        created_by=str(data.get("created_by", "")),
+        notes=list(data.get("notes") or []),
+    )
