@@ -1,0 +1,41 @@
+"""Shared pytest fixtures: tiny LLaMA checkpoints built once per session, and the DeepKE sample data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from oneke_plan.tiny import build_tiny_llama
+
+DEEPKE_DIR = Path(__file__).parent.parent / "examples" / "deepke"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default tiny model: bf16, 4 layers, hidden 64, untied, one safetensors file."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Grouped-query attention: 4 query heads sharing 2 key/value heads."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_gqa"), num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tied embeddings: no lm_head.weight on disk, transformers must tie it on load."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three safetensors shards with a model.safetensors.index.json, like the real OneKE checkpoint."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_sharded"), shards=3)
+
+
+@pytest.fixture(scope="session")
+def deepke_dir() -> Path:
+    """examples/deepke: DeepKE's sample files, one <TASK>/test.json per task."""
+    return DEEPKE_DIR
