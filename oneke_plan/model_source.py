@@ -18,8 +18,12 @@ from oneke_plan.errors import BadInput
 
 BUILTIN_MODELS = {"oneke": "oneke_config.json"}
 ONEKE_REPO_ID = "zjunlp/OneKE"
-# Keys that change with the tool that saved a config, not with the model it describes.
-_VOLATILE_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"}
+# Keys that decide the model's tensor shapes, and so the plan: the fingerprint covers these only, so a config saved
+# by another transformers version, or with other token ids or generation defaults, still matches its profile.
+_STRUCTURAL_KEY = re.compile(
+    r"^(architectures|model_type|tie_word_embeddings|head_dim|vocab_size|max_position_embeddings)$"
+    r"|_size$|^(n|num)_|layers|heads|experts|embd|inner|positions"
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -38,8 +42,8 @@ class ModelSource:
 
 
 def config_fingerprint(config: dict[str, Any]) -> str:
-    """sha256 of the config's canonical JSON, ignoring keys that only record which tool saved it."""
-    stable = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS}
+    """sha256 of the canonical JSON of the config's structural keys (those that set tensor shapes)."""
+    stable = {k: v for k, v in config.items() if _STRUCTURAL_KEY.search(k)}
     blob = json.dumps(stable, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 

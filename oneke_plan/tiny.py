@@ -230,13 +230,9 @@ def llama_config_dict(
     4.46 and 5.x: ``torch_dtype`` for 4.x, ``dtype`` for 5.x, ``rope_theta`` at top level (5.x converts it).
     """
     if hidden_size % num_attention_heads:
-        raise ValueError(
-            f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"
-        )
+        raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
     if num_attention_heads % num_key_value_heads:
-        raise ValueError(
-            f"num_attention_heads {num_attention_heads} is not a multiple of {num_key_value_heads}"
-        )
+        raise ValueError(f"num_attention_heads {num_attention_heads} is not a multiple of {num_key_value_heads}")
     dtype_name = _dtype_name(dtype)
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -355,9 +351,7 @@ def _split_into_shards(sizes: Sequence[int], shards: int) -> list[range]:
     return [range(s, e) for s, e in zip(starts, ends, strict=True)]
 
 
-def write_checkpoint(
-    state_dict: Mapping[str, torch.Tensor], out_dir: str | Path, shards: int = 1
-) -> list[Path]:
+def write_checkpoint(state_dict: Mapping[str, torch.Tensor], out_dir: str | Path, shards: int = 1) -> list[Path]:
     """Write ``state_dict`` as HF safetensors: ``model.safetensors``, or ``shards`` files plus an index.
 
     Files are named ``model-00001-of-00003.safetensors`` and carry ``{"format": "pt"}`` metadata, which
@@ -463,9 +457,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=64, help="hidden_size")
     parser.add_argument("--intermediate", type=int, default=128, help="intermediate_size")
     parser.add_argument("--heads", type=int, default=4, help="num_attention_heads")
-    parser.add_argument(
-        "--kv-heads", type=int, default=None, help="num_key_value_heads (GQA); default: --heads"
-    )
+    parser.add_argument("--kv-heads", type=int, default=None, help="num_key_value_heads (GQA); default: --heads")
     parser.add_argument("--vocab", type=int, default=None, help="vocab_size; default: the tokenizer's length")
     parser.add_argument("--tie", action="store_true", help="tie lm_head to the input embeddings")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")

@@ -135,6 +135,10 @@ def _size(flag: str, text: str) -> int:
         raise BadInput(f"{flag}: {exc}") from None
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
 def summary_table(plan, profile) -> str:  # type: ignore[no-untyped-def]
     layers = [c.name for c in plan.costs if c.kind == "layer"]
     rows = []
@@ -209,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     quant = settings.quant.mode if settings.quant.mode != "none" else "no quantization"
     w = settings.workload
     print(
-        f"\n{planner.source.name}: {layout.architecture}, {layout.parameter_count / 1e9:.2f}B parameters, "
+        f"\n{planner.source.name}: {layout.architecture}, {_count(layout.parameter_count)} parameters, "
         f"{plan.dtype}, {quant}; workload: batch {w.batch_size} x ({w.max_input_tokens} in + {w.max_new_tokens} "
         f"new) tokens",
         file=sys.stderr,

@@ -1,0 +1,230 @@
+"""oneke-run: apply a placement profile and run OneKE extraction over a JSONL file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from oneke_plan import __version__
+from oneke_plan.cli.common import format_table, run_main, wants_debug
+from oneke_plan.errors import BadInput
+from oneke_plan.sizes import format_bytes
+
+EPILOG = """\
+examples:
+  # the authors' converted files (lines with id and an instruction JSON string), as they are:
+  oneke-run --profile profiles/oneke-24gib+12gib-bf16.yaml --model /models/OneKE \\
+            --input examples/deepke/NER/test.json --output ner.out.jsonl
+  # raw text lines with a task and a schema:
+  oneke-run --profile P.yaml --model /models/OneKE --input texts.jsonl --output out.jsonl \\
+            --task NER --schema '["人物", "地理位置", "组织机构"]' --lang zh
+  # continue an interrupted run:
+  oneke-run --profile P.yaml --model /models/OneKE --input IN --output OUT --resume
+
+exit codes: 0 done, 2 bad input, 3 machine does not match the profile.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="oneke-run",
+        description="Load a model exactly as an oneke-plan profile says (meta init, tie_weights, load, dispatch; "
+        "16-bit, or bitsandbytes 8/4-bit) and run OneKE extraction over a JSONL file in batches. Each output "
+        "line is written as soon as it is done; --resume continues an interrupted run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--profile", type=Path, required=True, metavar="P.yaml", help="a profile written by oneke-plan")
+    p.add_argument(
+        "--model",
+        metavar="DIR_OR_REPO_ID",
+        help="the checkpoint directory, or a repo id in the local Hugging Face cache "
+        "(default: the profile's model source, when it is a directory)",
+    )
+    p.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        metavar="IN.jsonl",
+        help="the authors' converted file (id + instruction), or raw lines ({id?, text}) with --task",
+    )
+    p.add_argument("--output", type=Path, required=True, metavar="OUT.jsonl", help="answers, one JSON line each")
+    raw = p.add_argument_group("raw text input")
+    raw.add_argument("--task", help="NER, RE, EE, EET, EEA, KG or SPO: read --input as raw text lines")
+    raw.add_argument("--schema", help="the schema: inline JSON, or a file (JSON, or the authors' 3-line schema.json)")
+    raw.add_argument("--lang", choices=["zh", "en"], default="zh", help="instruction language (default: %(default)s)")
+    raw.add_argument("--chunk-size", type=int, help="schema items per prompt (default: the authors' size per task)")
+    gen = p.add_argument_group("generation (defaults: the profile's workload)")
+    gen.add_argument("--batch-size", type=int, metavar="N", help="prompts per batch (at most the planned batch)")
+    gen.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length (at most the planned one)")
+    run = p.add_argument_group("run")
+    run.add_argument("--resume", action="store_true", help="skip prompts already answered in --output")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    run.add_argument("--force", action="store_true", help="run even if the machine does not match the profile")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow code shipped with the model to run (off by default; OneKE does not need it)",
+    )
+    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"oneke-run {__version__}")
+    return p
+
+
+def _positive(flag: str, value: int | None, planned: int) -> int:
+    if value is None:
+        return planned
+    if value <= 0:
+        raise BadInput(f"{flag} must be a positive integer, not {value}")
+    if value > planned:
+        raise BadInput(
+            f"{flag} {value} is more than the profile planned for ({planned}); re-plan with "
+            f"oneke-plan ... {flag} {value}"
+        )
+    return value
+
+
+def _read_records(args: argparse.Namespace) -> list[Any]:
+    from oneke_plan import oneke
+    from oneke_plan.extract import read_converted, read_raw
+
+    if args.task is None:
+        if args.schema is not None:
+            raise BadInput("--schema needs --task (raw text input); converted files carry their schema")
+        return read_converted(args.input)
+    if args.schema is None:
+        raise BadInput(f"--task {args.task} needs --schema: inline JSON or a schema file")
+    try:
+        task = oneke.check_task(args.task.upper())
+        schema = oneke.load_schema(args.schema, task)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    if args.chunk_size is not None and (args.chunk_size == 0 or args.chunk_size < -1):
+        raise BadInput(f"--chunk-size must be a positive integer or -1 (no split), not {args.chunk_size}")
+    return read_raw(args.input, task, schema, args.lang, args.chunk_size)
+
+
+def _prepare_output(args: argparse.Namespace, records: list[Any]) -> list[Any]:
+    from oneke_plan.extract import pending_records, refuse_same_file
+
+    refuse_same_file(args.input, args.output)
+    if not args.output.parent.exists():
+        raise BadInput(f"--output {args.output}: folder {args.output.parent} does not exist; create it first")
+    if args.output.is_dir():
+        raise BadInput(f"--output {args.output}: is a folder; give a file name")
+    exists = args.output.exists() and args.output.stat().st_size > 0
+    if args.resume:
+        return pending_records(records, args.output)
+    if exists and not args.overwrite:
+        raise BadInput(
+            f"--output {args.output}: already exists; pass --resume to continue it or --overwrite to replace it"
+        )
+    if exists:
+        args.output.unlink()
+    return records
+
+
+def weight_table(profile: Any, measured: dict[Any, int]) -> str:
+    rows = []
+    for device in profile.devices:
+        planned = int(profile.estimate.get(device.id, {}).get("weights_bytes", 0))
+        loaded = measured.get(device.id, 0)
+        diff = f"{(loaded - planned) / planned:+.2%}" if planned else "-"
+        label = device.id if isinstance(device.id, str) else f"GPU {device.id}"
+        rows.append([str(label), format_bytes(planned), format_bytes(loaded), diff])
+    return format_table(["device", "planned weights", "loaded weights", "difference"], rows, right=(1, 2, 3))
+
+
+def peak_table(profile: Any) -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    rows = []
+    for gpu in profile.gpu_ids():
+        free, total = torch.cuda.mem_get_info(gpu)
+        planned = int(profile.estimate.get(gpu, {}).get("total_bytes", 0))
+        rows.append(
+            [
+                f"GPU {gpu}",
+                format_bytes(planned),
+                format_bytes(torch.cuda.max_memory_allocated(gpu)),
+                format_bytes(total - free),
+            ]
+        )
+    return format_table(
+        ["device", "planned total", "peak allocated (torch)", "in use now (driver)"], rows, right=(1, 2, 3)
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from oneke_plan.extract import OutputWriter
+    from oneke_plan.generation import GreedyGenerator
+    from oneke_plan.loader import check_machine, load_model, measured_weight_bytes
+    from oneke_plan.model_source import resolve_model
+    from oneke_plan.profile import read_profile
+    from oneke_plan.runner import Runner
+
+    profile = read_profile(args.profile)
+    workload = profile.workload
+    batch_size = _positive("--batch-size", args.batch_size, workload["batch_size"])
+    max_new = _positive("--max-new-tokens", args.max_new_tokens, workload["max_new_tokens"])
+    model_name = args.model or profile.model.get("source")
+    if not model_name or model_name == "oneke":
+        raise BadInput(
+            "the profile was planned from the built-in OneKE config, which has no weights: pass "
+            "--model DIR (OneKE's checkpoint directory) or --model zjunlp/OneKE (from the local cache)"
+        )
+    source = resolve_model(str(model_name))
+    records = _read_records(args)
+    pending = _prepare_output(args, records)
+    for problem in check_machine(profile, source, force=args.force):
+        print(f"oneke-run: warning (--force): {problem}", file=sys.stderr)
+    if not pending:
+        print(f"oneke-run: nothing to do: all {len(records)} prompts are already in {args.output}", file=sys.stderr)
+        return 0
+
+    from transformers import AutoTokenizer
+
+    model = load_model(profile, source, trust_remote_code=args.trust_remote_code)
+    print(weight_table(profile, measured_weight_bytes(model, profile.device_map, profile.dtype)), file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, trust_remote_code=args.trust_remote_code)
+    generator = GreedyGenerator(model, tokenizer, max_new)
+    with OutputWriter(args.output) as writer:
+        runner = Runner(
+            generator.generate,
+            tokenizer,
+            writer,
+            batch_size,
+            workload["max_input_tokens"],
+            progress=not args.no_progress,
+        )
+        stats = runner.run(pending)
+    rate = stats.new_tokens / stats.seconds if stats.seconds else 0.0
+    print(
+        f"oneke-run: {stats.prompts} prompts answered ({len(records) - len(pending)} already done), "
+        f"{stats.new_tokens} tokens in {stats.seconds:.1f} s ({rate:.1f} tokens/s); {stats.parse_errors} answers "
+        f"are not valid JSON (kept raw with parse_error), {stats.too_long} prompts too long, "
+        f"{stats.out_of_memory} out of memory -> {args.output}",
+        file=sys.stderr,
+    )
+    peaks = peak_table(profile)
+    if peaks:
+        print(peaks, file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    for name in ("accelerate", "transformers", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_main("oneke-run", lambda: run(args), args.debug or wants_debug(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

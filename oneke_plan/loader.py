@@ -1,0 +1,400 @@
+"""Apply a profile: check the machine and the checkpoint, then meta init, tie_weights, load and dispatch.
+
+The order matters and is the fix for the published multi-GPU snippet: the model is built as
+AutoModelForCausalLM (whose parameter names match a causal-LM checkpoint), tied, and its names are compared with
+the checkpoint's *before* anything is loaded, so dispatch never meets a parameter still on the meta device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from oneke_plan.errors import BadInput, DoesNotFit
+from oneke_plan.inventory import Gpu, detect_gpus, detected_cpu_bytes
+from oneke_plan.layout import load_config
+from oneke_plan.model_source import ModelSource
+from oneke_plan.profile import Profile
+from oneke_plan.sizes import format_bytes
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+# -- the machine ---------------------------------------------------------------------------------------------------
+def replan_command(profile: Profile, model: str, gpus: tuple[Gpu, ...]) -> str:
+    """The oneke-plan command that plans the same model and workload for the GPUs found here."""
+    w = profile.workload
+    parts = ["oneke-plan", model, *(f"--gpu {format_bytes(g.free_bytes).replace(' ', '')}" for g in gpus)]
+    parts += [
+        f"--max-input-tokens {w['max_input_tokens']}",
+        f"--max-new-tokens {w['max_new_tokens']}",
+        f"--batch-size {w['batch_size']}",
+    ]
+    if profile.quantization.get("mode", "none") != "none":
+        parts.append(f"--quantize {profile.quantization['mode']}")
+    return " ".join(parts) + " -o PROFILE.yaml"
+
+
+def machine_problems(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...], cpu_bytes: int) -> list[str]:
+    """Why this machine (or model) does not match the profile; empty when it does."""
+    problems = []
+    planned_for = profile.model.get("config_fingerprint")
+    if planned_for and planned_for != source.fingerprint:
+        problems.append(
+            f"the model's config.json differs from the one the profile was planned for ({profile.model.get('source')})"
+        )
+    by_index = {g.index: g for g in gpus}
+    for device in profile.devices:
+        planned = int(profile.estimate.get(device.id, {}).get("total_bytes", 0))
+        if isinstance(device.id, int):
+            gpu = by_index.get(device.id)
+            if gpu is None:
+                have = f"{len(gpus)} GPU(s)" if gpus else "no CUDA GPU"
+                problems.append(f"the profile places modules on GPU {device.id}, but this machine has {have}")
+                continue
+            if device.total_bytes and gpu.total_bytes < device.total_bytes:
+                problems.append(
+                    f"GPU {device.id} ({gpu.name}) has {format_bytes(gpu.total_bytes)}, the profile was "
+                    f"planned for {format_bytes(device.total_bytes)}"
+                )
+            elif gpu.free_bytes < planned:
+                problems.append(
+                    f"GPU {device.id} has {format_bytes(gpu.free_bytes)} free, the plan needs "
+                    f"{format_bytes(planned)} (other processes are using it?)"
+                )
+        elif device.id == "cpu" and cpu_bytes < planned:
+            problems.append(
+                f"the plan needs {format_bytes(planned)} of host memory, {format_bytes(cpu_bytes)} is available"
+            )
+        elif device.id == "disk" and profile.offload_dir:
+            target = Path(profile.offload_dir)
+            probe = target if target.exists() else target.parent
+            if probe.exists() and shutil.disk_usage(probe).free < planned:
+                problems.append(
+                    f"{profile.offload_dir}: {format_bytes(shutil.disk_usage(probe).free)} free, "
+                    f"disk offload needs {format_bytes(planned)}"
+                )
+    return problems
+
+
+def check_machine(profile: Profile, source: ModelSource, force: bool = False) -> list[str]:
+    """Refuse (DoesNotFit, exit 3) when the machine or model does not match; with force, return the problems."""
+    gpus = detect_gpus()
+    problems = machine_problems(profile, source, gpus, detected_cpu_bytes())
+    if problems and not force:
+        raise DoesNotFit(
+            "this machine does not match the profile:\n  - "
+            + "\n  - ".join(problems)
+            + f"\nre-plan for it with:\n  {replan_command(profile, source.name, gpus)}\n(or pass --force to try anyway)"
+        )
+    return problems
+
+
+# -- the checkpoint ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path  # what accelerate's load_checkpoint_in_model takes: the index file or the single weights file
+    keys: frozenset[str]
+    pickled: bool
+
+
+def _safetensors_keys(file: Path) -> set[str]:
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise BadInput(f"{file}: missing; the checkpoint's index names it: download the missing shard again")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = set(handle.keys())
+        size = file.stat().st_size
+        header = int.from_bytes(file.open("rb").read(8), "little")
+        with file.open("rb") as raw:
+            raw.seek(8)
+            meta = json.loads(raw.read(header))
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if 8 + header + end > size:
+            raise ValueError("file shorter than its header says")
+    except Exception as exc:  # safetensors raises its own error types
+        raise BadInput(
+            f"{file}: not a complete safetensors file ({exc}); it is truncated or corrupt: download it again"
+        ) from None
+    return keys
+
+
+def _bin_keys(file: Path) -> set[str]:
+    import torch
+
+    if not file.is_file():
+        raise BadInput(f"{file}: missing; the checkpoint's index names it: download the missing shard again")
+    try:
+        state = torch.load(file, map_location="meta", weights_only=True)
+    except Exception as exc:
+        raise BadInput(
+            f"{file}: refused: a pickled checkpoint is only read weights-only, and this one is not "
+            f"plain tensors or is corrupt ({type(exc).__name__}); convert it to safetensors"
+        ) from None
+    return set(state)
+
+
+def read_checkpoint(directory: Path) -> Checkpoint:
+    """Find the weights in `directory` and read their tensor names (safetensors headers; .bin weights-only)."""
+    for index_name, single_name, reader, pickled in (
+        (SAFE_INDEX, SAFE_SINGLE, _safetensors_keys, False),
+        (BIN_INDEX, BIN_SINGLE, _bin_keys, True),
+    ):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise BadInput(f"{index}: not a valid checkpoint index (no weight_map)") from None
+            keys: set[str] = set()
+            for shard in sorted(set(weight_map.values())):
+                shard_keys = reader(directory / shard)
+                keys |= shard_keys
+            listed = set(weight_map)
+            if listed - keys:
+                raise BadInput(
+                    f"{index}: names {len(listed - keys)} tensors its shards lack, e.g. "
+                    f"{sorted(listed - keys)[0]}; the checkpoint is incomplete"
+                )
+            return Checkpoint(index, frozenset(keys), pickled)
+        single = directory / single_name
+        if single.is_file():
+            return Checkpoint(single, frozenset(reader(single)), pickled)
+    raise BadInput(
+        f"{directory}: no weights found (model.safetensors, its index, or pytorch_model.bin); "
+        "oneke-plan plans without weights, oneke-run needs them"
+    )
+
+
+def key_mismatch(model: Any, checkpoint_keys: frozenset[str]) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) tensor names between a meta model and a checkpoint.
+
+    Tied weights need only one name of their group on disk; persistent buffers count, non-persistent don't;
+    names the model says to ignore (`_keys_to_ignore_on_load_unexpected`, e.g. old rotary inv_freq) are ignored.
+    """
+    from accelerate.utils import find_tied_parameters
+
+    expected = set(model.state_dict().keys())
+    groups = find_tied_parameters(model)
+    tied_extra = {name for group in groups for name in group if any(other in checkpoint_keys for other in group)}
+    missing = sorted(k for k in expected - checkpoint_keys if k not in tied_extra)
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected = sorted(k for k in checkpoint_keys - expected if not any(p.search(k) for p in ignore))
+    return missing, unexpected
+
+
+def explain_mismatch(missing: list[str], unexpected: list[str], where: Path) -> str:
+    lines = [f"{where}: the checkpoint's tensor names do not match the model; nothing was loaded."]
+    if missing:
+        lines.append(
+            f"  missing from the checkpoint ({len(missing)}): {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else "")
+        )
+    if unexpected:
+        lines.append(
+            f"  in the checkpoint but not the model ({len(unexpected)}): {', '.join(unexpected[:5])}"
+            + (" ..." if len(unexpected) > 5 else "")
+        )
+    if missing and all(("model." + k) in unexpected or k.startswith("lm_head") for k in missing[:20]):
+        lines.append(
+            "  likely cause: a headless AutoModel built against a ForCausalLM checkpoint (its names lack "
+            "the 'model.' prefix and the lm_head); build it with AutoModelForCausalLM."
+        )
+    elif unexpected and all(k.startswith("model.") or k.startswith("lm_head") for k in unexpected) and missing:
+        lines.append("  likely cause: the model class does not match the checkpoint's architecture.")
+    else:
+        lines.append("  likely cause: a different model, an incomplete download, or the wrong config.json.")
+    return "\n".join(lines)
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def build_empty_model(source: ModelSource, dtype: str, trust_remote_code: bool = False) -> Any:
+    """AutoModelForCausalLM on meta, tied: the model the checkpoint is loaded into."""
+    from oneke_plan.layout import build_meta_model
+
+    return build_meta_model(load_config(source, trust_remote_code), dtype, trust_remote_code)
+
+
+def _quantization_config(profile: Profile) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    quant = profile.quantization
+    if quant["mode"] == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
+        bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+        bnb_4bit_compute_dtype=_torch_dtype(profile.dtype),
+        llm_int8_enable_fp32_cpu_offload=True,
+    )
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Silence library chatter (progress bars, dtype cast notices) while loading; errors still raise."""
+    names = ["transformers", "accelerate", "bitsandbytes"]
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """The model, loaded into exactly the profile's device_map, ready for generate.
+
+    16-bit: meta init, tie_weights, key check, accelerate's load_checkpoint_in_model, tie again, dispatch_model.
+    8/4-bit: the same key check on a meta model, then transformers' from_pretrained with the profile's device_map
+    and a bitsandbytes config, which quantizes each Linear as it is loaded (bitsandbytes runs on CPU too).
+    """
+    from accelerate import dispatch_model, load_checkpoint_in_model
+
+    if source.directory is None:
+        raise BadInput(f"{source.name}: a built-in config has no weights; pass --model DIR with the checkpoint")
+    checkpoint = read_checkpoint(source.directory)
+    model = build_empty_model(source, profile.dtype, trust_remote_code)
+    missing, unexpected = key_mismatch(model, checkpoint.keys)
+    if missing or unexpected:
+        raise BadInput(explain_mismatch(missing, unexpected, checkpoint.path))
+    _check_device_map_modules(model, profile)
+    device_map = dict(profile.device_map)
+    offload = profile.offload_dir
+    if offload:
+        Path(offload).mkdir(parents=True, exist_ok=True)
+    if profile.quantization["mode"] != "none":
+        return _load_quantized(profile, source, device_map, offload, trust_remote_code)
+    with _quiet():
+        load_checkpoint_in_model(
+            model,
+            str(checkpoint.path),
+            device_map=device_map,
+            offload_folder=offload,
+            dtype=_torch_dtype(profile.dtype),
+            offload_state_dict=False,
+        )
+        model.tie_weights()
+        model = dispatch_model(model, device_map=device_map, offload_dir=offload)
+    _refuse_meta(model, device_map)
+    model.eval()
+    return model
+
+
+def _load_quantized(
+    profile: Profile, source: ModelSource, device_map: dict[str, Any], offload: str | None, trust_remote_code: bool
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.directory),
+            device_map=device_map,
+            quantization_config=_quantization_config(profile),
+            dtype=_torch_dtype(profile.dtype),
+            offload_folder=offload,
+            trust_remote_code=trust_remote_code,
+        )
+    model.eval()
+    return model
+
+
+def _check_device_map_modules(model: Any, profile: Profile) -> None:
+    """Every device_map key names a module or parameter of the model, and tied weights share a device."""
+    from accelerate.utils import find_tied_parameters
+
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    for key in profile.device_map:
+        if key != "" and key not in names:
+            raise BadInput(
+                f"profile device_map: {key!r} is not a module of {type(model).__name__}; "
+                "re-create the profile with oneke-plan for this model"
+            )
+    for group in find_tied_parameters(model):
+        devices = {_device_of(name, profile.device_map) for name in group}
+        if len(devices) > 1:
+            raise BadInput(
+                f"profile device_map: tied weights {', '.join(group)} are split across devices "
+                f"{sorted(map(str, devices))}; they must share one: re-create the profile"
+            )
+
+
+def _device_of(name: str, device_map: dict[str, Any]) -> Any:
+    best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    if best is None:
+        raise BadInput(f"profile device_map: no entry covers {name!r}; re-create the profile with oneke-plan")
+    return device_map[best]
+
+
+def _refuse_meta(model: Any, device_map: dict[str, Any]) -> None:
+    """A parameter left on meta with no offload hook behind it would crash inside generate: stop here instead."""
+    for name, param in model.named_parameters():
+        if param.device.type == "meta" and _device_of(name, device_map) not in ("cpu", "disk"):
+            raise BadInput(f"{name} was not loaded (still on the meta device); the checkpoint does not cover it")
+
+
+# -- what landed where ---------------------------------------------------------------------------------------------
+def _tensor_bytes(tensor: Any) -> int:
+    total = tensor.numel() * tensor.element_size()
+    scb = getattr(tensor, "SCB", None)
+    if scb is not None:
+        total += scb.numel() * scb.element_size()
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:
+        for part in (state.absmax, state.code, getattr(state, "offset", None)):
+            if part is not None:
+                total += part.numel() * part.element_size()
+        nested = getattr(state, "state2", None)
+        if nested is not None:
+            total += nested.absmax.numel() * nested.absmax.element_size()
+            total += nested.code.numel() * nested.code.element_size()
+    return total
+
+
+def measured_weight_bytes(model: Any, device_map: dict[str, Any], dtype: str) -> dict[Any, int]:
+    """Bytes of parameters and buffers per profile device, as loaded (tied tensors once).
+
+    Tensors on a real device count there; tensors left on meta by accelerate's offload count on their
+    device_map device (cpu or disk) at the profile's dtype, which is how they are stored there.
+    """
+    from oneke_plan.memory import DTYPE_BYTES
+
+    seen: set[Any] = set()
+    totals: dict[Any, int] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type == "meta":
+            key: Any = ("meta", name)
+            device = _device_of(name, device_map)
+            size = tensor.numel() * (DTYPE_BYTES[dtype] if tensor.is_floating_point() else tensor.element_size())
+        else:
+            key = (tensor.device, tensor.untyped_storage().data_ptr())
+            device = tensor.device.index if tensor.device.type == "cuda" else _device_of(name, device_map)
+            size = _tensor_bytes(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        totals[device] = totals.get(device, 0) + size
+    return totals
