@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` (the main job end to end) and `make test` (what CI runs).
+# CPU-only machines install the local CPU build of torch through the constraints file; on a GPU machine run
+# `make demo CONSTRAINTS=` to keep your CUDA torch.
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= -c .ci/constraints-cpu.txt
+OUT ?= out
+BIN = $(VENV)/bin
+TASKS = NER RE EE EET EEA KG SPO
+
+.PHONY: install demo test lint profiles clean
+
+$(BIN)/oneke-plan: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+install: $(BIN)/oneke-plan
+
+demo: install
+	@mkdir -p $(OUT)
+	@echo "== 1. Plan OneKE (13B, bf16) for a 24 GiB + 12 GiB machine: no weights, no GPU, no network needed"
+	$(BIN)/oneke-plan oneke --gpu 24GiB --gpu 12GiB --cpu-memory 0 -o $(OUT)/oneke-24gib+12gib.yaml
+	@echo "== 2. Build a tiny random LLaMA checkpoint (its answers mean nothing: it only exercises the pipeline)"
+	$(BIN)/python -m oneke_plan.tiny $(OUT)/tiny-model
+	@echo "== 3. Plan it for this machine, then run extraction over every DeepKE sample file"
+	$(BIN)/oneke-plan $(OUT)/tiny-model --max-input-tokens 1024 --max-new-tokens 48 --batch-size 8 -o $(OUT)/tiny-cpu.yaml
+	@for task in $(TASKS); do \
+	  echo "$(BIN)/oneke-run --profile $(OUT)/tiny-cpu.yaml --input examples/deepke/$$task/test.json --output $(OUT)/$$task.jsonl --overwrite --no-progress"; \
+	  $(BIN)/oneke-run --profile $(OUT)/tiny-cpu.yaml --input examples/deepke/$$task/test.json \
+	    --output $(OUT)/$$task.jsonl --overwrite --no-progress || exit $$?; \
+	done
+	@echo "== done: profiles and answers are in $(OUT)/"
+
+lint: install
+	$(BIN)/ruff check oneke_plan tests bench profiles
+	$(BIN)/mypy oneke_plan
+
+test: lint
+	$(BIN)/pytest -q
+
+profiles: install
+	$(BIN)/python profiles/regenerate.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache
