@@ -1,0 +1,176 @@
+"""Reliability and security: a killed run resumes without losing or repeating a record; untrusted files never run code."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oneke_plan.cli import plan as plan_cli
+from oneke_plan.errors import BadInput
+from oneke_plan.loader import read_checkpoint
+from oneke_plan.profile import read_profile
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def cpu_profile(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reliability") / "tiny-cpu.yaml"
+    code = plan_cli.main(
+        [
+            str(tiny_model_dir),
+            "--max-input-tokens",
+            "1024",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "2",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def _run_cmd(profile: Path, model: Path, inp: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        str(BIN / "oneke-run"),
+        "--profile",
+        str(profile),
+        "--model",
+        str(model),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_sigkill_mid_run_then_resume_keeps_every_record_once(
+    cpu_profile: Path, tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "re-part.json"  # 24 real DeepKE prompts: long enough to be killed mid-run
+    source.write_text("".join((deepke_dir / "RE" / "test.json").read_text(encoding="utf-8").splitlines(True)[:24]))
+    expected = 24
+    out = tmp_path / "re.jsonl"
+    proc = subprocess.Popen(_run_cmd(cpu_profile, tiny_model_dir, source, out), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: make the workload longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()  # type: ignore[union-attr]
+    raw = out.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    before = [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+    assert 6 <= len(before) < expected
+
+    resumed = subprocess.run(
+        _run_cmd(cpu_profile, tiny_model_dir, source, out, "--resume"), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    after = _lines(out)
+    keys = [line["key"] for line in after]
+    assert len(keys) == expected and len(set(keys)) == expected
+    assert after[: len(before)] == before  # what was written before the kill is untouched
+
+
+def test_resume_over_a_finished_output_does_nothing(
+    cpu_profile: Path, tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path
+) -> None:
+    source = deepke_dir / "NER" / "test.json"
+    out = tmp_path / "ner.jsonl"
+    first = subprocess.run(_run_cmd(cpu_profile, tiny_model_dir, source, out), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    written = out.read_bytes()
+    again = subprocess.run(
+        _run_cmd(cpu_profile, tiny_model_dir, source, out, "--resume"), capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert out.read_bytes() == written
+
+
+YAML_EXPLOIT = "!!python/object/apply:os.system ['touch {marker}']\n"
+
+
+def test_profile_with_python_tag_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    profile = tmp_path / "evil.yaml"
+    profile.write_text(YAML_EXPLOIT.format(marker=marker))
+    with pytest.raises(BadInput, match="not valid YAML"):
+        read_profile(profile)
+    assert not marker.exists()
+
+
+def test_inventory_with_python_tag_is_refused_and_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "pwned"
+    inventory = tmp_path / "evil.yaml"
+    inventory.write_text("gpus: " + YAML_EXPLOIT.format(marker=marker))
+    assert plan_cli.main(["oneke", "--inventory", str(inventory)]) == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not valid YAML" in err[0]
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_checkpoint_with_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    with (tmp_path / "pytorch_model.bin").open("wb") as handle:
+        pickle.dump({"model.embed_tokens.weight": _Exploit(marker)}, handle)
+    with pytest.raises(BadInput, match="weights-only"):
+        read_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+def test_model_code_never_runs_without_trust_remote_code(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "pwned"
+    model = tmp_path / "custom"
+    model.mkdir()
+    (model / "modeling_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    (model / "configuration_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    config = {
+        "model_type": "evil",
+        "architectures": ["EvilForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_evil.EvilConfig",
+            "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+        },
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    assert plan_cli.main([str(model), "--gpu", "24GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "--trust-remote-code" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_profile_yaml_is_data_only(cpu_profile: Path) -> None:
+    """Every value in a written profile is a plain YAML scalar, list or mapping (safe_load round-trips it)."""
+    text = cpu_profile.read_text(encoding="utf-8")
+    assert "!!" not in text
+    assert yaml.safe_load(text)["device_map"]
