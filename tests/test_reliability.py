@@ -1,4 +1,4 @@
-"""Reliability and security: a killed run resumes without losing or repeating a record; untrusted files never run code."""
+"""Reliability and security: a killed run resumes losing or repeating nothing; untrusted files never run code."""
 
 from __future__ import annotations
 
