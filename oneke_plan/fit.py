@@ -29,11 +29,16 @@ OFFLOAD_DEVICES = ("cpu", "disk")
 
 @dataclass(frozen=True)
 class BlockCost:
-    """One block priced in bytes. KV, activations, logits and scratch are charged to its execution device."""
+    """One block priced in bytes. KV, activations, logits and scratch are charged to its execution device.
+
+    `weights_bytes` is the block as loaded with the plan's quantization; `unquantized_weights_bytes` the same block
+    in the compute dtype, which is how transformers keeps bitsandbytes models' CPU- and disk-offloaded modules.
+    """
 
     name: str
     kind: str
     weights_bytes: int
+    unquantized_weights_bytes: int
     kv_cache_bytes: int
     activation_bytes: int
     logits_bytes: int
@@ -117,6 +122,7 @@ def block_costs(
                 block.name,
                 block.kind,
                 block_weights_bytes(block, dtype, quant),
+                block_weights_bytes(block, dtype, Quantization("none")),
                 kv,
                 activation,
                 logits,
@@ -139,6 +145,19 @@ def execution_device(device: DeviceId, slots: Sequence[Slot]) -> DeviceId:
     return gpus[0] if gpus else "cpu"
 
 
+def stays_quantized(home: DeviceId, assignment: dict[str, DeviceId], slots: Sequence[Slot]) -> bool:
+    """Whether transformers quantizes a block stored on `home` with bitsandbytes.
+
+    On a GPU, yes. With GPUs present, CPU- and disk-offloaded modules are left unquantized (transformers'
+    llm_int8_enable_fp32_cpu_offload, which such maps require). Without GPUs, bitsandbytes quantizes on the CPU,
+    but only when the whole model is on the CPU: with disk offload transformers needs that same flag, and it leaves
+    every CPU and disk module unquantized.
+    """
+    if home not in OFFLOAD_DEVICES:
+        return True
+    return home == "cpu" and not any(s.is_gpu for s in slots) and "disk" not in assignment.values()
+
+
 def estimate(
     assignment: dict[str, DeviceId], costs: Sequence[BlockCost], slots: Sequence[Slot]
 ) -> dict[DeviceId, DeviceEstimate]:
@@ -155,13 +174,16 @@ def estimate(
             continue
         home = assignment[cost.name]
         run = execution_device(home, slots)
-        weights[home] = weights.get(home, 0) + cost.weights_bytes
+        quantized = stays_quantized(home, assignment, slots)
+        stored = cost.weights_bytes if quantized else cost.unquantized_weights_bytes
+        weights[home] = weights.get(home, 0) + stored
         kv[run] = kv.get(run, 0) + cost.kv_cache_bytes
         activation[run] = max(activation.get(run, 0), cost.activation_bytes)
         logits[run] = logits.get(run, 0) + cost.logits_bytes
-        scratch[run] = max(scratch.get(run, 0), cost.quant_scratch_bytes)
+        if quantized:
+            scratch[run] = max(scratch.get(run, 0), cost.quant_scratch_bytes)
         if home != run:
-            staging[run] = max(staging.get(run, 0), cost.weights_bytes)
+            staging[run] = max(staging.get(run, 0), stored)
     used = set(weights) | set(kv) | set(activation)
     result = {}
     for slot in slots:

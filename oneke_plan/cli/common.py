@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 
@@ -9,6 +10,14 @@ from oneke_plan.errors import OnekePlanError
 
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (what, and where to look), not the whole usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        hint = " (a value starting with '-' needs '=', e.g. --gpu=-8GiB)" if "expected one argument" in message else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}; see {self.prog} --help\n")
 
 
 def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:

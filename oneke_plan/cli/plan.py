@@ -10,7 +10,7 @@ from pathlib import Path
 
 from oneke_plan import __version__
 from oneke_plan.catalog import card_names
-from oneke_plan.cli.common import format_table, run_main, wants_debug
+from oneke_plan.cli.common import OneLineParser, format_table, run_main, wants_debug
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, Workload
 from oneke_plan.sizes import SizeError, format_bytes, parse_size
@@ -27,7 +27,7 @@ exit codes: 0 planned, 2 bad input, 3 does not fit (the message says what would)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="oneke-plan",
         description="Plan how a Hugging Face causal LM (OneKE first) fits on your GPUs, counting weights, KV cache, "
         "activations and the CUDA reserve, and write a YAML placement profile for oneke-run. Needs no weights and "
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model",
         metavar="MODEL",
+        nargs="?",
         help="'oneke' (built-in config), a model directory with config.json, or a repo id in the local "
         "Hugging Face cache",
     )
@@ -173,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
     if args.list_cards:
         print("\n".join(card_names()))
         return 0
+    if not args.model:
+        raise BadInput("give a MODEL: 'oneke', a model directory, or a cached repo id; see oneke-plan --help")
     if args.output is not None and args.output.is_dir():
         raise BadInput(f"-o {args.output}: is a folder; give a file name such as {args.output}/machine.yaml")
     if args.output is not None and not args.output.parent.exists():
@@ -188,9 +191,9 @@ def run(args: argparse.Namespace) -> int:
         eager_attention=args.eager_attention,
     )
     planner = Planner(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
-    planner.check_workload(settings.workload)
-    if args.solve:
-        what = args.solve.replace("-", "_")
+    what = args.solve.replace("-", "_") if args.solve else None
+    planner.check_workload(replace(settings.workload, **{what: 1}) if what else settings.workload)
+    if what:
         best = planner.largest(inventory, settings, what)
         if best == 0:
             plan = planner.plan(inventory, replace(settings, workload=replace(settings.workload, **{what: 1})))

@@ -1,0 +1,99 @@
+"""The checked-in OneKE profiles (profiles/*.yaml) are exactly what oneke-plan writes today, and read back.
+
+A failure here means the planner's output changed: if the change is intended, run `python profiles/regenerate.py`
+and commit the new files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oneke_plan.cli.plan import main
+from oneke_plan.profile import read_profile
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+def _load_regenerate():
+    spec = importlib.util.spec_from_file_location("profiles_regenerate", PROFILES_DIR / "regenerate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REGENERATE = _load_regenerate()
+PROFILES: list[tuple[str, list[str]]] = REGENERATE.PROFILES
+REQUIRED = {
+    "oneke-24gib+12gib-bf16.yaml",
+    "oneke-2x24gib-bf16.yaml",
+    "oneke-16gib-8bit.yaml",
+    "oneke-12gib-4bit.yaml",
+    "oneke-24gib+12gib+8gib-bf16.yaml",
+}
+
+
+def test_profile_list_matches_folder_and_readme() -> None:
+    names = [name for name, _ in PROFILES]
+    assert len(names) == len(set(names))
+    assert REQUIRED <= set(names)
+    assert sorted(names) == sorted(p.name for p in PROFILES_DIR.glob("*.yaml"))  # no stale or missing files
+    readme = (PROFILES_DIR / "README.md").read_text(encoding="utf-8")
+    assert "python profiles/regenerate.py" in readme
+    for name in names:
+        assert name in readme, name
+    for _, args in PROFILES:  # independent of this machine: described GPUs, no CPU offload budget detected
+        assert "--gpu" in args and "--cpu-memory" in args and "--inventory" not in args
+
+
+@pytest.mark.parametrize("name, args", PROFILES, ids=[name for name, _ in PROFILES])
+def test_checked_in_profile_has_not_drifted(
+    name: str, args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    fresh = tmp_path / name
+    code = main([*args, "-o", str(fresh)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    checked_in = PROFILES_DIR / name
+    expected = yaml.safe_load(checked_in.read_text(encoding="utf-8"))
+    actual = yaml.safe_load(fresh.read_text(encoding="utf-8"))
+    assert actual == expected, f"{name} drifted; run `python profiles/regenerate.py` if the change is intended"
+    assert fresh.read_text(encoding="utf-8") == checked_in.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", [name for name, _ in PROFILES])
+def test_checked_in_profile_reads_back(name: str) -> None:
+    path = PROFILES_DIR / name
+    profile = read_profile(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert profile.device_map == data["device_map"]
+    assert profile.workload == data["workload"]
+    assert profile.quantization["mode"] == data["quantization"]["mode"]
+    by_id = {d.id: d for d in profile.devices}
+    for device, est in profile.estimate.items():
+        assert est["total_bytes"] <= by_id[device].total_bytes
+        assert est["total_bytes"] == sum(
+            est[k] for k in ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes")
+        )
+    assert profile.model["parameter_count"] == 13_254_415_360  # /work/shared/oneke/README.md
+
+
+def test_regenerate_writes_identical_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The script itself (not just its list) produces the checked-in files."""
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    assert REGENERATE.regenerate(tmp_path) == 0
+    capsys.readouterr()
+    for name, _ in PROFILES:
+        assert (tmp_path / name).read_text(encoding="utf-8") == (PROFILES_DIR / name).read_text(encoding="utf-8")
+
+
+def test_profile_format_doc_example_is_a_checked_in_profile() -> None:
+    doc = (PROFILES_DIR.parent / "docs" / "profile-format.md").read_text(encoding="utf-8")
+    example = doc.split("## Example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert example == (PROFILES_DIR / "oneke-12gib-4bit.yaml").read_text(encoding="utf-8")
