@@ -271,16 +271,16 @@ def place(costs: Sequence[BlockCost], slots: Sequence[Slot], strategy: str = "fi
             return placement
         log.append("balanced: the model does not fit on the GPUs alone, so GPUs are filled in order before offload")
     placement = fill(costs, slots, limits)
-    if not placement.fits and gpus and any(s.id in OFFLOAD_DEVICES for s in slots):
-        # Offloaded blocks run on the first GPU, so their KV cache and staging copy need room there: keep one
-        # block fewer on the first GPU at a time until the offloaded rest fits.
-        first = gpus[0].id
-        kept = [c for c in costs if placement.assignment.get(c.name) == first]
+    main = gpus[0] if gpus else next((s for s in slots if s.id == "cpu"), None)
+    if not placement.fits and main is not None and any(s.id in OFFLOAD_DEVICES and s.id != main.id for s in slots):
+        # Offloaded blocks run on the main device (the first GPU, or the CPU without GPUs), so their KV cache and
+        # staging copy need room there: keep one block fewer on it at a time until the offloaded rest fits.
+        kept = [c for c in costs if placement.assignment.get(c.name) == main.id]
         cap = sum(c.weights_bytes for c in kept)
         while kept and not placement.fits:
             cap -= kept.pop().weights_bytes
-            placement = fill(costs, slots, limits, {first: cap})
-        if placement.fits and len(kept) < len(costs):
-            log.append(f"{gpus[0].name}: keeps fewer blocks so that offloaded blocks can run there")
+            placement = fill(costs, slots, limits, {main.id: cap})
+        if placement.fits:
+            log.append(f"{main.name}: keeps fewer blocks so that offloaded blocks can run there")
     placement.log = log + _describe(placement, costs, slots)
     return placement

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from oneke_plan.compat import dtype_kwarg
 from oneke_plan.errors import BadInput
 from oneke_plan.memory import AttentionShape
 from oneke_plan.model_source import ModelSource
@@ -122,10 +123,8 @@ def build_meta_model(config: Any, dtype: str, trust_remote_code: bool = False) -
     with init_empty_weights(), warnings.catch_warnings(), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        except TypeError:  # transformers < 4.56 names it torch_dtype
             model = AutoModelForCausalLM.from_config(
-                config, torch_dtype=torch_dtype, trust_remote_code=trust_remote_code
+                config, trust_remote_code=trust_remote_code, **{dtype_kwarg(): torch_dtype}
             )
         except ValueError as exc:
             raise BadInput(f"config.json: transformers cannot build a causal LM from it ({exc})") from None

@@ -12,12 +12,14 @@ import io
 import json
 import logging
 import re
+import shlex
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oneke_plan.compat import dtype_kwarg
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.inventory import Gpu, detect_gpus, detected_cpu_bytes
 from oneke_plan.layout import load_config
@@ -35,14 +37,21 @@ BIN_SINGLE = "pytorch_model.bin"
 def replan_command(profile: Profile, model: str, gpus: tuple[Gpu, ...]) -> str:
     """The oneke-plan command that plans the same model and workload for the GPUs found here."""
     w = profile.workload
-    parts = ["oneke-plan", model, *(f"--gpu {format_bytes(g.free_bytes).replace(' ', '')}" for g in gpus)]
+    parts = ["oneke-plan", shlex.quote(model), *(f"--gpu {format_bytes(g.free_bytes).replace(' ', '')}" for g in gpus)]
     parts += [
         f"--max-input-tokens {w['max_input_tokens']}",
         f"--max-new-tokens {w['max_new_tokens']}",
         f"--batch-size {w['batch_size']}",
     ]
-    if profile.quantization.get("mode", "none") != "none":
-        parts.append(f"--quantize {profile.quantization['mode']}")
+    quant = profile.quantization
+    if quant.get("mode", "none") != "none":
+        parts.append(f"--quantize {quant['mode']}")
+        if quant["mode"] == "4bit" and quant.get("quant_type", "nf4") != "nf4":
+            parts.append(f"--quant-type {quant['quant_type']}")
+        if quant["mode"] == "4bit" and quant.get("double_quant", True) is False:
+            parts.append("--no-double-quant")
+    if profile.offload_dir:
+        parts.append(f"--offload-dir {shlex.quote(profile.offload_dir)}")
     return " ".join(parts) + " -o PROFILE.yaml"
 
 
@@ -235,17 +244,26 @@ def build_empty_model(source: ModelSource, dtype: str, trust_remote_code: bool =
 
 
 def _quantization_config(profile: Profile) -> Any:
+    """The bitsandbytes config for the profile's quantization.
+
+    `llm_int8_enable_fp32_cpu_offload` keeps every module mapped to cpu or disk *unquantized* (transformers adds
+    them to modules_to_not_convert). It is needed only when GPU modules are mixed with offloaded ones (transformers
+    refuses that mix without it); on a CPU-only map it must stay off, or nothing would be quantized at all
+    (bitsandbytes quantizes on CPU).
+    """
     from transformers import BitsAndBytesConfig
 
     quant = profile.quantization
+    devices = set(profile.device_map.values())
+    offload_unquantized = bool(devices & {"cpu", "disk"}) and devices != {"cpu"}
     if quant["mode"] == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload_unquantized)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
         bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
         bnb_4bit_compute_dtype=_torch_dtype(profile.dtype),
-        llm_int8_enable_fp32_cpu_offload=True,
+        llm_int8_enable_fp32_cpu_offload=offload_unquantized,
     )
 
 
@@ -282,6 +300,7 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     if missing or unexpected:
         raise BadInput(explain_mismatch(missing, unexpected, checkpoint.path))
     _check_device_map_modules(model, profile)
+    _check_gpus_present(profile, source)
     device_map = dict(profile.device_map)
     offload = profile.offload_dir
     if offload:
@@ -314,7 +333,7 @@ def _load_quantized(
             str(source.directory),
             device_map=device_map,
             quantization_config=_quantization_config(profile),
-            dtype=_torch_dtype(profile.dtype),
+            **{dtype_kwarg(): _torch_dtype(profile.dtype)},
             offload_folder=offload,
             trust_remote_code=trust_remote_code,
         )
@@ -342,6 +361,23 @@ def _check_device_map_modules(model: Any, profile: Profile) -> None:
             )
 
 
+def _check_gpus_present(profile: Profile, source: ModelSource) -> None:
+    """With --force the machine check is skipped, but weights still cannot go to a GPU torch does not see: say so
+    in one line (DoesNotFit, exit 3) instead of letting torch fail deep inside the load."""
+    wanted = sorted({d for d in profile.device_map.values() if isinstance(d, int)})
+    if not wanted:
+        return
+    gpus = detect_gpus()
+    have = {g.index for g in gpus}
+    absent = [d for d in wanted if d not in have]
+    if absent:
+        seen = f"torch sees {len(gpus)} CUDA GPU(s)" if gpus else "torch sees no CUDA GPU here"
+        raise DoesNotFit(
+            f"cannot load: the profile puts weights on GPU {', '.join(map(str, absent))} and {seen} (--force skips "
+            f"the machine check, not the hardware); re-plan with: {replan_command(profile, source.name, gpus)}"
+        )
+
+
 def _device_of(name: str, device_map: dict[str, Any]) -> Any:
     best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
     if best is None:
@@ -358,10 +394,8 @@ def _refuse_meta(model: Any, device_map: dict[str, Any]) -> None:
 
 # -- what landed where ---------------------------------------------------------------------------------------------
 def _tensor_bytes(tensor: Any) -> int:
+    """A parameter's bytes with its 4-bit quantization state (8-bit scales are counted per module: _int8_scales)."""
     total = tensor.numel() * tensor.element_size()
-    scb = getattr(tensor, "SCB", None)
-    if scb is not None:
-        total += scb.numel() * scb.element_size()
     state = getattr(tensor, "quant_state", None)
     if state is not None:
         for part in (state.absmax, state.code, getattr(state, "offset", None)):
@@ -374,21 +408,43 @@ def _tensor_bytes(tensor: Any) -> int:
     return total
 
 
-def measured_weight_bytes(model: Any, device_map: dict[str, Any], dtype: str) -> dict[Any, int]:
+def _offload_index(offload_dir: str | None) -> dict[str, Any]:
+    """accelerate's index.json in the offload folder (name -> dtype, shape); {} if there is none."""
+    if not offload_dir:
+        return {}
+    try:
+        index = json.loads((Path(offload_dir) / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def measured_weight_bytes(
+    model: Any, device_map: dict[str, Any], dtype: str, offload_dir: str | None = None
+) -> dict[Any, int]:
     """Bytes of parameters and buffers per profile device, as loaded (tied tensors once).
 
-    Tensors on a real device count there; tensors left on meta by accelerate's offload count on their
-    device_map device (cpu or disk) at the profile's dtype, which is how they are stored there.
+    Tensors on a real device count there. Tensors left on meta by accelerate's offload count on their device_map
+    device (cpu or disk): a tensor written to `offload_dir` at the dtype its index.json records (accelerate writes
+    the checkpoint's dtype and casts on every fetch, so an fp32 profile of a bf16 checkpoint keeps bf16 on disk),
+    any other at the profile's dtype.
     """
+    import torch
+
     from oneke_plan.memory import DTYPE_BYTES
 
+    index = _offload_index(offload_dir)
     seen: set[Any] = set()
     totals: dict[Any, int] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "meta":
             key: Any = ("meta", name)
             device = _device_of(name, device_map)
-            size = tensor.numel() * (DTYPE_BYTES[dtype] if tensor.is_floating_point() else tensor.element_size())
+            stored = getattr(torch, str(index.get(name, {}).get("dtype", "")), None) if device == "disk" else None
+            if isinstance(stored, torch.dtype):
+                size = tensor.numel() * stored.itemsize
+            else:
+                size = tensor.numel() * (DTYPE_BYTES[dtype] if tensor.is_floating_point() else tensor.element_size())
         else:
             key = (tensor.device, tensor.untyped_storage().data_ptr())
             device = tensor.device.index if tensor.device.type == "cuda" else _device_of(name, device_map)
@@ -397,4 +453,22 @@ def measured_weight_bytes(model: Any, device_map: dict[str, Any], dtype: str) ->
             continue
         seen.add(key)
         totals[device] = totals.get(device, 0) + size
+    for name, scales in _int8_scales(model):
+        key = (scales.device, scales.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            device = scales.device.index if scales.device.type == "cuda" else _device_of(name, device_map)
+            totals[device] = totals.get(device, 0) + scales.numel() * scales.element_size()
     return totals
+
+
+def _int8_scales(model: Any) -> list[tuple[str, Any]]:
+    """bitsandbytes 8-bit row scales (SCB): on the weight after loading, moved to the module's `state` by the first
+    forward pass (the weight's SCB is then None), so both places are looked at."""
+    found = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        for scales in (getattr(weight, "SCB", None), getattr(getattr(module, "state", None), "SCB", None)):
+            if scales is not None and hasattr(scales, "untyped_storage") and scales.device.type != "meta":
+                found.append((f"{name}.weight" if name else "weight", scales))
+    return found

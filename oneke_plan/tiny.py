@@ -174,6 +174,8 @@ def _tokenizer_config(model_max_length: int) -> dict[str, object]:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
+        # As LLaMA's tokenizers: no token_type_ids, which generate on transformers 4.x rejects.
+        "model_input_names": ["input_ids", "attention_mask"],
     }
 
 

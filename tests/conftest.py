@@ -39,3 +39,17 @@ def tiny_sharded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def deepke_dir() -> Path:
     """examples/deepke: DeepKE's sample files, one <TASK>/test.json per task."""
     return DEEPKE_DIR
+
+
+@pytest.fixture()
+def single_torch_thread():  # yields None
+    """One intra-op thread for the test: tiny models gain nothing from parallel matmuls, and on a busy 2-core
+    machine OpenMP's spinning threads make them several times slower. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

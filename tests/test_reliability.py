@@ -174,3 +174,35 @@ def test_profile_yaml_is_data_only(cpu_profile: Path) -> None:
     text = cpu_profile.read_text(encoding="utf-8")
     assert "!!" not in text
     assert yaml.safe_load(text)["device_map"]
+
+
+def test_profile_cannot_send_offloaded_weights_outside_the_current_folder(
+    cpu_profile: Path, tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from oneke_plan.cli import run as run_cli
+
+    data = yaml.safe_load(cpu_profile.read_text(encoding="utf-8"))
+    target = tmp_path / "elsewhere"
+    data["device_map"]["model.layers.3"] = "disk"
+    data["devices"].append({"id": "disk", "name": "disk", "total_bytes": None})
+    data["offload_dir"] = str(target)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out.jsonl"
+    code = run_cli.main(
+        [
+            "--profile",
+            str(evil),
+            "--model",
+            str(tiny_model_dir),
+            "--input",
+            str(deepke_dir / "NER" / "test.json"),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--offload-dir" in err[0]
+    assert not target.exists() and not out.exists()

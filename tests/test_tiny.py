@@ -37,7 +37,8 @@ def oneke_prompt(instruction_json: str) -> str:
 
 
 def load(model_dir: Path) -> tuple[PreTrainedModel, dict]:
-    model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    # "auto": the checkpoint's dtype (the default on transformers 5; transformers 4 defaults to float32).
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, torch_dtype="auto")
     return model, info
 
 

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="skip prompts already answered in --output")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    run.add_argument(
+        "--offload-dir",
+        metavar="DIR",
+        help="where disk-offloaded weights go (default: the profile's offload_dir when it is a relative path "
+        "inside the current folder; any other folder must be confirmed here)",
+    )
     run.add_argument("--force", action="store_true", help="run even if the machine does not match the profile")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
@@ -108,7 +114,12 @@ def _read_records(args: argparse.Namespace) -> list[Any]:
     return read_raw(args.input, task, schema, args.lang, args.chunk_size)
 
 
-def _prepare_output(args: argparse.Namespace, records: list[Any]) -> list[Any]:
+def _prepare_output(args: argparse.Namespace, records: list[Any]) -> tuple[list[Any], bool]:
+    """The records still to run, and whether an existing output is to be replaced (--overwrite).
+
+    Nothing is deleted here: an output replaced with --overwrite is removed only once the model has loaded, so a
+    refused machine check or a failed load leaves the previous results in place.
+    """
     from oneke_plan.extract import pending_records, refuse_same_file
 
     refuse_same_file(args.input, args.output)
@@ -118,14 +129,12 @@ def _prepare_output(args: argparse.Namespace, records: list[Any]) -> list[Any]:
         raise BadInput(f"--output {args.output}: is a folder; give a file name")
     exists = args.output.exists() and args.output.stat().st_size > 0
     if args.resume:
-        return pending_records(records, args.output)
+        return pending_records(records, args.output), False
     if exists and not args.overwrite:
         raise BadInput(
             f"--output {args.output}: already exists; pass --resume to continue it or --overwrite to replace it"
         )
-    if exists:
-        args.output.unlink()
-    return records
+    return records, args.output.exists()
 
 
 def weight_table(profile: Any, measured: dict[Any, int]) -> str:
@@ -161,6 +170,23 @@ def peak_table(profile: Any) -> str | None:
     )
 
 
+def _offload_dir(from_profile: str | None, from_flag: str | None) -> str | None:
+    """The folder disk-offloaded weights are written to. A profile is data from elsewhere: it may name a relative
+    folder under the current one, but writing anywhere else takes the user's own --offload-dir."""
+    if from_flag is not None:
+        return from_flag
+    if from_profile is None:
+        return None
+    path = Path(from_profile)
+    inside = not path.is_absolute() and Path.cwd() in (Path.cwd() / path).resolve().parents
+    if not inside:
+        raise BadInput(
+            f"the profile offloads weights to {from_profile!r}, outside the current folder; pass --offload-dir "
+            f"{from_profile} to confirm, or another folder"
+        )
+    return from_profile
+
+
 def run(args: argparse.Namespace) -> int:
     from oneke_plan.extract import OutputWriter
     from oneke_plan.generation import GreedyGenerator
@@ -180,8 +206,9 @@ def run(args: argparse.Namespace) -> int:
             "--model DIR (OneKE's checkpoint directory) or --model zjunlp/OneKE (from the local cache)"
         )
     source = resolve_model(str(model_name))
+    profile.offload_dir = _offload_dir(profile.offload_dir, args.offload_dir)
     records = _read_records(args)
-    pending = _prepare_output(args, records)
+    pending, replace_output = _prepare_output(args, records)
     for problem in check_machine(profile, source, force=args.force):
         print(f"oneke-run: warning (--force): {problem}", file=sys.stderr)
     if not pending:
@@ -191,9 +218,12 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     model = load_model(profile, source, trust_remote_code=args.trust_remote_code)
-    print(weight_table(profile, measured_weight_bytes(model, profile.device_map, profile.dtype)), file=sys.stderr)
+    measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir)
+    print(weight_table(profile, measured), file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(source.directory, trust_remote_code=args.trust_remote_code)
     generator = GreedyGenerator(model, tokenizer, max_new)
+    if replace_output:
+        args.output.unlink()
     with OutputWriter(args.output) as writer:
         runner = Runner(
             generator.generate,

@@ -1,0 +1,235 @@
+"""oneke-run end to end on a tiny model and a CPU profile planned by oneke-plan: every DeepKE task file, raw text
+with a schema, the machine check, too-long prompts, --resume, and the batch-size limit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from oneke_plan import oneke
+from oneke_plan.cli.plan import main as plan_main
+from oneke_plan.cli.run import main as run_main
+from oneke_plan.extract import read_converted
+from oneke_plan.runner import encode_prompts
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+TASKS = ["NER", "RE", "EE", "EET", "EEA", "KG", "SPO"]
+MAX_INPUT = 600  # the longest DeepKE prompt (EE, SPO) is 544 tiny-tokenizer tokens
+MAX_NEW = 4  # enough to run the whole path; keeps 341 prompts fast
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA GPUs")
+
+
+def plan(model_dir: Path, out: Path, *extra: str) -> Path:
+    """oneke-plan MODEL ... -o OUT; without --gpu it plans for a machine without GPUs (an inventory with none, so
+    the profile is the same where a GPU happens to be present)."""
+    argv = [str(model_dir), "--max-new-tokens", str(MAX_NEW), "--batch-size", "8", "-o", str(out), *extra]
+    if "--max-input-tokens" not in extra:
+        argv += ["--max-input-tokens", str(MAX_INPUT)]
+    if "--gpu" not in extra:
+        inventory = out.with_suffix(".inventory.yaml")
+        inventory.write_text("gpus: []\n")
+        argv += ["--inventory", str(inventory)]
+    assert plan_main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu_profile(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """oneke-plan for this machine (no GPU: everything on "cpu"), unquantized. float32: bf16 matmuls are emulated
+    on CPUs without AVX512-BF16/AMX and run several times slower; test_loader covers bf16 loading."""
+    profile = plan(tiny_model_dir, tmp_path_factory.mktemp("profiles") / "cpu.yaml", "--dtype", "float32")
+    data = yaml.safe_load(profile.read_text())
+    assert data["device_map"] == {"": "cpu"} and data["quantization"]["mode"] == "none"
+    assert data["dtype"] == "float32"
+    return profile
+
+
+@pytest.fixture(scope="module")
+def gpu_profile(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A profile planned for a described 24 GiB GPU: device_map {"": 0}."""
+    profile = plan(tiny_model_dir, tmp_path_factory.mktemp("profiles") / "gpu.yaml", "--gpu", "24GiB")
+    assert yaml.safe_load(profile.read_text())["device_map"] == {"": 0}
+    return profile
+
+
+def run(profile: Path, inp: Path, out: Path, *extra: str) -> int:
+    return run_main(["--profile", str(profile), "--input", str(inp), "--output", str(out), "--no-progress", *extra])
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def check_output_lines(lines: list[dict[str, Any]]) -> None:
+    assert len({line["key"] for line in lines}) == len(lines)
+    for line in lines:
+        assert isinstance(line["output"], str)
+        assert ("parsed" in line) != ("parse_error" in line)
+
+
+# -- 4. every DeepKE task file through the CLI -----------------------------------------------------------------------
+@pytest.mark.parametrize("task", TASKS)
+def test_deepke_task_file_end_to_end(
+    task: str, cpu_profile: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = deepke_dir / task / "test.json"
+    out = tmp_path / f"{task}.jsonl"
+    assert run(cpu_profile, source, out) == 0
+    inputs = read_jsonl(source)
+    lines = read_jsonl(out)
+    assert len(lines) == len(inputs)
+    check_output_lines(lines)
+    by_key = {line["key"]: line for line in lines}
+    for number, given in enumerate(inputs, 1):
+        line = by_key[str(number)]
+        for field in ("id", "instruction", "label"):
+            assert line[field] == given[field]
+        assert "prompt has" not in line.get("parse_error", "")  # none too long: every prompt ran
+    err = capsys.readouterr().err
+    assert "planned weights" in err and "+0.00%" in err  # planned == loaded on an unquantized CPU profile
+    assert f"{len(inputs)} prompts answered" in err
+
+
+@pytest.mark.parametrize(
+    ("task", "schema", "chunks"),
+    [
+        ("NER", '["人物", "地理位置", "组织机构"]', 1),
+        ("NER", "schema.json", 1),
+        ("EE", '[{"event_type": "组织关系-裁员", "trigger": true, "arguments": ["时间", "裁员人数", "裁员方"]}]', 1),
+        ("EE", "schema.json", None),
+    ],
+)
+def test_raw_text_with_task_and_schema(
+    task: str, schema: str, chunks: int | None, cpu_profile: Path, deepke_dir: Path, tmp_path: Path
+) -> None:
+    source = deepke_dir / task / "sample.json"
+    schema_arg = str(deepke_dir / task / schema) if schema == "schema.json" else schema
+    out = tmp_path / "raw.jsonl"
+    assert run(cpu_profile, source, out, "--task", task, "--schema", schema_arg) == 0
+    inputs = read_jsonl(source)
+    lines = read_jsonl(out)
+    check_output_lines(lines)
+    if chunks is None:  # the authors' EE schema: 65 event types, in chunks of 4 (the remainder rule: oneke.py)
+        chunks = len(oneke.split_schema(task, oneke.load_schema(schema_arg, task)))
+        assert chunks > 10
+    assert len(lines) == len(inputs) * chunks
+    gold = "entity" if task == "NER" else "event"
+    for number, given in enumerate(inputs, 1):
+        mine = [line for line in lines if line["key"].split(":")[0] == str(number)]
+        assert mine and all(line["id"] == number and line["task"] == task for line in mine)
+        assert all(line["label"] == json.dumps(given[gold], ensure_ascii=False) for line in mine)
+        assert all(json.loads(line["instruction"])["input"] == given["text"] for line in mine)
+
+
+# -- 5. the machine check --------------------------------------------------------------------------------------------
+@no_gpu
+def test_gpu_profile_on_cpu_machine_exits_3_with_replan(
+    gpu_profile: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    assert run(gpu_profile, deepke_dir / "NER" / "test.json", out) == 3
+    err = capsys.readouterr().err
+    assert "places modules on GPU 0" in err
+    assert "re-plan for it with:" in err and "oneke-plan " in err and "--max-new-tokens 4" in err
+    assert not out.exists()
+
+
+@no_gpu
+def test_force_gets_past_the_check_and_fails_in_one_line(
+    gpu_profile: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"keep": "me"}\n')
+    assert run(gpu_profile, deepke_dir / "NER" / "test.json", out, "--force", "--overwrite") == 3
+    err = capsys.readouterr().err
+    assert "warning (--force)" in err  # the check ran and was overridden
+    errors = [line for line in err.splitlines() if line.startswith("oneke-run: error:")]
+    assert len(errors) == 1 and "GPU 0" in errors[0] and "no CUDA GPU" in errors[0] and "oneke-plan" in errors[0]
+    assert "Traceback" not in err and "internal error" not in err
+    assert out.read_text() == '{"keep": "me"}\n'  # --overwrite removes nothing before the model has loaded
+
+
+def test_config_fingerprint_mismatch_exits_3(
+    cpu_profile: Path, tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (other / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.jsonl"
+    assert run(cpu_profile, deepke_dir / "NER" / "test.json", out, "--model", str(other)) == 3
+    assert "config.json differs from the one the profile was planned for" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# -- 6. too long, --resume, --batch-size -----------------------------------------------------------------------------
+def test_too_long_prompts_are_reported_not_cut(
+    tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    limit = 200
+    profile = plan(tiny_model_dir, tmp_path / "short.yaml", "--max-input-tokens", str(limit), "--dtype", "float32")
+    source = deepke_dir / "NER" / "test.json"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = read_converted(source)
+    lengths = {records[e.index].key: len(e.ids) for e in encode_prompts(tokenizer, records)}
+    too_long = {key for key, n in lengths.items() if n > limit}
+    assert too_long and len(too_long) < len(records)
+
+    out = tmp_path / "out.jsonl"
+    assert run(profile, source, out) == 0
+    lines = read_jsonl(out)
+    assert len(lines) == len(records)
+    check_output_lines(lines)
+    for line in lines:
+        if line["key"] in too_long:
+            assert line["output"] == ""
+            assert f"prompt has {lengths[line['key']]} tokens" in line["parse_error"]
+            assert f"max_input_tokens ({limit})" in line["parse_error"] and "not cut" in line["parse_error"]
+        else:
+            assert line["output"] != ""  # it ran
+    assert f"{len(too_long)} prompts too long" in capsys.readouterr().err
+
+
+def test_resume_after_a_killed_run(cpu_profile: Path, deepke_dir: Path, tmp_path: Path) -> None:
+    source = deepke_dir / "EEA" / "test.json"
+    out = tmp_path / "out.jsonl"
+    assert run(cpu_profile, source, out) == 0
+    full = out.read_bytes().splitlines(keepends=True)
+    kept = 3
+    half = full[kept][: len(full[kept]) // 2]
+    out.write_bytes(b"".join(full[:kept]) + half)  # what a run killed mid-line leaves
+
+    assert run(cpu_profile, source, out, "--resume") == 0
+    resumed = out.read_bytes().splitlines(keepends=True)
+    assert resumed[:kept] == full[:kept]  # earlier answers untouched, byte for byte
+    lines = [json.loads(line) for line in resumed]
+    assert sorted(line["key"] for line in lines) == sorted(str(n) for n in range(1, len(full) + 1))
+    check_output_lines(lines)
+    inputs = {str(n): given for n, given in enumerate(read_jsonl(source), 1)}
+    assert all(line["id"] == inputs[line["key"]]["id"] for line in lines)
+
+    # nothing left: a second --resume loads nothing and changes nothing
+    assert run(cpu_profile, source, out, "--resume") == 0
+    assert out.read_bytes().splitlines(keepends=True) == resumed
+    # without --resume or --overwrite an existing output is refused
+    assert run(cpu_profile, source, out) == 2
+
+
+def test_batch_size_above_the_plan_exits_2(
+    cpu_profile: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    assert run(cpu_profile, deepke_dir / "NER" / "test.json", out, "--batch-size", "9") == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 9 is more than the profile planned for (8)" in err
+    assert not out.exists()
+    assert run(cpu_profile, deepke_dir / "NER" / "test.json", out, "--max-new-tokens", str(MAX_NEW + 1)) == 2

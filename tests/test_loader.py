@@ -1,0 +1,319 @@
+"""Loading a checkpoint into a profile's device_map.
+
+- The reported multi-GPU failure (shared/oneke/README.md): DeepKE's snippet builds the headless AutoModel, whose
+  names match nothing in a causal-LM checkpoint, so nothing loads and dispatch meets meta weights; the loader's
+  key check names the cause, and load_model loads every weight.
+- Every layout oneke-plan writes (CPU, CPU + disk offload, bitsandbytes 8/4-bit, sharded and tied checkpoints)
+  gives the same logits as transformers' own single-device from_pretrained.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights, load_checkpoint_in_model
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from oneke_plan.errors import DoesNotFit
+from oneke_plan.extract import read_converted
+from oneke_plan.fit import Placement, estimate
+from oneke_plan.inventory import Inventory
+from oneke_plan.loader import explain_mismatch, key_mismatch, load_model, measured_weight_bytes, read_checkpoint
+from oneke_plan.memory import Quantization, Workload
+from oneke_plan.model_source import resolve_model
+from oneke_plan.planner import Planner, PlanSettings
+from oneke_plan.profile import Profile
+from oneke_plan.runner import encode_prompts
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+GiB = 1024**3
+WORKLOAD = Workload(max_input_tokens=600, max_new_tokens=8, batch_size=4)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+def cpu_profile(model_dir: Path, dtype: str = "bfloat16", quant: str = "none") -> Profile:
+    """What oneke-plan writes for this CPU-only machine (planned with a fixed 16 GiB so it does not vary)."""
+    planner = Planner(resolve_model(str(model_dir)))
+    inventory = Inventory((), 16 * GiB)
+    settings = PlanSettings(WORKLOAD, quant=Quantization(quant), dtype=dtype)
+    return planner.profile(planner.plan(inventory, settings), inventory)
+
+
+def disk_profile(model_dir: Path, offload_dir: Path, dtype: str) -> Profile:
+    """A CPU + disk offload profile from the planner: small CPU memory (reserve 0), offload_dir set.
+
+    The planner does not offload to disk on a machine without GPUs (see test_planner_offloads_to_disk_without_gpus):
+    until it does, the same Planner turns a placement that keeps the first blocks on the CPU and puts the rest on
+    disk into the profile (device_map from accelerate's infer_auto_device_map, estimates from fit.estimate).
+    """
+    planner = Planner(resolve_model(str(model_dir)))
+    settings = PlanSettings(WORKLOAD, dtype=dtype, cpu_reserve_bytes=0)
+    whole = planner.plan(Inventory((), 16 * GiB), settings)
+    half = whole.placement.estimates["cpu"].total_bytes * 3 // 4
+    inventory = Inventory((), half, str(offload_dir), None)
+    plan = planner.plan(inventory, settings)
+    if not (plan.fits and "disk" in plan.placement.assignment.values()):
+        names = [cost.name for cost in plan.costs]
+        assignment: dict[str, Any] = {name: "cpu" if i < 3 else "disk" for i, name in enumerate(names)}
+        plan = replace(plan, placement=Placement(assignment, estimate(assignment, plan.costs, plan.slots)))
+    profile = planner.profile(plan, inventory)
+    assert "disk" in profile.device_map.values() and "cpu" in profile.device_map.values()
+    return profile
+
+
+def safetensors_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            state.update({key: handle.get_tensor(key) for key in handle.keys()})
+    return state
+
+
+def last_logits(model: Any, prompts: list[list[int]]) -> torch.Tensor:
+    """Logits of a left-padded batch (attention mask set), as generate sees them on its first step."""
+    width = max(len(ids) for ids in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape
+    assert torch.equal(got, want), f"max |difference| {(got - want).abs().max().item():.3g}"
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir: Path, deepke_dir: Path) -> list[list[int]]:
+    """Token ids of three DeepKE prompts of different lengths (NER, RE, EEA)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = [read_converted(deepke_dir / task / "test.json")[0] for task in ("NER", "RE", "EEA")]
+    ids = [item.ids for item in encode_prompts(tokenizer, records)]
+    assert len({len(i) for i in ids}) == 3
+    return ids
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> dict[str, Any]:
+    """transformers' own single-device model, per dtype."""
+    return {
+        dtype: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=getattr(torch, dtype)).eval()
+        for dtype in ("bfloat16", "float32")
+    }
+
+
+# -- 1. the reported failure ---------------------------------------------------------------------------------------
+def published_snippet_model(model_dir: Path) -> Any:
+    """DeepKE's multi-GPU snippet: AutoModel.from_config under init_empty_weights, fp16."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():
+        return AutoModel.from_config(config, dtype=torch.float16)
+
+
+def snippet_load(model_dir: Path) -> tuple[Any, dict[str, Any]]:
+    model = published_snippet_model(model_dir)
+    device_map = infer_auto_device_map(
+        model, max_memory={"cpu": "1GiB"}, no_split_module_classes=["LlamaDecoderLayer"], dtype=torch.float16
+    )
+    load_checkpoint_in_model(model, str(model_dir / "model.safetensors"), device_map=device_map)
+    return model, device_map
+
+
+def test_published_snippet_loads_nothing_and_dispatch_fails_on_meta(tiny_model_dir: Path) -> None:
+    model, device_map = snippet_load(tiny_model_dir)
+    assert type(model).__name__ == "LlamaModel"  # headless: no lm_head, names without "model."
+    # load_checkpoint_in_model does not raise: it only logs that the checkpoint's weights "were not used"
+    names = [name for name, _ in model.named_parameters()]
+    assert names and all(p.device.type == "meta" for p in model.parameters())
+    # With two or more devices (the users' two GPUs) dispatch_model attaches hooks that move every weight to its
+    # execution device; force_hooks takes that same path on this CPU-only machine, whose map has one device.
+    # The error is the reported one, naming "cpu" where users saw GPU "0".
+    with pytest.raises(ValueError, match=r"weight is on the meta device, we need a `value` to put in on cpu"):
+        dispatch_model(model, device_map=device_map, force_hooks=True)
+
+
+def test_published_snippet_on_one_device_fails_moving_meta_tensors(tiny_model_dir: Path) -> None:
+    """On a single device (here {"": "cpu"}) dispatch_model just calls model.to(): torch refuses to copy meta."""
+    model, device_map = snippet_load(tiny_model_dir)
+    assert set(device_map.values()) == {"cpu"}
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+        dispatch_model(model, device_map=device_map)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_key_mismatch_names_the_headless_cause(tiny_model_dir: Path) -> None:
+    checkpoint = read_checkpoint(tiny_model_dir)
+    model = published_snippet_model(tiny_model_dir)
+    missing, unexpected = key_mismatch(model, checkpoint.keys)
+    assert missing == sorted(model.state_dict())  # not one name matches
+    assert "embed_tokens.weight" in missing and "layers.0.self_attn.q_proj.weight" in missing
+    assert unexpected == sorted(checkpoint.keys)
+    assert "model.embed_tokens.weight" in unexpected and "lm_head.weight" in unexpected
+    text = explain_mismatch(missing, unexpected, checkpoint.path)
+    assert f"missing from the checkpoint ({len(missing)})" in text
+    assert f"in the checkpoint but not the model ({len(unexpected)})" in text
+    assert "embed_tokens.weight" in text and "model.embed_tokens.weight" in text
+    assert "headless AutoModel" in text and "AutoModelForCausalLM" in text
+
+
+def test_key_mismatch_is_empty_for_the_causal_lm(tiny_model_dir: Path, tiny_tied_dir: Path) -> None:
+    from oneke_plan.loader import build_empty_model
+
+    for model_dir in (tiny_model_dir, tiny_tied_dir):
+        model = build_empty_model(resolve_model(str(model_dir)), "bfloat16")
+        assert key_mismatch(model, read_checkpoint(model_dir).keys) == ([], [])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_sharded_dir", "tiny_tied_dir", "tiny_gqa_dir"])
+def test_load_model_loads_every_weight(fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir: Path = request.getfixturevalue(fixture)
+    profile = cpu_profile(model_dir)
+    model = load_model(profile, resolve_model(str(model_dir)))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    on_meta = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
+    assert on_meta == []
+    stored = safetensors_state(model_dir)
+    state = model.state_dict()
+    for key, tensor in stored.items():
+        assert state[key].dtype == tensor.dtype == torch.bfloat16
+        assert torch.equal(state[key], tensor), key
+    if fixture == "tiny_tied_dir":
+        assert "lm_head.weight" not in stored
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    else:
+        assert set(stored) == set(state)
+    # the planned-vs-loaded weights table oneke-run prints: exact for a 16-bit CPU profile
+    measured = measured_weight_bytes(model, profile.device_map, profile.dtype)
+    assert measured == {"cpu": profile.estimate["cpu"]["weights_bytes"]}
+
+
+# -- 2. dispatched logits == the plain single-device model's -------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cpu_profile_logits_equal_from_pretrained(
+    dtype: str, tiny_model_dir: Path, prompts: list[list[int]], reference: dict[str, Any]
+) -> None:
+    profile = cpu_profile(tiny_model_dir, dtype)
+    assert profile.dtype == dtype and set(profile.device_map.values()) == {"cpu"}
+    model = load_model(profile, resolve_model(str(tiny_model_dir)))
+    assert model.dtype == getattr(torch, dtype)
+    assert_same_logits(last_logits(model, prompts), last_logits(reference[dtype], prompts))
+    assert measured_weight_bytes(model, profile.device_map, dtype) == {"cpu": profile.estimate["cpu"]["weights_bytes"]}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_disk_offload_profile_logits_equal_from_pretrained(
+    dtype: str, tiny_model_dir: Path, prompts: list[list[int]], reference: dict[str, Any], tmp_path: Path
+) -> None:
+    offload = tmp_path / "offload"
+    profile = disk_profile(tiny_model_dir, offload, dtype)
+    assert profile.offload_dir == str(offload)
+    model = load_model(profile, resolve_model(str(tiny_model_dir)))
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    assert offloaded and "lm_head.weight" in offloaded  # really on disk, fetched by accelerate's hooks
+    index = json.loads((offload / "index.json").read_text())
+    assert set(offloaded) <= set(index)
+    # accelerate writes the checkpoint's dtype (bf16) and casts on every fetch, whatever the profile's dtype
+    assert {entry["dtype"] for entry in index.values()} == {"bfloat16"}
+    assert_same_logits(last_logits(model, prompts), last_logits(reference[dtype], prompts))
+    measured = measured_weight_bytes(model, profile.device_map, dtype, profile.offload_dir)
+    planned = {d: profile.estimate[d]["weights_bytes"] for d in ("cpu", "disk")}
+    if dtype == "bfloat16":
+        assert measured == planned
+    else:  # the table shows what is on disk: bf16, half the fp32 weights the plan counted
+        on_disk = sum(torch.Size(e["shape"]).numel() * 2 for name, e in index.items() if name in offloaded)
+        buffers = sum(b.numel() * 4 for name, b in model.named_buffers() if name.startswith("model.rotary_emb"))
+        assert measured == {"cpu": planned["cpu"], "disk": on_disk + buffers}
+        assert measured["disk"] < planned["disk"]
+
+
+def test_planner_offloads_to_disk_without_gpus(tiny_model_dir: Path, tmp_path: Path) -> None:
+    planner = Planner(resolve_model(str(tiny_model_dir)))
+    settings = PlanSettings(WORKLOAD, dtype="bfloat16", cpu_reserve_bytes=0)
+    alone = planner.plan(Inventory((), 16 * GiB), settings).placement.estimates["cpu"]
+    # Room for the KV cache and workspace, which stay on the CPU, but for only half the weights.
+    inventory = Inventory((), alone.total_bytes - alone.weights_bytes // 2, str(tmp_path / "offload"), None)
+    plan = planner.plan(inventory, settings)
+    assert plan.fits and "disk" in plan.placement.assignment.values()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sharded_dir", "tiny_tied_dir"])
+def test_sharded_and_tied_profiles_logits_equal_from_pretrained(
+    fixture: str, request: pytest.FixtureRequest, prompts: list[list[int]]
+) -> None:
+    model_dir: Path = request.getfixturevalue(fixture)
+    model = load_model(cpu_profile(model_dir), resolve_model(str(model_dir)))
+    want = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    assert_same_logits(last_logits(model, prompts), last_logits(want, prompts))
+
+
+# -- 2b. bitsandbytes 8-bit / 4-bit on CPU -------------------------------------------------------------------------
+def bnb_config(mode: str) -> BitsAndBytesConfig:
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_quantized_profile_equals_transformers_bnb(mode: str, tiny_model_dir: Path, prompts: list[list[int]]) -> None:
+    import bitsandbytes as bnb
+
+    profile = cpu_profile(tiny_model_dir, quant=mode)
+    assert profile.quantization["mode"] == mode and set(profile.device_map.values()) == {"cpu"}
+    model = load_model(profile, resolve_model(str(tiny_model_dir)))
+    layer_type = bnb.nn.Linear8bitLt if mode == "8bit" else bnb.nn.Linear4bit
+    linears = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized = {name for name, kind in linears.items() if issubclass(kind, layer_type)}
+    # every decoder-layer Linear is quantized on the CPU; lm_head stays 16-bit, as transformers always keeps it
+    assert quantized == {name for name in linears if name.startswith("model.layers.")}
+    assert len(quantized) == 4 * 7
+    assert not issubclass(linears["lm_head"], layer_type)
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.dtype == (torch.int8 if mode == "8bit" else torch.uint8)
+
+    want = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.bfloat16, quantization_config=bnb_config(mode), device_map="cpu"
+    ).eval()
+    assert_same_logits(last_logits(model, prompts), last_logits(want, prompts))
+    measured = measured_weight_bytes(model, profile.device_map, profile.dtype)
+    assert measured == {"cpu": profile.estimate["cpu"]["weights_bytes"]}
+
+
+# -- 5b. --force onto a GPU that is not there ----------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA GPUs")
+def test_load_model_onto_missing_gpu_is_one_clear_error(tiny_model_dir: Path) -> None:
+    profile = cpu_profile(tiny_model_dir)
+    profile = replace(profile, device_map={"": 0})
+    with pytest.raises(DoesNotFit) as info:
+        load_model(profile, resolve_model(str(tiny_model_dir)))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "GPU 0" in message and "no CUDA GPU" in message and "oneke-plan" in message
+
+
+def test_replan_command_keeps_the_workload_and_quantization(tiny_model_dir: Path) -> None:
+    from oneke_plan.loader import replan_command
+
+    profile = cpu_profile(tiny_model_dir, quant="4bit")
+    profile = replace(
+        profile, quantization={"mode": "4bit", "quant_type": "fp4", "double_quant": False}, offload_dir="/o d"
+    )
+    command = replan_command(profile, "/models/One KE", ())
+    assert command == (
+        "oneke-plan '/models/One KE' --max-input-tokens 600 --max-new-tokens 8 --batch-size 4 --quantize 4bit "
+        "--quant-type fp4 --no-double-quant --offload-dir '/o d' -o PROFILE.yaml"
+    )
