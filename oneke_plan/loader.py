@@ -222,6 +222,11 @@ def explain_mismatch(missing: list[str], unexpected: list[str], where: Path) -> 
             "  likely cause: a headless AutoModel built against a ForCausalLM checkpoint (its names lack "
             "the 'model.' prefix and the lm_head); build it with AutoModelForCausalLM."
         )
+    elif unexpected and all(("model." + k) in missing for k in unexpected[:20]):
+        lines.append(
+            "  likely cause: the checkpoint was saved from a headless model (AutoModel: no 'model.' prefix, no "
+            "lm_head), so it cannot generate; use the causal-LM checkpoint."
+        )
     elif unexpected and all(k.startswith("model.") or k.startswith("lm_head") for k in unexpected) and missing:
         lines.append("  likely cause: the model class does not match the checkpoint's architecture.")
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan import __version__
-from oneke_plan.cli.common import format_table, run_main, wants_debug
+from oneke_plan.cli.common import OneLineParser, format_table, run_main, wants_debug
 from oneke_plan.errors import BadInput
 from oneke_plan.sizes import format_bytes
 
@@ -29,7 +29,7 @@ exit codes: 0 done, 2 bad input, 3 machine does not match the profile.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="oneke-run",
         description="Load a model exactly as an oneke-plan profile says (meta init, tie_weights, load, dispatch; "
         "16-bit, or bitsandbytes 8/4-bit) and run OneKE extraction over a JSONL file in batches. Each output "

@@ -1,0 +1,198 @@
+"""Every bad input oneke-run can meet gets exit 2 and one line on stderr naming the problem, never a traceback:
+profiles, checkpoints, input lines, schemas, output paths and counts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from oneke_plan.cli.plan import main as plan_main
+from oneke_plan.cli.run import main as run_main
+
+NER_LINE = (
+    (Path(__file__).parent.parent / "examples" / "deepke" / "NER" / "test.json").read_text("utf-8").splitlines()[0]
+)
+
+
+@pytest.fixture(scope="module")
+def profile_data(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("errors")
+    (folder / "inventory.yaml").write_text("gpus: []\n")
+    out = folder / "cpu.yaml"
+    argv = [str(tiny_model_dir), "--inventory", str(folder / "inventory.yaml"), "--max-new-tokens", "2", "-o", str(out)]
+    assert plan_main(argv) == 0
+    return yaml.safe_load(out.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def tied_profile_data(tiny_tied_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("errors_tied")
+    (folder / "inventory.yaml").write_text("gpus: []\n")
+    out = folder / "cpu.yaml"
+    argv = [str(tiny_tied_dir), "--inventory", str(folder / "inventory.yaml"), "--max-new-tokens", "2", "-o", str(out)]
+    assert plan_main(argv) == 0
+    return yaml.safe_load(out.read_text(encoding="utf-8"))
+
+
+class Case:
+    """A working run (profile, model, input, output) that one setup function breaks in one way."""
+
+    def __init__(self, tmp: Path, profile: dict, model: Path):
+        self.tmp = tmp
+        self.model = tmp / "model"
+        shutil.copytree(model, self.model)
+        self.profile = tmp / "profile.yaml"
+        self.profile.write_text(yaml.safe_dump(profile), encoding="utf-8")
+        self.input = tmp / "in.jsonl"
+        self.input.write_text(NER_LINE + "\n", encoding="utf-8")
+        self.output = tmp / "out.jsonl"
+        self.extra: list[str] = []
+
+    def edit_profile(self, change: Callable[[dict], None]) -> None:
+        data = yaml.safe_load(self.profile.read_text(encoding="utf-8"))
+        change(data)
+        self.profile.write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    def argv(self) -> list[str]:
+        return [
+            "--profile",
+            str(self.profile),
+            "--model",
+            str(self.model),
+            "--input",
+            str(self.input),
+            "--output",
+            str(self.output),
+            "--no-progress",
+            *self.extra,
+        ]
+
+
+def _truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _headless_checkpoint(case: Case) -> None:
+    file = case.model / "model.safetensors"
+    tensors = {k.removeprefix("model."): v for k, v in load_file(file).items() if not k.startswith("lm_head")}
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _set(key: str, value: object) -> Callable[[Case], None]:
+    return lambda case: case.edit_profile(lambda d: d.__setitem__(key, value))
+
+
+def _input(content: bytes) -> Callable[[Case], None]:
+    return lambda case: case.input.write_bytes(content)
+
+
+def _flags(*flags: str) -> Callable[[Case], None]:
+    return lambda case: case.extra.extend(flags)
+
+
+CASES: dict[str, tuple[Callable[[Case], None], str]] = {
+    "profile empty": (lambda c: c.profile.write_text(""), "empty"),
+    "profile not YAML": (lambda c: c.profile.write_text("device_map: [\n"), "not valid YAML"),
+    "profile other format version": (_set("format_version", 99), "format_version 99"),
+    "profile without device_map": (lambda c: c.edit_profile(lambda d: d.pop("device_map")), "device_map"),
+    "profile names a module the model lacks": (
+        _set("device_map", {"model.decoder.layers.0": "cpu", "": "cpu"}),
+        "not a module",
+    ),
+    "profile workload not positive": (
+        lambda c: c.edit_profile(lambda d: d["workload"].update(batch_size=0)),
+        "workload.batch_size",
+    ),
+    "checkpoint truncated": (lambda c: _truncate(c.model / "model.safetensors", 0.5), "truncated or corrupt"),
+    "checkpoint names do not match": (_headless_checkpoint, "do not match"),
+    "checkpoint missing": (lambda c: (c.model / "model.safetensors").unlink(), "no weights found"),
+    "input not UTF-8": (_input(b'{"id": 1, "instruction": "\xff\xfe"}\n'), "UTF-8"),
+    "input not JSON": (_input(b"{id: 1}\n"), "line 1"),
+    "input line without instruction": (_input(b'{"id": 1}\n'), "instruction"),
+    "instruction not JSON": (_input(b'{"id": 1, "instruction": "not json"}\n'), "instruction"),
+    "input empty": (_input(b""), "empty"),
+    "unknown task": (_flags("--task", "FOO", "--schema", '["x"]'), "FOO"),
+    "empty schema": (_flags("--task", "NER", "--schema", "[]"), "schema"),
+    "malformed schema": (_flags("--task", "NER", "--schema", '["a",'), "schema"),
+    "schema without task": (_flags("--schema", '["x"]'), "--task"),
+    "output is the input": (lambda c: setattr(c, "output", c.input), "output is the input"),
+    "output in a missing folder": (lambda c: setattr(c, "output", c.tmp / "nope" / "out.jsonl"), "does not exist"),
+    "batch size zero": (_flags("--batch-size", "0"), "--batch-size"),
+    "max new tokens negative": (_flags("--max-new-tokens=-1"), "--max-new-tokens"),
+    "model path missing": (lambda c: shutil.rmtree(c.model), "no such directory"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_exit_2(
+    name: str, profile_data: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    breaks, needle = CASES[name]
+    breaks(case)
+    code = run_main(case.argv())
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("oneke-run: error:") and needle in lines[0], err
+    if name == "checkpoint names do not match":  # the names and the cause follow on the lines below
+        assert "saved from a headless model" in err
+    else:
+        assert len(lines) == 1, err
+
+
+def test_missing_shard(tiny_sharded_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "sharded"
+    shutil.copytree(tiny_sharded_dir, model)
+    shard = sorted(set(json.loads((model / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
+    (model / shard).unlink()
+    folder = tmp_path / "plan"
+    folder.mkdir()
+    (folder / "inventory.yaml").write_text("gpus: []\n")
+    assert plan_main([str(model), "--inventory", str(folder / "inventory.yaml"), "-o", str(folder / "p.yaml")]) == 0
+    (tmp_path / "in.jsonl").write_text(NER_LINE + "\n", encoding="utf-8")
+    capsys.readouterr()
+    code = run_main(
+        [
+            "--profile",
+            str(folder / "p.yaml"),
+            "--model",
+            str(model),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and shard in err[0] and "missing" in err[0]
+
+
+def test_tied_weights_split_across_devices(
+    tied_profile_data: dict,
+    tiny_tied_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the profile's relative offload_dir lands here
+    case = Case(tmp_path, tied_profile_data, tiny_tied_dir)
+
+    def split(data: dict) -> None:
+        data["device_map"] = {"model": "cpu", "lm_head": "disk"}
+        data["devices"].append({"id": "disk", "name": "disk", "total_bytes": None})
+        data["offload_dir"] = "offload"
+
+    case.edit_profile(split)
+    code = run_main(case.argv())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "tied weights" in err[0], err
