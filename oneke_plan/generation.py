@@ -46,8 +46,46 @@ def length_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[Enc
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+def _logits_to_keep(model: Any) -> dict[str, int]:
+    """Ask the model for the last position's logits only (a vocabulary-wide row per sequence, not per token)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):  # transformers 5 / 4.45+
+        if name in params:
+            return {name: 1}
+    return {}
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers 4.x takes no config
+        return DynamicCache()
+
+
+def _keep_rows(cache: Any, rows: Any) -> None:
+    """Drop finished sequences from the KV cache, each layer on its own device (transformers 5 and 4.x layouts)."""
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys[rows.to(layer.keys.device)]
+                layer.values = layer.values[rows.to(layer.values.device)]
+        return
+    for i, keys in enumerate(cache.key_cache):
+        cache.key_cache[i] = keys[rows.to(keys.device)]
+        cache.value_cache[i] = cache.value_cache[i][rows.to(keys.device)]
+
+
 class GreedyGenerator:
-    """Greedy decoding of token-id prompts with transformers' generate, in left-padded batches."""
+    """Greedy decoding of token-id prompts in left-padded batches, where finished sequences leave the batch.
+
+    The loop is transformers' greedy search written out (the same forward calls, masks and positions), plus one
+    thing generate does not do: a sequence that has produced EOS is removed from the batch and its KV cache, so
+    the remaining steps compute only the sequences still running.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int):
         self.model = model
@@ -57,32 +95,49 @@ class GreedyGenerator:
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
         self.device = input_device(model)
+        self.last_only = _logits_to_keep(model)
 
     def generate(self, batch: Sequence[Sequence[int]]) -> list[list[int]]:
         """New tokens for each prompt, cut before the first EOS."""
         import torch
 
         width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids) :] = 1
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, prompt in enumerate(batch):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        # Positions count real tokens only, so left padding does not shift them (as generate computes them).
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        answers: list[list[int]] = [[] for _ in batch]
+        running = list(range(len(batch)))  # answer index of each row still in the batch
+        cache = _new_cache(self.model)
+        eos = set(self.eos)
         with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=self.pad,
-                eos_token_id=self.eos or None,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
-        answers = []
-        for row in output[:, width:].tolist():
-            cut = next((i for i, token in enumerate(row) if token in self.eos), len(row))
-            answers.append(row[:cut])
+            for step in range(self.max_new_tokens):
+                out = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    **self.last_only,
+                )
+                cache = out.past_key_values
+                tokens = out.logits[:, -1, :].argmax(dim=-1).cpu()
+                keep = []
+                for row, token in enumerate(tokens.tolist()):
+                    if token not in eos:
+                        answers[running[row]].append(token)
+                        keep.append(row)
+                if not keep or step == self.max_new_tokens - 1:
+                    break
+                if len(keep) < len(running):
+                    rows = torch.tensor(keep, dtype=torch.long)
+                    _keep_rows(cache, rows)
+                    running = [running[row] for row in keep]
+                    tokens, mask, positions = tokens[rows], mask[rows], positions[rows]
+                ids = tokens[:, None]
+                mask = torch.cat([mask, torch.ones((len(keep), 1), dtype=torch.long)], dim=-1)
+                positions = positions[:, -1:] + 1
         return answers

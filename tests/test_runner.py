@@ -109,6 +109,40 @@ def test_bf16_batched_greedy_equals_one_at_a_time_up_to_rounding(
     assert sum(b == a for b, a in zip(batched, alone, strict=True)) >= len(alone) // 2
 
 
+def test_sequences_that_finish_early_leave_the_batch_without_changing_the_others(
+    tiny_model_dir: Path, tokenizer: Any, deepke_prompts: list
+) -> None:
+    """Make a token that some answers produce mid-way the EOS: rows then finish at different steps and are dropped
+    from the batch and its KV cache. Every answer must still equal its one-at-a-time run and transformers' own
+    generate with that EOS."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    generator = GreedyGenerator(model, tokenizer, MAX_NEW)
+    free = [generator.generate([prompt])[0] for prompt in deepke_prompts]
+    counts: dict[int, int] = {}
+    for answer in free:
+        for token in set(answer[1:-1]):
+            counts[token] = counts.get(token, 0) + 1
+    stop = max(counts, key=lambda t: (0 < counts[t] < len(free), counts[t]))
+    generator.eos = [stop]
+    batched = generator.generate(deepke_prompts)
+    alone = [generator.generate([prompt])[0] for prompt in deepke_prompts]
+    assert batched == alone
+    lengths = {len(answer) for answer in batched}
+    assert len(lengths) > 1 and min(lengths) < MAX_NEW  # some rows really left the batch early
+    for prompt, answer in zip(deepke_prompts, batched, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            reference = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
+        assert answer == (reference[: reference.index(stop)] if stop in reference else reference)
+
+
 def test_length_batches_sort_longest_first_and_keep_every_prompt() -> None:
     encoded = [Encoded(i, [1] * n) for i, n in enumerate([5, 9, 2, 9, 7])]
     batches = length_batches(encoded, 2)
