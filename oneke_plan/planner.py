@@ -19,7 +19,7 @@ from typing import Any
 
 from oneke_plan import __version__
 from oneke_plan.errors import BadInput, DoesNotFit
-from oneke_plan.fit import OFFLOAD_DEVICES, BlockCost, DeviceId, Placement, Slot, block_costs, place
+from oneke_plan.fit import BlockCost, DeviceId, Placement, Slot, block_costs, place
 from oneke_plan.inventory import Inventory
 from oneke_plan.layout import ModelLayout, build_meta_model, load_config, read_layout
 from oneke_plan.memory import (
@@ -342,16 +342,11 @@ def _bisect_largest(fits: Callable[[int], bool], high: int) -> int:
 
 
 def _peaks(plan: Plan) -> str:
+    """'GPU 0 11.61 GiB of 12.00 GiB, CPU 3.20 GiB of 22.00 GiB' for the devices a plan uses."""
     parts = []
     for slot in plan.slots:
         est = plan.placement.estimates.get(slot.id)
-        if (
-            est
-            and slot.id not in OFFLOAD_DEVICES
-            or (est and slot.id == "cpu" and not any(s.is_gpu for s in plan.slots))
-        ):
+        if est is not None:
             cap = format_bytes(slot.capacity_bytes) if slot.capacity_bytes is not None else "unbounded"
-            parts.append(f"{slot.name} {format_bytes(est.total_bytes)} of {cap}")  # type: ignore[union-attr]
-        elif est:
-            parts.append(f"{slot.name} {format_bytes(est.total_bytes)}")
+            parts.append(f"{slot.name} {format_bytes(est.total_bytes)} of {cap}")
     return ", ".join(parts)
