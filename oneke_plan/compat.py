@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 
 @cache
@@ -12,3 +13,15 @@ def dtype_kwarg() -> str:
     from packaging.version import Version
 
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def no_init_weights() -> Any:
+    """transformers' context manager that skips weight initialization (pointless on the meta device, and the
+    slowest part of building a 70B model there): in transformers.initialization since 5.0, modeling_utils before."""
+    import importlib
+
+    try:
+        module = importlib.import_module("transformers.initialization")
+    except ImportError:
+        module = importlib.import_module("transformers.modeling_utils")
+    return module.no_init_weights()

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from oneke_plan.compat import dtype_kwarg
+from oneke_plan.compat import dtype_kwarg, no_init_weights
 from oneke_plan.errors import BadInput
 from oneke_plan.memory import AttentionShape
 from oneke_plan.model_source import ModelSource
@@ -120,7 +120,7 @@ def build_meta_model(config: Any, dtype: str, trust_remote_code: bool = False) -
 
     torch_dtype = getattr(torch, dtype)
     quiet = io.StringIO()
-    with init_empty_weights(), warnings.catch_warnings(), contextlib.redirect_stderr(quiet):
+    with init_empty_weights(), no_init_weights(), warnings.catch_warnings(), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
         try:
             model = AutoModelForCausalLM.from_config(

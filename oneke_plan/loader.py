@@ -291,7 +291,9 @@ def _quiet() -> Any:
 def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = False) -> Any:
     """The model, loaded into exactly the profile's device_map, ready for generate.
 
-    16-bit: meta init, tie_weights, key check, accelerate's load_checkpoint_in_model, tie again, dispatch_model.
+    16-bit: meta init, tie_weights, key check, every tensor put on its device_map device with accelerate's
+    set_module_tensor_to_device (with disk offload: accelerate's load_checkpoint_in_model, which writes the
+    offload folder), tie again, dispatch_model.
     8/4-bit: the same key check on a meta model, then transformers' from_pretrained with the profile's device_map
     and a bitsandbytes config, which quantizes each Linear as it is loaded (bitsandbytes runs on CPU too).
     """
@@ -313,19 +315,52 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     if profile.quantization["mode"] != "none":
         return _load_quantized(profile, source, device_map, offload, trust_remote_code)
     with _quiet():
-        load_checkpoint_in_model(
-            model,
-            str(checkpoint.path),
-            device_map=device_map,
-            offload_folder=offload,
-            dtype=_torch_dtype(profile.dtype),
-            offload_state_dict=False,
-        )
+        if "disk" in device_map.values():
+            load_checkpoint_in_model(
+                model,
+                str(checkpoint.path),
+                device_map=device_map,
+                offload_folder=offload,
+                dtype=_torch_dtype(profile.dtype),
+                offload_state_dict=False,
+            )
+        else:
+            _load_tensors(model, checkpoint, device_map, _torch_dtype(profile.dtype))
         model.tie_weights()
         model = dispatch_model(model, device_map=device_map, offload_dir=offload)
     _refuse_meta(model, device_map)
     model.eval()
     return model
+
+
+def _checkpoint_files(checkpoint: Checkpoint) -> list[Path]:
+    if checkpoint.path.name.endswith(".index.json"):
+        weight_map = json.loads(checkpoint.path.read_text(encoding="utf-8"))["weight_map"]
+        return [checkpoint.path.parent / name for name in sorted(set(weight_map.values()))]
+    return [checkpoint.path]
+
+
+def _load_tensors(model: Any, checkpoint: Checkpoint, device_map: dict[str, Any], dtype: Any) -> None:
+    """Each checkpoint tensor straight onto its device_map device, cast to `dtype` (floats only).
+
+    What accelerate's load_checkpoint_in_model does for maps without disk, minus its gc.collect() after every
+    file, which costs more than reading a small checkpoint.
+    """
+    import torch
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    wanted = set(model.state_dict())  # key_mismatch already allowed the names the model ignores on load
+    for file in _checkpoint_files(checkpoint):
+        if checkpoint.pickled:
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            items = iter(tensors.items())
+        else:
+            handle = safe_open(str(file), framework="pt")
+            items = ((key, handle.get_tensor(key)) for key in handle.keys())
+        for name, tensor in items:
+            if name in wanted:
+                set_module_tensor_to_device(model, name, _device_of(name, device_map), value=tensor, dtype=dtype)
 
 
 def _load_quantized(

@@ -108,22 +108,29 @@ def layer_kv_cache_bytes(shape: AttentionShape, workload: Workload, dtype_bytes:
 
 
 def layer_activation_bytes(shape: AttentionShape, workload: Workload, dtype_bytes: int, eager: bool = False) -> int:
-    """Peak transient bytes of one decoder layer during prefill (the largest step of generation).
+    """Peak transient bytes while one decoder layer runs prefill (the largest step of generation).
 
-    Prefill runs the batch's full prompts (batch x max_input_tokens rows) through the layer. Alive at once:
-    - in attention: the residual input and its normed copy (2 x hidden), q, k and v with k/v expanded to all
-      heads for grouped-query attention, and the attention output (4 x heads x head_dim);
-    - in the MLP: residual and normed input (2 x hidden), gate, up and act(gate) * up (3 x intermediate).
-    The layer's peak is the larger of the two. With SDPA (transformers' default) the attention scores are never
-    materialized; with eager attention (`eager=True`) batch x heads x seq x seq scores are added, in the compute
-    dtype plus their fp32 softmax.
+    Prefill runs the batch's full prompts (rows = batch x max_input_tokens) through the layer. Alive throughout:
+    - held by the model's forward: the embedding output (hidden), RoPE cos and sin (2 x head_dim), and the 4D
+      attention mask, batch x seq x seq, counted at 2 bytes (transformers builds it boolean or in the compute
+      dtype, depending on version and backend; the larger is counted).
+    Plus the largest of the layer's three steps:
+    - RMSNorm: the residual input and the norm's two fp32 copies (hidden x (dtype + 8 bytes));
+    - attention: residual and normed input (2 x hidden), q, k and v with k/v expanded to all heads for
+      grouped-query attention, and the attention output (4 x heads x head_dim);
+    - MLP: residual and normed input (2 x hidden), gate, up and act(gate) * up (3 x intermediate).
+    With SDPA (transformers' default) the attention scores are never materialized; with eager attention
+    (`eager=True`) batch x heads x seq x seq scores are added, in the compute dtype plus their fp32 softmax.
+    Checked against torch.profiler on CPU: bench/memory_accuracy.py, docs/benchmarks.md.
     """
     rows = workload.batch_size * workload.max_input_tokens
-    attention = rows * (2 * shape.hidden_size + 4 * shape.num_attention_heads * shape.head_dim)
-    mlp = rows * (2 * shape.hidden_size + 3 * shape.intermediate_size)
-    peak = max(attention, mlp) * dtype_bytes
+    seq = workload.max_input_tokens
+    held = rows * (shape.hidden_size + 2 * shape.head_dim) * dtype_bytes + workload.batch_size * seq * seq * 2
+    norm = rows * shape.hidden_size * (dtype_bytes + 8)
+    attention = rows * (2 * shape.hidden_size + 4 * shape.num_attention_heads * shape.head_dim) * dtype_bytes
+    mlp = rows * (2 * shape.hidden_size + 3 * shape.intermediate_size) * dtype_bytes
+    peak = held + max(norm, attention, mlp)
     if eager:
-        seq = workload.max_input_tokens
         peak += workload.batch_size * shape.num_attention_heads * seq * seq * (dtype_bytes + 4)
     return peak
 

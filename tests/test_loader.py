@@ -317,3 +317,20 @@ def test_replan_command_keeps_the_workload_and_quantization(tiny_model_dir: Path
         "oneke-plan '/models/One KE' --max-input-tokens 600 --max-new-tokens 8 --batch-size 4 --quantize 4bit "
         "--quant-type fp4 --no-double-quant --offload-dir '/o d' -o PROFILE.yaml"
     )
+
+
+def test_pickled_bin_checkpoint_loads_weights_only(tiny_model_dir: Path, tmp_path: Path, prompts: list) -> None:
+    """A plain-tensor pytorch_model.bin (what older checkpoints ship) loads through the weights-only path."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "bin"
+    shutil.copytree(tiny_model_dir, model_dir)
+    state = load_file(model_dir / "model.safetensors")
+    (model_dir / "model.safetensors").unlink()
+    torch.save(state, model_dir / "pytorch_model.bin")
+    assert read_checkpoint(model_dir).pickled
+    model = load_model(cpu_profile(model_dir), resolve_model(str(model_dir)))
+    want = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    assert_same_logits(last_logits(model, prompts), last_logits(want, prompts))
