@@ -46,15 +46,15 @@ def length_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[Enc
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def _logits_to_keep(model: Any) -> dict[str, int]:
-    """Ask the model for the last position's logits only (a vocabulary-wide row per sequence, not per token)."""
+def _forward_names(model: Any) -> tuple[dict[str, int], str]:
+    """Keyword arguments that differ across transformers versions: the request for the last position's logits
+    only (`logits_to_keep`, `num_logits_to_keep` before 4.50), and the KV cache's name (`cache` in recent 5.x,
+    where `past_key_values` still works but goes through a slower deprecation shim)."""
     import inspect
 
     params = inspect.signature(model.forward).parameters
-    for name in ("logits_to_keep", "num_logits_to_keep"):  # transformers 5 / 4.45+
-        if name in params:
-            return {name: 1}
-    return {}
+    last_only = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
+    return last_only, "cache" if "cache" in params else "past_key_values"
 
 
 def _new_cache(model: Any) -> Any:
@@ -95,7 +95,7 @@ class GreedyGenerator:
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
         self.device = input_device(model)
-        self.last_only = _logits_to_keep(model)
+        self.last_only, self.cache_name = _forward_names(model)
 
     def generate(self, batch: Sequence[Sequence[int]]) -> list[list[int]]:
         """New tokens for each prompt, cut before the first EOS."""
@@ -119,11 +119,10 @@ class GreedyGenerator:
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),
                     position_ids=positions.to(self.device),
-                    past_key_values=cache,
                     use_cache=True,
+                    **{self.cache_name: cache},  # updated in place
                     **self.last_only,
                 )
-                cache = out.past_key_values
                 tokens = out.logits[:, -1, :].argmax(dim=-1).cpu()
                 keep = []
                 for row, token in enumerate(tokens.tolist()):
