@@ -124,6 +124,7 @@ def exact_fits(costs, slots) -> bool:
 
 def exact_largest_context(layout, dtype, quant, workload, sizes) -> int:
     from oneke_plan.fit import block_costs
+    from oneke_plan.planner import bisect_largest
 
     slots = gpu_slots(sizes)
     high = (layout.max_position_embeddings or 1 << 20) - workload.max_new_tokens
@@ -131,13 +132,7 @@ def exact_largest_context(layout, dtype, quant, workload, sizes) -> int:
     def fits(ctx: int) -> bool:
         return exact_fits(block_costs(layout, dtype, quant, replace(workload, max_input_tokens=ctx)), slots)
 
-    if high < 1 or not fits(1):
-        return 0
-    low = 1
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    return low
+    return bisect_largest(fits, high)
 
 
 def accelerate_maps(planner, quant_mode: str, dtype: str, sizes: tuple[int, ...]) -> dict[str, dict]:

@@ -222,7 +222,7 @@ class Planner:
             trial = replace(settings, workload=replace(workload, **{what: value}))
             return self.plan(inventory, trial).fits
 
-        return _bisect_largest(fits, high)
+        return bisect_largest(fits, high)
 
     def alternatives(self, inventory: Inventory, settings: PlanSettings) -> list[str]:
         """What would fit instead, each line computed by planning it."""
@@ -330,7 +330,7 @@ class Planner:
         )
 
 
-def _bisect_largest(fits: Callable[[int], bool], high: int) -> int:
+def bisect_largest(fits: Callable[[int], bool], high: int) -> int:
     """Largest x in [1, high] with fits(x), given fits is monotone (True then False); 0 if fits(1) is False."""
     if high < 1 or not fits(1):
         return 0

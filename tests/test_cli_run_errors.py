@@ -20,24 +20,23 @@ NER_LINE = (
 )
 
 
-@pytest.fixture(scope="module")
-def profile_data(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = tmp_path_factory.mktemp("errors")
+def _cpu_profile(model_dir: Path, folder: Path) -> dict:
+    """oneke-plan for a machine without GPUs, as a dict."""
     (folder / "inventory.yaml").write_text("gpus: []\n")
     out = folder / "cpu.yaml"
-    argv = [str(tiny_model_dir), "--inventory", str(folder / "inventory.yaml"), "--max-new-tokens", "2", "-o", str(out)]
+    argv = [str(model_dir), "--inventory", str(folder / "inventory.yaml"), "--max-new-tokens", "2", "-o", str(out)]
     assert plan_main(argv) == 0
     return yaml.safe_load(out.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def profile_data(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _cpu_profile(tiny_model_dir, tmp_path_factory.mktemp("errors"))
 
 
 @pytest.fixture(scope="module")
 def tied_profile_data(tiny_tied_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = tmp_path_factory.mktemp("errors_tied")
-    (folder / "inventory.yaml").write_text("gpus: []\n")
-    out = folder / "cpu.yaml"
-    argv = [str(tiny_tied_dir), "--inventory", str(folder / "inventory.yaml"), "--max-new-tokens", "2", "-o", str(out)]
-    assert plan_main(argv) == 0
-    return yaml.safe_load(out.read_text(encoding="utf-8"))
+    return _cpu_profile(tiny_tied_dir, tmp_path_factory.mktemp("errors_tied"))
 
 
 class Case:
