@@ -41,6 +41,8 @@ tokenizer = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map="cpu")
 model.eval()
 records = [json.loads(line) for line in open(input_path, encoding="utf-8") if line.strip()]
+eos = model.generation_config.eos_token_id
+eos = eos if isinstance(eos, list) else [eos]
 answers, new_tokens = [], 0
 start = time.perf_counter()
 for record in records:
@@ -50,11 +52,13 @@ for record in records:
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 generation_config=GenerationConfig(max_new_tokens=int(max_new), do_sample=False,
-                                                                   num_beams=1, return_dict_in_generate=True),
+                                                                   num_beams=1, return_dict_in_generate=True,
+                                                                   eos_token_id=eos),
                                 pad_token_id=tokenizer.eos_token_id)
-    generated = output.sequences[0][input_length:]
-    new_tokens += int((generated != tokenizer.eos_token_id).sum())
-    answers.append(tokenizer.decode(generated, skip_special_tokens=True))
+    generated = output.sequences[0][input_length:].tolist()
+    cut = next((k for k, token in enumerate(generated) if token in eos), len(generated))
+    new_tokens += cut
+    answers.append(tokenizer.decode(generated[:cut], skip_special_tokens=True))
 seconds = time.perf_counter() - start
 json.dump({"answers": answers, "new_tokens": new_tokens, "seconds": seconds}, open(out_path, "w"))
 """
@@ -75,16 +79,17 @@ prompts = [chat_prompt(r["instruction"]) for r in records]
 lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
 order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
 answers, new_tokens = [None] * len(prompts), 0
-eos = tokenizer.eos_token_id
+eos = model.generation_config.eos_token_id
+eos = eos if isinstance(eos, list) else [eos]
 start = time.perf_counter()
 for i in range(0, len(order), int(batch)):
     idx = order[i:i + int(batch)]
     enc = tokenizer([prompts[j] for j in idx], return_tensors="pt", padding=True)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=int(max_new), do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
     for row, j in zip(out[:, enc["input_ids"].shape[1]:].tolist(), idx):
-        cut = row.index(eos) if eos in row else len(row)
+        cut = next((k for k, token in enumerate(row) if token in eos), len(row))
         new_tokens += cut
         answers[j] = tokenizer.decode(row[:cut], skip_special_tokens=True)
 seconds = time.perf_counter() - start
@@ -121,16 +126,55 @@ def script(code: str, args: list[str], out: Path) -> dict:
     return data
 
 
+def with_frequent_stop(model: Path, max_new: int) -> tuple[Path, int]:
+    """A view of `model` whose generation config also stops at a token that some greedy answers produce part-way:
+    a random model almost never emits EOS, so without this every answer runs to max_new_tokens and a batch never
+    has finished sequences, unlike OneKE's answers (an empty NER result is a few tokens, a full one hundreds)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT))
+    from oneke_plan.extract import read_converted
+    from oneke_plan.runner import encode_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    prompts = [e.ids for e in encode_prompts(tokenizer, read_converted(INPUT)[::6])]
+    counts: dict[int, int] = {}
+    with torch.inference_mode():
+        for ids in prompts:
+            row = torch.tensor([ids])
+            answer = net.generate(row, attention_mask=torch.ones_like(row), max_new_tokens=max_new, do_sample=False,
+                                  pad_token_id=0)[0, len(ids):].tolist()
+            for token in set(answer[1:]):
+                counts[token] = counts.get(token, 0) + 1
+    stop = max(counts, key=lambda t: (counts[t] < len(prompts), counts[t]))
+    view = Path(tempfile.mkdtemp(prefix="stops-"))
+    for item in model.iterdir():
+        if item.name not in ("config.json", "generation_config.json"):
+            (view / item.name).symlink_to(item.resolve())
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((model / name).read_text(encoding="utf-8"))
+        config["eos_token_id"] = [tokenizer.eos_token_id, stop]
+        (view / name).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return view, stop
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--checkpoint", default="0.12B-wide")
+    parser.add_argument("--varied-lengths", action="store_true",
+                        help="also stop at a token some answers produce part-way, so answers end at different steps")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     print(f"machine: {machine_line()}\n")
     model = bench_checkpoint(args.checkpoint)
+    if args.varied_lengths:
+        model, stop = with_frequent_stop(model, args.max_new_tokens)
+        print(f"varied lengths: token {stop} ends an answer too (see with_frequent_stop)")
     bin_dir = Path(sys.executable).parent
     records = sum(1 for line in INPUT.read_text(encoding="utf-8").splitlines() if line.strip())
     print(f"checkpoint {args.checkpoint}: {parameter_count(model) / 1e6:.0f}M parameters; {records} prompts from "
