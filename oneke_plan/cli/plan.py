@@ -182,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput(f"-o {args.output}: folder {args.output.parent} does not exist; create it first")
     reserve = _size("--reserve", args.reserve)
     inventory = build_inventory(args.gpu, args.inventory, args.cpu_memory, args.offload_dir)
+    if inventory.source == "detected" and not inventory.gpus:
+        print(
+            "oneke-plan: no CUDA GPU detected here, so this plan is for the CPU alone; describe the machine you "
+            "plan for with --gpu (e.g. --gpu 24GiB --gpu 12GiB) or --inventory",
+            file=sys.stderr,
+        )
     settings = PlanSettings(
         workload=Workload(args.max_input_tokens, args.max_new_tokens, args.batch_size),
         quant=Quantization(args.quantize, args.quant_type, not args.no_double_quant),
