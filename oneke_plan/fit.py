@@ -133,16 +133,17 @@ def block_costs(
     return costs
 
 
-def execution_device(device: DeviceId, slots: Sequence[Slot]) -> DeviceId:
-    """Where a block's computation (and so its KV cache and activations) happens.
+def main_device(assignment: dict[str, DeviceId], slots: Sequence[Slot]) -> DeviceId:
+    """Where accelerate runs blocks offloaded to CPU or disk: the first GPU that holds a block (dispatch_model's
+    main device), after copying their weights there; the CPU when no GPU holds any."""
+    used = set(assignment.values())
+    return next((s.id for s in slots if s.is_gpu and s.id in used), "cpu")
 
-    A block on a GPU runs there. accelerate runs a block offloaded to CPU or disk on the main device, the first GPU,
-    after copying its weights there; without GPUs everything runs on the CPU.
-    """
-    if device not in OFFLOAD_DEVICES:
-        return device
-    gpus = [s.id for s in slots if s.is_gpu]
-    return gpus[0] if gpus else "cpu"
+
+def execution_device(device: DeviceId, main: DeviceId) -> DeviceId:
+    """Where a block's computation (and so its KV cache and activations) happens: its own device if that is a GPU,
+    else the main device."""
+    return main if device in OFFLOAD_DEVICES else device
 
 
 def stays_quantized(home: DeviceId, assignment: dict[str, DeviceId], slots: Sequence[Slot]) -> bool:
@@ -155,7 +156,8 @@ def stays_quantized(home: DeviceId, assignment: dict[str, DeviceId], slots: Sequ
     """
     if home not in OFFLOAD_DEVICES:
         return True
-    return home == "cpu" and not any(s.is_gpu for s in slots) and "disk" not in assignment.values()
+    values = set(assignment.values())
+    return home == "cpu" and not any(isinstance(d, int) for d in values) and "disk" not in values
 
 
 def estimate(
@@ -169,11 +171,12 @@ def estimate(
     logits: dict[DeviceId, int] = {}
     scratch: dict[DeviceId, int] = {}
     staging: dict[DeviceId, int] = {}
+    main = main_device(assignment, slots)
     for cost in costs:
         if cost.name not in assignment:
             continue
         home = assignment[cost.name]
-        run = execution_device(home, slots)
+        run = execution_device(home, main)
         quantized = stays_quantized(home, assignment, slots)
         stored = cost.weights_bytes if quantized else cost.unquantized_weights_bytes
         weights[home] = weights.get(home, 0) + stored
@@ -271,10 +274,11 @@ def place(costs: Sequence[BlockCost], slots: Sequence[Slot], strategy: str = "fi
             return placement
         log.append("balanced: the model does not fit on the GPUs alone, so GPUs are filled in order before offload")
     placement = fill(costs, slots, limits)
-    main = gpus[0] if gpus else next((s for s in slots if s.id == "cpu"), None)
+    main_id = main_device(placement.assignment, slots)
+    main = next((s for s in slots if s.id == main_id), None)
     if not placement.fits and main is not None and any(s.id in OFFLOAD_DEVICES and s.id != main.id for s in slots):
-        # Offloaded blocks run on the main device (the first GPU, or the CPU without GPUs), so their KV cache and
-        # staging copy need room there: keep one block fewer on it at a time until the offloaded rest fits.
+        # Offloaded blocks run on the main device (the first GPU holding blocks, else the CPU), so their KV cache
+        # and staging copy need room there: keep one block fewer on it at a time until the offloaded rest fits.
         kept = [c for c in costs if placement.assignment.get(c.name) == main.id]
         cap = sum(c.weights_bytes for c in kept)
         while kept and not placement.fits:

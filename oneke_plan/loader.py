@@ -37,7 +37,8 @@ BIN_SINGLE = "pytorch_model.bin"
 def replan_command(profile: Profile, model: str, gpus: tuple[Gpu, ...]) -> str:
     """The oneke-plan command that plans the same model and workload for the GPUs found here."""
     w = profile.workload
-    parts = ["oneke-plan", shlex.quote(model), *(f"--gpu {format_bytes(g.free_bytes).replace(' ', '')}" for g in gpus)]
+    # Whole MiB, rounded down: a plan for slightly more than is free would be refused again.
+    parts = ["oneke-plan", shlex.quote(model), *(f"--gpu {g.free_bytes // 2**20}MiB" for g in gpus)]
     parts += [
         f"--max-input-tokens {w['max_input_tokens']}",
         f"--max-new-tokens {w['max_new_tokens']}",
@@ -65,34 +66,32 @@ def machine_problems(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...
         )
     by_index = {g.index: g for g in gpus}
     for device in profile.devices:
-        planned = int(profile.estimate.get(device.id, {}).get("total_bytes", 0))
+        estimate = profile.estimate.get(device.id, {})
+        # The reserve covers this process's own CUDA context and host libraries, which already exist when free
+        # memory is read here, so free memory must cover the rest of the plan. Nominal sizes are not compared:
+        # a "24 GiB" card reports a little less, and free memory is what decides.
+        needed = int(estimate.get("total_bytes", 0)) - int(estimate.get("reserve_bytes", 0))
         if isinstance(device.id, int):
             gpu = by_index.get(device.id)
             if gpu is None:
                 have = f"{len(gpus)} GPU(s)" if gpus else "no CUDA GPU"
                 problems.append(f"the profile places modules on GPU {device.id}, but this machine has {have}")
-                continue
-            if device.total_bytes and gpu.total_bytes < device.total_bytes:
+            elif gpu.free_bytes < needed:
                 problems.append(
-                    f"GPU {device.id} ({gpu.name}) has {format_bytes(gpu.total_bytes)}, the profile was "
-                    f"planned for {format_bytes(device.total_bytes)}"
+                    f"GPU {device.id} ({gpu.name}, {format_bytes(gpu.total_bytes)}) has {format_bytes(gpu.free_bytes)} "
+                    f"free, the plan needs {format_bytes(needed)} besides the CUDA context (other processes using it?)"
                 )
-            elif gpu.free_bytes < planned:
-                problems.append(
-                    f"GPU {device.id} has {format_bytes(gpu.free_bytes)} free, the plan needs "
-                    f"{format_bytes(planned)} (other processes are using it?)"
-                )
-        elif device.id == "cpu" and cpu_bytes < planned:
+        elif device.id == "cpu" and cpu_bytes < needed:
             problems.append(
-                f"the plan needs {format_bytes(planned)} of host memory, {format_bytes(cpu_bytes)} is available"
+                f"the plan needs {format_bytes(needed)} of host memory, {format_bytes(cpu_bytes)} is available"
             )
         elif device.id == "disk" and profile.offload_dir:
             target = Path(profile.offload_dir)
             probe = target if target.exists() else target.parent
-            if probe.exists() and shutil.disk_usage(probe).free < planned:
+            if probe.exists() and shutil.disk_usage(probe).free < needed:
                 problems.append(
                     f"{profile.offload_dir}: {format_bytes(shutil.disk_usage(probe).free)} free, "
-                    f"disk offload needs {format_bytes(planned)}"
+                    f"disk offload needs {format_bytes(needed)}"
                 )
     return problems
 
@@ -353,7 +352,10 @@ def _load_tensors(model: Any, checkpoint: Checkpoint, device_map: dict[str, Any]
     wanted = set(model.state_dict())  # key_mismatch already allowed the names the model ignores on load
     for file in _checkpoint_files(checkpoint):
         if checkpoint.pickled:
-            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                tensors = torch.load(file, map_location="cpu", weights_only=True)
             items = iter(tensors.items())
         else:
             handle = safe_open(str(file), framework="pt")

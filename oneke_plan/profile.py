@@ -97,6 +97,12 @@ def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
     return data[key]
 
 
+def _bytes_or_none(value: Any, where: str) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise BadInput(f"{where}: {value!r} is not a byte count (a non-negative integer); re-create the profile")
+
+
 def _device_id(value: Any, where: str) -> int | str:
     if isinstance(value, bool) or not (isinstance(value, int) and value >= 0 or value in ("cpu", "disk")):
         raise BadInput(f"{where}: device {value!r} is not a GPU index, 'cpu' or 'disk'")
@@ -132,6 +138,10 @@ def read_profile(path: Path) -> Profile:
     quant = _need(data, "quantization", dict, where)
     if quant.get("mode") not in QUANT_MODES:
         raise BadInput(f"{where}: quantization.mode must be one of {', '.join(QUANT_MODES)}")
+    if quant.get("quant_type", "nf4") not in ("nf4", "fp4"):
+        raise BadInput(f"{where}: quantization.quant_type must be nf4 or fp4, not {quant.get('quant_type')!r}")
+    if not isinstance(quant.get("double_quant", True), bool):
+        raise BadInput(f"{where}: quantization.double_quant must be true or false")
     workload = _need(data, "workload", dict, where)
     for key in ("max_input_tokens", "max_new_tokens", "batch_size"):
         value = workload.get(key)
@@ -148,8 +158,8 @@ def read_profile(path: Path) -> Profile:
             ProfileDevice(
                 id=_device_id(entry.get("id"), f"{where}: devices[{i}].id"),
                 name=str(entry.get("name", "")),
-                total_bytes=entry.get("total_bytes"),
-                usable_bytes=entry.get("usable_bytes"),
+                total_bytes=_bytes_or_none(entry.get("total_bytes"), f"{where}: devices[{i}].total_bytes"),
+                usable_bytes=_bytes_or_none(entry.get("usable_bytes"), f"{where}: devices[{i}].usable_bytes"),
                 compute_capability=entry.get("compute_capability"),
             )
         )
@@ -164,6 +174,13 @@ def read_profile(path: Path) -> Profile:
     estimate = data.get("estimate") or {}
     if not isinstance(estimate, dict):
         raise BadInput(f"{where}: estimate must be a mapping of device id to byte counts")
+    for device, counts in estimate.items():
+        if not isinstance(counts, dict):
+            raise BadInput(f"{where}: estimate.{device} must map {', '.join(ESTIMATE_KEYS)} to byte counts")
+        for key, value in counts.items():
+            _bytes_or_none(value, f"{where}: estimate.{device}.{key}")
+    if not isinstance(data.get("notes") or [], list):
+        raise BadInput(f"{where}: notes must be a list of strings")
     offload_dir = data.get("offload_dir")
     if "disk" in device_map.values() and not offload_dir:
         raise BadInput(f"{where}: device_map offloads to disk but offload_dir is not set")

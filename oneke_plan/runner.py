@@ -97,11 +97,15 @@ class Runner:
         return self.stats
 
     def _run_batch(self, records: Sequence[PromptRecord], batch: list[Encoded], bar: Any, start: float) -> None:
+        answers = None
         try:
             answers = self.generate([item.ids for item in batch])
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
+        if answers is None:
+            # Out of memory. Retry only here, after the except block: inside it, the traceback keeps the failed
+            # call's frames (and their KV cache) alive, so nothing could be freed for the retry.
             _release_cached_memory()
             if len(batch) == 1:
                 self.stats.out_of_memory += 1
@@ -135,7 +139,10 @@ class Runner:
 
 
 def _release_cached_memory() -> None:
+    import gc
+
     import torch
 
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -195,3 +195,52 @@ def test_tied_weights_split_across_devices(
     code = run_main(case.argv())
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "tied weights" in err[0], err
+
+
+def test_machine_check_counts_the_reserve_once_and_ignores_nominal_sizes() -> None:
+    """A '24 GiB' card reports a little less, and free memory is read after this process's CUDA context exists:
+    the plan's reserve covers that context, so free memory must cover the rest of the plan, no more."""
+    from oneke_plan.inventory import Gpu
+    from oneke_plan.loader import machine_problems
+    from oneke_plan.model_source import resolve_model
+    from oneke_plan.profile import read_profile
+
+    profile = read_profile(Path(__file__).parent.parent / "profiles" / "oneke-24gib+12gib-bf16.yaml")
+    source = resolve_model("oneke")
+    need = {d: e["total_bytes"] - e["reserve_bytes"] for d, e in profile.estimate.items()}
+    real_total = {0: int(23.69 * 2**30), 1: int(11.76 * 2**30)}  # what an RTX 3090 and a 3060 report
+    enough = tuple(Gpu(i, "card", real_total[i], need[i], (8, 6)) for i in (0, 1))
+    assert machine_problems(profile, source, enough, 0) == []
+    short = (Gpu(0, "card", real_total[0], need[0] - 1, (8, 6)), enough[1])
+    problems = machine_problems(profile, source, short, 0)
+    assert len(problems) == 1 and "GPU 0" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda d: d.__setitem__("estimate", {"cpu": 5}), "estimate.cpu"),
+        (lambda d: d["devices"][0].__setitem__("total_bytes", "2GiB"), "total_bytes"),
+        (lambda d: d["quantization"].update(mode="4bit", quant_type="nf5"), "quant_type"),
+        (lambda d: d.__setitem__("notes", 5), "notes"),
+    ],
+)
+def test_malformed_profile_values_are_bad_input(profile_data: dict, tmp_path: Path, change, needle: str) -> None:
+    from oneke_plan.errors import BadInput
+    from oneke_plan.profile import read_profile
+
+    data = yaml.safe_load(yaml.safe_dump(profile_data))
+    change(data)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(BadInput, match=needle):
+        read_profile(path)
+
+
+def test_trust_remote_code_needs_an_explicit_model(
+    profile_data: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    argv = [a for a in case.argv() if a not in ("--model", str(case.model))] + ["--trust-remote-code"]
+    assert run_main(argv) == 2
+    assert "--model" in capsys.readouterr().err

@@ -317,3 +317,22 @@ def test_quantized_plan_prices_offloaded_blocks_unquantized() -> None:
     assert cpu_only.placement.estimates["cpu"].weights_bytes == sum(
         block_weights_bytes(b, "bfloat16", settings.quant) for b in planner.layout.blocks
     )
+
+
+def test_offloaded_blocks_run_on_the_first_gpu_that_holds_blocks() -> None:
+    """accelerate's main device is the first GPU in the device_map; a GPU too small to hold anything is not it."""
+    from oneke_plan.inventory import Gpu, Inventory
+    from oneke_plan.memory import Workload
+    from oneke_plan.model_source import resolve_model
+    from oneke_plan.planner import Planner, PlanSettings
+
+    planner = Planner(resolve_model("oneke"))
+    tiny = Gpu(0, "GPU 0", 900 * 2**20, 900 * 2**20, (8, 6))
+    big = Gpu(1, "GPU 1", 24 * GiB, 24 * GiB, (8, 6))
+    plan = planner.plan(Inventory((tiny, big), 64 * GiB), PlanSettings(Workload(512, 512, 4)))
+    assert plan.fits
+    assert 0 not in plan.placement.assignment.values() and "cpu" in plan.placement.assignment.values()
+    offloaded_kv = sum(c.kv_cache_bytes for c in plan.costs if plan.placement.assignment[c.name] == "cpu")
+    on_gpu_kv = sum(c.kv_cache_bytes for c in plan.costs if plan.placement.assignment[c.name] == 1)
+    assert plan.placement.estimates[1].kv_cache_bytes == offloaded_kv + on_gpu_kv
+    assert 0 not in plan.placement.estimates

@@ -235,3 +235,27 @@ def test_runner_reports_too_long_prompts_without_cutting(tokenizer: Any, ner_rec
             assert "not cut" in line["parse_error"] and line["output"] == ""
         else:
             assert line["parsed"] == {}
+
+
+def test_out_of_memory_retry_runs_after_the_failed_batch_is_freed(
+    tokenizer: Any, ner_records: list, tmp_path: Path
+) -> None:
+    """The failed call's tensors (its KV cache, on a GPU) must be garbage by the time the halves run."""
+    import weakref
+
+    alive: list[weakref.ref] = []
+
+    class Cache:
+        pass
+
+    def generate(batch: Sequence[Sequence[int]]) -> list[list[int]]:
+        assert all(ref() is None for ref in alive), "a failed attempt's cache is still alive during the retry"
+        cache = Cache()
+        if len(batch) > 2:
+            alive.append(weakref.ref(cache))
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return [[5] for _ in batch]
+
+    with OutputWriter(tmp_path / "out.jsonl") as writer:
+        stats = Runner(generate, tokenizer, writer, 8, 10_000, progress=False).run(ner_records)
+    assert stats.prompts == len(ner_records) and stats.oom_retries > 0 and alive

@@ -138,9 +138,7 @@ def test_extra_texts_train_merges(tmp_path: Path) -> None:
     assert extra.decode(extra(word)["input_ids"], skip_special_tokens=True) == word
 
 
-def test_greedy_generation_runs_several_tokens_on_deepke_prompts(
-    tiny_model_dir: Path, deepke_dir: Path
-) -> None:
+def test_greedy_generation_runs_several_tokens_on_deepke_prompts(tiny_model_dir: Path, deepke_dir: Path) -> None:
     """Random weights must not stop at once: the demo and runner tests need real output to parse."""
     model, _ = load(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

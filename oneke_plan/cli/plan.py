@@ -183,9 +183,12 @@ def run(args: argparse.Namespace) -> int:
     reserve = _size("--reserve", args.reserve)
     inventory = build_inventory(args.gpu, args.inventory, args.cpu_memory, args.offload_dir)
     if inventory.source == "detected" and not inventory.gpus:
+        import torch
+
+        why = f" (torch {torch.__version__} is a CPU-only build)" if torch.version.cuda is None else ""
         print(
-            "oneke-plan: no CUDA GPU detected here, so this plan is for the CPU alone; describe the machine you "
-            "plan for with --gpu (e.g. --gpu 24GiB --gpu 12GiB) or --inventory",
+            f"oneke-plan: no CUDA GPU detected here{why}, so this plan is for the CPU alone; describe the machine "
+            "you plan for with --gpu (e.g. --gpu 24GiB --gpu 12GiB) or --inventory",
             file=sys.stderr,
         )
     settings = PlanSettings(

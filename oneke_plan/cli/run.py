@@ -179,10 +179,12 @@ def _offload_dir(from_profile: str | None, from_flag: str | None) -> str | None:
         return None
     path = Path(from_profile)
     inside = not path.is_absolute() and Path.cwd() in (Path.cwd() / path).resolve().parents
-    if not inside:
+    # Only a new folder, or one that holds nothing but an earlier offload (accelerate's index.json and .dat files).
+    ours = not path.exists() or all(f.name == "index.json" or f.suffix == ".dat" for f in path.iterdir())
+    if not (inside and ours):
         raise BadInput(
-            f"the profile offloads weights to {from_profile!r}, outside the current folder; pass --offload-dir "
-            f"{from_profile} to confirm, or another folder"
+            f"the profile offloads weights to {from_profile!r}, which is outside the current folder or holds other "
+            f"files; pass --offload-dir {from_profile} to confirm, or another folder"
         )
     return from_profile
 
@@ -199,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
     workload = profile.workload
     batch_size = _positive("--batch-size", args.batch_size, workload["batch_size"])
     max_new = _positive("--max-new-tokens", args.max_new_tokens, workload["max_new_tokens"])
+    if args.trust_remote_code and not args.model:
+        raise BadInput("--trust-remote-code runs code from the model directory: name it yourself with --model")
     model_name = args.model or profile.model.get("source")
     if not model_name or model_name == "oneke":
         raise BadInput(
