@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GiB = 2**30
+from oneke_plan.sizes import GiB
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from oneke_plan.catalog import card_names, find_card
 from oneke_plan.errors import BadInput
 from oneke_plan.sizes import SizeError, parse_size
+from oneke_plan.yamlfile import read_yaml
 
 DeviceId = int | str
 
@@ -113,16 +112,7 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
 
     Each GPU gives a catalog `name`, a `memory` size, or both (memory wins). Read with yaml.safe_load only.
     """
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInput(f"{path}: inventory file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{path}: cannot be read ({exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise BadInput(f"{path}{line}: not valid YAML; see docs/profile-format.md for the inventory format") from None
+    data = read_yaml(path, "inventory file", "see docs/profile-format.md for the inventory format")
     if not isinstance(data, dict) or not isinstance(data.get("gpus", []), list):
         raise BadInput(f"{path}: expected a mapping with a 'gpus' list, e.g. gpus: [{{memory: 24GiB}}]")
     gpus = []

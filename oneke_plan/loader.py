@@ -113,6 +113,7 @@ def check_machine(profile: Profile, source: ModelSource, force: bool = False) ->
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path  # what accelerate's load_checkpoint_in_model takes: the index file or the single weights file
+    files: tuple[Path, ...]  # the weight files themselves (the shards, or the single file)
     keys: frozenset[str]
     pickled: bool
 
@@ -167,20 +168,20 @@ def read_checkpoint(directory: Path) -> Checkpoint:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (ValueError, KeyError, TypeError):
                 raise BadInput(f"{index}: not a valid checkpoint index (no weight_map)") from None
+            shards = tuple(directory / name for name in sorted(set(weight_map.values())))
             keys: set[str] = set()
-            for shard in sorted(set(weight_map.values())):
-                shard_keys = reader(directory / shard)
-                keys |= shard_keys
+            for shard in shards:
+                keys |= reader(shard)
             listed = set(weight_map)
             if listed - keys:
                 raise BadInput(
                     f"{index}: names {len(listed - keys)} tensors its shards lack, e.g. "
                     f"{sorted(listed - keys)[0]}; the checkpoint is incomplete"
                 )
-            return Checkpoint(index, frozenset(keys), pickled)
+            return Checkpoint(index, shards, frozenset(keys), pickled)
         single = directory / single_name
         if single.is_file():
-            return Checkpoint(single, frozenset(reader(single)), pickled)
+            return Checkpoint(single, (single,), frozenset(reader(single)), pickled)
     raise BadInput(
         f"{directory}: no weights found (model.safetensors, its index, or pytorch_model.bin); "
         "oneke-plan plans without weights, oneke-run needs them"
@@ -332,13 +333,6 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     return model
 
 
-def _checkpoint_files(checkpoint: Checkpoint) -> list[Path]:
-    if checkpoint.path.name.endswith(".index.json"):
-        weight_map = json.loads(checkpoint.path.read_text(encoding="utf-8"))["weight_map"]
-        return [checkpoint.path.parent / name for name in sorted(set(weight_map.values()))]
-    return [checkpoint.path]
-
-
 def _load_tensors(model: Any, checkpoint: Checkpoint, device_map: dict[str, Any], dtype: Any) -> None:
     """Each checkpoint tensor straight onto its device_map device, cast to `dtype` (floats only).
 
@@ -350,7 +344,7 @@ def _load_tensors(model: Any, checkpoint: Checkpoint, device_map: dict[str, Any]
     from safetensors import safe_open
 
     wanted = set(model.state_dict())  # key_mismatch already allowed the names the model ignores on load
-    for file in _checkpoint_files(checkpoint):
+    for file in checkpoint.files:
         if checkpoint.pickled:
             try:
                 tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

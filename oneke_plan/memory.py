@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-GiB = 2**30
-MiB = 2**20
+from oneke_plan.sizes import GiB
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

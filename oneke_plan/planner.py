@@ -19,7 +19,7 @@ from typing import Any
 
 from oneke_plan import __version__
 from oneke_plan.errors import BadInput, DoesNotFit
-from oneke_plan.fit import BlockCost, DeviceId, Placement, Slot, block_costs, place
+from oneke_plan.fit import BlockCost, DeviceEstimate, DeviceId, Placement, Slot, block_costs, place
 from oneke_plan.inventory import Inventory
 from oneke_plan.layout import ModelLayout, build_meta_model, load_config, read_layout
 from oneke_plan.memory import (
@@ -30,7 +30,7 @@ from oneke_plan.memory import (
     Workload,
 )
 from oneke_plan.model_source import ModelSource
-from oneke_plan.profile import Profile, ProfileDevice
+from oneke_plan.profile import ESTIMATE_KEYS, Profile, ProfileDevice
 from oneke_plan.sizes import format_bytes
 
 BF16_MIN_CAPABILITY = (8, 0)
@@ -288,19 +288,8 @@ class Planner:
             devices.append(ProfileDevice(slot.id, name, total, slot.capacity_bytes, cc))
         estimate = {}
         for slot in used:
-            est = plan.placement.estimates.get(slot.id)
-            values = (
-                [est.weights_bytes, est.kv_cache_bytes, est.workspace_bytes, est.reserve_bytes, est.total_bytes]
-                if est
-                else [0] * 5
-            )
-            estimate[slot.id] = dict(
-                zip(
-                    ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes", "total_bytes"),
-                    values,
-                    strict=True,
-                )
-            )
+            est = plan.placement.estimates.get(slot.id, DeviceEstimate())
+            estimate[slot.id] = {key: getattr(est, key) for key in ESTIMATE_KEYS}
         quant: dict[str, Any] = {"mode": plan.settings.quant.mode}
         if plan.settings.quant.mode == "4bit":
             quant.update(quant_type=plan.settings.quant.quant_type, double_quant=plan.settings.quant.double_quant)

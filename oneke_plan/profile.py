@@ -17,10 +17,11 @@ from typing import Any
 import yaml
 
 from oneke_plan.errors import BadInput
+from oneke_plan.memory import DTYPE_BYTES, QUANT_MODES
+from oneke_plan.yamlfile import read_yaml
 
 FORMAT_VERSION = 1
 ESTIMATE_KEYS = ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes", "total_bytes")
-QUANT_MODES = ("none", "8bit", "4bit")
 
 
 @dataclass
@@ -112,18 +113,7 @@ def _device_id(value: Any, where: str) -> int | str:
 def read_profile(path: Path) -> Profile:
     """Load and check a profile file; every problem is a BadInput naming the file and the key."""
     where = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadInput(f"{where}: profile not found; create one with oneke-plan MODEL -o {where}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{where}: cannot be read as UTF-8 text ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise BadInput(f"{where}{line}: not valid YAML; re-create the profile with oneke-plan") from None
+    data = read_yaml(path, "profile", f"create one with oneke-plan MODEL -o {where}")
     if data is None:
         raise BadInput(f"{where}: the profile is empty; create one with oneke-plan MODEL -o {where}")
     if not isinstance(data, dict):
@@ -148,7 +138,7 @@ def read_profile(path: Path) -> Profile:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise BadInput(f"{where}: workload.{key} must be a positive integer, not {value!r}")
     dtype = _need(data, "dtype", str, where)
-    if dtype not in ("bfloat16", "float16", "float32"):
+    if dtype not in DTYPE_BYTES:
         raise BadInput(f"{where}: dtype {dtype!r} is not bfloat16, float16 or float32")
     devices = []
     for i, entry in enumerate(_need(data, "devices", list, where)):

@@ -57,3 +57,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Se
         ).rstrip()
 
     return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def device_label(device_id: int | str) -> str:
+    """'GPU 0' for a GPU index; 'cpu' and 'disk' as they are."""
+    return device_id if isinstance(device_id, str) else f"GPU {device_id}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from oneke_plan import __version__
 from oneke_plan.catalog import card_names
-from oneke_plan.cli.common import OneLineParser, format_table, run_main, wants_debug
+from oneke_plan.cli.common import OneLineParser, device_label, format_table, run_main, wants_debug
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, Workload
 from oneke_plan.sizes import SizeError, format_bytes, parse_size
@@ -148,7 +148,7 @@ def summary_table(plan, profile) -> str:  # type: ignore[no-untyped-def]
         mine = [i for i, name in enumerate(layers) if plan.placement.assignment.get(name) == device.id]
         span = "-" if not mine else f"{mine[0]}-{mine[-1]}" if len(mine) > 1 else str(mine[0])
         total = format_bytes(device.total_bytes) if device.total_bytes is not None else "unbounded"
-        label = device.id if isinstance(device.id, str) else f"GPU {device.id}"
+        label = device_label(device.id)
         rows.append(
             [
                 str(label),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan import __version__
-from oneke_plan.cli.common import OneLineParser, format_table, run_main, wants_debug
+from oneke_plan.cli.common import OneLineParser, device_label, format_table, run_main, wants_debug
 from oneke_plan.errors import BadInput
 from oneke_plan.sizes import format_bytes
 
@@ -143,7 +143,7 @@ def weight_table(profile: Any, measured: dict[Any, int]) -> str:
         planned = int(profile.estimate.get(device.id, {}).get("weights_bytes", 0))
         loaded = measured.get(device.id, 0)
         diff = f"{(loaded - planned) / planned:+.2%}" if planned else "-"
-        label = device.id if isinstance(device.id, str) else f"GPU {device.id}"
+        label = device_label(device.id)
         rows.append([str(label), format_bytes(planned), format_bytes(loaded), diff])
     return format_table(["device", "planned weights", "loaded weights", "difference"], rows, right=(1, 2, 3))
 
