@@ -25,3 +25,21 @@ def no_init_weights() -> Any:
     except ImportError:
         module = importlib.import_module("transformers.modeling_utils")
     return module.no_init_weights()
+
+
+def dtype_kw(dtype: Any) -> dict[str, Any]:
+    """`{"dtype": dtype}` or `{"torch_dtype": dtype}`, whichever this transformers' from_pretrained takes."""
+    return {dtype_kwarg(): dtype}
+
+
+TRANSFORMERS_BNB_CPU = "4.53"  # before it, transformers runs bitsandbytes on the CPU only with Intel's IPEX
+
+
+@cache
+def bnb_quantizes_on_cpu() -> bool:
+    """Whether this transformers lets bitsandbytes quantize a model that sits on the CPU alone. Before 4.53 its
+    bitsandbytes integration required Intel's IPEX for the CPU (and 4.46-4.50 crash in that check)."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(TRANSFORMERS_BNB_CPU)

@@ -200,6 +200,15 @@ def estimate(
     return result
 
 
+def device_owner(name: str, device_map: Mapping[str, DeviceId]) -> DeviceId:
+    """The device a device_map gives the tensor or module `name`: its longest matching key, as accelerate reads
+    it. Raises KeyError when no key covers `name`."""
+    best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+    if best is None:
+        raise KeyError(name)
+    return device_map[best]
+
+
 def _within(estimates: dict[DeviceId, DeviceEstimate], limits: Mapping[DeviceId, int | None]) -> bool:
     return all(limits.get(d) is None or e.total_bytes <= limits[d] for d, e in estimates.items())  # type: ignore[operator]
 

@@ -17,6 +17,7 @@ from oneke_plan.sizes import SizeError, parse_size
 from oneke_plan.yamlfile import read_yaml
 
 DeviceId = int | str
+BF16_MIN_CAPABILITY = (8, 0)  # bfloat16 kernels need Ampere or later
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class Gpu:
     total_bytes: int
     free_bytes: int  # what the planner may use; equals total for a described card
     compute_capability: tuple[int, int] | None
+
+
+def runs_bf16(gpu: Gpu) -> bool:
+    """Whether a GPU runs bfloat16 kernels: compute capability 8.0 (Ampere) or later; unknown counts as yes."""
+    return gpu.compute_capability is None or gpu.compute_capability >= BF16_MIN_CAPABILITY
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,12 @@ def build_inventory(
     cpu_memory: str | None = None,
     offload_dir: str | None = None,
 ) -> Inventory:
-    """Combine the three ways of naming GPUs with the CPU and disk options. Described GPUs win over detection."""
+    """Combine the three ways of naming GPUs with the CPU and disk options. Described GPUs win over detection.
+
+    Host memory holds weights only when asked (--cpu-memory, or the inventory file's cpu_memory): offloaded
+    weights cross PCIe at every decoding step, and a described machine's RAM is not this machine's. A machine
+    without GPUs computes on the CPU, with the memory available here when it is detected.
+    """
     if gpu_specs and inventory_file:
         raise BadInput("give either --gpu or --inventory, not both")
     cpu_bytes: int | None = None
@@ -169,7 +180,15 @@ def build_inventory(
         except SizeError as exc:
             raise BadInput(f"--cpu-memory: {exc}") from None
     if cpu_bytes is None:
-        cpu_bytes = detected_cpu_bytes()
+        if gpus:
+            cpu_bytes = 0
+        elif source == "detected":
+            cpu_bytes = detected_cpu_bytes()
+        else:
+            raise BadInput(
+                f"{source}: describes no GPU and no cpu_memory, so there is nothing to plan for; add GPUs, or "
+                "cpu_memory: SIZE (or --cpu-memory SIZE) to plan for the CPU alone"
+            )
     disk_bytes = None
     if offload_dir is not None:
         parent = Path(offload_dir).expanduser()

@@ -47,7 +47,6 @@ class ModelLayout:
     parameter_count: int  # tied weights counted once
     num_layers: int
     max_position_embeddings: int | None
-    config_dtype: str | None
     attention: AttentionShape
     no_split_module_classes: tuple[str, ...]
     blocks: tuple[BlockInfo, ...]
@@ -72,8 +71,10 @@ def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
     return config_class.from_dict(fields)
 
 
-def _config_dtype(config: Any) -> str | None:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+def config_dtype(config: Any) -> str | None:
+    """The dtype a config names, read as this transformers reads it: `dtype` since 4.56 (which also takes an old
+    config's `torch_dtype`), only `torch_dtype` before. None if it names none."""
+    dtype = getattr(config, dtype_kwarg(), None)
     if dtype is None:
         return None
     return str(dtype).removeprefix("torch.")
@@ -106,8 +107,11 @@ def attention_shape(config: Any) -> AttentionShape:
     )
 
 
-def build_meta_model(config: Any, dtype: str, trust_remote_code: bool = False) -> Any:
-    """AutoModelForCausalLM on the meta device, weights tied.
+def build_meta_model(
+    config: Any, dtype: str, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> Any:
+    """AutoModelForCausalLM on the meta device, weights tied. `attn_implementation` None lets transformers choose
+    (SDPA where the model supports it); the choice is in `model.config._attn_implementation`.
 
     ForCausalLM, not AutoModel: the headless model's parameter names (`layers.0...`) do not match a causal-LM
     checkpoint (`model.layers.0...`), which is how the published multi-GPU snippet ends with weights on meta.
@@ -123,8 +127,9 @@ def build_meta_model(config: Any, dtype: str, trust_remote_code: bool = False) -
     with init_empty_weights(), no_init_weights(), warnings.catch_warnings(), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
         try:
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             model = AutoModelForCausalLM.from_config(
-                config, trust_remote_code=trust_remote_code, **{dtype_kwarg(): torch_dtype}
+                config, trust_remote_code=trust_remote_code, **{dtype_kwarg(): torch_dtype}, **extra
             )
         except ValueError as exc:
             raise BadInput(f"config.json: transformers cannot build a causal LM from it ({exc})") from None
@@ -231,7 +236,6 @@ def read_layout(model: Any, config: Any) -> ModelLayout:
         parameter_count=parameter_count,
         num_layers=num_layers,
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
-        config_dtype=_config_dtype(config),
         attention=attention_shape(config),
         no_split_module_classes=no_split,
         blocks=tuple(blocks),

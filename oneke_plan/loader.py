@@ -11,26 +11,20 @@ import contextlib
 import io
 import json
 import logging
-import re
 import shlex
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oneke_plan.compat import dtype_kwarg
+from oneke_plan.checkpoint import Checkpoint, explain_mismatch, key_mismatch, read_checkpoint
+from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg
 from oneke_plan.errors import BadInput, DoesNotFit
-from oneke_plan.inventory import Gpu, detect_gpus, detected_cpu_bytes
+from oneke_plan.inventory import Gpu, detect_gpus, detected_cpu_bytes, runs_bf16
 from oneke_plan.layout import load_config
 from oneke_plan.model_source import ModelSource
 from oneke_plan.profile import Profile
 from oneke_plan.sizes import format_bytes
-
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
 
 
 # -- the machine ---------------------------------------------------------------------------------------------------
@@ -51,6 +45,15 @@ def replan_command(profile: Profile, model: str, gpus: tuple[Gpu, ...]) -> str:
             parts.append(f"--quant-type {quant['quant_type']}")
         if quant["mode"] == "4bit" and quant.get("double_quant", True) is False:
             parts.append("--no-double-quant")
+    if profile.dtype == "bfloat16" and any(not runs_bf16(g) for g in gpus):
+        parts.append("--dtype float16")
+    elif profile.dtype != "bfloat16":
+        parts.append(f"--dtype {profile.dtype}")
+    if profile.attn_implementation == "eager":
+        parts.append("--eager-attention")
+    cpu = next((d for d in profile.devices if d.id == "cpu"), None)
+    if gpus and cpu is not None and cpu.usable_bytes:
+        parts.append(f"--cpu-memory {cpu.usable_bytes // 2**20}MiB")
     if profile.offload_dir:
         parts.append(f"--offload-dir {shlex.quote(profile.offload_dir)}")
     return " ".join(parts) + " -o PROFILE.yaml"
@@ -76,6 +79,12 @@ def machine_problems(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...
             if gpu is None:
                 have = f"{len(gpus)} GPU(s)" if gpus else "no CUDA GPU"
                 problems.append(f"the profile places modules on GPU {device.id}, but this machine has {have}")
+            elif profile.dtype == "bfloat16" and not runs_bf16(gpu):
+                cc = ".".join(map(str, gpu.compute_capability or ()))
+                problems.append(
+                    f"GPU {device.id} ({gpu.name}, compute capability {cc}) cannot run bfloat16, the profile's dtype; "
+                    "re-plan (float16 there)"
+                )
             elif gpu.free_bytes < needed:
                 problems.append(
                     f"GPU {device.id} ({gpu.name}, {format_bytes(gpu.total_bytes)}) has {format_bytes(gpu.free_bytes)} "
@@ -109,131 +118,6 @@ def check_machine(profile: Profile, source: ModelSource, force: bool = False) ->
     return problems
 
 
-# -- the checkpoint ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Checkpoint:
-    path: Path  # what accelerate's load_checkpoint_in_model takes: the index file or the single weights file
-    files: tuple[Path, ...]  # the weight files themselves (the shards, or the single file)
-    keys: frozenset[str]
-    pickled: bool
-
-
-def _safetensors_keys(file: Path) -> set[str]:
-    from safetensors import safe_open
-
-    if not file.is_file():
-        raise BadInput(f"{file}: missing; the checkpoint's index names it: download the missing shard again")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            keys = set(handle.keys())
-        size = file.stat().st_size
-        header = int.from_bytes(file.open("rb").read(8), "little")
-        with file.open("rb") as raw:
-            raw.seek(8)
-            meta = json.loads(raw.read(header))
-        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-        if 8 + header + end > size:
-            raise ValueError("file shorter than its header says")
-    except Exception as exc:  # safetensors raises its own error types
-        raise BadInput(
-            f"{file}: not a complete safetensors file ({exc}); it is truncated or corrupt: download it again"
-        ) from None
-    return keys
-
-
-def _bin_keys(file: Path) -> set[str]:
-    import torch
-
-    if not file.is_file():
-        raise BadInput(f"{file}: missing; the checkpoint's index names it: download the missing shard again")
-    try:
-        state = torch.load(file, map_location="meta", weights_only=True)
-    except Exception as exc:
-        raise BadInput(
-            f"{file}: refused: a pickled checkpoint is only read weights-only, and this one is not "
-            f"plain tensors or is corrupt ({type(exc).__name__}); convert it to safetensors"
-        ) from None
-    return set(state)
-
-
-def read_checkpoint(directory: Path) -> Checkpoint:
-    """Find the weights in `directory` and read their tensor names (safetensors headers; .bin weights-only)."""
-    for index_name, single_name, reader, pickled in (
-        (SAFE_INDEX, SAFE_SINGLE, _safetensors_keys, False),
-        (BIN_INDEX, BIN_SINGLE, _bin_keys, True),
-    ):
-        index = directory / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise BadInput(f"{index}: not a valid checkpoint index (no weight_map)") from None
-            shards = tuple(directory / name for name in sorted(set(weight_map.values())))
-            keys: set[str] = set()
-            for shard in shards:
-                keys |= reader(shard)
-            listed = set(weight_map)
-            if listed - keys:
-                raise BadInput(
-                    f"{index}: names {len(listed - keys)} tensors its shards lack, e.g. "
-                    f"{sorted(listed - keys)[0]}; the checkpoint is incomplete"
-                )
-            return Checkpoint(index, shards, frozenset(keys), pickled)
-        single = directory / single_name
-        if single.is_file():
-            return Checkpoint(single, (single,), frozenset(reader(single)), pickled)
-    raise BadInput(
-        f"{directory}: no weights found (model.safetensors, its index, or pytorch_model.bin); "
-        "oneke-plan plans without weights, oneke-run needs them"
-    )
-
-
-def key_mismatch(model: Any, checkpoint_keys: frozenset[str]) -> tuple[list[str], list[str]]:
-    """(missing, unexpected) tensor names between a meta model and a checkpoint.
-
-    Tied weights need only one name of their group on disk; persistent buffers count, non-persistent don't;
-    names the model says to ignore (`_keys_to_ignore_on_load_unexpected`, e.g. old rotary inv_freq) are ignored.
-    """
-    from accelerate.utils import find_tied_parameters
-
-    expected = set(model.state_dict().keys())
-    groups = find_tied_parameters(model)
-    tied_extra = {name for group in groups for name in group if any(other in checkpoint_keys for other in group)}
-    missing = sorted(k for k in expected - checkpoint_keys if k not in tied_extra)
-    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    unexpected = sorted(k for k in checkpoint_keys - expected if not any(p.search(k) for p in ignore))
-    return missing, unexpected
-
-
-def explain_mismatch(missing: list[str], unexpected: list[str], where: Path) -> str:
-    lines = [f"{where}: the checkpoint's tensor names do not match the model; nothing was loaded."]
-    if missing:
-        lines.append(
-            f"  missing from the checkpoint ({len(missing)}): {', '.join(missing[:5])}"
-            + (" ..." if len(missing) > 5 else "")
-        )
-    if unexpected:
-        lines.append(
-            f"  in the checkpoint but not the model ({len(unexpected)}): {', '.join(unexpected[:5])}"
-            + (" ..." if len(unexpected) > 5 else "")
-        )
-    if missing and all(("model." + k) in unexpected or k.startswith("lm_head") for k in missing[:20]):
-        lines.append(
-            "  likely cause: a headless AutoModel built against a ForCausalLM checkpoint (its names lack "
-            "the 'model.' prefix and the lm_head); build it with AutoModelForCausalLM."
-        )
-    elif unexpected and all(("model." + k) in missing for k in unexpected[:20]):
-        lines.append(
-            "  likely cause: the checkpoint was saved from a headless model (AutoModel: no 'model.' prefix, no "
-            "lm_head), so it cannot generate; use the causal-LM checkpoint."
-        )
-    elif unexpected and all(k.startswith("model.") or k.startswith("lm_head") for k in unexpected) and missing:
-        lines.append("  likely cause: the model class does not match the checkpoint's architecture.")
-    else:
-        lines.append("  likely cause: a different model, an incomplete download, or the wrong config.json.")
-    return "\n".join(lines)
-
-
 # -- loading -------------------------------------------------------------------------------------------------------
 def _torch_dtype(name: str) -> Any:
     import torch
@@ -241,11 +125,13 @@ def _torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def build_empty_model(source: ModelSource, dtype: str, trust_remote_code: bool = False) -> Any:
+def build_empty_model(
+    source: ModelSource, dtype: str, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> Any:
     """AutoModelForCausalLM on meta, tied: the model the checkpoint is loaded into."""
     from oneke_plan.layout import build_meta_model
 
-    return build_meta_model(load_config(source, trust_remote_code), dtype, trust_remote_code)
+    return build_meta_model(load_config(source, trust_remote_code), dtype, trust_remote_code, attn_implementation)
 
 
 def _quantization_config(profile: Profile) -> Any:
@@ -302,7 +188,7 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     if source.directory is None:
         raise BadInput(f"{source.name}: a built-in config has no weights; pass --model DIR with the checkpoint")
     checkpoint = read_checkpoint(source.directory)
-    model = build_empty_model(source, profile.dtype, trust_remote_code)
+    model = build_empty_model(source, profile.dtype, trust_remote_code, profile.attn_implementation)
     missing, unexpected = key_mismatch(model, checkpoint.keys)
     if missing or unexpected:
         raise BadInput(explain_mismatch(missing, unexpected, checkpoint.path))
@@ -362,14 +248,22 @@ def _load_tensors(model: Any, checkpoint: Checkpoint, device_map: dict[str, Any]
 def _load_quantized(
     profile: Profile, source: ModelSource, device_map: dict[str, Any], offload: str | None, trust_remote_code: bool
 ) -> Any:
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    if not any(isinstance(d, int) for d in device_map.values()) and not bnb_quantizes_on_cpu():
+        raise BadInput(
+            f"the profile quantizes ({profile.quantization['mode']}) a model that sits on the CPU alone, which "
+            f"transformers {transformers.__version__} cannot do with bitsandbytes (it needs {TRANSFORMERS_BNB_CPU} "
+            "or later); upgrade transformers, or re-plan without --quantize"
+        )
     with _quiet():
         model = AutoModelForCausalLM.from_pretrained(
             str(source.directory),
             device_map=device_map,
             quantization_config=_quantization_config(profile),
             **{dtype_kwarg(): _torch_dtype(profile.dtype)},
+            attn_implementation=profile.attn_implementation,
             offload_folder=offload,
             trust_remote_code=trust_remote_code,
         )

@@ -1,39 +1,53 @@
 """oneke-plan's algorithm, step by step, each step saying what it decided and why.
 
 1. Build the model on the meta device and read its blocks (layout.py).
-2. Choose the dtype: the config's, bf16 only where every GPU supports it.
+2. Choose the dtype as transformers' `dtype="auto"` does (the config's, else the weights'), falling back to fp16
+   only where a GPU cannot run bf16.
 3. Price every block: weights for the dtype/quantization, KV cache and activations for the workload (fit.py).
 4. Place blocks on devices so that weights + KV + workspace + reserve fit each device (fit.py).
-5. Turn the placement into per-device max_memory budgets and let accelerate's infer_auto_device_map build the
-   device_map from the same meta model; check it agrees block for block.
+5. Write the placement itself as the device_map (block name -> device, grouped by accelerate's clean_device_map)
+   and check that it covers every parameter and buffer on its planned device, tied weights together.
 6. If nothing fits: say by how much, and compute (not guess) what would: 8-bit, 4-bit, a shorter context, a
-   smaller batch, CPU or disk offload.
+   smaller batch, then CPU or disk offload.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from oneke_plan import __version__
+from oneke_plan.checkpoint import checkpoint_dtype
 from oneke_plan.errors import BadInput, DoesNotFit
-from oneke_plan.fit import BlockCost, DeviceEstimate, DeviceId, Placement, Slot, block_costs, place
-from oneke_plan.inventory import Inventory
-from oneke_plan.layout import ModelLayout, build_meta_model, load_config, read_layout
+from oneke_plan.fit import (
+    OFFLOAD_DEVICES,
+    BlockCost,
+    DeviceEstimate,
+    DeviceId,
+    Placement,
+    Slot,
+    block_costs,
+    device_owner,
+    place,
+)
+from oneke_plan.inventory import Inventory, runs_bf16
+from oneke_plan.layout import ModelLayout, build_meta_model, config_dtype, load_config, read_layout
 from oneke_plan.memory import (
     DEFAULT_CPU_RESERVE_BYTES,
     DEFAULT_GPU_RESERVE_BYTES,
     DTYPE_BYTES,
     Quantization,
     Workload,
+    decode_step_seconds,
+    offload_slowdown,
 )
 from oneke_plan.model_source import ModelSource
 from oneke_plan.profile import ESTIMATE_KEYS, Profile, ProfileDevice
 from oneke_plan.sizes import format_bytes
 
-BF16_MIN_CAPABILITY = (8, 0)
 MAX_SOLVED_BATCH = 4096
 
 
@@ -54,9 +68,11 @@ class PlanSettings:
 class Plan:
     settings: PlanSettings
     dtype: str
+    attn_implementation: str  # what transformers runs attention with: "sdpa" or "eager" (as the build chose)
     slots: list[Slot]
     costs: list[BlockCost]
     placement: Placement
+    layout: ModelLayout
     log: list[str] = field(default_factory=list)
 
     @property
@@ -64,19 +80,59 @@ class Plan:
         return self.placement.fits
 
 
-def resolve_dtype(requested: str, config_dtype: str | None, inventory: Inventory) -> tuple[str, list[str]]:
-    """The compute dtype, and why. bf16 needs compute capability >= 8.0 (Ampere); older cards get fp16."""
+@dataclass(frozen=True)
+class PlanResult:
+    """A written plan: the plan, its profile, what solving found, and (for plans that offload) what would fit on
+    the GPUs alone, each line computed by planning it."""
+
+    plan: Plan
+    profile: Profile
+    solved: str | None = None
+    gpu_only_options: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class ModelDtype:
+    """The dtype transformers' `from_pretrained(dtype="auto")` would load the model in, and where it came from."""
+
+    name: str | None  # e.g. "bfloat16"; None when neither the config nor the weights say
+    origin: str  # "config.json", "the checkpoint", or why it is unknown
+
+
+def model_dtype(config: Any, source: ModelSource) -> ModelDtype:
+    """transformers' rule for `dtype="auto"`: the config's `dtype` (`torch_dtype` before 4.56), else the first
+    floating-point tensor of the checkpoint (its header only), else unknown."""
+    from_config = config_dtype(config)
+    if from_config is not None:
+        return ModelDtype(from_config, "config.json")
+    if source.directory is not None:
+        from_weights = checkpoint_dtype(source.directory)
+        if from_weights is not None:
+            return ModelDtype(from_weights, "the checkpoint")
+    return ModelDtype(None, "config.json names no dtype and there are no weights to read it from")
+
+
+def resolve_dtype(requested: str, model: ModelDtype, inventory: Inventory) -> tuple[str, list[str]]:
+    """The compute dtype, and why. `auto` keeps the model's own dtype; bf16 needs compute capability >= 8.0
+    (Ampere), so older cards get fp16, with a warning."""
     notes: list[str] = []
     if requested != "auto":
-        if requested == "float16" and config_dtype == "bfloat16":
+        if requested == "float16" and model.name == "bfloat16":
             notes.append("warning: the model was trained in bf16; fp16 can overflow and give wrong outputs")
-        return requested, notes
-    base = config_dtype if config_dtype in DTYPE_BYTES else "bfloat16"
-    if config_dtype not in DTYPE_BYTES:
-        notes.append(f"dtype: the config names no usable dtype ({config_dtype!r}); using bfloat16")
-    if base != "bfloat16":
-        return base, notes + [f"dtype: {base}, as the config says"]
-    old = [g for g in inventory.gpus if g.compute_capability is not None and g.compute_capability < BF16_MIN_CAPABILITY]
+        return requested, notes + [f"dtype: {requested}, as --dtype says (the model's own: {model.name})"]
+    if model.name is None:
+        raise BadInput(
+            f"--dtype auto: {model.origin}; pass --dtype bfloat16, float16 or float32 (transformers would load it "
+            "as float32)"
+        )
+    if model.name not in DTYPE_BYTES:
+        raise BadInput(
+            f"--dtype auto: the model's dtype is {model.name} (from {model.origin}), which oneke-plan does not plan "
+            "for; pass --dtype bfloat16, float16 or float32"
+        )
+    if model.name != "bfloat16":
+        return model.name, notes + [f"dtype: {model.name}, as {model.origin} says"]
+    old = [g for g in inventory.gpus if not runs_bf16(g)]
     if old:
         names = ", ".join(
             f"GPU {g.index} ({g.name}, {g.compute_capability[0]}.{g.compute_capability[1]})"  # type: ignore[index]
@@ -90,11 +146,13 @@ def resolve_dtype(requested: str, config_dtype: str | None, inventory: Inventory
     unknown = [g.index for g in inventory.gpus if g.compute_capability is None]
     if unknown:
         notes.append(
-            f"dtype: bfloat16, assuming GPU {', '.join(map(str, unknown))} support it (compute capability "
-            "unknown: describe the card by name, e.g. --gpu 'RTX 3090', to check)"
+            f"dtype: bfloat16, as {model.origin} says, assuming GPU {', '.join(map(str, unknown))} support it "
+            "(compute capability unknown: describe the card by name, e.g. --gpu 'RTX 3090', to check)"
         )
     else:
-        notes.append("dtype: bfloat16, as the config says" + (" and every GPU supports it" if inventory.gpus else ""))
+        notes.append(
+            f"dtype: bfloat16, as {model.origin} says" + (" and every GPU supports it" if inventory.gpus else "")
+        )
     return "bfloat16", notes
 
 
@@ -109,13 +167,42 @@ def make_slots(inventory: Inventory, reserve_bytes: int, cpu_reserve_bytes: int)
 
 
 class Planner:
-    """Holds one model's meta build and layout, so that re-planning (suggestions, solving) costs arithmetic only."""
+    """Holds one model's config and meta builds (one per dtype and attention implementation), so that re-planning
+    (suggestions, solving) costs arithmetic only."""
 
-    def __init__(self, source: ModelSource, trust_remote_code: bool = False, build_dtype: str = "bfloat16"):
+    def __init__(self, source: ModelSource, trust_remote_code: bool = False):
         self.source = source
+        self.trust_remote_code = trust_remote_code
         self.config = load_config(source, trust_remote_code)
-        self.model: Any = build_meta_model(self.config, build_dtype, trust_remote_code)
-        self.layout: ModelLayout = read_layout(self.model, self.config)
+        self.model_dtype = model_dtype(self.config, source)
+        self._builds: dict[tuple[str, bool], tuple[Any, ModelLayout]] = {}
+
+    def build(self, dtype: str, eager_attention: bool = False) -> tuple[Any, ModelLayout]:
+        """The meta model and its layout at `dtype` (buffers keep the dtype the model's code gives them at that
+        dtype). transformers writes the dtype into the config it builds from, so each build gets its own copy."""
+        key = (dtype, eager_attention)
+        if key not in self._builds:
+            model = build_meta_model(
+                copy.deepcopy(self.config),
+                dtype,
+                self.trust_remote_code,
+                attn_implementation="eager" if eager_attention else None,
+            )
+            self._builds[key] = (model, read_layout(model, self.config))
+        return self._builds[key]
+
+    @property
+    def default_dtype(self) -> str:
+        return self.model_dtype.name if self.model_dtype.name in DTYPE_BYTES else "float32"  # type: ignore[return-value]
+
+    @property
+    def model(self) -> Any:
+        """The meta model at the model's own dtype (what the tests and benchmarks inspect)."""
+        return self.build(self.default_dtype)[0]
+
+    @property
+    def layout(self) -> ModelLayout:
+        return self.build(self.default_dtype)[1]
 
     # -- steps 2-4 ---------------------------------------------------------------------------------------------
     def check_workload(self, workload: Workload) -> None:
@@ -132,11 +219,15 @@ class Planner:
 
     def plan(self, inventory: Inventory, settings: PlanSettings) -> Plan:
         self.check_workload(settings.workload)
-        dtype, log = resolve_dtype(settings.dtype, self.layout.config_dtype, inventory)
+        dtype, log = resolve_dtype(settings.dtype, self.model_dtype, inventory)
+        model, layout = self.build(dtype, settings.eager_attention)
+        attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        if attn == "eager" and not settings.eager_attention:
+            log.append(f"attention: {layout.architecture} runs eager attention (no SDPA), so its scores are counted")
         slots = make_slots(inventory, settings.reserve_bytes, settings.cpu_reserve_bytes)
         if not slots:
             raise BadInput("no device to plan for: no GPU was given or detected and --cpu-memory is 0")
-        costs = block_costs(self.layout, dtype, settings.quant, settings.workload, settings.eager_attention)
+        costs = block_costs(layout, dtype, settings.quant, settings.workload, eager_attention=attn == "eager")
         layer = next((c for c in costs if c.kind == "layer"), None)
         if layer is not None:
             log.append(
@@ -149,64 +240,47 @@ class Planner:
             cap = "unbounded" if slot.capacity_bytes is None else format_bytes(slot.capacity_bytes)
             log.append(f"{slot.name}: {cap} usable, of which reserve {format_bytes(slot.reserve_bytes)}")
         placement = place(costs, slots, settings.strategy)
-        return Plan(settings, dtype, slots, costs, placement, log + placement.log)
+        return Plan(
+            settings, dtype, attn, slots, costs, placement, layout, log + placement.log + _offload_note(placement)
+        )
 
     # -- step 5 ------------------------------------------------------------------------------------------------
     def device_map(self, plan: Plan) -> dict[str, DeviceId]:
-        """accelerate's infer_auto_device_map on the meta model, with max_memory budgets that reproduce the plan.
+        """The plan's placement as an accelerate device_map: each block's name -> its device, grouped where a whole
+        module's blocks share a device (accelerate's clean_device_map, as infer_auto_device_map writes them).
 
-        Budgets are in accelerate's own units (its compute_module_sizes at the plan's dtype), so quantization does
-        not change them: the plan decides which blocks go where, accelerate writes the map and handles tied
-        weights. accelerate keeps the largest layer's size free on its main devices (first GPU, CPU) for offloaded
-        layers; that room is added back so the budget holds exactly the planned blocks.
+        Blocks are what accelerate's own traversal yields (modules it must not split, leaves, loose parameters and
+        buffers), so every key is a module or tensor name from_pretrained and dispatch_model accept.
         """
-        from accelerate import infer_auto_device_map
-        from accelerate.utils import compute_module_sizes, get_max_layer_size
+        from accelerate.utils.modeling import clean_device_map
 
-        torch_dtype = getattr(__import__("torch"), plan.dtype)
-        sizes = compute_module_sizes(self.model, dtype=torch_dtype)
-        budgets: dict[DeviceId, int] = {s.id: 0 for s in plan.slots if s.id != "disk"}
-        for block in self.layout.blocks:
-            device = plan.placement.assignment[block.name]
-            if device != "disk":
-                budgets[device] += sum(sizes[t.name] for t in block.tensors)
-        top = (
-            list(self.model.named_parameters(recurse=False))
-            + list(self.model.named_children())
-            + list(self.model.named_buffers(recurse=False))
+        device_map = clean_device_map(
+            {block.name: plan.placement.assignment[block.name] for block in plan.layout.blocks}
         )
-        max_layer, _ = get_max_layer_size(top, sizes, list(self.layout.no_split_module_classes))
-        gpus = [s.id for s in plan.slots if s.is_gpu]
-        for main in [gpus[0], "cpu"] if gpus else ["cpu"]:
-            if main in budgets:
-                budgets[main] += max_layer
-        with warnings.catch_warnings():
-            # accelerate warns that offloaded buffers might not fit a GPU: the plan already counted them.
-            warnings.simplefilter("ignore")
-            device_map = infer_auto_device_map(
-                self.model,
-                max_memory=budgets,
-                no_split_module_classes=list(self.layout.no_split_module_classes),
-                dtype=torch_dtype,
-            )
-        self._check_agrees(device_map, plan.placement)
+        self._check_device_map(device_map, plan)
         return dict(device_map)
 
-    def _check_agrees(self, device_map: dict[str, DeviceId], placement: Placement) -> None:
-        for block in self.layout.blocks:
-            found = {
-                d
-                for key, d in device_map.items()
-                if key == ""
-                or key == block.name
-                or block.name.startswith(key + ".")
-                or key.startswith(block.name + ".")
-            }
-            if found != {placement.assignment[block.name]}:
+    def _check_device_map(self, device_map: dict[str, DeviceId], plan: Plan) -> None:
+        """Every parameter and buffer of the meta model is covered, on the device its block was planned for, and
+        tied weights share a device: checked tensor by tensor, independently of how the map was written."""
+        from accelerate.utils import check_device_map, find_tied_parameters
+
+        model, _ = self.build(plan.dtype, plan.settings.eager_attention)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns about keys that name a tensor, not a module: those are fine
+            check_device_map(model, device_map)  # raises for a parameter or persistent buffer left without a device
+        planned = {t.name: plan.placement.assignment[b.name] for b in plan.layout.blocks for t in b.tensors}
+        for name, _tensor in [*model.named_parameters(), *model.named_buffers()]:
+            device = device_owner(name, device_map)
+            if name in planned and device != planned[name]:
                 raise RuntimeError(
-                    f"internal error: accelerate put {block.name} on {sorted(map(str, found))}, the plan on "
-                    f"{placement.assignment[block.name]!r}; please report this with the command you ran"
+                    f"internal error: the device_map puts {name} on {device!r}, the plan on {planned[name]!r}; "
+                    "please report this with the command you ran"
                 )
+        for group in find_tied_parameters(model):
+            devices = {device_owner(name, device_map) for name in group}
+            if len(devices) > 1:
+                raise RuntimeError(f"internal error: tied weights {group} are split over {devices}; please report")
 
     # -- step 6 ------------------------------------------------------------------------------------------------
     def largest(self, inventory: Inventory, settings: PlanSettings, what: str) -> int:
@@ -247,13 +321,20 @@ class Planner:
                 if need > inventory.cpu_bytes:
                     lines.append(
                         f"CPU offload: --cpu-memory {format_bytes(need).replace(' ', '')} "
-                        "(slow: weights cross PCIe every step)"
+                        f"(about {_slowdown(trial):.0f}x slower: weights cross PCIe at every step)"
                     )
         if inventory.offload_dir is None:
             trial = self.plan(replace(inventory, offload_dir="offload", disk_bytes=None), settings)
             if trial.fits:
-                lines.append("disk offload: --offload-dir DIR (very slow)")
+                lines.append(f"disk offload: --offload-dir DIR (about {_slowdown(trial):.0f}x slower)")
         return lines
+
+    def gpu_only_alternatives(self, inventory: Inventory, settings: PlanSettings) -> list[str]:
+        """For a plan that offloads: what would fit on the GPUs alone (each line computed by planning it)."""
+        gpus_only = replace(inventory, cpu_bytes=0, offload_dir=None, disk_bytes=None)
+        if self.plan(gpus_only, settings).fits:
+            return ["the same workload without offload"]
+        return [line for line in self.alternatives(gpus_only, settings) if "offload" not in line]
 
     def does_not_fit_message(self, plan: Plan, inventory: Inventory) -> str:
         placement = plan.placement
@@ -272,6 +353,30 @@ class Planner:
         lines.append("what would fit:" if options else "nothing tried fits; add GPUs or memory")
         lines += [f"  {line}" for line in options]
         return "\n".join(lines)
+
+    # -- all steps ---------------------------------------------------------------------------------------------
+    def plan_profile(self, inventory: Inventory, settings: PlanSettings, solve: str | None = None) -> PlanResult:
+        """Everything oneke-plan does between reading its flags and printing: solve for the largest
+        `max_input_tokens` or `batch_size` if asked, plan, and write the profile. Raises DoesNotFit (with what
+        would fit) or BadInput; never anything else for a model it could build."""
+        solved = None
+        self.check_workload(replace(settings.workload, **{solve: 1}) if solve else settings.workload)
+        if solve:
+            best = self.largest(inventory, settings, solve)
+            if best == 0:
+                plan = self.plan(inventory, replace(settings, workload=replace(settings.workload, **{solve: 1})))
+                raise DoesNotFit(
+                    f"--solve {solve.replace('_', '-')}: even 1 does not fit.\n"
+                    + self.does_not_fit_message(plan, inventory)
+                )
+            settings = replace(settings, workload=replace(settings.workload, **{solve: best}))
+            solved = f"the largest {solve} that fits is {best}"
+        plan = self.plan(inventory, settings)
+        profile = self.profile(plan, inventory)  # raises DoesNotFit with what would fit
+        gpu_only = None
+        if inventory.gpus and {"cpu", "disk"} & set(profile.device_map.values()):
+            gpu_only = self.gpu_only_alternatives(inventory, settings)
+        return PlanResult(plan, profile, solved, gpu_only)
 
     # -- the profile -------------------------------------------------------------------------------------------
     def profile(self, plan: Plan, inventory: Inventory) -> Profile:
@@ -297,12 +402,13 @@ class Planner:
         return Profile(
             model={
                 "source": self.source.name,
-                "architecture": self.layout.architecture,
-                "model_type": self.layout.model_type,
-                "parameter_count": self.layout.parameter_count,
+                "architecture": plan.layout.architecture,
+                "model_type": plan.layout.model_type,
+                "parameter_count": plan.layout.parameter_count,
                 "config_fingerprint": self.source.fingerprint,
             },
             dtype=plan.dtype,
+            attn_implementation=plan.attn_implementation,
             quantization=quant,
             workload={
                 "max_input_tokens": workload.max_input_tokens,
@@ -317,6 +423,34 @@ class Planner:
             created_by=f"oneke-plan {__version__}",
             notes=[line for line in plan.log if line.startswith("warning")],
         )
+
+
+def _offloaded_bytes(placement: Placement) -> tuple[int, int, int]:
+    """Weights bytes on GPUs, on the CPU and on disk."""
+    est = placement.estimates
+    gpu_bytes = sum(e.weights_bytes for d, e in est.items() if d not in OFFLOAD_DEVICES)
+    cpu_bytes, disk_bytes = (est[d].weights_bytes if d in est else 0 for d in OFFLOAD_DEVICES)
+    return gpu_bytes, cpu_bytes, disk_bytes
+
+
+def _slowdown(plan: Plan) -> float:
+    return offload_slowdown(*_offloaded_bytes(plan.placement))
+
+
+def _offload_note(placement: Placement) -> list[str]:
+    """A warning when a plan with GPUs keeps weights on the CPU or disk: how much, and how much slower it decodes."""
+    gpu_bytes, cpu_bytes, disk_bytes = _offloaded_bytes(placement)
+    if not placement.fits or not gpu_bytes or not (cpu_bytes or disk_bytes):
+        return []
+    where = " and ".join(
+        f"{format_bytes(n)} on {d}" for d, n in zip(("the CPU", "disk"), (cpu_bytes, disk_bytes), strict=True) if n
+    )
+    seconds = decode_step_seconds(gpu_bytes, cpu_bytes, disk_bytes)
+    return [
+        f"warning: offload: {where} are copied to the GPU at every decoding step, so each new token takes at least "
+        f"{seconds:.2f} s: about {offload_slowdown(gpu_bytes, cpu_bytes, disk_bytes):.0f}x slower than with every "
+        "weight on a GPU (assuming PCIe 4.0 x16 at 25 GB/s, NVMe at 3 GB/s, GPU memory at 900 GB/s)"
+    ]
 
 
 def bisect_largest(fits: Callable[[int], bool], high: int) -> int:

@@ -2,7 +2,8 @@
 
 Public contract (docs/profile-format.md): `format_version`, `device_map`, `devices` (each with `id` and
 `total_bytes`), `estimate.<device id>` (weights_bytes, kv_cache_bytes, workspace_bytes, reserve_bytes, total_bytes),
-`quantization.mode` (none, 8bit, 4bit) and `workload` (max_input_tokens, max_new_tokens, batch_size).
+`quantization.mode` (none, 8bit, 4bit), `workload` (max_input_tokens, max_new_tokens, batch_size), `dtype` and
+`attn_implementation` (what oneke-run loads the model with).
 Read with yaml.safe_load only: a profile is data and can never make code run.
 """
 
@@ -22,6 +23,8 @@ from oneke_plan.yamlfile import read_yaml
 
 FORMAT_VERSION = 1
 ESTIMATE_KEYS = ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes", "total_bytes")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+DEFAULT_ATTN_IMPLEMENTATION = "sdpa"  # what profiles written before the key existed were planned for
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Profile:
     estimate: dict[int | str, dict[str, int]]
     strategy: str = "fill"
     offload_dir: str | None = None
+    attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION
     format_version: int = FORMAT_VERSION
     created_by: str = ""
     notes: list[str] = field(default_factory=list)
@@ -57,6 +61,7 @@ class Profile:
                 "created_by",
                 "model",
                 "dtype",
+                "attn_implementation",
                 "quantization",
                 "workload",
                 "strategy",
@@ -140,6 +145,9 @@ def read_profile(path: Path) -> Profile:
     dtype = _need(data, "dtype", str, where)
     if dtype not in DTYPE_BYTES:
         raise BadInput(f"{where}: dtype {dtype!r} is not bfloat16, float16 or float32")
+    attn = data.get("attn_implementation", DEFAULT_ATTN_IMPLEMENTATION)
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise BadInput(f"{where}: attn_implementation {attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
     devices = []
     for i, entry in enumerate(_need(data, "devices", list, where)):
         if not isinstance(entry, dict):
@@ -184,6 +192,7 @@ def read_profile(path: Path) -> Profile:
         estimate=estimate,
         strategy=str(data.get("strategy", "fill")),
         offload_dir=str(offload_dir) if offload_dir is not None else None,
+        attn_implementation=attn,
         format_version=version,
         created_by=str(data.get("created_by", "")),
         notes=list(data.get("notes") or []),

@@ -40,7 +40,8 @@ def encode_prompts(tokenizer: Any, records: Sequence[PromptRecord]) -> list[Enco
 def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    # torch.cuda.OutOfMemoryError: the public name since torch 1.13 (torch.OutOfMemoryError only since 2.5)
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 class Runner:

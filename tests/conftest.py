@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu
 from oneke_plan.tiny import build_tiny_llama
+
+# Version-specific tests (CI runs the oldest versions pyproject allows as well as the newest).
+needs_bnb_on_cpu = pytest.mark.skipif(
+    not bnb_quantizes_on_cpu(),
+    reason=f"transformers < {TRANSFORMERS_BNB_CPU} runs bitsandbytes on the CPU only with Intel IPEX; oneke-run "
+    "refuses such a load in one line (test_quantized_cpu_load_is_refused_on_old_transformers)",
+)
 
 DEEPKE_DIR = Path(__file__).parent.parent / "examples" / "deepke"
 

@@ -35,7 +35,7 @@ def plan(model_dir: Path, out: Path, *extra: str) -> Path:
         argv += ["--max-input-tokens", str(MAX_INPUT)]
     if "--gpu" not in extra:
         inventory = out.with_suffix(".inventory.yaml")
-        inventory.write_text("gpus: []\n")
+        inventory.write_text("gpus: []\ncpu_memory: 16GiB\n")
         argv += ["--inventory", str(inventory)]
     assert plan_main(argv) == 0
     return out

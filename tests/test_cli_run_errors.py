@@ -22,7 +22,7 @@ NER_LINE = (
 
 def _cpu_profile(model_dir: Path, folder: Path) -> dict:
     """oneke-plan for a machine without GPUs, as a dict."""
-    (folder / "inventory.yaml").write_text("gpus: []\n")
+    (folder / "inventory.yaml").write_text("gpus: []\ncpu_memory: 16GiB\n")
     out = folder / "cpu.yaml"
     argv = [str(model_dir), "--inventory", str(folder / "inventory.yaml"), "--max-new-tokens", "2", "-o", str(out)]
     assert plan_main(argv) == 0
@@ -155,7 +155,7 @@ def test_missing_shard(tiny_sharded_dir: Path, tmp_path: Path, capsys: pytest.Ca
     (model / shard).unlink()
     folder = tmp_path / "plan"
     folder.mkdir()
-    (folder / "inventory.yaml").write_text("gpus: []\n")
+    (folder / "inventory.yaml").write_text("gpus: []\ncpu_memory: 16GiB\n")
     assert plan_main([str(model), "--inventory", str(folder / "inventory.yaml"), "-o", str(folder / "p.yaml")]) == 0
     (tmp_path / "in.jsonl").write_text(NER_LINE + "\n", encoding="utf-8")
     capsys.readouterr()

@@ -11,12 +11,19 @@ import logging
 from pathlib import Path
 
 import pytest
+import transformers
 import yaml
 
 from oneke_plan.cli.plan import main
 from oneke_plan.profile import read_profile
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# profiles/ are written with transformers 5. transformers 4.x builds its rotary buffers differently (one per decoder
+# layer as well, no original_inv_freq), and the planner counts the buffers the running version builds, so its
+# profiles differ by those bytes; tests/test_plan_probe.py checks, on every version, that planned weights equal
+# the bytes of transformers' own meta tensors device by device.
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+ONLY_TRANSFORMERS_5 = pytest.mark.skipif(not TRANSFORMERS_5, reason="profiles/ are written with transformers 5")
 
 
 def _load_regenerate():
@@ -51,6 +58,7 @@ def test_profile_list_matches_folder_and_readme() -> None:
         assert "--gpu" in args and "--cpu-memory" in args and "--inventory" not in args
 
 
+@ONLY_TRANSFORMERS_5
 @pytest.mark.parametrize("name, args", PROFILES, ids=[name for name, _ in PROFILES])
 def test_checked_in_profile_has_not_drifted(
     name: str, args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -65,6 +73,7 @@ def test_checked_in_profile_has_not_drifted(
     actual = yaml.safe_load(fresh.read_text(encoding="utf-8"))
     assert actual == expected, f"{name} drifted; run `python profiles/regenerate.py` if the change is intended"
     assert fresh.read_text(encoding="utf-8") == checked_in.read_text(encoding="utf-8")
+
 
 
 @pytest.mark.parametrize("name", [name for name, _ in PROFILES])
@@ -84,6 +93,7 @@ def test_checked_in_profile_reads_back(name: str) -> None:
     assert profile.model["parameter_count"] == 13_254_415_360  # /work/shared/oneke/README.md
 
 
+@ONLY_TRANSFORMERS_5
 def test_regenerate_writes_identical_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The script itself (not just its list) produces the checked-in files."""
     logging.getLogger("accelerate").setLevel(logging.ERROR)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from oneke_plan.compat import dtype_kw
 from oneke_plan.extract import OutputWriter, PromptRecord, read_converted
 from oneke_plan.generation import Encoded, GreedyGenerator, length_batches
 from oneke_plan.runner import Runner, encode_prompts
@@ -59,7 +60,7 @@ def last_logits(model: Any, rows: Sequence[Sequence[int]]) -> torch.Tensor:
 
 # -- 3. batched == one at a time ---------------------------------------------------------------------------------
 def test_fp32_batched_greedy_equals_one_at_a_time(tiny_model_dir: Path, tokenizer: Any, deepke_prompts: list) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **dtype_kw(torch.float32)).eval()
     generator = GreedyGenerator(model, tokenizer, MAX_NEW)
     batched = generator.generate(deepke_prompts)
     alone = [generator.generate([prompt])[0] for prompt in deepke_prompts]
@@ -78,7 +79,7 @@ def test_bf16_batched_greedy_equals_one_at_a_time_up_to_rounding(
     """bf16: the padded batch changes matmul shapes, so logits differ by bf16 rounding (a few units in the last
     place). Tokens must match, except where the one-at-a-time run's top two logits are closer than that rounding:
     a difference anywhere else means masking or positions are wrong, and fails."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **dtype_kw(torch.bfloat16)).eval()
     generator = GreedyGenerator(model, tokenizer, MAX_NEW)
     batched = generator.generate(deepke_prompts)
     alone = [generator.generate([prompt])[0] for prompt in deepke_prompts]
@@ -115,7 +116,7 @@ def test_sequences_that_finish_early_leave_the_batch_without_changing_the_others
     """Make a token that some answers produce mid-way the EOS: rows then finish at different steps and are dropped
     from the batch and its KV cache. Every answer must still equal its one-at-a-time run and transformers' own
     generate with that EOS."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **dtype_kw(torch.float32)).eval()
     generator = GreedyGenerator(model, tokenizer, MAX_NEW)
     free = [generator.generate([prompt])[0] for prompt in deepke_prompts]
     counts: dict[int, int] = {}
@@ -175,7 +176,7 @@ def test_runner_halves_batches_on_out_of_memory(tokenizer: Any, ner_records: lis
         keys = [key_of[tuple(ids)] for ids in batch]
         if len(batch) > 2 or poison in keys:
             calls.append((len(batch), False))
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
         calls.append((len(batch), True))
         return [tokenizer.encode(json.dumps({key: []}), add_special_tokens=False) for key in keys]
 
@@ -253,7 +254,7 @@ def test_out_of_memory_retry_runs_after_the_failed_batch_is_freed(
         cache = Cache()
         if len(batch) > 2:
             alive.append(weakref.ref(cache))
-            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
         return [[5] for _ in batch]
 
     with OutputWriter(tmp_path / "out.jsonl") as writer:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from oneke_plan import __version__
 from oneke_plan.catalog import card_names
 from oneke_plan.cli.common import OneLineParser, device_label, format_table, run_main, wants_debug
-from oneke_plan.errors import BadInput, DoesNotFit
+from oneke_plan.errors import BadInput
 from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, Workload
 from oneke_plan.sizes import SizeError, format_bytes, parse_size
 
@@ -60,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     machine.add_argument(
         "--cpu-memory",
         metavar="SIZE",
-        help="host memory the model may use for offloaded weights; 0 = no CPU offload "
-        "(default: available memory detected here)",
+        help="host memory the model may use for offloaded weights (slow: they cross PCIe at every step); "
+        "default: none with GPUs, the memory available here without",
     )
     machine.add_argument("--offload-dir", metavar="DIR", help="enable disk offload into DIR")
     machine.add_argument(
@@ -200,28 +199,20 @@ def run(args: argparse.Namespace) -> int:
         eager_attention=args.eager_attention,
     )
     planner = Planner(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
-    what = args.solve.replace("-", "_") if args.solve else None
-    planner.check_workload(replace(settings.workload, **{what: 1}) if what else settings.workload)
-    if what:
-        best = planner.largest(inventory, settings, what)
-        if best == 0:
-            plan = planner.plan(inventory, replace(settings, workload=replace(settings.workload, **{what: 1})))
-            raise DoesNotFit(
-                f"--solve {args.solve}: even 1 does not fit.\n" + planner.does_not_fit_message(plan, inventory)
-            )
-        settings = replace(settings, workload=replace(settings.workload, **{what: best}))
-        print(f"oneke-plan: the largest {what} that fits is {best}", file=sys.stderr)
-    plan = planner.plan(inventory, settings)
+    result = planner.plan_profile(inventory, settings, args.solve.replace("-", "_") if args.solve else None)
+    plan, profile = result.plan, result.profile
+    settings = plan.settings
+    if result.solved:
+        print(f"oneke-plan: {result.solved}", file=sys.stderr)
     if args.verbose:
         for line in plan.log:
             print(f"  {line}", file=sys.stderr)
-    profile = planner.profile(plan, inventory)  # raises DoesNotFit with what would fit
     text = profile.to_yaml()
     if args.output is None:
         sys.stdout.write(text)
     else:
         write_atomic(args.output, text)
-    layout = planner.layout
+    layout = plan.layout
     quant = settings.quant.mode if settings.quant.mode != "none" else "no quantization"
     w = settings.workload
     print(
@@ -233,6 +224,11 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(plan, profile), file=sys.stderr)
     for note in profile.notes:
         print(note, file=sys.stderr)
+    if result.gpu_only_options is not None:
+        options = result.gpu_only_options
+        print("on the GPUs alone, these fit:" if options else "nothing tried fits on the GPUs alone", file=sys.stderr)
+        for line in options:
+            print(f"  {line}", file=sys.stderr)
     if args.output is not None:
         print(f"profile written to {args.output}", file=sys.stderr)
     return 0
