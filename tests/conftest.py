@@ -53,3 +53,32 @@ def single_torch_thread():  # yields None
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path):  # yields Path
+    """A real 64 KiB tmpfs mounted in tmp_path, for disk-full and read-only cases that a chmod cannot make for
+    root. Needs mount rights (root in a sandbox); skipped where mounting is not allowed. Unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.fixture()
+def read_only_tmpfs(small_tmpfs: Path) -> Path:
+    """small_tmpfs, remounted read-only: a folder where even root cannot create a file."""
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True, capture_output=True)
+    return small_tmpfs
