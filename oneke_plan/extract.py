@@ -110,6 +110,11 @@ def _json_object(path: str | os.PathLike[str], number: int, line: str) -> dict[s
     return value
 
 
+def read_json_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; BadInput naming the line otherwise."""
+    return [(number, _json_object(path, number, line)) for number, line in _read_lines(path, allow_empty=True)]
+
+
 def _where(path: str | os.PathLike[str], number: int) -> str:
     return f"{path}, line {number}"
 

@@ -24,11 +24,11 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from oneke_plan import oneke
 from oneke_plan.errors import BadInput
+from oneke_plan.extract import read_json_objects
 
 NAN = "NAN"
 KG_EMPTY = ("无", "nan")
@@ -128,7 +128,7 @@ def score_file(path: str | os.PathLike[str], task: str | None = None) -> dict[st
     if task is not None:
         task = _known_task(task.upper(), "--task")
     scores: dict[str, TaskScore] = {}
-    for number, line in _lines(path):
+    for number, line in read_json_objects(path):
         where = f"{path}, line {number}"
         if line.get("merged") is True:
             continue
@@ -146,27 +146,6 @@ def score_file(path: str | os.PathLike[str], task: str | None = None) -> dict[st
     if not scores:
         raise BadInput(f"{path}: no answer lines to score")
     return scores
-
-
-def _lines(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{path}: cannot be read as UTF-8 text ({exc})") from None
-    lines = []
-    for number, raw in enumerate(text.split("\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            line = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise BadInput(f"{path}, line {number}: not JSON: an answer file has one JSON object per line") from None
-        if not isinstance(line, dict):
-            raise BadInput(f"{path}, line {number}: expected a JSON object")
-        lines.append((number, line))
-    return lines
 
 
 def _need(line: dict[str, Any], name: str, where: str) -> Any:

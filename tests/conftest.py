@@ -82,3 +82,40 @@ def read_only_tmpfs(small_tmpfs: Path) -> Path:
 
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True, capture_output=True)
     return small_tmpfs
+
+
+SPECIAL_KINDS = ("FIFO", "device", "hard link", "symbolic link")
+
+
+def _make_special_file(kind: str, path: Path) -> Path:
+    """An existing `path` that is not a plain file of its own: a FIFO, a copy of /dev/null (a device node: root,
+    this suite's user, may make one), a hard link of an empty file, or a symbolic link to one."""
+    import os
+    import stat
+
+    if kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "device":
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    elif kind == "hard link":
+        (path.parent / f"{path.name}.other-name").write_bytes(b"")
+        os.link(path.parent / f"{path.name}.other-name", path)
+    elif kind == "symbolic link":
+        (path.parent / f"{path.name}.target").write_bytes(b"")
+        os.symlink(path.parent / f"{path.name}.target", path)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+@pytest.fixture()
+def make_special_file():  # returns the factory
+    """make_special_file(kind, path): see SPECIAL_KINDS; skips a device where mknod is not permitted."""
+
+    def make(kind: str, path: Path) -> Path:
+        try:
+            return _make_special_file(kind, path)
+        except PermissionError:
+            pytest.skip(f"cannot make a {kind} here")
+
+    return make

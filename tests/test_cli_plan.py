@@ -300,26 +300,16 @@ def test_o_replaces_its_own_profile_and_other_files_only_with_overwrite(
 
 
 @pytest.mark.parametrize("kind", ["FIFO", "device", "hard link", "symbolic link"])
-def test_o_never_replaces_a_special_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str) -> None:
-    import stat
-
-    out = tmp_path / "out.yaml"
-    if kind == "FIFO":
-        os.mkfifo(out)
-    elif kind == "device":
-        os.mknod(out, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a copy of /dev/null (root: this suite's user)
-    elif kind == "hard link":
-        (tmp_path / "other").write_bytes(b"")
-        os.link(tmp_path / "other", out)
-    else:
-        (tmp_path / "target.yaml").write_bytes(b"")
-        os.symlink(tmp_path / "target.yaml", out)
+def test_o_never_replaces_a_special_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str, make_special_file
+) -> None:  # type: ignore[no-untyped-def]
+    out = make_special_file(kind, tmp_path / "out.yaml")
     before = os.lstat(out)
     code, _, err = run(capsys, "oneke", "--gpu", "24GiB", "-o", out, "--overwrite")
     assert_one_line_error(code, err, str(out))
     after = os.lstat(out)
     assert (after.st_ino, after.st_mode, after.st_nlink) == (before.st_ino, before.st_mode, before.st_nlink)
-    assert {p.name for p in tmp_path.iterdir()} <= {"out.yaml", "other", "target.yaml"}  # no temporary file left
+    assert {p.name for p in tmp_path.iterdir()} <= {"out.yaml", "out.yaml.other-name", "out.yaml.target"}  # no temp
 
 
 def test_o_in_a_read_only_folder_is_one_line(capsys: pytest.CaptureFixture[str], read_only_tmpfs: Path) -> None:

@@ -249,25 +249,17 @@ def test_trust_remote_code_needs_an_explicit_model(
 
 
 # -- output files that are not the tool's own, and write errors -------------------------------------------------------
-def _special(kind: str, folder: Path, model: Path) -> Path:
+def _existing(kind: str, folder: Path, model: Path, make_special_file) -> Path:  # type: ignore[no-untyped-def]
     """An existing path of `kind` to give as --output."""
-    path = folder / f"{kind}.out"
+    path = folder / f"{kind.replace(' ', '-')}.out"
     if kind == "text file":
         path.write_bytes(b"my notes\nnot one JSON line, and no final newline")
     elif kind == "checkpoint":
         shutil.copy(model / "model.safetensors", path)
     elif kind == "empty file":
         path.write_bytes(b"")
-    elif kind == "FIFO":
-        os.mkfifo(path)
-    elif kind == "device":
-        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a copy of /dev/null (root: this suite's user)
-    elif kind == "hard link":
-        (folder / "other-name").write_bytes(b"")
-        os.link(folder / "other-name", path)
-    elif kind == "symbolic link":
-        (folder / "target").write_bytes(b"")
-        os.symlink(folder / "target", path)
+    else:
+        make_special_file(kind, path)
     return path
 
 
@@ -300,9 +292,10 @@ def test_outputs_that_are_not_ours_are_never_modified(
     tiny_model_dir: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-) -> None:
+    make_special_file,
+) -> None:  # type: ignore[no-untyped-def]
     case = Case(tmp_path, profile_data, tiny_model_dir)
-    case.output = _special(kind, tmp_path, case.model)
+    case.output = _existing(kind, tmp_path, case.model, make_special_file)
     case.extra = [flag] if flag else []
     before = sorted(p.name for p in tmp_path.iterdir()), _fingerprint(case.output)
     code = run_main(case.argv())

@@ -272,29 +272,11 @@ def test_a_journal_that_is_not_ours_is_left_as_it_is(tmp_path: Path) -> None:
         assert journal_path(out).read_bytes() == b"keep me\n"
 
 
-def special_files(tmp_path: Path) -> dict[str, Path]:
-    """A FIFO, a copy of /dev/null (a device node: root only), a symbolic link, a hard link of an empty file."""
-    made = {}
-    os.mkfifo(tmp_path / "fifo")
-    made["fifo"] = tmp_path / "fifo"
-    try:
-        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-        made["device"] = tmp_path / "null"
-    except PermissionError:
-        pass
-    (tmp_path / "target.jsonl").write_bytes(b"")
-    os.symlink(tmp_path / "target.jsonl", tmp_path / "symlink.jsonl")
-    made["symlink"] = tmp_path / "symlink.jsonl"
-    (tmp_path / "empty").write_bytes(b"")
-    os.link(tmp_path / "empty", tmp_path / "hardlink")
-    made["hard link of an empty file"] = tmp_path / "hardlink"
-    return made
-
-
 @pytest.mark.parametrize("mode", outputs.MODES)
-def test_special_files_are_never_deleted_or_replaced(tmp_path: Path, mode: str) -> None:
+def test_special_files_are_never_deleted_or_replaced(tmp_path: Path, mode: str, make_special_file) -> None:  # type: ignore[no-untyped-def]
     inp = make_input(tmp_path)
-    for name, path in special_files(tmp_path).items():
+    for name in ("FIFO", "device", "hard link", "symbolic link"):
+        path = make_special_file(name, tmp_path / name.replace(" ", "-"))
         before = os.lstat(path)
         with RunOutput(path, inp, mode) as output, pytest.raises(BadInput) as caught:
             output.start(records_of(inp))
