@@ -39,6 +39,8 @@ demo: install
 	  $(BIN)/oneke-run --profile $(OUT)/tiny-cpu.yaml --input examples/deepke/$$task/test.json \
 	    --output $(OUT)/$$task.jsonl --overwrite --no-progress || exit $$?; \
 	done
+	@echo "== 4. Score them against the files' labels (a random model's answers score about nothing: this shows the table)"
+	@for task in $(TASKS); do $(BIN)/oneke-score $(OUT)/$$task.jsonl || exit $$?; done
 	@echo "== done: profiles and answers are in $(OUT)/"
 
 lint: install

@@ -1,30 +1,38 @@
-"""Reading extraction inputs into prompts, and writing answers so an interrupted run can resume.
+"""Reading extraction inputs into prompts, and the JSON lines that carry each answer.
 
 Two input forms:
 - the authors' converted files (DeepKE InstructKGC `convert_func.py --split test`, like
   examples/deepke/*/test.json): one prompt per line, `{"id", "instruction", "label"?, "task"?, "source"?}`,
   the instruction already a JSON string, which is passed to the model unchanged;
-- raw text lines `{"id"?, "text"}` plus a schema: one prompt per schema chunk (oneke.split_schema).
+- raw text lines `{"text", ...}` plus a schema, converted as the authors' converter converts them: one prompt per
+  schema chunk, the id the SHA-256 of the text, `source` the input's folder name, gold labels as `label`.
 
-Output lines keep the input's fields and add `output` (the model's text, a string), so DeepKE's evaluator
-reads them as it reads its own results. Every line is flushed and fsync'd: a killed run loses at most the
-line it was writing, and `done_keys` / `pending_records` let the next run skip what is already written.
+Answer lines keep the input's fields and add (docs/output-format.md):
+- `output`: what DeepKE's evaluator scores: the answer as JSON text, RE/SPO items renamed to its `head`/`tail`,
+  or the model's text as it is when that is not a JSON answer; "" when the prompt was not answered;
+- `raw_output`: the model's text, verbatim;
+- `parsed` (the answer as JSON, as in `output`) or `parse_error` (why the text is not an answer);
+- `error` instead, when the prompt was not answered (too long for the plan, out of memory): --resume retries it;
+- `key`: the prompt's place in the input (line number; `line:chunk` for raw input).
+
+Standard library only (no torch): writing and resuming the files is oneke_plan.outputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from oneke_plan import oneke
 from oneke_plan.errors import BadInput
+from oneke_plan.files import os_error
 
-RESERVED_FIELDS = ("output", "parsed", "parse_error", "key")
-"""Fields this module writes; an input carrying them (e.g. a previous output fed back in) has them dropped."""
+ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
+"""Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
 
 GOLD_FIELDS = {
     "NER": "entity",
@@ -44,7 +52,7 @@ class PromptRecord:
     """One prompt: what the model reads, and what goes back into its output line.
 
     `key` identifies the prompt within its input file (line number, plus chunk number for raw input), so it
-    is the same on every run over the same file: resume skips keys already in the output.
+    is the same on every run over the same file: resume matches lines to prompts by it.
     """
 
     key: str
@@ -53,6 +61,17 @@ class PromptRecord:
     instruction: str
     extra: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """The record this prompt belongs to as DeepKE's evaluator groups lines: `source` ('None' if absent) and
+        id, as strings."""
+        return str(self.extra.get("source", "None")), str(self.id)
+
+
+def text_id(text: str) -> str:
+    """The authors' id for a raw text: the SHA-256 of its UTF-8 bytes, in hex (convert_func's `stable_hash`)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------- reading lines
@@ -91,6 +110,11 @@ def _json_object(path: str | os.PathLike[str], number: int, line: str) -> dict[s
     return value
 
 
+def read_json_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; BadInput naming the line otherwise."""
+    return [(number, _json_object(path, number, line)) for number, line in _read_lines(path, allow_empty=True)]
+
+
 def _where(path: str | os.PathLike[str], number: int) -> str:
     return f"{path}, line {number}"
 
@@ -111,12 +135,12 @@ def read_converted(path: str | os.PathLike[str]) -> list[PromptRecord]:
                     "(like DeepKE's test.json); for plain text lines use a schema and the raw reader"
                 )
         instruction = _parse_instruction(obj["instruction"], where)
-        extra = {k: v for k, v in obj.items() if k not in ("id", "instruction", *RESERVED_FIELDS)}
+        extra = {k: v for k, v in obj.items() if k not in ("id", "instruction", *ANSWER_FIELDS)}
         records.append(
             PromptRecord(
                 key=str(number),
                 id=obj["id"],
-                task=_task_of(obj, instruction["instruction"], where),
+                task=_task_of(obj, instruction, where),
                 instruction=obj["instruction"],
                 extra=extra,
                 text=instruction["input"],
@@ -147,14 +171,14 @@ def _parse_instruction(value: Any, where: str) -> dict[str, Any]:
     return instruction
 
 
-def _task_of(obj: dict[str, Any], instruction_text: str, where: str) -> str:
+def _task_of(obj: dict[str, Any], instruction: dict[str, Any], where: str) -> str:
     """The line's `task` field if any (DeepKE's newer converter writes it), else the task its text is for."""
     if "task" in obj:
         task = str(obj["task"]).upper()
         if task not in oneke.TASKS:
             raise BadInput(f"{where}: unknown task {obj['task']!r}: use one of {', '.join(oneke.TASKS)}")
         return task
-    detected = oneke.detect_task(instruction_text)
+    detected = oneke.detect_task(instruction["instruction"], instruction["schema"])
     if detected is None:
         raise BadInput(
             f"{where}: the instruction text is none of OneKE's published ones, so the task is unknown: "
@@ -172,64 +196,136 @@ def read_raw(
     schema: oneke.Schema,
     lang: str,
     chunk_size: int | None = None,
+    example: list[Any] | None = None,
+    notes: list[str] | None = None,
 ) -> list[PromptRecord]:
-    """Prompts for plain text lines `{"id"?, "text", ...}`: one per schema chunk, all sharing the line's id.
+    """Prompts for plain text lines `{"text", ...}`, as the authors' `convert_func.py --split test` builds them.
 
-    The id defaults to the line number. Gold annotations in DeepKE's raw form (`entity`/`relation`/`event`)
-    become a `label` string as the authors' converter writes it, so the output can be scored by their
-    evaluator.
+    One prompt per schema chunk, all sharing the text's id (its SHA-256, whatever id the line has: the line's own
+    `id` is kept as `input_id`) and `source` (the line's, else the input's folder name, as the authors take it).
+    EEA asks only about each record's own gold events (their triggers are known): a line needs `event`, and a
+    line whose `event` list is empty is skipped, as the authors skip it (a note is appended to `notes`). Gold
+    annotations in DeepKE's raw form (`entity`/`relation`/`event`) become the `label` string, repeats removed as
+    the authors remove them. `example` (few-shot items) goes into every prompt.
     """
     try:
-        chunks = oneke.split_schema(task, oneke.check_schema(task, schema), chunk_size)
-        oneke.instruction_text(task, lang)
+        checked = oneke.check_schema(task, schema)
+        chunks = oneke.split_schema(task, checked, chunk_size)
+        oneke.make_instruction(task, chunks[0], "", lang, example)  # an unknown language or few-shot form fails here
     except ValueError as e:
         raise BadInput(str(e)) from None
-    records = []
+    folder = Path(os.path.abspath(path)).parent.name
+    records: list[PromptRecord] = []
+    skipped: list[int] = []
     for number, line in _read_lines(path):
         obj = _json_object(path, number, line)
-        text = _raw_text(obj, _where(path, number))
-        record_id = _raw_id(obj, number, _where(path, number))
-        extra = _raw_extra(obj, task)
-        for index, chunk in enumerate(chunks):
+        where = _where(path, number)
+        text = _raw_text(obj, where)
+        gold = _raw_gold(obj, task, where)
+        asked = _eea_chunks(checked, gold, chunk_size, where) if task == "EEA" else chunks
+        if not asked:
+            skipped.append(number)
+            continue
+        extra = _raw_extra(obj, task, folder, gold)
+        for index, chunk in enumerate(asked):
             records.append(
                 PromptRecord(
                     key=f"{number}:{index}",
-                    id=record_id,
+                    id=text_id(text),
                     task=task,
-                    instruction=oneke.make_instruction(task, chunk, text, lang),
+                    instruction=oneke.make_instruction(task, chunk, text, lang, example),
                     extra=dict(extra),
                     text=text,
                 )
             )
+    if skipped and notes is not None:
+        shown = ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else "")
+        notes.append(
+            f"{len(skipped)} lines of {path} have no events and were skipped (EEA asks only about a record's own "
+            f"events, as the authors do): lines {shown}"
+        )
     return records
 
 
 def _raw_text(obj: dict[str, Any], where: str) -> str:
     if "text" not in obj:
-        raise BadInput(f'{where}: missing field \'text\': raw lines are {{"id"?, "text"}}')
+        raise BadInput(f"{where}: missing field 'text': raw lines are {{\"text\", ...}}")
     text = obj["text"]
     if not isinstance(text, str) or not text.strip():
         raise BadInput(f"{where}: 'text' must be a non-empty string: fix or remove the line")
     return text
 
 
-def _raw_id(obj: dict[str, Any], number: int, where: str) -> Any:
-    record_id = obj.get("id", number)
-    if isinstance(record_id, bool) or not isinstance(record_id, str | int):
-        raise BadInput(f"{where}: 'id' must be a string or an integer")
-    return record_id
+def _raw_gold(obj: dict[str, Any], task: str, where: str) -> list[Any] | None:
+    """The line's gold annotations (DeepKE's raw `entity`/`relation`/`event` list), None if it has none."""
+    name = GOLD_FIELDS[task]
+    if name not in obj:
+        if task == "EEA":
+            raise BadInput(
+                f"{where}: EEA asks about a record's known events, but the line has no 'event' list "
+                '([{"event_type", "event_trigger", "arguments"}]); to find events in plain text use --task EE'
+            )
+        return None
+    gold = obj[name]
+    if not isinstance(gold, list) or not all(isinstance(item, dict) for item in gold):
+        raise BadInput(f"{where}: '{name}' must be a list of objects, as in DeepKE's sample.json")
+    return gold
 
 
-def _raw_extra(obj: dict[str, Any], task: str) -> dict[str, Any]:
-    extra: dict[str, Any] = {"task": task}
-    extra.update({k: v for k, v in obj.items() if k not in ("id", "text", *RESERVED_FIELDS)})
-    gold = GOLD_FIELDS[task]
-    if "label" not in extra and gold in obj:
-        extra["label"] = json.dumps(obj[gold], ensure_ascii=False)
+def _eea_chunks(schema: oneke.Schema, events: list[Any] | None, chunk_size: int | None, where: str) -> list[Any]:
+    """The schema chunks of one EEA record: its own event types (first-seen order) with their schema arguments.
+
+    The authors' EEAProcesser.get_schemas: `{"event_type", "arguments"}` per distinct gold event type.
+    """
+    roles = {item["event_type"]: item["arguments"] for item in schema if isinstance(item, dict)}
+    asked: list[dict[str, Any]] = []
+    for event in events or []:
+        event_type = event.get("event_type")
+        if not isinstance(event_type, str):
+            raise BadInput(f"{where}: each event needs an 'event_type' string")
+        if event_type not in roles:
+            raise BadInput(f"{where}: event type {event_type!r} is not in the schema: add it with its arguments")
+        if all(item["event_type"] != event_type for item in asked):
+            asked.append({"event_type": event_type, "arguments": roles[event_type]})
+    return oneke.split_schema("EEA", asked, chunk_size) if asked else []
+
+
+def _raw_extra(obj: dict[str, Any], task: str, folder: str, gold: list[Any] | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"task": task, "source": obj.get("source", folder)}
+    if "id" in obj:
+        extra["input_id"] = obj["id"]
+    skip = {"id", "text", "source", GOLD_FIELDS[task], *ANSWER_FIELDS}
+    extra.update({k: v for k, v in obj.items() if k not in skip})
+    if "label" not in extra and gold is not None:
+        extra["label"] = json.dumps(oneke.unique_labels(task, gold), ensure_ascii=False)
     return extra
 
 
-# ---------------------------------------------------------------- output and resume
+def read_example(spec: str) -> list[Any]:
+    """Few-shot items for --example: inline JSON or a JSON file, a list of {"input": text, "output": answer}."""
+    origin = "--example"
+    text = spec
+    if not spec.lstrip().startswith("["):
+        origin = f"--example file {spec}"
+        try:
+            text = Path(spec).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"{origin}: cannot be read as UTF-8 text ({e}): give a JSON list or a file") from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{origin}: not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    good = (
+        isinstance(items, list)
+        and items
+        and all(isinstance(item, dict) and isinstance(item.get("input"), str) and "output" in item for item in items)
+    )
+    if not good:
+        raise BadInput(f'{origin}: give a non-empty JSON list of {{"input": text, "output": answer}} items')
+    return items
+
+
+# ---------------------------------------------------------------- answer lines
 
 
 def refuse_same_file(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]) -> None:
@@ -241,111 +337,94 @@ def refuse_same_file(input_path: str | os.PathLike[str], output_path: str | os.P
         raise BadInput(f"{output_path}: the output is the input file: choose another output path")
 
 
-class OutputWriter:
-    """Appends one JSON line per answered prompt, made durable before the next prompt starts."""
+def _base_line(record: PromptRecord) -> dict[str, Any]:
+    return {"id": record.id, "instruction": record.instruction, **record.extra}
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = path
+
+def answer_line(record: PromptRecord, raw_text: str, parsed: Any, parse_error: str | None) -> dict[str, Any]:
+    """The line of an answered prompt (field meanings: the module docstring)."""
+    line = _base_line(record)
+    if parse_error is None:
+        answer = oneke.head_tail_answer(record.task, parsed)
+        line["output"] = json.dumps(answer, ensure_ascii=False)
+        line["parsed"] = answer
+    else:
+        line["output"] = raw_text
+        line["parse_error"] = parse_error
+    line["raw_output"] = raw_text
+    line["key"] = record.key
+    return line
+
+
+def error_line(record: PromptRecord, reason: str) -> dict[str, Any]:
+    """The line of a prompt that was not answered (too long, out of memory): --resume runs it again."""
+    line = _base_line(record)
+    line["output"] = ""
+    line["error"] = reason
+    line["key"] = record.key
+    return line
+
+
+def is_answered(line: dict[str, Any]) -> bool:
+    """Whether a prompt line holds the model's answer (good JSON or not), rather than a reason it got none.
+
+    Lines written before `error` existed (no `raw_output`) marked failures with an empty `output`.
+    """
+    if "error" in line:
+        return False
+    return "raw_output" in line or line.get("output") != ""
+
+
+def encode_line(line: dict[str, Any]) -> bytes:
+    """One JSON line, UTF-8, newline-terminated (non-ASCII kept as is, as the authors write their files)."""
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class OutputWriter:
+    """Appends one JSON line per prompt, fsync'd before the next prompt starts, so a crash loses no answer.
+
+    Writes to a path (opened for appending) or to an open file descriptor (not closed here). Every line written
+    is kept in `written` (key -> line) for whoever assembles the final output.
+    """
+
+    def __init__(self, target: str | os.PathLike[str] | int, name: str | None = None) -> None:
+        self.name = name or str(target)
+        self._owned = not isinstance(target, int)
+        self.written: dict[str, dict[str, Any]] = {}
+        if isinstance(target, int):
+            self._fd = target
+            return
         try:
-            self._file = open(path, "ab")  # binary: one write() of encoded bytes per line
+            self._fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         except OSError as e:
-            raise BadInput(f"{path}: cannot open the output for writing ({e.strerror})") from None
+            raise BadInput(f"{target}: cannot open the output for writing ({e.strerror})") from None
 
     def write(self, record: PromptRecord, output_text: str, parsed: Any, error: str | None) -> None:
-        """Write the record's line: input fields, `output` (raw text), `parsed` or `parse_error`, `key`."""
-        line: dict[str, Any] = {"id": record.id, "instruction": record.instruction, **record.extra}
-        line["output"] = output_text
-        if error is None:
-            line["parsed"] = parsed
-        else:
-            line["parse_error"] = error
-        line["key"] = record.key
-        self._file.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Write an answered prompt's line (`error` here is the parse error, None when the answer parsed)."""
+        self.write_line(answer_line(record, output_text, parsed, error))
+
+    def fail(self, record: PromptRecord, reason: str) -> None:
+        """Write the line of a prompt that got no answer, with the reason."""
+        self.write_line(error_line(record, reason))
+
+    def write_line(self, line: dict[str, Any]) -> None:
+        data = encode_line(line)
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+            os.fsync(self._fd)
+        except OSError as e:
+            raise os_error(
+                self.name, "be written", e, "the answers before this one are kept: rerun with --resume"
+            ) from None
+        self.written[str(line["key"])] = line
 
     def close(self) -> None:
-        self._file.close()
+        if self._owned:
+            os.close(self._fd)
 
     def __enter__(self) -> OutputWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def done_records(output_path: str | os.PathLike[str]) -> dict[str, tuple[Any, str]]:
-    """key -> (id, instruction) of the lines already in an output file; {} if there is none.
-
-    A last line without its newline is what a killed run leaves: it is cut off the file (its prompt runs
-    again). Any other line that is not one of our output lines means the file is something else: BadInput.
-    """
-    path = Path(output_path)
-    if not path.exists():
-        return {}
-    _drop_partial_line(path)
-    done: dict[str, tuple[Any, str]] = {}
-    for number, line in _read_lines(path, allow_empty=True):
-        obj = _json_object(path, number, line)
-        if not isinstance(obj.get("key"), str) or "instruction" not in obj:
-            raise BadInput(
-                f"{path}, line {number}: not an output line of this tool (no 'key'): "
-                "choose another output path or move that file away"
-            )
-        done[obj["key"]] = (obj.get("id"), obj["instruction"])
-    return done
-
-
-def _drop_partial_line(path: Path) -> None:
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        os.truncate(path, data.rfind(b"\n") + 1)
-
-
-def done_keys(output_path: str | os.PathLike[str]) -> set[str]:
-    """Keys already answered in `output_path` (for --resume); see done_records."""
-    return set(done_records(output_path))
-
-
-def pending_records(records: list[PromptRecord], output_path: str | os.PathLike[str]) -> list[PromptRecord]:
-    """The records still to run, refusing to resume over an output written from a different input.
-
-    Keys are line numbers, so the same key from another input or schema would silently skip the wrong
-    prompt; a done key whose id or instruction differs from the record's is therefore an error.
-    """
-    done = done_records(output_path)
-    for record in records:
-        if record.key in done and done[record.key] != (record.id, record.instruction):
-            raise BadInput(
-                f"{output_path}: its line for key {record.key} was written for another prompt (different id "
-                "or instruction): resume only with the same input, schema and language, or use a new output"
-            )
-    return [record for record in records if record.key not in done]
-
-
-def merge_by_id(lines: Iterable[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
-    """Per-record view of output lines: the parsed answers of all chunks of one id, merged.
-
-    Lines without `parsed` (answers that failed to parse) add nothing; an id whose lines all failed maps to
-    {}. The task comes from the line's `task` field or its instruction text.
-    """
-    grouped: dict[Any, list[Any]] = {}
-    tasks: dict[Any, str] = {}
-    for line in lines:
-        record_id = line.get("id")
-        grouped.setdefault(record_id, []).append(line.get("parsed"))
-        if record_id not in tasks:
-            tasks[record_id] = _line_task(line)
-    return {record_id: oneke.merge_outputs(tasks[record_id], parsed) for record_id, parsed in grouped.items()}
-
-
-def _line_task(line: dict[str, Any]) -> str:
-    if isinstance(line.get("task"), str) and line["task"].upper() in oneke.TASKS:
-        return str(line["task"]).upper()
-    try:
-        detected = oneke.detect_task(json.loads(line["instruction"])["instruction"])
-    except (KeyError, TypeError, ValueError):
-        detected = None
-    if detected is None:
-        raise BadInput(f"output line for id {line.get('id')!r}: cannot tell its task: add a 'task' field")
-    return detected[0]

@@ -9,7 +9,9 @@ to the exact texts it saw in training. Sources (see /work/shared/oneke/README.md
   and `convert/processer/processer.py` (`read_from_file`: the 3-line schema.json form);
 - DeepKE's OneKE README (chunk sizes `split_num_mapper`, schema shapes, the few-shot `example` form);
 - DeepKE's `llama2_zh` chat template (system prompt and `[INST]` wrapper);
-- the DeepKE sample data in examples/deepke (SPO's Chinese instruction text, which the README table lacks).
+- the DeepKE sample data in examples/deepke (an older SPO instruction text, recognised in converted files);
+- DeepKE's `processer/*.py` (which gold labels the converter de-duplicates) and `eval/extracter/*.py` (the
+  answer fields its evaluator reads: RE items' `head`/`tail`).
 
 This module is a leaf: it imports only the standard library, so the prompt format can be tested without torch.
 """
@@ -98,21 +100,31 @@ INSTRUCTIONS: dict[str, dict[str, str]] = {
         ),
     },
     "SPO": {
-        # zh: verbatim from DeepKE's SPO/test.json (not in the README table).
+        # The authors' current converter asks SPO with RE's texts (instruction.py maps SPO+zh and SPO+en to them).
+        "zh": (
+            "你是专门进行关系抽取的专家。请从input中抽取出符合schema定义的关系三元组，"
+            "不存在的关系返回空列表。请按照JSON字符串的格式回答。"
+        ),
+        "en": (
+            "You are an expert in relationship extraction. Please extract relationship triples that match "
+            "the schema definition from the input. Return an empty list for relationships that do not "
+            "exist. Please respond in the format of a JSON string."
+        ),
+    },
+}
+"""Instruction texts per task and language, verbatim, as the authors' current converter writes them
+(DeepKE `ie2instruction/convert/utils/instruction.py`); used for every prompt this tool builds."""
+
+LEGACY_INSTRUCTIONS: dict[str, dict[str, str]] = {
+    "SPO": {
         "zh": (
             "你是专门进行SPO三元组抽取的专家。请从input中抽取出符合schema定义的spo关系三元组，"
             "不存在的关系返回空列表。请按照JSON字符串的格式回答。"
         ),
-        # en: not in DeepKE; verbatim from OpenSPG (OneKE's co-developer Ant Group),
-        # python/knext/knext/builder/operator/builtin/oneke_prompt.py, OneKE_SPOPrompt.template_en.
-        "en": (
-            "You are an expert in spo(subject, predicate, object) triples extraction. Please extract SPO "
-            "relationship triples that match the schema definition from the input. Return an empty list for "
-            "relationships that do not exist. Please respond in the format of a JSON string."
-        ),
     },
 }
-"""Instruction texts per task and language, verbatim (README "Instruction texts"); SPO's sources inline."""
+"""Older texts still found in the authors' published files (SPO/test.json was written before SPO was given RE's
+text): recognised in converted input, never used to build a prompt."""
 
 EXAMPLE_SUFFIX: dict[str, str] = {"zh": "你可以参考example进行抽取。"}
 """Appended to the instruction when few-shot `example` items are given. The authors publish only the
@@ -159,20 +171,32 @@ def instruction_text(task: str, lang: str) -> str:
     return texts[lang]
 
 
-def detect_task(instruction: str) -> tuple[str, str] | None:
+def detect_task(instruction: str, schema: Any = None) -> tuple[str, str] | None:
     """(task, lang) whose verbatim instruction `instruction` is, with or without the few-shot suffix.
 
-    Used to recognise the task of the authors' converted files, which often lack a `task` field.
+    Used to recognise the task of the authors' converted files, which often lack a `task` field. RE and SPO share
+    their text in the authors' current converter; the schema tells them apart (SPO items name a `predicate`).
     """
     for suffix in EXAMPLE_SUFFIX.values():
         if instruction.endswith(suffix):
             instruction = instruction[: -len(suffix)]
             break
-    for task, texts in INSTRUCTIONS.items():
-        for lang, text in texts.items():
-            if text == instruction:
-                return task, lang
-    return None
+    matches = [
+        (task, lang)
+        for texts in (INSTRUCTIONS, LEGACY_INSTRUCTIONS)
+        for task, by_lang in texts.items()
+        for lang, text in by_lang.items()
+        if text == instruction
+    ]
+    if len(matches) > 1:
+        wanted = "SPO" if _is_spo_schema(schema) else "RE"
+        matches = [match for match in matches if match[0] == wanted] or matches
+    return matches[0] if matches else None
+
+
+def _is_spo_schema(schema: Any) -> bool:
+    items = list(schema.values()) if isinstance(schema, dict) else schema
+    return isinstance(items, list) and any(isinstance(item, dict) and "predicate" in item for item in items)
 
 
 # ---------------------------------------------------------------- prompt building
@@ -215,20 +239,18 @@ def split_schema(task: str, schema: Schema, chunk_size: int | None = None) -> li
 
     Chunks of `chunk_size` items (default: the task's CHUNK_SIZES); a remainder of at least
     max(1, chunk_size // 2) items is a chunk of its own, a smaller one joins the last chunk; a schema no
-    longer than `chunk_size`, or chunk_size -1, stays whole. A dict schema (descriptions) is split the same
-    way into dicts: the authors' description samples carry as many types as their chunk sizes.
+    longer than `chunk_size`, or chunk_size -1, stays whole. A description schema (a dict name -> description)
+    is never split: the authors show it as one instruction and their converter has no rule to split it.
     """
     check_task(task)
     size = CHUNK_SIZES[task] if chunk_size is None else chunk_size
     if size != NO_SPLIT and size < 1:
         raise PromptError(f"chunk size must be a positive integer or -1 (no split), got {size}")
-    items = list(schema.items()) if isinstance(schema, dict) else list(schema)
-    if not items:
+    if not schema:
         raise SchemaError(f"the {task} schema is empty: give at least one type")
-    chunks = _split_items(items, size)
     if isinstance(schema, dict):
-        return [dict(chunk) for chunk in chunks]
-    return [chunk for chunk in chunks]
+        return [dict(schema)]
+    return list(_split_items(list(schema), size))
 
 
 def _split_items(items: list[Any], size: int) -> list[list[Any]]:
@@ -342,13 +364,16 @@ def _non_empty(values: list[Any], where: str, task: str) -> list[Any]:
 
 
 def _spo_entry(name: str, origin: str) -> dict[str, str]:
+    """The authors' `spotext2schema`: subject type before the first '_', object type after the last, the
+    predicate (which may hold '_') between."""
     parts = name.split("_")
-    if len(parts) != 3 or not all(parts):
+    entry = {"subject_type": parts[0], "predicate": "_".join(parts[1:-1]), "object_type": parts[-1]}
+    if len(parts) < 3 or not all(entry.values()):
         raise SchemaError(
             f"{origin}, line 1: SPO type {name!r} is not 'subject_predicate_object' with three non-empty "
             'parts; give a plain JSON schema [{"subject_type", "predicate", "object_type"}] instead'
         )
-    return {"subject_type": parts[0], "predicate": parts[1], "object_type": parts[2]}
+    return entry
 
 
 def _event_entry(task: str, event_type: str, type_roles: dict[str, Any], origin: str) -> dict[str, Any]:
@@ -495,3 +520,57 @@ def _merge_values(a: Any, b: Any) -> Any:
             seen.add(marker)
             joined.append(item)
     return joined
+
+
+# ---------------------------------------------------------------- the authors' evaluator's view
+
+
+def head_tail_answer(task: str, parsed: dict[str, Any]) -> dict[str, Any]:
+    """The answer with RE/SPO items in the fields DeepKE's evaluator reads (`head`, `tail`).
+
+    OneKE answers in IEPile's shape, `{"relation": [{"subject", "object"}]}`; DeepKE's `REExtracter` reads only
+    `head` and `tail`, so perfect triples would score 0. Items are renamed key by key, order kept; an item that
+    already has `head` (or `tail`) keeps it. Other tasks come back unchanged.
+    """
+    if task not in ("RE", "SPO"):
+        return parsed
+    return {key: [_renamed_pair(item) for item in items] for key, items in parsed.items()}
+
+
+_PAIR_NAMES = {"subject": "head", "object": "tail"}
+
+
+def _renamed_pair(item: dict[str, Any]) -> dict[str, Any]:
+    renamed: dict[str, Any] = {}
+    for key, value in item.items():
+        target = _PAIR_NAMES.get(key, key)
+        if target != key and target in item:
+            target = key  # both forms given: keep both, the evaluator's own field wins
+        renamed[target] = value
+    return renamed
+
+
+_LABEL_IDENTITY: dict[str, tuple[str, ...]] = {
+    "NER": ("entity", "entity_type"),
+    "RE": ("head", "relation", "tail"),
+    "SPO": ("head", "relation", "tail"),
+}
+"""The fields by which the authors' processors drop repeated gold labels (`filter_lable` of ner_processer,
+re_processer and spo_processer); the other tasks keep every label."""
+
+
+def unique_labels(task: str, labels: list[Any]) -> list[Any]:
+    """Gold labels with repeats removed as the authors' converter removes them: the first of each identity kept."""
+    fields = _LABEL_IDENTITY.get(check_task(task))
+    if fields is None:
+        return list(labels)
+    seen: set[str] = set()
+    kept = []
+    for label in labels:
+        identity = json.dumps(
+            [label.get(f) for f in fields] if isinstance(label, dict) else label, ensure_ascii=False, sort_keys=True
+        )
+        if identity not in seen:
+            seen.add(identity)
+            kept.append(label)
+    return kept

@@ -10,13 +10,14 @@ Read with yaml.safe_load only: a profile is data and can never make code run.
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from oneke_plan import files
 from oneke_plan.errors import BadInput
 from oneke_plan.memory import DTYPE_BYTES, QUANT_MODES
 from oneke_plan.yamlfile import read_yaml
@@ -78,21 +79,26 @@ class Profile:
         return [d.id for d in self.devices if isinstance(d.id, int)]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a crash leaves either the old file or the new one, never half of one."""
+def write_atomic(path: Path, text: str, expected: os.stat_result | None = None) -> None:
+    """Write `text` to `path` so that a crash leaves either the old file or the new one, never half of one.
+
+    `expected`: what the caller checked `path` was (oneke_plan.files.write_atomic); every failure is one BadInput.
+    """
     path = Path(path)
     if not path.parent.exists():
         raise BadInput(f"{path}: folder {path.parent} does not exist; create it or choose another path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    files.write_atomic(path, [text.encode("utf-8")], expected)
+
+
+def written_by_oneke_plan(path: Path) -> bool:
+    """Whether `path` starts as every profile oneke-plan writes does (to_yaml's first two keys). Checked on the
+    text, without parsing YAML: whatever file the user names, reading it here can cost nothing."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with open(path, "rb") as handle:
+            head = handle.read(256)
+    except OSError:
+        return False
+    return re.match(rb"format_version: \d+\ncreated_by: oneke-plan ", head) is not None
 
 
 def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -136,7 +136,8 @@ class Runner:
         bar.update(len(batch))
 
     def _fail(self, record: PromptRecord, reason: str) -> None:
-        self.writer.write(record, "", None, reason)
+        # An `error` line, not a parse error: no answer was produced, so --resume runs this prompt again.
+        self.writer.fail(record, reason)
 
 
 def _release_cached_memory() -> None:

@@ -61,3 +61,69 @@ def single_torch_thread():  # yields None
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path):  # yields Path
+    """A real 64 KiB tmpfs mounted in tmp_path, for disk-full and read-only cases that a chmod cannot make for
+    root. Needs mount rights (root in a sandbox); skipped where mounting is not allowed. Unmounted afterwards."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.fixture()
+def read_only_tmpfs(small_tmpfs: Path) -> Path:
+    """small_tmpfs, remounted read-only: a folder where even root cannot create a file."""
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True, capture_output=True)
+    return small_tmpfs
+
+
+SPECIAL_KINDS = ("FIFO", "device", "hard link", "symbolic link")
+
+
+def _make_special_file(kind: str, path: Path) -> Path:
+    """An existing `path` that is not a plain file of its own: a FIFO, a copy of /dev/null (a device node: root,
+    this suite's user, may make one), a hard link of an empty file, or a symbolic link to one."""
+    import os
+    import stat
+
+    if kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "device":
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    elif kind == "hard link":
+        (path.parent / f"{path.name}.other-name").write_bytes(b"")
+        os.link(path.parent / f"{path.name}.other-name", path)
+    elif kind == "symbolic link":
+        (path.parent / f"{path.name}.target").write_bytes(b"")
+        os.symlink(path.parent / f"{path.name}.target", path)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+@pytest.fixture()
+def make_special_file():  # returns the factory
+    """make_special_file(kind, path): see SPECIAL_KINDS; skips a device where mknod is not permitted."""
+
+    def make(kind: str, path: Path) -> Path:
+        try:
+            return _make_special_file(kind, path)
+        except PermissionError:
+            pytest.skip(f"cannot make a {kind} here")
+
+    return make

@@ -203,13 +203,13 @@ def test_good_inventory_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
 
 def test_output_into_missing_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     target = tmp_path / "missing" / "plan.yaml"
-    code, _, err = run(capsys, "oneke", "--gpu", "24GiB", "-o", target)
+    code, _, err = run(capsys, "oneke", "--gpu", "32GiB", "-o", target)
     assert_one_line_error(code, err, "does not exist")
     assert not target.parent.exists()
 
 
 def test_output_is_a_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, _, err = run(capsys, "oneke", "--gpu", "24GiB", "-o", tmp_path)
+    code, _, err = run(capsys, "oneke", "--gpu", "32GiB", "-o", tmp_path)
     assert_one_line_error(code, err, "is a folder")
 
 
@@ -263,3 +263,67 @@ def test_list_cards(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.splitlines() == card_names()
     assert "RTX 3090" in out.splitlines() and "Tesla T4" in out.splitlines()
     assert err == ""
+
+
+# -- -o never destroys a file oneke-plan did not write ---------------------------------------------------------------
+def test_o_refuses_the_models_own_files_even_with_overwrite(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = (model / "config.json").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        code, _, err = run(capsys, model, "--gpu", "24GiB", "-o", model / "config.json", *extra)
+        assert_one_line_error(code, err, "is a file of the model", "config.json")
+        assert (model / "config.json").read_bytes() == config
+    code, _, err = run(capsys, model, "--gpu", "24GiB", "-o", model / "plan.yaml")  # a new file there is fine
+    assert code == 0 and yaml.safe_load((model / "plan.yaml").read_text())["device_map"]
+
+
+def test_o_replaces_its_own_profile_and_other_files_only_with_overwrite(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "machine.yaml"
+    assert run(capsys, "oneke", "--gpu", "32GiB", "-o", out)[0] == 0
+    assert run(capsys, "oneke", "--gpu", "48GiB", "-o", out)[0] == 0  # re-planning replaces its own profile
+    assert yaml.safe_load(out.read_text())["devices"][0]["total_bytes"] == 48 * GiB
+    for content in (b"", b"notes: mine\n", b"format_version: 1\ncreated_by: someone else\n"):
+        out.write_bytes(content)
+        code, _, err = run(capsys, "oneke", "--gpu", "32GiB", "-o", out)
+        assert_one_line_error(code, err, "is not a profile written by oneke-plan", "--overwrite")
+        assert out.read_bytes() == content
+    assert run(capsys, "oneke", "--gpu", "32GiB", "-o", out, "--overwrite")[0] == 0
+    assert yaml.safe_load(out.read_text())["created_by"].startswith("oneke-plan ")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~umask  # not the temporary file's 0600
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "device", "hard link", "symbolic link"])
+def test_o_never_replaces_a_special_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str, make_special_file
+) -> None:  # type: ignore[no-untyped-def]
+    out = make_special_file(kind, tmp_path / "out.yaml")
+    before = os.lstat(out)
+    code, _, err = run(capsys, "oneke", "--gpu", "32GiB", "-o", out, "--overwrite")
+    assert_one_line_error(code, err, str(out))
+    after = os.lstat(out)
+    assert (after.st_ino, after.st_mode, after.st_nlink) == (before.st_ino, before.st_mode, before.st_nlink)
+    assert {p.name for p in tmp_path.iterdir()} <= {"out.yaml", "out.yaml.other-name", "out.yaml.target"}  # no temp
+
+
+def test_o_in_a_read_only_folder_is_one_line(capsys: pytest.CaptureFixture[str], read_only_tmpfs: Path) -> None:
+    code, _, err = run(capsys, "oneke", "--gpu", "32GiB", "-o", read_only_tmpfs / "machine.yaml")
+    assert_one_line_error(code, err, str(read_only_tmpfs), "Read-only file system")
+
+
+def test_o_on_a_full_disk_is_one_line_and_keeps_the_old_profile(
+    capsys: pytest.CaptureFixture[str], small_tmpfs: Path
+) -> None:
+    out = small_tmpfs / "machine.yaml"
+    assert run(capsys, "oneke", "--gpu", "32GiB", "-o", out)[0] == 0
+    old = out.read_bytes()
+    (small_tmpfs / "filler").write_bytes(b"x" * (64 * 1024 - 4096))  # every page but the old profile's
+    code, _, err = run(capsys, "oneke", "--gpu", "48GiB", "-o", out)
+    assert_one_line_error(code, err, str(out), "No space left on device")
+    assert out.read_bytes() == old and sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "machine.yaml"]

@@ -3,8 +3,10 @@ with a schema, the machine check, too-long prompts, --resume, and the batch-size
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from oneke_plan import oneke
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.extract import read_converted
+from oneke_plan.outputs import RunOutput, journal_path
 from oneke_plan.runner import encode_prompts
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -68,11 +71,24 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def prompt_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line for line in lines if not line.get("merged")]
+
+
 def check_output_lines(lines: list[dict[str, Any]]) -> None:
-    assert len({line["key"] for line in lines}) == len(lines)
-    for line in lines:
+    """One line per prompt (unique keys) with exactly one of parsed, parse_error, error; after the last line of
+    each id with several, its merged line."""
+    prompts = prompt_lines(lines)
+    assert len({line["key"] for line in prompts}) == len(prompts)
+    for line in prompts:
         assert isinstance(line["output"], str)
-        assert ("parsed" in line) != ("parse_error" in line)
+        assert sum(name in line for name in ("parsed", "parse_error", "error")) == 1
+    for n, line in enumerate(lines):
+        if line.get("merged"):
+            chunks = lines[n - len(line["chunks"]) : n]
+            assert [c["key"] for c in chunks] == line["chunks"] and len(chunks) > 1
+            assert all(c["id"] == line["id"] for c in chunks) and line["output"] == "{}"
+            assert n + 1 == len(lines) or lines[n + 1]["id"] != line["id"]
 
 
 # -- 4. every DeepKE task file through the CLI -----------------------------------------------------------------------
@@ -85,14 +101,14 @@ def test_deepke_task_file_end_to_end(
     assert run(cpu_profile, source, out) == 0
     inputs = read_jsonl(source)
     lines = read_jsonl(out)
-    assert len(lines) == len(inputs)
     check_output_lines(lines)
-    by_key = {line["key"]: line for line in lines}
-    for number, given in enumerate(inputs, 1):
-        line = by_key[str(number)]
+    prompts = prompt_lines(lines)
+    assert [line["key"] for line in prompts] == [str(n) for n in range(1, len(inputs) + 1)]  # input order
+    assert len(lines) - len(prompts) == sum(1 for n in Counter(i["id"] for i in inputs).values() if n > 1)
+    for line, given in zip(prompts, inputs, strict=True):
         for field in ("id", "instruction", "label"):
             assert line[field] == given[field]
-        assert "prompt has" not in line.get("parse_error", "")  # none too long: every prompt ran
+        assert "error" not in line  # none too long: every prompt ran
     err = capsys.readouterr().err
     assert "planned weights" in err and "+0.00%" in err  # planned == loaded on an unquantized CPU profile
     assert f"{len(inputs)} prompts answered" in err
@@ -120,12 +136,17 @@ def test_raw_text_with_task_and_schema(
     if chunks is None:  # the authors' EE schema: 65 event types, in chunks of 4 (the remainder rule: oneke.py)
         chunks = len(oneke.split_schema(task, oneke.load_schema(schema_arg, task)))
         assert chunks > 10
-    assert len(lines) == len(inputs) * chunks
+    prompts = prompt_lines(lines)
+    assert len(prompts) == len(inputs) * chunks
+    assert len(lines) == len(prompts) + (len(inputs) if chunks > 1 else 0)
     gold = "entity" if task == "NER" else "event"
     for number, given in enumerate(inputs, 1):
-        mine = [line for line in lines if line["key"].split(":")[0] == str(number)]
-        assert mine and all(line["id"] == number and line["task"] == task for line in mine)
-        assert all(line["label"] == json.dumps(given[gold], ensure_ascii=False) for line in mine)
+        mine = [line for line in prompts if line["key"].split(":")[0] == str(number)]
+        text_id = hashlib.sha256(given["text"].encode("utf-8")).hexdigest()  # the authors' id for raw text
+        assert mine and all(line["id"] == text_id and line["task"] == task for line in mine)
+        assert all(line["source"] == task for line in mine)  # the input's folder, examples/deepke/<task>
+        label = json.dumps(oneke.unique_labels(task, given[gold]), ensure_ascii=False)
+        assert all(line["label"] == label for line in mine)
         assert all(json.loads(line["instruction"])["input"] == given["text"] for line in mine)
 
 
@@ -192,36 +213,59 @@ def test_too_long_prompts_are_reported_not_cut(
     for line in lines:
         if line["key"] in too_long:
             assert line["output"] == ""
-            assert f"prompt has {lengths[line['key']]} tokens" in line["parse_error"]
-            assert f"max_input_tokens ({limit})" in line["parse_error"] and "not cut" in line["parse_error"]
+            assert f"prompt has {lengths[line['key']]} tokens" in line["error"]
+            assert f"max_input_tokens ({limit})" in line["error"] and "not cut" in line["error"]
         else:
-            assert line["output"] != ""  # it ran
+            assert line["raw_output"] != ""  # it ran
     assert f"{len(too_long)} prompts too long" in capsys.readouterr().err
+
+    # re-planned for them, --resume runs exactly those again and keeps every other line as it was
+    assert run(plan(tiny_model_dir, tmp_path / "long.yaml", "--dtype", "float32"), source, out, "--resume") == 0
+    resumed = read_jsonl(out)
+    assert [line["key"] for line in resumed] == [line["key"] for line in lines]  # input order, each once
+    assert not any("error" in line for line in resumed)
+    assert all(new == old for new, old in zip(resumed, lines, strict=True) if old["key"] not in too_long)
+    assert f"{len(too_long)} prompts answered ({len(records) - len(too_long)} already done)" in capsys.readouterr().err
 
 
 def test_resume_after_a_killed_run(cpu_profile: Path, deepke_dir: Path, tmp_path: Path) -> None:
+    """What a SIGKILL leaves (test_reliability kills a real run): a journal with some answers and a cut last line,
+    no output yet. --resume answers the rest; the output then holds every prompt once, in input order."""
     source = deepke_dir / "EEA" / "test.json"
     out = tmp_path / "out.jsonl"
     assert run(cpu_profile, source, out) == 0
-    full = out.read_bytes().splitlines(keepends=True)
-    kept = 3
-    half = full[kept][: len(full[kept]) // 2]
-    out.write_bytes(b"".join(full[:kept]) + half)  # what a run killed mid-line leaves
+    full = read_jsonl(out)
+    journal = journal_path(out)
+    header = json.dumps({"oneke_run_journal": 1, "mode": "new", "pid": 1}) + "\n"
+    kept = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in full[3:5])
+    journal.write_text(header + kept + '{"id": "f4dc", "instr', encoding="utf-8")
+    out.unlink()
 
     assert run(cpu_profile, source, out, "--resume") == 0
-    resumed = out.read_bytes().splitlines(keepends=True)
-    assert resumed[:kept] == full[:kept]  # earlier answers untouched, byte for byte
-    lines = [json.loads(line) for line in resumed]
-    assert sorted(line["key"] for line in lines) == sorted(str(n) for n in range(1, len(full) + 1))
-    check_output_lines(lines)
-    inputs = {str(n): given for n, given in enumerate(read_jsonl(source), 1)}
-    assert all(line["id"] == inputs[line["key"]]["id"] for line in lines)
+    assert read_jsonl(out) == full  # same answers (greedy), every prompt once, in input order
+    assert not journal.exists()
 
     # nothing left: a second --resume loads nothing and changes nothing
+    before = out.read_bytes()
     assert run(cpu_profile, source, out, "--resume") == 0
-    assert out.read_bytes().splitlines(keepends=True) == resumed
+    assert out.read_bytes() == before
     # without --resume or --overwrite an existing output is refused
     assert run(cpu_profile, source, out) == 2
+
+
+def test_a_second_run_on_the_same_output_exits_2_at_once(
+    cpu_profile: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = deepke_dir / "NER" / "test.json"
+    out = tmp_path / "out.jsonl"
+    with RunOutput(out, source, "new") as first:  # a run in progress holds the journal's lock
+        first.start(read_converted(source))
+        capsys.readouterr()
+        for extra in ((), ("--resume",), ("--overwrite",)):
+            assert run(cpu_profile, source, out, *extra) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "another oneke-run" in err[0] and str(journal_path(out)) in err[0], err
+    assert not out.exists()
 
 
 def test_batch_size_above_the_plan_exits_2(

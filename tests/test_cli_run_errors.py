@@ -4,7 +4,9 @@ profiles, checkpoints, input lines, schemas, output paths and counts."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -244,3 +246,97 @@ def test_trust_remote_code_needs_an_explicit_model(
     argv = [a for a in case.argv() if a not in ("--model", str(case.model))] + ["--trust-remote-code"]
     assert run_main(argv) == 2
     assert "--model" in capsys.readouterr().err
+
+
+# -- output files that are not the tool's own, and write errors -------------------------------------------------------
+def _existing(kind: str, folder: Path, model: Path, make_special_file) -> Path:  # type: ignore[no-untyped-def]
+    """An existing path of `kind` to give as --output."""
+    path = folder / f"{kind.replace(' ', '-')}.out"
+    if kind == "text file":
+        path.write_bytes(b"my notes\nnot one JSON line, and no final newline")
+    elif kind == "checkpoint":
+        shutil.copy(model / "model.safetensors", path)
+    elif kind == "empty file":
+        path.write_bytes(b"")
+    else:
+        make_special_file(kind, path)
+    return path
+
+
+def _fingerprint(path: Path) -> tuple:
+    info = os.lstat(path)
+    content = path.read_bytes() if stat.S_ISREG(info.st_mode) else b""
+    return info.st_ino, info.st_mode, info.st_nlink, content
+
+
+@pytest.mark.parametrize(
+    ("kind", "flag", "needle"),
+    [
+        ("text file", "--resume", "not an answer line of oneke-run"),
+        ("checkpoint", "--resume", "not an answer line of oneke-run"),
+        ("empty file", "--resume", "not an output of oneke-run"),
+        ("empty file", None, "already exists"),
+        ("FIFO", "--overwrite", "is a FIFO"),
+        ("FIFO", "--resume", "is a FIFO"),
+        ("device", "--overwrite", "is a character device"),
+        ("device", None, "is a character device"),
+        ("hard link", "--overwrite", "has 2 hard links"),
+        ("symbolic link", "--overwrite", "is a symbolic link"),
+    ],
+)
+def test_outputs_that_are_not_ours_are_never_modified(
+    kind: str,
+    flag: str | None,
+    needle: str,
+    profile_data: dict,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make_special_file,
+) -> None:  # type: ignore[no-untyped-def]
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    case.output = _existing(kind, tmp_path, case.model, make_special_file)
+    case.extra = [flag] if flag else []
+    before = sorted(p.name for p in tmp_path.iterdir()), _fingerprint(case.output)
+    code = run_main(case.argv())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0] and str(case.output) in err[0], err
+    assert (sorted(p.name for p in tmp_path.iterdir()), _fingerprint(case.output)) == before  # no journal left
+
+
+def test_resume_and_overwrite_together_is_bad_input(
+    profile_data: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    case.extra = ["--resume", "--overwrite"]
+    assert run_main(case.argv()) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
+def test_disk_full_is_one_line_and_resume_completes_after_space_is_freed(
+    small_tmpfs: Path, profile_data: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    case.input.write_text((NER_LINE + "\n") * 6, encoding="utf-8")
+    case.output = small_tmpfs / "out.jsonl"
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"x" * (60 * 1024))  # leaves about one page: a few answers fit, the rest do not
+    code = run_main(case.argv())
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("oneke-run")]
+    assert code == 2 and "No space left on device" in err[-1] and str(small_tmpfs) in err[-1], err
+    assert "Traceback" not in err[-1] and not case.output.exists()
+    filler.unlink()
+    case.extra = ["--resume"]
+    assert run_main(case.argv()) == 0
+    lines = [json.loads(line) for line in case.output.read_text(encoding="utf-8").splitlines()]
+    assert [line.get("key") for line in lines] == ["1", "2", "3", "4", "5", "6", None]  # one id: a merged line
+
+
+def test_read_only_folder_is_one_line(
+    read_only_tmpfs: Path, profile_data: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    case.output = read_only_tmpfs / "out.jsonl"
+    assert run_main(case.argv()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Read-only file system" in err[0] and str(read_only_tmpfs) in err[0], err

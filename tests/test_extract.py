@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -120,23 +121,39 @@ def test_utf8_bom_and_crlf_are_accepted(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- raw files
 
 
-@pytest.mark.parametrize("task", ["NER", "RE", "EE", "EET", "KG", "SPO"])
-def test_read_raw_asks_what_the_authors_asked(task: str) -> None:
-    """Raw sample.json + schema.json give, per text, the chunk sizes, types and label of DeepKE's test.json."""
-    authors: dict[str, list[dict[str, Any]]] = {}
-    for line in json_lines(DEEPKE / task / "test.json"):
-        authors.setdefault(json.loads(line["instruction"])["input"], []).append(line)
+def by_id(items: list[Any], id_of: Any) -> dict[str, list[Any]]:
+    grouped: dict[str, list[Any]] = {}
+    for item in items:
+        grouped.setdefault(id_of(item), []).append(item)
+    return grouped
+
+
+@pytest.mark.parametrize("task", TASK_DIRS)
+def test_read_raw_reproduces_the_authors_conversion(task: str) -> None:
+    """sample.json + schema.json give DeepKE's test.json: the same ids (SHA-256 of the text), records, instruction
+    text, input, label, and per record the same chunk sizes and schema items. Item order inside the schema differs:
+    the authors take it from a Python set (`list(self.type_list)`), whose order changes with each process's hash
+    seed, so it cannot be reproduced (their RE file has ["号", "目", "创始人", "祖籍"] first, in no file order)."""
+    authors = by_id(json_lines(DEEPKE / task / "test.json"), lambda line: line["id"])
     records = extract.read_raw(DEEPKE / task / "sample.json", task, schema_of(task), "zh")
-    mine: dict[str, list[extract.PromptRecord]] = {}
-    for record in records:
-        mine.setdefault(record.text, []).append(record)
-    assert mine.keys() == authors.keys()
-    for text, lines in authors.items():
-        their_chunks = [json.loads(line["instruction"])["schema"] for line in lines]
-        my_chunks = [json.loads(record.instruction)["schema"] for record in mine[text]]
-        assert [len(c) for c in my_chunks] == [len(c) for c in their_chunks]
-        assert sorted(map(canonical, sum(my_chunks, []))) == sorted(map(canonical, sum(their_chunks, [])))
-        assert {record.extra["label"] for record in mine[text]} == {line["label"] for line in lines}
+    mine = by_id(records, lambda record: record.id)
+    assert list(mine) == list(authors)  # same ids, same record order
+    for record_id, lines in authors.items():
+        theirs = [json.loads(line["instruction"]) for line in lines]
+        ours = [json.loads(record.instruction) for record in mine[record_id]]
+        assert [len(t["schema"]) for t in theirs] == [len(o["schema"]) for o in ours]
+        assert sorted(canonical(i) for t in theirs for i in t["schema"]) == sorted(
+            canonical(i) for o in ours for i in o["schema"]
+        )
+        assert {o["input"] for o in ours} == {t["input"] for t in theirs}
+        assert {o["instruction"] for o in ours} == {oneke.INSTRUCTIONS[task]["zh"]}
+        assert {record.extra["label"] for record in mine[record_id]} == {line["label"] for line in lines}
+        assert all(record.extra["task"] == task and record.extra["source"] == task for record in mine[record_id])
+        if "source" in lines[0]:  # the newer converter (KG) writes task and source; the same values
+            assert (lines[0]["task"], lines[0]["source"]) == (task, task)
+    # the id is the SHA-256 of the text, as the authors' stable_hash: checked with hashlib on the raw bytes
+    text = json.loads(authors[next(iter(authors))][0]["instruction"])["input"]
+    assert next(iter(authors)) == hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def canonical(item: Any) -> str:
@@ -145,34 +162,120 @@ def canonical(item: Any) -> str:
     return json.dumps(item, ensure_ascii=False, sort_keys=True)
 
 
-def test_read_raw_ids_keys_and_instructions(tmp_path: Path) -> None:
-    path = write_lines(tmp_path, '{"text": "张三在北京"}', '{"id": "x7", "text": "李四", "source": "mine"}')
+def test_read_raw_ids_source_and_keys(tmp_path: Path) -> None:
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    path = folder / "in.json"
+    path.write_text('{"text": "张三在北京"}\n{"id": 7, "text": "李四", "source": "mine", "note": "x"}\n', "utf-8")
     records = extract.read_raw(path, "NER", ["人物", "地点", "组织", "时间", "作品", "职位", "事件"], "zh", 4)
-    assert [(r.key, r.id) for r in records] == [("1:0", 1), ("1:1", 1), ("2:0", "x7"), ("2:1", "x7")]
+    first, second = hashlib.sha256("张三在北京".encode()).hexdigest(), hashlib.sha256("李四".encode()).hexdigest()
+    assert [(r.key, r.id) for r in records] == [("1:0", first), ("1:1", first), ("2:0", second), ("2:1", second)]
     assert records[0].instruction == oneke.make_instruction("NER", ["人物", "地点", "组织", "时间"], "张三在北京", "zh")
-    assert records[3].extra == {"task": "NER", "source": "mine"}
+    assert records[0].extra == {"task": "NER", "source": "mydata"}  # the folder name, as the authors' source
+    assert records[3].extra == {"task": "NER", "source": "mine", "input_id": 7, "note": "x"}
     assert records[0].extra is not records[1].extra
 
 
-def test_read_raw_kg_keeps_the_sample_id() -> None:
+def test_read_raw_kg_ids_are_text_hashes_and_the_sample_id_is_kept() -> None:
+    samples = json_lines(DEEPKE / "KG" / "sample.json")
     records = extract.read_raw(DEEPKE / "KG" / "sample.json", "KG", schema_of("KG"), "zh")
-    assert [r.id for r in records] == [json.loads(x)["id"] for x in (DEEPKE / "KG" / "sample.json").open()]
+    assert [r.extra["input_id"] for r in records] == [s["id"] for s in samples]
+    assert [r.id for r in records] == [line["id"] for line in json_lines(DEEPKE / "KG" / "test.json")]
+
+
+def test_read_raw_removes_repeated_gold_labels_as_the_authors_do(tmp_path: Path) -> None:
+    """NER repeats of (entity, type) and RE/SPO repeats of (head, relation, tail) go; other tasks keep all."""
+    ner = {"entity": "张三", "entity_type": "人物"}
+    path = write_lines(tmp_path, json.dumps({"text": "张三", "entity": [ner, dict(ner), {**ner, "entity_type": "x"}]}))
+    (record,) = extract.read_raw(path, "NER", ["人物"], "zh")
+    assert json.loads(record.extra["label"]) == [ner, {**ner, "entity_type": "x"}]
+    triple = {"head": "a", "relation": "r", "tail": "b"}
+    path = write_lines(tmp_path, json.dumps({"text": "ab", "relation": [triple, {**triple, "extra": 1}]}))
+    (record,) = extract.read_raw(path, "RE", ["r"], "zh")
+    assert json.loads(record.extra["label"]) == [triple]
+    (record,) = extract.read_raw(path, "KG", [{"entity_type": "t", "attributes": ["r"]}], "zh")
+    assert json.loads(record.extra["label"]) == [triple, {**triple, "extra": 1}]
+
+
+EEA_SCHEMA = [
+    {"event_type": "裁员", "arguments": ["时间", "裁员方"]},
+    {"event_type": "加盟", "arguments": ["加盟者"]},
+    {"event_type": "起火", "arguments": ["地点"]},
+]
+
+
+def test_read_raw_eea_asks_each_record_its_own_events_and_skips_records_without(tmp_path: Path) -> None:
+    events = [
+        {"event_type": "加盟", "event_trigger": "加盟", "arguments": []},
+        {"event_type": "裁员", "event_trigger": "裁员", "arguments": []},
+        {"event_type": "加盟", "event_trigger": "加入", "arguments": []},
+    ]
+    path = write_lines(tmp_path, json.dumps({"text": "甲", "event": events}), json.dumps({"text": "乙", "event": []}))
+    notes: list[str] = []
+    records = extract.read_raw(path, "EEA", EEA_SCHEMA, "zh", notes=notes)
+    assert [json.loads(r.instruction)["schema"] for r in records] == [
+        [{"event_type": "加盟", "arguments": ["加盟者"]}, {"event_type": "裁员", "arguments": ["时间", "裁员方"]}]
+    ]
+    assert len(notes) == 1 and "1 lines" in notes[0] and "lines 2" in notes[0]
+
+
+def test_read_raw_eea_sample_gives_six_prompts_not_one_per_schema_chunk() -> None:
+    records = extract.read_raw(DEEPKE / "EEA" / "sample.json", "EEA", schema_of("EEA"), "zh")
+    assert len(records) == len(json_lines(DEEPKE / "EEA" / "test.json")) == 6
+    assert len(oneke.split_schema("EEA", schema_of("EEA"))) == 16  # what asking every type would have cost per line
+
+
+def test_read_raw_description_schema_is_one_prompt_and_examples_go_in_every_prompt(tmp_path: Path) -> None:
+    path = write_lines(tmp_path, '{"text": "文本"}')
+    described = {f"类型{i}": f"描述{i}" for i in range(8)}
+    (record,) = extract.read_raw(path, "NER", described, "zh")
+    assert json.loads(record.instruction)["schema"] == described
+    example = [{"input": "张三", "output": {"人物": ["张三"]}}]
+    records = extract.read_raw(path, "RE", [f"r{i}" for i in range(8)], "zh", example=example)
+    assert len(records) == 2
+    for record in records:
+        assert record.instruction == oneke.make_instruction(
+            "RE", json.loads(record.instruction)["schema"], "文本", "zh", example
+        )
+        assert list(json.loads(record.instruction)) == ["instruction", "schema", "example", "input"]
+    with pytest.raises(BadInput, match="few-shot"):
+        extract.read_raw(path, "RE", ["r"], "en", example=example)
 
 
 @pytest.mark.parametrize(
-    ("line", "message"),
+    ("spec", "message"),
+    [("[]", "non-empty JSON list"), ('[{"output": {}}]', "non-empty JSON list"), ("[oops", "not JSON")],
+)
+def test_read_example_bad(spec: str, message: str) -> None:
+    with pytest.raises(BadInput, match=message):
+        extract.read_example(spec)
+
+
+def test_read_example_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "ex.json"
+    path.write_text('[{"input": "a", "output": {"人物": []}}]', encoding="utf-8")
+    assert extract.read_example(str(path)) == [{"input": "a", "output": {"人物": []}}]
+    with pytest.raises(BadInput, match="cannot be read"):
+        extract.read_example(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize(
+    ("task", "line", "message"),
     [
-        ('{"id": 1}', "line 1: missing field 'text'"),
-        ('{"text": "  "}', "line 1: 'text' must be a non-empty string"),
-        ('{"text": 5}', "line 1: 'text' must be a non-empty string"),
-        ('{"id": [1], "text": "a"}', "line 1: 'id' must be a string or an integer"),
-        ('{"id": true, "text": "a"}', "line 1: 'id' must be a string or an integer"),
+        ("NER", '{"id": 1}', "line 1: missing field 'text'"),
+        ("NER", '{"text": "  "}', "line 1: 'text' must be a non-empty string"),
+        ("NER", '{"text": 5}', "line 1: 'text' must be a non-empty string"),
+        ("NER", '{"text": "a", "entity": {"a": 1}}', "line 1: 'entity' must be a list of objects"),
+        ("EEA", '{"text": "a"}', "line 1: EEA asks about a record's known events"),
+        ("EEA", '{"text": "a", "event": [{"event_type": "x"}]}', "line 1: event type 'x' is not in the schema"),
+        ("EEA", '{"text": "a", "event": [{"trigger": "x"}]}', "line 1: each event needs an 'event_type'"),
     ],
 )
-def test_read_raw_bad_lines(tmp_path: Path, line: str, message: str) -> None:
+def test_read_raw_bad_lines(tmp_path: Path, task: str, line: str, message: str) -> None:
     path = write_lines(tmp_path, line)
+    schema = EEA_SCHEMA if task == "EEA" else ["人物"]
     with pytest.raises(BadInput, match=message) as caught:
-        extract.read_raw(path, "NER", ["人物"], "zh")
+        extract.read_raw(path, task, schema, "zh")
     assert str(path) in str(caught.value)
 
 
@@ -194,87 +297,59 @@ def test_read_raw_bad_arguments(
         extract.read_raw(path, task, schema, lang, chunk_size)
 
 
-# ---------------------------------------------------------------- output and resume
+# ---------------------------------------------------------------- answer lines
 
 
-def records_for(tmp_path: Path, n: int = 3) -> list[extract.PromptRecord]:
-    path = write_lines(tmp_path, *(json.dumps({"text": f"文本{i}", "label": "[]"}) for i in range(n)))
-    return extract.read_raw(path, "NER", ["人物"], "zh")
+def re_record() -> extract.PromptRecord:
+    return extract.read_converted(DEEPKE / "RE" / "test.json")[0]
 
 
-def test_output_lines_are_what_deepke_evaluator_reads(tmp_path: Path) -> None:
-    record = extract.read_converted(DEEPKE / "KG" / "test.json")[0]
-    out = tmp_path / "out.json"
-    with extract.OutputWriter(out) as writer:
-        writer.write(record, '{"人物": {}}</s>', {"人物": {}}, None)
-        writer.write(record, "{oops", None, "not JSON")
-    first, second = json_lines(out)
-    assert first == {
+def test_answer_line_gives_the_evaluator_head_and_tail_and_keeps_the_raw_text() -> None:
+    """OneKE answers RE with subject/object; DeepKE's REExtracter reads `head`/`tail` from `output`."""
+    record = re_record()
+    raw = '{"主演": [{"subject": "喜剧之王", "object": "周星驰"}], "目": []}</s>'
+    parsed, error = oneke.parse_output("RE", raw)
+    line = extract.answer_line(record, raw, parsed, error)
+    expected = {"主演": [{"head": "喜剧之王", "tail": "周星驰"}], "目": []}
+    assert json.loads(line["output"]) == line["parsed"] == expected
+    assert line["raw_output"] == raw and line["key"] == "1" and "error" not in line
+    assert {k: line[k] for k in ("id", "instruction", "label")} == {
         "id": record.id,
         "instruction": record.instruction,
-        "task": "KG",
-        "source": "KG",
         "label": record.extra["label"],
-        "output": '{"人物": {}}</s>',
-        "parsed": {"人物": {}},
-        "key": "1",
     }
-    assert second["parse_error"] == "not JSON" and "parsed" not in second
-    assert isinstance(second["output"], str)
 
 
-def test_each_line_is_on_disk_before_close(tmp_path: Path) -> None:
+def test_answer_line_of_text_that_is_no_answer_keeps_it_for_the_evaluator_to_count() -> None:
+    line = extract.answer_line(re_record(), "{oops", None, "not JSON")
+    assert line["output"] == line["raw_output"] == "{oops"
+    assert line["parse_error"] == "not JSON" and "parsed" not in line and extract.is_answered(line)
+
+
+def test_error_line_is_not_an_answer() -> None:
+    line = extract.error_line(re_record(), "out of memory even alone")
+    assert line["output"] == "" and line["error"] == "out of memory even alone" and "raw_output" not in line
+    assert not extract.is_answered(line)
+    # lines of the previous format: a failure had an empty output and only parse_error
+    assert not extract.is_answered({"key": "1", "output": "", "parse_error": "prompt has 900 tokens"})
+    assert extract.is_answered({"key": "1", "output": "{}", "parsed": {}})
+    assert extract.is_answered({"key": "1", "output": "", "raw_output": "", "parse_error": "empty answer"})
+
+
+def test_writer_fsyncs_each_line_and_keeps_what_it_wrote(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
-    writer = extract.OutputWriter(out)
-    writer.write(records_for(tmp_path)[0], "{}", {}, None)
-    assert out.read_bytes().endswith(b"\n") and len(json_lines(out)) == 1
-    writer.close()
-
-
-def test_resume_after_a_kill_mid_line(tmp_path: Path) -> None:
-    records = records_for(tmp_path, 4)
-    out = tmp_path / "out.json"
+    record = re_record()
     with extract.OutputWriter(out) as writer:
-        for record in records[:2]:
-            writer.write(record, "{}", {}, None)
-    complete = out.read_bytes()
-    with out.open("ab") as f:
-        f.write(b'{"id": 3, "instruction": "{\\"instr')  # what SIGKILL leaves mid-write
-    assert extract.done_keys(out) == {"1:0", "2:0"}
-    assert out.read_bytes() == complete  # the partial line is cut away
-    assert [r.key for r in extract.pending_records(records, out)] == ["3:0", "4:0"]
-    with extract.OutputWriter(out) as writer:
-        writer.write(records[2], "{}", {}, None)
-    assert [line["key"] for line in json_lines(out)] == ["1:0", "2:0", "3:0"]
+        writer.write(record, "{}", {}, None)
+        assert out.read_bytes().endswith(b"\n") and len(json_lines(out)) == 1  # on disk before the next prompt
+        writer.fail(record, "too long")
+    assert [line.get("error") for line in json_lines(out)] == [None, "too long"]
+    assert writer.written["1"]["error"] == "too long"
 
 
-def test_partial_only_line_leaves_an_empty_file(tmp_path: Path) -> None:
-    out = tmp_path / "out.json"
-    out.write_bytes(b'{"id": 1, "instr')
-    assert extract.done_keys(out) == set()
-    assert out.read_bytes() == b""
-
-
-def test_no_output_yet_means_nothing_done(tmp_path: Path) -> None:
-    assert extract.done_keys(tmp_path / "none.json") == set()
-
-
-def test_resume_refuses_another_inputs_output(tmp_path: Path) -> None:
-    records = records_for(tmp_path)
-    out = tmp_path / "out.json"
-    with extract.OutputWriter(out) as writer:
-        writer.write(records[0], "{}", {}, None)
-    changed = extract.read_raw(tmp_path / "input.json", "NER", ["地点"], "zh")
-    with pytest.raises(BadInput, match="written for another prompt"):
-        extract.pending_records(changed, out)
-
-
-@pytest.mark.parametrize(("content", "message"), [(b'{"id": 1}\n', "no 'key'"), (b"oops\n", "not JSON")])
-def test_resume_refuses_a_foreign_file(tmp_path: Path, content: bytes, message: str) -> None:
-    out = tmp_path / "out.json"
-    out.write_bytes(content)
-    with pytest.raises(BadInput, match=message):
-        extract.done_keys(out)
+def test_output_that_cannot_be_opened(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="cannot open the output"):
+        extract.OutputWriter(tmp_path / "no-such-dir" / "out.json")
 
 
 def test_refuse_output_equal_to_input(tmp_path: Path) -> None:
@@ -286,23 +361,3 @@ def test_refuse_output_equal_to_input(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="the output is the input"):
         extract.refuse_same_file(path, link)
     extract.refuse_same_file(path, tmp_path / "out.json")  # a different file is fine
-
-
-def test_output_that_cannot_be_opened(tmp_path: Path) -> None:
-    with pytest.raises(BadInput, match="cannot open the output"):
-        extract.OutputWriter(tmp_path / "no-such-dir" / "out.json")
-
-
-def test_merge_by_id_joins_chunks() -> None:
-    lines: list[dict[str, Any]] = [
-        {"id": "a", "task": "NER", "instruction": "", "parsed": {"人物": ["胡"]}},
-        {"id": "a", "task": "NER", "instruction": "", "parse_error": "not JSON"},
-        {"id": "a", "task": "NER", "instruction": "", "parsed": {"地点": ["北京"]}},
-        {"id": "b", "instruction": oneke.make_instruction("RE", ["主演"], "t", "zh"), "parse_error": "x"},
-    ]
-    assert extract.merge_by_id(lines) == {"a": {"人物": ["胡"], "地点": ["北京"]}, "b": {}}
-
-
-def test_merge_by_id_needs_a_task() -> None:
-    with pytest.raises(BadInput, match="cannot tell its task"):
-        extract.merge_by_id([{"id": "a", "instruction": "{}", "parsed": {}}])

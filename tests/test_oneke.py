@@ -48,10 +48,21 @@ def test_every_task_folder_is_a_task() -> None:
     assert sorted(p.name for p in DEEPKE.iterdir() if p.is_dir()) == sorted(TASK_DIRS)
 
 
+def published_text(task: str) -> str:
+    """The zh text in the task's test.json: SPO's file predates the converter's switch to RE's text."""
+    return oneke.LEGACY_INSTRUCTIONS.get(task, oneke.INSTRUCTIONS[task])["zh"]
+
+
 @pytest.mark.parametrize("task", TASK_DIRS)
 def test_zh_instruction_is_the_one_in_deepke_test_file(task: str) -> None:
     texts = {line["_decoded"]["instruction"] for line in deepke_lines(task)}
-    assert texts == {oneke.INSTRUCTIONS[task]["zh"]}
+    assert texts == {published_text(task)}
+
+
+def test_spo_is_asked_with_the_re_texts_as_the_authors_current_converter_does() -> None:
+    """DeepKE's instruction.py maps SPO+zh and SPO+en to RE's texts; the old SPO text is only recognised."""
+    assert oneke.INSTRUCTIONS["SPO"] == oneke.INSTRUCTIONS["RE"]
+    assert oneke.LEGACY_INSTRUCTIONS["SPO"]["zh"] != oneke.INSTRUCTIONS["SPO"]["zh"]
 
 
 @pytest.mark.parametrize("task", TASK_DIRS)
@@ -59,7 +70,7 @@ def test_instruction_rebuilt_byte_for_byte(task: str) -> None:
     for line in deepke_lines(task):
         decoded = line["_decoded"]
         rebuilt = oneke.make_instruction(task, decoded["schema"], decoded["input"], "zh")
-        assert rebuilt == line["instruction"]
+        assert rebuilt.replace(oneke.INSTRUCTIONS[task]["zh"], published_text(task)) == line["instruction"]
 
 
 def test_test_files_carry_no_schema_descriptions() -> None:
@@ -113,8 +124,19 @@ def test_unknown_task_or_language(task: str, lang: str, match: str) -> None:
 @pytest.mark.parametrize("lang", ["zh", "en"])
 def test_detect_task_recognises_every_text_with_and_without_suffix(task: str, lang: str) -> None:
     text = oneke.INSTRUCTIONS[task][lang]
-    assert oneke.detect_task(text) == (task, lang)
-    assert oneke.detect_task(text + "你可以参考example进行抽取。") == (task, lang)
+    schema = deepke_lines(task)[0]["_decoded"]["schema"]  # RE and SPO share a text: the schema tells them apart
+    assert oneke.detect_task(text, schema) == (task, lang)
+    assert oneke.detect_task(text + "你可以参考example进行抽取。", schema) == (task, lang)
+
+
+def test_detect_task_shared_text_and_legacy_spo_text() -> None:
+    shared = oneke.INSTRUCTIONS["RE"]["zh"]
+    assert oneke.detect_task(shared) == ("RE", "zh")
+    assert oneke.detect_task(shared, ["主演"]) == ("RE", "zh")
+    assert oneke.detect_task(shared, {"主演": "描述"}) == ("RE", "zh")
+    spo = [{"subject_type": "人物", "predicate": "妻子", "object_type": "人物"}]
+    assert oneke.detect_task(shared, spo) == ("SPO", "zh")
+    assert oneke.detect_task(oneke.LEGACY_INSTRUCTIONS["SPO"]["zh"]) == ("SPO", "zh")
 
 
 def test_detect_task_rejects_other_text() -> None:
@@ -188,13 +210,12 @@ def test_default_chunk_sizes() -> None:
     ]
 
 
-def test_split_dict_schema_keeps_descriptions() -> None:
-    schema = {f"type{i}": f"description {i}" for i in range(6)}
-    chunks = oneke.split_schema("RE", schema)
-    assert chunks == [
-        {f"type{i}": f"description {i}" for i in range(4)},
-        {"type4": "description 4", "type5": "description 5"},
-    ]
+def test_description_schema_is_one_prompt() -> None:
+    """The authors show a description schema as one instruction (6 NER types); their converter never splits one."""
+    schema = {f"type{i}": f"description {i}" for i in range(9)}
+    assert oneke.split_schema("RE", schema) == [schema]
+    assert oneke.split_schema("NER", schema, 2) == [schema]
+    assert oneke.split_schema("RE", list(schema)) == [[f"type{i}" for i in range(4)], [f"type{i}" for i in range(4, 9)]]
 
 
 @pytest.mark.parametrize("task", TASK_DIRS)
@@ -381,3 +402,35 @@ def test_merge_kg_entities_across_chunks() -> None:
 def test_merge_conflicting_values_keeps_both() -> None:
     merged = oneke.merge_outputs("KG", [{"人物": {"甲": {"别名": "乙"}}}, {"人物": {"甲": {"别名": "丙"}}}])
     assert merged == {"人物": {"甲": {"别名": ["乙", "丙"]}}}
+
+
+# ---------------------------------------------------------------- the evaluator's fields, gold repeats
+
+
+def test_head_tail_answer_renames_subject_and_object_only_for_re_and_spo() -> None:
+    answer = {"主演": [{"subject": "喜剧之王", "object": "周星驰"}], "导演": []}
+    assert oneke.head_tail_answer("RE", answer) == {"主演": [{"head": "喜剧之王", "tail": "周星驰"}], "导演": []}
+    assert oneke.head_tail_answer("SPO", answer)["主演"] == [{"head": "喜剧之王", "tail": "周星驰"}]
+    assert oneke.head_tail_answer("NER", {"人物": ["subject"]}) == {"人物": ["subject"]}
+    both = {"r": [{"head": "h", "subject": "s", "object": "o"}]}
+    assert oneke.head_tail_answer("RE", both) == {"r": [{"head": "h", "subject": "s", "tail": "o"}]}
+
+
+def test_unique_labels_follow_the_authors_identities() -> None:
+    a = {"entity": "张三", "entity_type": "人物"}
+    assert oneke.unique_labels("NER", [a, {**a, "extra": 1}, {**a, "entity_type": "x"}]) == [
+        a,
+        {**a, "entity_type": "x"},
+    ]
+    t = {"head": "h", "relation": "r", "tail": "t", "head_type": "A"}
+    assert oneke.unique_labels("SPO", [t, {**t, "head_type": "B"}]) == [t]
+    assert oneke.unique_labels("EE", [t, t]) == [t, t]
+
+
+def test_spo_type_names_split_as_the_authors_spotext2schema() -> None:
+    text = '["人物_毕业_院校_学校"]\n[]\n{}'
+    assert oneke.schema_from_text(text, "SPO", "s") == [
+        {"subject_type": "人物", "predicate": "毕业_院校", "object_type": "学校"}
+    ]
+    with pytest.raises(oneke.SchemaError, match="three non-empty"):
+        oneke.schema_from_text('["人物_学校"]\n[]\n{}', "SPO", "s")

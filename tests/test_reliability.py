@@ -17,6 +17,7 @@ import yaml
 from oneke_plan.cli import plan as plan_cli
 from oneke_plan.errors import BadInput
 from oneke_plan.loader import read_checkpoint
+from oneke_plan.outputs import journal_path
 from oneke_plan.profile import read_profile
 
 BIN = Path(sys.executable).parent
@@ -62,36 +63,53 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_sigkill_mid_run_then_resume_keeps_every_record_once(
+def _journal_lines(path: Path) -> list[dict]:
+    raw = path.read_bytes()
+    return [json.loads(line) for line in raw[: raw.rfind(b"\n") + 1].decode("utf-8").splitlines()]
+
+
+def test_sigkill_mid_run_with_failed_prompts_then_resume_answers_every_record_once_in_input_order(
     cpu_profile: Path, tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path
 ) -> None:
     source = tmp_path / "re-part.json"  # 24 real DeepKE prompts: long enough to be killed mid-run
     source.write_text("".join((deepke_dir / "RE" / "test.json").read_text(encoding="utf-8").splitlines(True)[:24]))
-    expected = 24
+    expected = [str(n) for n in range(1, 25)]
+    short = tmp_path / "short.yaml"  # 9 of the 24 prompts (177 to 184 tiny-tokenizer tokens) are too long for it
+    argv = [str(tiny_model_dir), "--max-input-tokens", "176", "--max-new-tokens", "24", "--batch-size", "2"]
+    assert plan_cli.main([*argv, "-o", str(short)]) == 0
     out = tmp_path / "re.jsonl"
-    proc = subprocess.Popen(_run_cmd(cpu_profile, tiny_model_dir, source, out), stderr=subprocess.PIPE)
+    journal = journal_path(out)
+    proc = subprocess.Popen(_run_cmd(short, tiny_model_dir, source, out), stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= 6:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 1 + 9 + 4:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed: make the workload longer"
+    proc.send_signal(signal.SIGSTOP)  # frozen mid-run, holding its lock, while a second run tries the same output
+
+    # meanwhile, a second run on the same output stops at once, with one line, and changes nothing
+    second = subprocess.run(_run_cmd(short, tiny_model_dir, source, out, "--resume"), capture_output=True, text=True)
+    assert second.returncode == 2 and "another oneke-run" in second.stderr, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stderr.close()  # type: ignore[union-attr]
-    raw = out.read_bytes()
-    complete = raw[: raw.rfind(b"\n") + 1]
-    before = [json.loads(line) for line in complete.decode("utf-8").splitlines()]
-    assert 6 <= len(before) < expected
+    before = {line["key"]: line for line in _journal_lines(journal)[1:]}
+    failed = {key for key, line in before.items() if "error" in line}
+    assert len(failed) == 9 and 4 <= len(before) - len(failed) < 15 and not out.exists()
 
-    resumed = subprocess.run(
+    resumed = subprocess.run(  # re-planned for the long prompts
         _run_cmd(cpu_profile, tiny_model_dir, source, out, "--resume"), capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr
-    after = _lines(out)
-    keys = [line["key"] for line in after]
-    assert len(keys) == expected and len(set(keys)) == expected
-    assert after[: len(before)] == before  # what was written before the kill is untouched
+    after = [line for line in _lines(out) if not line.get("merged")]
+    assert [line["key"] for line in after] == expected  # every prompt once, in input order
+    assert not any("error" in line for line in after)
+    by_key = {line["key"]: line for line in after}
+    assert all(by_key[key] == line for key, line in before.items() if key not in failed)  # answers kept as they were
+    assert not journal.exists()
 
 
 def test_resume_over_a_finished_output_does_nothing(

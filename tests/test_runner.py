@@ -193,7 +193,7 @@ def test_runner_halves_batches_on_out_of_memory(tokenizer: Any, ner_records: lis
         assert line["id"] == record.id and line["instruction"] == record.instruction
         if record.key == poison:
             assert line["output"] == "" and "parsed" not in line
-            assert "out of memory" in line["parse_error"]
+            assert "out of memory" in line["error"]
         else:
             assert line["output"] == json.dumps({record.key: []})  # its own answer, after any split
             assert line["parsed"] == {record.key: []}
@@ -232,8 +232,8 @@ def test_runner_reports_too_long_prompts_without_cutting(tokenizer: Any, ner_rec
     assert sorted(seen) == sorted(n for n in lengths.values() if n <= limit)  # the model never saw a cut prompt
     for line in read_lines(out):
         if line["key"] in too_long:
-            assert f"prompt has {lengths[line['key']]} tokens" in line["parse_error"]
-            assert "not cut" in line["parse_error"] and line["output"] == ""
+            assert f"prompt has {lengths[line['key']]} tokens" in line["error"]
+            assert "not cut" in line["error"] and line["output"] == ""
         else:
             assert line["parsed"] == {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="find the largest context (or batch) that fits, and plan for it",
     )
     out.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the profile here (default: stdout)")
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let -o replace an existing file that is not a profile written by oneke-plan (never a model's file, "
+        "a device, a FIFO or a link)",
+    )
     out.add_argument("-v", "--verbose", action="store_true", help="explain each planning step on stderr")
     out.add_argument("--list-cards", action="store_true", help="print the built-in GPU catalog and exit")
     out.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -164,6 +171,34 @@ def summary_table(plan, profile) -> str:  # type: ignore[no-untyped-def]
     return format_table(header, rows, right=(2, 3, 4, 5, 6))
 
 
+def _output_target(path: Path, overwrite: bool, model_dir: Path | None) -> os.stat_result | None:
+    """Check `-o PATH` before planning; return what it is now (None: absent) for the write to confirm.
+
+    Replaced only if it is a regular single-link file (oneke_plan.files) and a profile oneke-plan wrote, or
+    --overwrite says so; a file of the model's own directory never.
+    """
+    from oneke_plan.files import replaceable_stat
+    from oneke_plan.profile import written_by_oneke_plan
+
+    if path.is_dir():
+        raise BadInput(f"-o {path}: is a folder; give a file name such as {path}/machine.yaml")
+    if not path.parent.exists():
+        raise BadInput(f"-o {path}: folder {path.parent} does not exist; create it first")
+    existing = replaceable_stat(path, "-o")
+    if existing is None:
+        return None
+    if model_dir is not None and Path(model_dir).resolve() in path.resolve().parents:
+        raise BadInput(
+            f"-o {path}: is a file of the model {model_dir}; oneke-plan never replaces it: choose another path"
+        )
+    if not overwrite and not written_by_oneke_plan(path):
+        raise BadInput(
+            f"-o {path}: exists and is not a profile written by oneke-plan; choose another path, or pass --overwrite "
+            "to replace it"
+        )
+    return existing
+
+
 def run(args: argparse.Namespace) -> int:
     from oneke_plan.inventory import build_inventory
     from oneke_plan.model_source import resolve_model
@@ -175,10 +210,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.model:
         raise BadInput("give a MODEL: 'oneke', a model directory, or a cached repo id; see oneke-plan --help")
-    if args.output is not None and args.output.is_dir():
-        raise BadInput(f"-o {args.output}: is a folder; give a file name such as {args.output}/machine.yaml")
-    if args.output is not None and not args.output.parent.exists():
-        raise BadInput(f"-o {args.output}: folder {args.output.parent} does not exist; create it first")
+    source = resolve_model(args.model)
+    replaced = _output_target(args.output, args.overwrite, source.directory) if args.output is not None else None
     reserve = _size("--reserve", args.reserve)
     inventory = build_inventory(args.gpu, args.inventory, args.cpu_memory, args.offload_dir)
     if inventory.source == "detected" and not inventory.gpus:
@@ -198,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         reserve_bytes=reserve,
         eager_attention=args.eager_attention,
     )
-    planner = Planner(resolve_model(args.model), trust_remote_code=args.trust_remote_code)
+    planner = Planner(source, trust_remote_code=args.trust_remote_code)
     result = planner.plan_profile(inventory, settings, args.solve.replace("-", "_") if args.solve else None)
     plan, profile = result.plan, result.profile
     settings = plan.settings
@@ -211,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(text)
     else:
-        write_atomic(args.output, text)
+        write_atomic(args.output, text, replaced)
     layout = plan.layout
     quant = settings.quant.mode if settings.quant.mode != "none" else "no quantization"
     w = settings.workload

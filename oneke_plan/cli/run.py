@@ -21,8 +21,13 @@ examples:
   # raw text lines with a task and a schema:
   oneke-run --profile P.yaml --model /models/OneKE --input texts.jsonl --output out.jsonl \\
             --task NER --schema '["人物", "地理位置", "组织机构"]' --lang zh
-  # continue an interrupted run:
+  # continue an interrupted run, and retry prompts that failed (too long, out of memory) after re-planning:
   oneke-run --profile P.yaml --model /models/OneKE --input IN --output OUT --resume
+  # score the answers against the input's labels:
+  oneke-score OUT
+
+files: answers go to OUT.journal as they come (fsync'd; it is also the lock that stops a second run on OUT);
+OUT is written at the end in input order, with a merged line per record of several prompts (docs/output-format.md).
 
 exit codes: 0 done, 2 bad input, 3 machine does not match the profile.
 """
@@ -32,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="oneke-run",
         description="Load a model exactly as an oneke-plan profile says (meta init, tie_weights, load, dispatch; "
-        "16-bit, or bitsandbytes 8/4-bit) and run OneKE extraction over a JSONL file in batches. Each output "
-        "line is written as soon as it is done; --resume continues an interrupted run.",
+        "16-bit, or bitsandbytes 8/4-bit) and run OneKE extraction over a JSONL file in batches. Each answer is "
+        "journaled as soon as it is done; --resume continues an interrupted run.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -57,12 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     raw.add_argument("--schema", help="the schema: inline JSON, or a file (JSON, or the authors' 3-line schema.json)")
     raw.add_argument("--lang", choices=["zh", "en"], default="zh", help="instruction language (default: %(default)s)")
     raw.add_argument("--chunk-size", type=int, help="schema items per prompt (default: the authors' size per task)")
+    raw.add_argument(
+        "--example",
+        metavar="JSON_OR_FILE",
+        help='few-shot items added to every prompt (zh only, as the authors publish): [{"input": ..., "output": ...}]',
+    )
     gen = p.add_argument_group("generation (defaults: the profile's workload)")
     gen.add_argument("--batch-size", type=int, metavar="N", help="prompts per batch (at most the planned batch)")
     gen.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length (at most the planned one)")
     run = p.add_argument_group("run")
-    run.add_argument("--resume", action="store_true", help="skip prompts already answered in --output")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the answers already in --output (and its journal), run the rest and the prompts that failed",
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output (only once the new one is complete)"
+    )
     run.add_argument(
         "--offload-dir",
         metavar="DIR",
@@ -94,13 +110,14 @@ def _positive(flag: str, value: int | None, planned: int) -> int:
     return value
 
 
-def _read_records(args: argparse.Namespace) -> list[Any]:
+def _read_records(args: argparse.Namespace, notes: list[str]) -> list[Any]:
     from oneke_plan import oneke
-    from oneke_plan.extract import read_converted, read_raw
+    from oneke_plan.extract import read_converted, read_example, read_raw
 
     if args.task is None:
-        if args.schema is not None:
-            raise BadInput("--schema needs --task (raw text input); converted files carry their schema")
+        for flag, value in (("--schema", args.schema), ("--example", args.example), ("--chunk-size", args.chunk_size)):
+            if value is not None:
+                raise BadInput(f"{flag} needs --task (raw text input); converted files carry their prompts")
         return read_converted(args.input)
     if args.schema is None:
         raise BadInput(f"--task {args.task} needs --schema: inline JSON or a schema file")
@@ -111,30 +128,14 @@ def _read_records(args: argparse.Namespace) -> list[Any]:
         raise BadInput(str(exc)) from None
     if args.chunk_size is not None and (args.chunk_size == 0 or args.chunk_size < -1):
         raise BadInput(f"--chunk-size must be a positive integer or -1 (no split), not {args.chunk_size}")
-    return read_raw(args.input, task, schema, args.lang, args.chunk_size)
+    example = read_example(args.example) if args.example is not None else None
+    return read_raw(args.input, task, schema, args.lang, args.chunk_size, example, notes)
 
 
-def _prepare_output(args: argparse.Namespace, records: list[Any]) -> tuple[list[Any], bool]:
-    """The records still to run, and whether an existing output is to be replaced (--overwrite).
-
-    Nothing is deleted here: an output replaced with --overwrite is removed only once the model has loaded, so a
-    refused machine check or a failed load leaves the previous results in place.
-    """
-    from oneke_plan.extract import pending_records, refuse_same_file
-
-    refuse_same_file(args.input, args.output)
-    if not args.output.parent.exists():
-        raise BadInput(f"--output {args.output}: folder {args.output.parent} does not exist; create it first")
-    if args.output.is_dir():
-        raise BadInput(f"--output {args.output}: is a folder; give a file name")
-    exists = args.output.exists() and args.output.stat().st_size > 0
-    if args.resume:
-        return pending_records(records, args.output), False
-    if exists and not args.overwrite:
-        raise BadInput(
-            f"--output {args.output}: already exists; pass --resume to continue it or --overwrite to replace it"
-        )
-    return records, args.output.exists()
+def _mode(args: argparse.Namespace) -> str:
+    if args.resume and args.overwrite:
+        raise BadInput("--resume keeps the answers in --output, --overwrite replaces them: give one of them")
+    return "resume" if args.resume else "overwrite" if args.overwrite else "new"
 
 
 def weight_table(profile: Any, measured: dict[Any, int]) -> str:
@@ -190,10 +191,10 @@ def _offload_dir(from_profile: str | None, from_flag: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oneke_plan.extract import OutputWriter
     from oneke_plan.generation import GreedyGenerator
     from oneke_plan.loader import check_machine, load_model, measured_weight_bytes
     from oneke_plan.model_source import resolve_model
+    from oneke_plan.outputs import RunOutput
     from oneke_plan.profile import read_profile
     from oneke_plan.runner import Runner
 
@@ -211,39 +212,47 @@ def run(args: argparse.Namespace) -> int:
         )
     source = resolve_model(str(model_name))
     profile.offload_dir = _offload_dir(profile.offload_dir, args.offload_dir)
-    records = _read_records(args)
-    pending, replace_output = _prepare_output(args, records)
-    for problem in check_machine(profile, source, force=args.force):
-        print(f"oneke-run: warning (--force): {problem}", file=sys.stderr)
-    if not pending:
-        print(f"oneke-run: nothing to do: all {len(records)} prompts are already in {args.output}", file=sys.stderr)
-        return 0
+    notes: list[str] = []
+    mode = _mode(args)
+    records = _read_records(args, notes)
+    for note in notes:
+        print(f"oneke-run: {note}", file=sys.stderr)
+    if not records:
+        raise BadInput(f"{args.input}: no prompt to run (see the note above)")
+    with RunOutput(args.output, args.input, mode) as output:
+        pending = output.start(records)
+        for problem in check_machine(profile, source, force=args.force):
+            print(f"oneke-run: warning (--force): {problem}", file=sys.stderr)
+        if not pending:
+            rewritten = output.finish(records)
+            what = f"; {args.output} rewritten in input order with the journal's answers" if rewritten else ""
+            print(f"oneke-run: nothing to do: all {len(records)} prompts are answered{what}", file=sys.stderr)
+            return 0
 
-    from transformers import AutoTokenizer
+        from transformers import AutoTokenizer
 
-    model = load_model(profile, source, trust_remote_code=args.trust_remote_code)
-    measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir)
-    print(weight_table(profile, measured), file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, trust_remote_code=args.trust_remote_code)
-    generator = GreedyGenerator(model, tokenizer, max_new)
-    if replace_output:
-        args.output.unlink()
-    with OutputWriter(args.output) as writer:
+        model = load_model(profile, source, trust_remote_code=args.trust_remote_code)
+        measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir)
+        print(weight_table(profile, measured), file=sys.stderr)
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, trust_remote_code=args.trust_remote_code)
+        generator = GreedyGenerator(model, tokenizer, max_new)
+        assert output.writer is not None
         runner = Runner(
             generator.generate,
             tokenizer,
-            writer,
+            output.writer,
             batch_size,
             workload["max_input_tokens"],
             progress=not args.no_progress,
         )
         stats = runner.run(pending)
+        output.finish(records)
     rate = stats.new_tokens / stats.seconds if stats.seconds else 0.0
     print(
         f"oneke-run: {stats.prompts} prompts answered ({len(records) - len(pending)} already done), "
         f"{stats.new_tokens} tokens in {stats.seconds:.1f} s ({rate:.1f} tokens/s); {stats.parse_errors} answers "
         f"are not valid JSON (kept raw with parse_error), {stats.too_long} prompts too long, "
-        f"{stats.out_of_memory} out of memory -> {args.output}",
+        f"{stats.out_of_memory} out of memory (lines with 'error': --resume retries them) -> {args.output}",
         file=sys.stderr,
     )
     peaks = peak_table(profile)

@@ -1,0 +1,401 @@
+"""oneke-run's output files: a journal that every answer goes to at once, and the final output, written once.
+
+For `--output OUT` (docs/output-format.md):
+- `OUT.journal` (journal_path) is created when a run starts: a header line, then one fsync'd JSON line per
+  prompt as it is answered. A crash loses nothing already answered; `--resume` reads it. The run holds an
+  exclusive, non-blocking flock on it from start to end, so a second run on the same OUT stops at once.
+- `OUT` is written when every prompt has a line: one line per prompt in input order, plus a merged line after
+  the last prompt of each record (source + id, as DeepKE's evaluator groups them) that has several. It goes
+  through a temporary file and os.replace; then the journal is removed.
+- `--resume` keeps every answered line of OUT (once validated as this tool's output) and of the journal, and runs
+  again the prompts with no line or an `error` line (too long for the plan, out of memory).
+
+One journal per worker: journal_path takes the worker's rank and the world size, so several processes can each
+append to and lock their own part, and one of them assemble OUT from all parts.
+
+Nothing here is deleted or replaced unless it is a regular single-link file the tool wrote (oneke_plan.files).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from oneke_plan import oneke
+from oneke_plan.errors import BadInput
+from oneke_plan.extract import (
+    OutputWriter,
+    PromptRecord,
+    encode_line,
+    is_answered,
+    refuse_same_file,
+)
+from oneke_plan.files import fsync_dir, os_error, replaceable_stat, same_file, write_atomic
+
+JOURNAL_FORMAT = 1
+MODES = ("new", "resume", "overwrite")
+MERGED_OUTPUT = "{}"
+"""A merged line's `output`: no answer of its own, so DeepKE's evaluator, which joins every line of an id, counts
+each answer once. The merged answer is in the line's `parsed`."""
+
+
+def journal_path(output: str | os.PathLike[str], rank: int = 0, world_size: int = 1) -> Path:
+    """Where the worker `rank` of `world_size` journals answers for `output`: OUT.journal for a single process,
+    OUT.journal-R-of-N for one of several."""
+    output = Path(output)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    suffix = ".journal" if world_size == 1 else f".journal-{rank}-of-{world_size}"
+    return output.with_name(output.name + suffix)
+
+
+# ---------------------------------------------------------------- reading existing files
+
+
+def is_prompt_line(line: Any) -> bool:
+    return isinstance(line, dict) and isinstance(line.get("key"), str) and isinstance(line.get("instruction"), str)
+
+
+def is_merged_line(line: Any) -> bool:
+    return isinstance(line, dict) and line.get("merged") is True and isinstance(line.get("chunks"), list)
+
+
+def _complete_lines(data: bytes) -> tuple[list[bytes], int]:
+    """The newline-terminated lines of `data`, and the length they cover (a killed writer leaves a partial tail)."""
+    end = data.rfind(b"\n") + 1
+    return [line for line in data[:end].split(b"\n") if line.strip()], end
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    """The lines of an existing output, after checking every complete line is one this tool writes.
+
+    Nothing is changed: a partial last line (an older version appended to OUT directly) is ignored, and OUT is only
+    ever replaced as a whole. BadInput, naming the first foreign line, if the file is not such an output.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise os_error(path, "be read", exc) from None
+    lines, _ = _complete_lines(data)
+    if not lines:
+        raise BadInput(
+            f"--output {path}: exists but holds no answer lines, so it is not an output of oneke-run: "
+            "choose another path, or pass --overwrite to replace it"
+        )
+    parsed = []
+    for number, raw in enumerate(lines, 1):
+        line = _decode(raw)
+        if not (is_prompt_line(line) or is_merged_line(line)):
+            raise BadInput(
+                f"--output {path}, line {number}: not an answer line of oneke-run: it is left as is; choose another "
+                "path, or pass --overwrite to replace the file"
+            )
+        parsed.append(line)
+    return parsed
+
+
+# ---------------------------------------------------------------- the run's files
+
+
+class RunOutput:
+    """The files of one oneke-run: lock and journal at start(), the final output at finish().
+
+    Use as a context manager: on exit the lock is released, and a journal this run created is removed if it holds
+    no answer (a failed load or a refused machine leaves nothing behind).
+    """
+
+    def __init__(self, output: Path, input_path: Path, mode: str, rank: int = 0, world_size: int = 1) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        self.output = Path(output)
+        self.input_path = Path(input_path)
+        self.mode = mode
+        self.journal = journal_path(self.output, rank, world_size)
+        self.done: dict[str, dict[str, Any]] = {}
+        self.writer: OutputWriter | None = None
+        self._fd: int | None = None
+        self._created = False
+        self._output_stat: os.stat_result | None = None
+        self._keep_output_lines = True
+
+    def __enter__(self) -> RunOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------- start
+
+    def start(self, records: list[PromptRecord]) -> list[PromptRecord]:
+        """Check the paths, take the lock, read what earlier runs answered; return the prompts still to run."""
+        self._check_paths()
+        self._lock()
+        existing = self._read_journal()
+        if self.mode == "resume" and self._keep_output_lines and self._output_stat is not None:
+            for line in read_output(self.output):
+                if is_prompt_line(line):
+                    self.done[line["key"]] = line
+        for line in existing or []:
+            self.done[line["key"]] = line  # the journal is newer than OUT; later lines win
+        _check_same_input(self.done, records, self.output)
+        assert self._fd is not None
+        self.writer = OutputWriter(self._fd, str(self.journal))
+        return [r for r in records if r.key not in self.done or not is_answered(self.done[r.key])]
+
+    def _check_paths(self) -> None:
+        refuse_same_file(self.input_path, self.output)
+        refuse_same_file(self.input_path, self.journal)
+        if not self.output.parent.is_dir():
+            raise BadInput(f"--output {self.output}: folder {self.output.parent} does not exist; create it first")
+        self._output_stat = replaceable_stat(self.output, "--output")
+        replaceable_stat(self.journal, f"--output {self.output}: its journal")
+        if self._output_stat is not None and self.mode == "new":
+            raise BadInput(
+                f"--output {self.output}: already exists; pass --resume to continue it or --overwrite to replace it"
+            )
+
+    def _lock(self) -> None:
+        """Create the journal already locked and with its header (a temporary file hard-linked into place), or lock
+        the journal an interrupted run left. Another process holding it means another run: BadInput at once."""
+        header = {"oneke_run_journal": JOURNAL_FORMAT, "mode": self.mode, "pid": os.getpid()}
+        folder = self.journal.parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.journal.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise os_error(
+                folder, "create the run's journal in this folder", exc, "choose another --output folder"
+            ) from None
+        try:
+            _write_all(fd, encode_line(header))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                os.link(tmp, self.journal)
+                self._fd, self._created = fd, True
+                fsync_dir(folder)
+                return
+            except FileExistsError:
+                pass
+            except OSError:  # a filesystem without hard links: create in place (a tiny window before the lock)
+                os.close(fd)
+                fd = -1
+                self._fd, self._created = _create_locked(self.journal, header), True
+                return
+            self._fd = self._lock_existing_journal()
+            if self.mode == "overwrite":  # an interrupted run's journal (validated first): this run starts over
+                self._validated_journal(self._fd)
+                os.replace(tmp, self.journal)
+                os.close(self._fd)
+                self._fd, self._created, fd = fd, True, -1
+        except OSError as exc:
+            raise os_error(self.journal, "be created", exc, "choose another --output folder") from None
+        finally:
+            if fd != -1 and fd != self._fd:
+                os.close(fd)
+            Path(tmp).unlink(missing_ok=True)
+
+    def _lock_existing_journal(self) -> int:
+        fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = _journal_pid(self.journal)
+            who = f"another oneke-run (pid {pid})" if pid else "another oneke-run"
+            raise BadInput(
+                f"--output {self.output}: {who} is writing it (it holds the lock on {self.journal}): wait for it "
+                "to finish, or choose another --output"
+            ) from None
+        if not same_file(os.fstat(fd), self.journal):  # removed by a run that just finished: ours is stale
+            os.close(fd)
+            raise BadInput(f"--output {self.output}: another oneke-run just finished with it; run this again")
+        return fd
+
+    def _read_journal(self) -> list[dict[str, Any]] | None:
+        """The answer lines of a journal an earlier run left (None if this run created it), once it is validated
+        as one; a partial last line (the kill came mid-write) is then cut off."""
+        if self._created:
+            return None
+        assert self._fd is not None
+        header, answers, end, size = self._validated_journal(self._fd)
+        if self.mode == "new":
+            raise BadInput(
+                f"--output {self.output}: an interrupted run left {len(answers)} answers in {self.journal}: pass "
+                "--resume to continue it, or --overwrite to start over"
+            )
+        self._keep_output_lines = header.get("mode") != "overwrite"
+        if end < size:
+            try:
+                os.ftruncate(self._fd, end)
+            except OSError as exc:
+                raise os_error(self.journal, "be repaired (cut its partial last line)", exc) from None
+        return answers
+
+    def _validated_journal(self, fd: int) -> tuple[dict[str, Any], list[dict[str, Any]], int, int]:
+        """(header, answer lines, length of the complete lines, file size) of a journal; BadInput, touching
+        nothing, if it is not one."""
+        data = _read_fd(fd, self.journal)
+        lines, end = _complete_lines(data)
+        header = _decode(lines[0]) if lines else None
+        if not (isinstance(header, dict) and header.get("oneke_run_journal") == JOURNAL_FORMAT):
+            raise BadInput(
+                f"{self.journal}: not a journal of this oneke-run version, so it is left as is: move it away to "
+                f"run with --output {self.output}"
+            )
+        answers = [_decode(raw) for raw in lines[1:]]
+        bad = next((n for n, line in enumerate(answers, 2) if not is_prompt_line(line)), None)
+        if bad is not None:
+            raise BadInput(f"{self.journal}, line {bad}: not an answer line of oneke-run; it is left as is")
+        return header, answers, end, len(data)
+
+    # -------------------------------------------------------- finish
+
+    def finish(self, records: list[PromptRecord]) -> bool:
+        """Write OUT from every prompt's line, in input order with merged lines, then remove the journal.
+
+        Returns False when OUT already held exactly that (nothing was rewritten).
+        """
+        if self.writer is not None:
+            self.done.update(self.writer.written)
+        missing = [r.key for r in records if r.key not in self.done]
+        if missing:
+            raise RuntimeError(f"no line for prompts {missing[:5]}: the run ended early")
+        data = b"".join(encode_line(line) for line in final_lines(records, self.done))
+        changed = not (self._output_stat is not None and _read_or_none(self.output) == data)
+        if changed:
+            write_atomic(
+                self.output, [data], self._output_stat, f"every answer is kept in {self.journal}: rerun with --resume"
+            )
+        self._remove_journal()
+        return changed
+
+    def _remove_journal(self) -> None:
+        try:
+            self.journal.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise os_error(self.journal, "be removed (the output is complete; remove it yourself)", exc) from None
+        fsync_dir(self.journal.parent)
+        self._created = False
+
+    def close(self) -> None:
+        """Release the lock; remove the journal this run created if no answer reached it."""
+        if self._fd is None:
+            return
+        try:
+            if self._created and (self.writer is None or not self.writer.written):
+                self.journal.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _check_same_input(done: dict[str, dict[str, Any]], records: list[PromptRecord], output: Path) -> None:
+    """Refuse lines that another input wrote: keys are line numbers, so they would silently match wrong prompts."""
+    by_key = {record.key: record for record in records}
+    for key, line in done.items():
+        record = by_key.get(key)
+        if record is None:
+            raise BadInput(
+                f"{output}: holds an answer for prompt {key}, which this input does not have: resume only with the "
+                "same input, schema and language, or use a new --output"
+            )
+        if (line.get("id"), line.get("instruction")) != (record.id, record.instruction):
+            raise BadInput(
+                f"{output}: its line for key {key} was written for another prompt (different id or instruction): "
+                "resume only with the same input, schema and language, or use a new --output"
+            )
+
+
+def final_lines(records: list[PromptRecord], done: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every prompt's line in input order; after the last prompt of a record with several, its merged line."""
+    groups: dict[tuple[str, str], list[PromptRecord]] = {}
+    for record in records:
+        groups.setdefault(record.group, []).append(record)
+    for record in records:
+        yield done[record.key]
+        members = groups[record.group]
+        if len(members) > 1 and members[-1] is record:
+            yield merged_line(record.task, [done[m.key] for m in members])
+
+
+def merged_line(task: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record's answer from all its chunks' lines (oneke.merge_outputs), marked `"merged": true`.
+
+    Its `output` is "{}" (MERGED_OUTPUT) so that DeepKE's evaluator, which adds every line of an id to the record,
+    does not count the chunks' answers twice; readers of the merged answer take `parsed`. `chunks` lists the keys
+    merged; `failed_chunks` those that gave no parsed answer.
+    """
+    first = lines[0]
+    line: dict[str, Any] = {"id": first.get("id"), "task": task}
+    for name in ("source", "label"):
+        if name in first:
+            line[name] = first[name]
+    line["output"] = MERGED_OUTPUT
+    line["parsed"] = oneke.merge_outputs(task, [item.get("parsed") for item in lines])
+    line["merged"] = True
+    line["chunks"] = [item["key"] for item in lines]
+    failed = [item["key"] for item in lines if "parsed" not in item]
+    if failed:
+        line["failed_chunks"] = failed
+    return line
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+    os.fsync(fd)
+
+
+def _create_locked(path: Path, header: dict[str, Any]) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _write_all(fd, encode_line(header))
+    return fd
+
+
+def _read_fd(fd: int, name: Path) -> bytes:
+    chunks: list[bytes] = []
+    offset = 0
+    try:
+        while True:
+            chunk = os.pread(fd, 1 << 20, offset)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            offset += len(chunk)
+    except OSError as exc:
+        raise os_error(name, "be read", exc) from None
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _journal_pid(path: Path) -> int | None:
+    """The pid in a journal's header (read-only), for the message naming the run that holds it."""
+    try:
+        with open(path, "rb") as handle:
+            header = _decode(handle.readline(4096))
+    except OSError:
+        return None
+    pid = header.get("pid") if isinstance(header, dict) else None
+    return pid if isinstance(pid, int) else None
