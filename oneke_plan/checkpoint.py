@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,29 @@ BIN_SINGLE = "pytorch_model.bin"
 
 @dataclass(frozen=True)
 class Checkpoint:
-    path: Path  # what accelerate's load_checkpoint_in_model takes: the index file or the single weights file
+    path: Path  # the index file or the single weights file
     files: tuple[Path, ...]  # the weight files themselves (the shards, or the single file)
-    keys: frozenset[str]
+    shapes: dict[str, tuple[int, ...]]  # every tensor's name and shape, as stored
     pickled: bool
+    dtypes: dict[str, str] = field(default_factory=dict)  # torch dtype names as stored (e.g. "bfloat16")
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset(self.shapes)
 
 
-def _safetensors_keys(file: Path) -> set[str]:
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+
+def _safetensors_dtypes(file: Path) -> dict[str, str]:
+    """name -> torch dtype name, from a (checked) safetensors file's header."""
+    with file.open("rb") as raw:
+        meta = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
+    return {k: _SAFETENSORS_DTYPES.get(v.get("dtype", ""), "") for k, v in meta.items() if k != "__metadata__"}
+
+
+def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     if not file.is_file():
@@ -44,33 +60,42 @@ def _safetensors_keys(file: Path) -> set[str]:
         end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
         if 8 + header + end > size:
             raise ValueError("file shorter than its header says")
+        return {key: tuple(meta[key]["shape"]) for key in keys}
     except Exception as exc:  # safetensors raises its own error types
         raise BadInput(
             f"{file}: not a complete safetensors file ({exc}); it is truncated or corrupt: download it again"
         ) from None
-    return keys
 
 
-def _bin_keys(file: Path) -> set[str]:
+def _bin_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     import torch
 
     if not file.is_file():
         raise BadInput(f"{file}: missing; the checkpoint's index names it: download the missing shard again")
     try:
         state = torch.load(file, map_location="meta", weights_only=True)
+        return {key: tuple(tensor.shape) for key, tensor in state.items()}
     except Exception as exc:
         raise BadInput(
             f"{file}: refused: a pickled checkpoint is only read weights-only, and this one is not "
             f"plain tensors or is corrupt ({type(exc).__name__}); convert it to safetensors"
         ) from None
-    return set(state)
+
+
+def _dtypes(files: tuple[Path, ...], pickled: bool) -> dict[str, str]:
+    if pickled:
+        return {}
+    found: dict[str, str] = {}
+    for file in files:
+        found.update(_safetensors_dtypes(file))
+    return found
 
 
 def read_checkpoint(directory: Path) -> Checkpoint:
     """Find the weights in `directory` and read their tensor names (safetensors headers; .bin weights-only)."""
     for index_name, single_name, reader, pickled in (
-        (SAFE_INDEX, SAFE_SINGLE, _safetensors_keys, False),
-        (BIN_INDEX, BIN_SINGLE, _bin_keys, True),
+        (SAFE_INDEX, SAFE_SINGLE, _safetensors_shapes, False),
+        (BIN_INDEX, BIN_SINGLE, _bin_shapes, True),
     ):
         index = directory / index_name
         if index.is_file():
@@ -79,43 +104,76 @@ def read_checkpoint(directory: Path) -> Checkpoint:
             except (ValueError, KeyError, TypeError):
                 raise BadInput(f"{index}: not a valid checkpoint index (no weight_map)") from None
             shards = tuple(directory / name for name in sorted(set(weight_map.values())))
-            keys: set[str] = set()
+            shapes: dict[str, tuple[int, ...]] = {}
             for shard in shards:
-                keys |= reader(shard)
+                shapes.update(reader(shard))
             listed = set(weight_map)
-            if listed - keys:
+            if listed - set(shapes):
                 raise BadInput(
-                    f"{index}: names {len(listed - keys)} tensors its shards lack, e.g. "
-                    f"{sorted(listed - keys)[0]}; the checkpoint is incomplete"
+                    f"{index}: names {len(listed - set(shapes))} tensors its shards lack, e.g. "
+                    f"{sorted(listed - set(shapes))[0]}; the checkpoint is incomplete"
                 )
-            return Checkpoint(index, shards, frozenset(keys), pickled)
+            return Checkpoint(index, shards, shapes, pickled, _dtypes(shards, pickled))
         single = directory / single_name
         if single.is_file():
-            return Checkpoint(single, (single,), frozenset(reader(single)), pickled)
+            return Checkpoint(single, (single,), reader(single), pickled, _dtypes((single,), pickled))
     raise BadInput(
         f"{directory}: no weights found (model.safetensors, its index, or pytorch_model.bin); "
         "oneke-plan plans without weights, oneke-run needs them"
     )
 
 
-def key_mismatch(model: Any, checkpoint_keys: frozenset[str]) -> tuple[list[str], list[str]]:
-    """(missing, unexpected) tensor names between a meta model and a checkpoint.
+@dataclass(frozen=True)
+class Mismatch:
+    """How a checkpoint differs from the model, after transformers' own renaming and fusing of its names."""
 
-    Tied weights need only one name of their group on disk; persistent buffers count, non-persistent don't;
-    names the model says to ignore (`_keys_to_ignore_on_load_unexpected`, e.g. old rotary inv_freq) are ignored.
-    """
+    missing: list[str]  # the model's tensors no checkpoint tensor becomes
+    unexpected: list[str]  # checkpoint tensors that become none of the model's
+    wrong_shapes: list[str]  # "name: checkpoint (a, b), model (c, d)"
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong_shapes)
+
+
+def key_mismatch(model: Any, checkpoint: Checkpoint) -> Mismatch:
+    """Compare a meta model with a checkpoint as transformers' from_pretrained will load it: each checkpoint name
+    renamed (and per-expert weights fused) by transformers' own conversion rules for the model (compat), the
+    base-model prefix added or dropped as it does; tied weights need one name of their group on disk; names the
+    model says to ignore are ignored. Shapes are compared where a name maps to one tensor unchanged."""
     from accelerate.utils import find_tied_parameters
 
-    expected = set(model.state_dict().keys())
+    from oneke_plan.compat import checkpoint_key_renamer
+
+    state = model.state_dict()
+    rename = checkpoint_key_renamer(model)
+    renamed: dict[str, tuple[str, bool]] = {key: rename(key) for key in checkpoint.shapes}
+    loaded = {target for target, _ in renamed.values()}
     groups = find_tied_parameters(model)
-    tied_extra = {name for group in groups for name in group if any(other in checkpoint_keys for other in group)}
-    missing = sorted(k for k in expected - checkpoint_keys if k not in tied_extra)
+    tied_extra = {name for group in groups for name in group if any(other in loaded for other in group)}
+    ignore_missing = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    missing = sorted(
+        k for k in set(state) - loaded if k not in tied_extra and not any(p.search(k) for p in ignore_missing)
+    )
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    unexpected = sorted(k for k in checkpoint_keys - expected if not any(p.search(k) for p in ignore))
-    return missing, unexpected
+    unexpected = sorted(
+        key for key, (target, _) in renamed.items() if target not in state and not any(p.search(key) for p in ignore)
+    )
+    wrong = []
+    for key, (target, converted) in sorted(renamed.items()):
+        if not converted and target in state and tuple(state[target].shape) != checkpoint.shapes[key]:
+            wrong.append(f"{key}: checkpoint {checkpoint.shapes[key]}, model {tuple(state[target].shape)}")
+    return Mismatch(missing, unexpected, wrong)
 
 
-def explain_mismatch(missing: list[str], unexpected: list[str], where: Path) -> str:
+def explain_mismatch(mismatch: Mismatch, where: Path) -> str:
+    missing, unexpected = mismatch.missing, mismatch.unexpected
+    if not missing and not unexpected:
+        shown = "; ".join(mismatch.wrong_shapes[:3]) + (" ..." if len(mismatch.wrong_shapes) > 3 else "")
+        return (
+            f"{where}: {len(mismatch.wrong_shapes)} of the checkpoint's tensors have other shapes than the model's "
+            f"config.json gives them ({shown}); nothing was loaded: the config and the weights are from different "
+            "models"
+        )
     lines = [f"{where}: the checkpoint's tensor names do not match the model; nothing was loaded."]
     if missing:
         lines.append(
@@ -127,17 +185,18 @@ def explain_mismatch(missing: list[str], unexpected: list[str], where: Path) -> 
             f"  in the checkpoint but not the model ({len(unexpected)}): {', '.join(unexpected[:5])}"
             + (" ..." if len(unexpected) > 5 else "")
         )
-    if missing and all(("model." + k) in unexpected or k.startswith("lm_head") for k in missing[:20]):
+    heads = ("lm_head.", "embed_out.", "output.")  # a causal LM's output layer under its usual names
+    if unexpected and not missing and all(k.startswith(heads) for k in unexpected):
         lines.append(
-            "  likely cause: a headless AutoModel built against a ForCausalLM checkpoint (its names lack "
-            "the 'model.' prefix and the lm_head); build it with AutoModelForCausalLM."
+            "  likely cause: a headless AutoModel built against a causal-LM checkpoint (it has no output layer for "
+            "the checkpoint's lm_head, so it cannot generate); build it with AutoModelForCausalLM."
         )
-    elif unexpected and all(("model." + k) in missing for k in unexpected[:20]):
+    elif missing and not unexpected and all(k.startswith(heads) for k in missing):
         lines.append(
-            "  likely cause: the checkpoint was saved from a headless model (AutoModel: no 'model.' prefix, no "
-            "lm_head), so it cannot generate; use the causal-LM checkpoint."
+            "  likely cause: the checkpoint was saved from a headless model (AutoModel: no lm_head), so it cannot "
+            "generate; use the causal-LM checkpoint."
         )
-    elif unexpected and all(k.startswith("model.") or k.startswith("lm_head") for k in unexpected) and missing:
+    elif unexpected and missing:
         lines.append("  likely cause: the model class does not match the checkpoint's architecture.")
     else:
         lines.append("  likely cause: a different model, an incomplete download, or the wrong config.json.")
@@ -145,7 +204,6 @@ def explain_mismatch(missing: list[str], unexpected: list[str], where: Path) -> 
 
 
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses headers over 100 MB
-_SAFETENSORS_FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 def find_weight_files(directory: Path) -> list[Path]:
@@ -180,7 +238,8 @@ def checkpoint_dtype(directory: Path) -> str | None:
                     return None
                 header = json.loads(raw.read(size))
             dtypes = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
-            return next((_SAFETENSORS_FLOAT_DTYPES[d] for d in dtypes if d in _SAFETENSORS_FLOAT_DTYPES), None)
+            floats = ("BF16", "F16", "F32", "F64")
+            return next((_SAFETENSORS_DTYPES[d] for d in dtypes if d in floats), None)
         import torch
 
         state = torch.load(first, map_location="meta", weights_only=True)

@@ -43,3 +43,88 @@ def bnb_quantizes_on_cpu() -> bool:
     from packaging.version import Version
 
     return Version(transformers.__version__) >= Version(TRANSFORMERS_BNB_CPU)
+
+
+def loaded_dtype_bytes(model: Any, dtype: str) -> Any:
+    """A function (name, meta tensor, is_buffer) -> bytes per element once from_pretrained has loaded it at `dtype`
+    (for a model built at `dtype`), by this transformers' rules:
+
+    - parameters its `_keep_in_fp32_modules` names stay float32 (5.x: its `_get_dtype_plan`, with
+      `_keep_in_fp32_modules_strict` for bf16 too; 4.x: only when loading fp16);
+    - 5.x keeps a float parameter in the dtype the model's code builds it with (e.g. a router bias declared
+      float32); 4.x casts every float parameter to `dtype`;
+    - buffers keep the dtype they are built with; non-float tensors their own.
+    """
+    import re
+
+    import torch
+    import transformers
+    from packaging.version import Version
+
+    target = getattr(torch, dtype)
+    newer = Version(transformers.__version__) >= Version("5.0")
+    if newer and hasattr(model, "_get_dtype_plan"):
+        plan = model._get_dtype_plan(target)
+        pattern = re.compile("|".join(key.replace("*", ".*") for key in plan)) if plan else None
+    else:
+        keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) if target == torch.float16 else []
+        pattern = re.compile("|".join(rf"(^|\.){re.escape(m)}(\.|$)" for m in keep)) if keep else None
+
+    def loaded(name: str, tensor: Any, is_buffer: bool) -> int:
+        if is_buffer or not tensor.is_floating_point():
+            return int(tensor.element_size())
+        if pattern is not None and pattern.search(name):
+            return 4
+        if newer:
+            return int(tensor.element_size())
+        return int(target.itemsize)
+
+    return loaded
+
+
+def checkpoint_key_renamer(model: Any) -> Any:
+    """A function checkpoint key -> (the model's key transformers loads it into, whether a converter fuses or splits
+    it on the way): transformers 5's own conversion rules for the model (get_model_conversion_mapping and
+    rename_source_key, e.g. per-expert weights fused into one tensor), with its base-model prefix handling. Before
+    5.0 transformers renames nothing but that prefix."""
+    import re
+
+    state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or None
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+
+        def by_prefix(key: str) -> tuple[str, bool]:
+            if key in state or prefix is None:
+                return key, False
+            if f"{prefix}.{key}" in state:
+                return f"{prefix}.{key}", False
+            stripped = re.sub(f"^{re.escape(prefix)}\\.", "", key, count=1)
+            return (stripped if stripped in state else key), False
+
+        return by_prefix
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+
+    def rename(key: str) -> tuple[str, bool]:
+        target, pattern = rename_source_key(key, renamings, converters, prefix, state)
+        if target not in state and key in state:  # as from_pretrained: the name was right, only a prefix may differ
+            target, pattern = rename_source_key(key, [], [], prefix, state)
+        return target, pattern is not None
+
+    return rename
+
+
+@cache
+def measures_on_meta() -> bool:
+    """Whether this transformers' models run their forward on the meta device. Before 5.0 rotary embeddings open
+    `torch.autocast(device_type=x.device.type)`, which refuses "meta": their forward runs on fake CPU tensors
+    (torch's FakeTensorMode, no memory either), about three times slower."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version("5.0")

@@ -1,7 +1,8 @@
 """Placement arithmetic: which block goes on which device so that every device's estimate fits its memory.
 
-Pure functions over byte counts (no torch): `block_costs` prices each block for a dtype, quantization and
-workload; `estimate` sums a placement per device; `place` fills devices in order (or balanced) and says why.
+Pure functions over byte counts (no torch): `block_costs` prices each block for a quantization and the memory the
+model's forward was measured to hold for the workload; `estimate` sums a placement per device; `place` fills
+devices in order (or balanced) and says why.
 """
 
 from __future__ import annotations
@@ -9,14 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from oneke_plan.layout import BlockInfo, ModelLayout
+from oneke_plan.layout import BlockInfo, ModelLayout, TensorInfo
 from oneke_plan.memory import (
-    DTYPE_BYTES,
+    NO_QUANTIZATION,
     Quantization,
     Workload,
-    hidden_state_bytes,
-    layer_activation_bytes,
-    layer_kv_cache_bytes,
     linear_weight_bytes,
     logits_bytes,
     quant_scratch_bytes,
@@ -29,7 +27,8 @@ OFFLOAD_DEVICES = ("cpu", "disk")
 
 @dataclass(frozen=True)
 class BlockCost:
-    """One block priced in bytes. KV, activations, logits and scratch are charged to its execution device.
+    """One block priced in bytes. State (KV cache), activations, logits and scratch are charged to its execution
+    device.
 
     `weights_bytes` is the block as loaded with the plan's quantization; `unquantized_weights_bytes` the same block
     in the compute dtype, which is how transformers keeps bitsandbytes models' CPU- and disk-offloaded modules.
@@ -84,47 +83,61 @@ class Placement:
         return not self.unplaced
 
 
-def _tensor_bytes(tensor, dtype_bytes: int, quant: Quantization) -> int:
-    if tensor.linear_shape is not None and quant.mode != "none":
-        out_features, in_features = tensor.linear_shape
-        return linear_weight_bytes(out_features, in_features, quant, dtype_bytes)
-    if tensor.is_buffer or not tensor.is_float:
-        return tensor.numel * tensor.own_dtype_bytes  # buffers keep the dtype they were built with
-    return tensor.numel * dtype_bytes
+def _tensor_bytes(tensor: TensorInfo, quant: Quantization, quantizable: Mapping[str, tuple[int, int]]) -> int:
+    shape = quantizable.get(tensor.name) if quant.mode != "none" else None
+    if shape is not None:
+        return linear_weight_bytes(*shape, quant, tensor.dtype_bytes)
+    return tensor.numel * tensor.dtype_bytes
 
 
-def block_weights_bytes(block: BlockInfo, dtype: str, quant: Quantization) -> int:
-    """Bytes of the block's parameters and buffers once loaded in `dtype` with `quant` (tied ones counted once)."""
-    return sum(_tensor_bytes(t, DTYPE_BYTES[dtype], quant) for t in block.tensors)
+def block_weights_bytes(
+    block: BlockInfo, quant: Quantization = NO_QUANTIZATION, quantizable: Mapping[str, tuple[int, int]] | None = None
+) -> int:
+    """Bytes of the block's parameters and buffers once loaded with `quant` (tied ones counted once): the layout's
+    bytes per element, and bitsandbytes' layout for the weights transformers quantizes (`quantizable`)."""
+    return sum(_tensor_bytes(t, quant, quantizable or {}) for t in block.tensors)
+
+
+@dataclass(frozen=True)
+class MeasuredMemory:
+    """What the model's own forward holds per block for one workload (measure.py), in bytes."""
+
+    state_bytes: Mapping[str, int]  # KV cache / recurrent state each block keeps
+    peak_bytes: Mapping[str, int]  # transient bytes while each block runs
+    outside_state_bytes: int = 0  # state and peak of what runs outside every block (masks, ...): charged to the
+    outside_peak_bytes: int = 0  # first block's device
 
 
 def block_costs(
-    layout: ModelLayout, dtype: str, quant: Quantization, workload: Workload, eager_attention: bool = False
+    layout: ModelLayout,
+    quant: Quantization,
+    workload: Workload,
+    memory: MeasuredMemory,
+    quantizable: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[BlockCost]:
-    """Price every block of `layout` for this dtype, quantization and workload."""
-    size = DTYPE_BYTES[dtype]
-    shape = layout.attention
+    """Price every block of `layout`: weights for the quantization, state and transient peak as measured for the
+    workload, plus what generation adds on the lm_head's device (logits_bytes) and bitsandbytes' scratch."""
+    quantizable = quantizable or {}
     costs = []
-    for block in layout.blocks:
-        scratch = max(
-            (quant_scratch_bytes(*t.linear_shape, quant) for t in block.tensors if t.linear_shape is not None),
-            default=0,
-        )
-        if block.kind == "layer":
-            kv = layer_kv_cache_bytes(shape, workload, size)
-            activation = layer_activation_bytes(shape, workload, size, eager=eager_attention)
-        else:
-            kv = 0
-            activation = hidden_state_bytes(shape, workload, size) if block.tensors else 0
-        logits = logits_bytes(shape, workload, size) if block.kind == "lm_head" else 0
+    for i, block in enumerate(layout.blocks):
+        scratch = 0
+        if quant.mode != "none":
+            shapes = [quantizable[t.name] for t in block.tensors if t.name in quantizable]
+            scratch = max((quant_scratch_bytes(*shape, quant) for shape in shapes), default=0)
+        state = memory.state_bytes.get(block.name, 0)
+        peak = max(memory.peak_bytes.get(block.name, 0), 0)
+        if i == 0:
+            state += memory.outside_state_bytes
+            peak = max(peak, memory.outside_peak_bytes)
+        logits = logits_bytes(workload.batch_size, layout.vocab_size) if block.kind == "lm_head" else 0
         costs.append(
             BlockCost(
                 block.name,
                 block.kind,
-                block_weights_bytes(block, dtype, quant),
-                block_weights_bytes(block, dtype, Quantization("none")),
-                kv,
-                activation,
+                block_weights_bytes(block, quant, quantizable),
+                block_weights_bytes(block),
+                state,
+                peak,
                 logits,
                 scratch,
                 block.tied_to,

@@ -2,14 +2,17 @@
 
 A *block* is what accelerate will not split: a decoder layer (the model's `_no_split_modules`), or a leaf such as
 the embeddings, the final norm or the lm_head. The planner places whole blocks; this module only describes them
-(tensor shapes, which Linears bitsandbytes would quantize, which weights are tied) so that every byte count after
-this is pure arithmetic.
+(each tensor's bytes once loaded, which weights transformers' bitsandbytes integration would quantize, which are
+tied) so that every byte count after this is pure arithmetic. Each rule is transformers' own: its config reader,
+its model classes built at the planned dtype, its quantizer's replace logic and skip list.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +25,13 @@ from oneke_plan.model_source import ModelSource
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One parameter or buffer: its shape, and how it is stored."""
+    """One parameter or buffer: its size, and how it is stored once loaded."""
 
     name: str
     numel: int
     is_float: bool
-    own_dtype_bytes: int  # bytes per element as built; used for buffers and non-float tensors
+    dtype_bytes: int  # bytes per element once loaded unquantized at the layout's dtype (transformers' rules)
     is_buffer: bool
-    linear_shape: tuple[int, int] | None  # (out, in) when this is the weight of a Linear bitsandbytes quantizes
 
 
 @dataclass(frozen=True)
@@ -44,31 +46,99 @@ class BlockInfo:
 class ModelLayout:
     architecture: str
     model_type: str
+    dtype: str  # the dtype it was built at, which its tensors' dtype_bytes are for
     parameter_count: int  # tied weights counted once
     num_layers: int
     max_position_embeddings: int | None
-    attention: AttentionShape
+    vocab_size: int  # rows of the output embeddings (logits per position); 0 without any
+    attention: AttentionShape | None  # for the analytic cross-check (docs/memory-model.md); None if not LLaMA-like
     no_split_module_classes: tuple[str, ...]
     blocks: tuple[BlockInfo, ...]
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
-    """A transformers config object for `source`, never running code from it unless asked to."""
+    """A transformers config object for `source`, read as transformers reads it (AutoConfig: defaults, attribute
+    names, nested text configs), never running code from it unless asked to, and never touching the network.
+    Its sizes are checked (validate_config) before anything is built from it."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    where = source.directory / "config.json" if source.directory else source.name
     model_type = source.config.get("model_type")
-    if trust_remote_code and source.directory is not None:
-        return AutoConfig.from_pretrained(source.directory, trust_remote_code=True)
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        where = source.directory / "config.json" if source.directory else source.name
+    if not trust_remote_code and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING):
         raise BadInput(
-            f"{where}: model_type {model_type!r} is not built into this transformers; upgrade transformers, or "
-            "pass --trust-remote-code if you trust the code shipped with the model"
+            f"{where}: model_type {model_type!r} is not built into transformers {_transformers_version()}; upgrade "
+            "transformers, or pass --trust-remote-code if you trust the code shipped with the model"
         )
-    config_class = CONFIG_MAPPING[model_type]
-    fields = {k: v for k, v in source.config.items() if k != "model_type"}
-    return config_class.from_dict(fields)
+    quiet = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(quiet):
+            warnings.simplefilter("ignore")
+            if source.directory is not None:
+                config = AutoConfig.from_pretrained(
+                    str(source.directory), trust_remote_code=trust_remote_code, local_files_only=True
+                )
+            else:
+                fields = {k: v for k, v in source.config.items() if k != "model_type"}
+                config = CONFIG_MAPPING[str(model_type)].from_dict(fields)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+        raise BadInput(f"{where}: transformers cannot read this config ({_first_line(exc)})") from None
+    validate_config(config, str(where))
+    return config
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:200] if text else type(exc).__name__) or type(exc).__name__
+
+
+# Config fields that count or size the model's tensors, and the most any real model has: a config beyond these
+# is a mistake (1e9 layers would be built one by one), refused before anything is built.
+_COUNT_LIMITS = {"num_hidden_layers": 10_000, "num_experts": 1_000_000, "num_local_experts": 1_000_000}
+_CORE = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads")
+_SIZE_LIMIT = 1 << 31  # any one dimension (hidden size, vocabulary, intermediate size, positions, ...)
+_SIZE_FIELD = re.compile(r"^(num|n)_|(_size|_dim|_heads|_layers|_experts|_embeddings|_positions|_tok)$|^vocab")
+
+
+def validate_config(config: Any, where: str) -> None:
+    """Every field that sets a tensor size or a count is a non-negative integer within what real models use, and
+    the core ones (layers, hidden size, vocabulary, heads) are positive: one clear line otherwise (BadInput)."""
+    for text in _text_configs(config):
+        for name, value in sorted(vars(text).items()):
+            if name.startswith("_") or not _SIZE_FIELD.search(name) or value is None or isinstance(value, dict):
+                continue
+            for item in value if isinstance(value, list | tuple) else [value]:
+                switch = isinstance(item, bool) and name not in _CORE  # e.g. tie_word_embeddings
+                if isinstance(item, str | dict | list) or item is None or switch:
+                    continue  # names of layer types, nested settings, switches: not sizes
+                if isinstance(item, bool) or not isinstance(item, int):
+                    raise BadInput(f"{where}: {name} is {item!r}; it must be a whole number")
+                limit = _COUNT_LIMITS.get(name, _SIZE_LIMIT)
+                if item < 0 or item > limit:
+                    raise BadInput(f"{where}: {name} is {item}; it must be between 0 and {limit:,}")
+        for name in _CORE:
+            value = getattr(text, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+                raise BadInput(f"{where}: {name} is {value}; it must be a positive number")
+
+
+def _text_configs(config: Any) -> list[Any]:
+    """The config and the text config inside a composite one (Gemma-3, Llama-4: `text_config`)."""
+    found = [config]
+    try:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:  # more than one text config: check every sub-config
+        text = None
+        found += [getattr(config, key) for key in getattr(config, "sub_configs", {}) if getattr(config, key, None)]
+    if text is not None and text is not config:
+        found.append(text)
+    return found
 
 
 def config_dtype(config: Any) -> str | None:
@@ -108,10 +178,15 @@ def attention_shape(config: Any) -> AttentionShape:
 
 
 def build_meta_model(
-    config: Any, dtype: str, trust_remote_code: bool = False, attn_implementation: str | None = None
+    config: Any,
+    dtype: str,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    fake: bool = False,
 ) -> Any:
     """AutoModelForCausalLM on the meta device, weights tied. `attn_implementation` None lets transformers choose
-    (SDPA where the model supports it); the choice is in `model.config._attn_implementation`.
+    (SDPA where the model supports it); the choice is in `model.config._attn_implementation`. `fake`: as fake CPU
+    tensors instead (torch's FakeTensorMode: no memory either), for transformers whose forward cannot run on meta.
 
     ForCausalLM, not AutoModel: the headless model's parameter names (`layers.0...`) do not match a causal-LM
     checkpoint (`model.layers.0...`), which is how the published multi-GPU snippet ends with weights on meta.
@@ -124,17 +199,61 @@ def build_meta_model(
 
     torch_dtype = getattr(torch, dtype)
     quiet = io.StringIO()
-    with init_empty_weights(), no_init_weights(), warnings.catch_warnings(), contextlib.redirect_stderr(quiet):
+    # include_buffers: every tensor on meta from the start (a buffer such as GPT-2's n_positions^2 causal mask, or
+    # experts created with torch.empty before they become parameters, would otherwise take real memory first).
+    with (
+        _fake_mode() if fake else init_empty_weights(include_buffers=True),
+        no_init_weights(),
+        warnings.catch_warnings(),
+        contextlib.redirect_stderr(quiet),
+    ):
         warnings.simplefilter("ignore")
         try:
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             model = AutoModelForCausalLM.from_config(
                 config, trust_remote_code=trust_remote_code, **{dtype_kwarg(): torch_dtype}, **extra
             )
-        except ValueError as exc:
-            raise BadInput(f"config.json: transformers cannot build a causal LM from it ({exc})") from None
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as exc:
+            raise BadInput(f"config.json: transformers cannot build a causal LM from it ({_first_line(exc)})") from None
     model.tie_weights()
+    model.eval()
     return model
+
+
+def _fake_mode() -> Any:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def two_layer_copy(
+    config: Any, model: Any, layers: list[str], dtype: str, attn_implementation: str | None, fake: bool = False
+) -> Any:
+    """The same model with two decoder layers, to measure quickly, when its layers are all alike: the same
+    classes, tensors and layer type (config.layer_types). ValueError when they are not (measure the whole model)."""
+    modules = dict(model.named_modules())
+    signatures = {_layer_signature(modules[name]) for name in layers}
+    text = _text_configs(config)[-1]
+    types = getattr(text, "layer_types", None)
+    if len(signatures) != 1 or (isinstance(types, list) and len(set(map(str, types))) > 1) or len(layers) < 3:
+        raise ValueError("the decoder layers differ")
+    small = copy.deepcopy(config)
+    small_text = _text_configs(small)[-1]
+    count = len(layers)
+    for name, value in list(vars(small_text).items()):
+        if isinstance(value, list) and len(value) == count:
+            if len({repr(v) for v in value}) > 1:
+                raise ValueError(f"config.{name} differs from layer to layer")
+            setattr(small_text, name, value[:2])
+    small_text.num_hidden_layers = 2
+    return build_meta_model(small, dtype, attn_implementation=attn_implementation, fake=fake)
+
+
+def _layer_signature(module: Any) -> tuple[Any, ...]:
+    return (
+        tuple(type(m).__name__ for m in module.modules()),
+        tuple((n, tuple(t.shape), str(t.dtype)) for n, t in [*module.named_parameters(), *module.named_buffers()]),
+    )
 
 
 def _split_blocks(model: Any, no_split: tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -159,23 +278,33 @@ def _split_blocks(model: Any, no_split: tuple[str, ...]) -> list[tuple[str, Any]
     return out
 
 
-def _quantizable_linears(model: Any) -> dict[str, tuple[int, int]]:
-    """Full names of Linear weights bitsandbytes would replace, with (out, in).
-
-    As transformers' bitsandbytes integration does by default: every nn.Linear except the output embeddings
-    (lm_head), which stay in the compute dtype for accuracy.
-    """
+def quantizable_linears(config: Any, dtype: str, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+    """The weights transformers' bitsandbytes integration replaces, with their (out, in) sizes: its quantizer's own
+    replace logic and skip list (the output embeddings, tied weights, `_keep_in_fp32_modules`, exactly `nn.Linear`
+    and Conv1D) run on a meta copy of the model. The same set for 8-bit and 4-bit."""
     import torch
+    from accelerate import init_empty_weights
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers import AutoHfQuantizer
 
-    output = model.get_output_embeddings()
+    model = build_meta_model(copy.deepcopy(config), dtype, trust_remote_code)
+    quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True), pre_quantized=False)
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    with init_empty_weights(include_buffers=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantizer.preprocess_model(
+            model=model, device_map={"": 0}, keep_in_fp32_modules=keep, dtype=getattr(torch, dtype)
+        )
     return {
         f"{name}.weight": (module.out_features, module.in_features)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output
+        if type(module).__module__.startswith("bitsandbytes")
+        and hasattr(module, "out_features")
+        and hasattr(module, "in_features")
     }
 
 
-def _tensor_infos(prefix: str, obj: Any, quantizable: dict[str, tuple[int, int]], seen: set[int]) -> list[TensorInfo]:
+def _tensor_infos(prefix: str, obj: Any, seen: set[int], loaded_bytes: Any) -> list[TensorInfo]:
     import torch
 
     if isinstance(obj, torch.Tensor):
@@ -194,29 +323,46 @@ def _tensor_infos(prefix: str, obj: Any, quantizable: dict[str, tuple[int, int]]
                 name=name,
                 numel=tensor.numel(),
                 is_float=tensor.is_floating_point(),
-                own_dtype_bytes=tensor.element_size(),
+                dtype_bytes=loaded_bytes(name, tensor, is_buffer),
                 is_buffer=is_buffer,
-                linear_shape=quantizable.get(name),
             )
         )
     return infos
 
 
-def read_layout(model: Any, config: Any) -> ModelLayout:
-    """Describe `model` (built by build_meta_model) block by block."""
+def layer_classes(model: Any) -> tuple[str, ...]:
+    """The module classes accelerate must not split: the model's `_no_split_modules`, or else the class of the
+    longest ModuleList's items (its decoder layers), so that a model that names none is still placed, and
+    measured, layer by layer."""
+    import torch
+
+    declared = tuple(getattr(model, "_no_split_modules", None) or ())
+    if declared:
+        return declared
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return ()
+    longest = max(lists, key=len)
+    return (type(longest[0]).__name__,)
+
+
+def read_layout(model: Any, config: Any, dtype: str) -> ModelLayout:
+    """Describe `model` (built by build_meta_model at `dtype`) block by block."""
     from accelerate.utils import find_tied_parameters
 
-    no_split = tuple(getattr(model, "_no_split_modules", None) or ())
-    quantizable = _quantizable_linears(model)
+    from oneke_plan.compat import loaded_dtype_bytes
+
+    no_split = layer_classes(model)
     output = model.get_output_embeddings()
     output_name = next((n for n, m in model.named_modules() if m is output), None)
     tied_groups = find_tied_parameters(model)
+    loaded_bytes = loaded_dtype_bytes(model, dtype)
 
     seen: set[int] = set()
     blocks: list[BlockInfo] = []
     owner_of: dict[str, str] = {}
     for name, obj in _split_blocks(model, no_split):
-        tensors = tuple(_tensor_infos(name, obj, quantizable, seen))
+        tensors = tuple(_tensor_infos(name, obj, seen, loaded_bytes))
         kind = "layer" if type(obj).__name__ in no_split else "lm_head" if name == output_name else "other"
         tied_to = None
         for group in tied_groups:
@@ -230,13 +376,21 @@ def read_layout(model: Any, config: Any) -> ModelLayout:
 
     parameter_count = sum(t.numel for b in blocks for t in b.tensors if not t.is_buffer)
     num_layers = sum(1 for b in blocks if b.kind == "layer")
+    text = _text_configs(config)[-1]
+    weight = getattr(output, "weight", None)
+    try:
+        attention: AttentionShape | None = attention_shape(text)
+    except BadInput:
+        attention = None
     return ModelLayout(
         architecture=type(model).__name__,
         model_type=str(getattr(config, "model_type", "")),
+        dtype=dtype,
         parameter_count=parameter_count,
         num_layers=num_layers,
-        max_position_embeddings=getattr(config, "max_position_embeddings", None),
-        attention=attention_shape(config),
+        max_position_embeddings=getattr(text, "max_position_embeddings", None),
+        vocab_size=int(weight.shape[0]) if weight is not None and weight.dim() == 2 else 0,
+        attention=attention,
         no_split_module_classes=no_split,
         blocks=tuple(blocks),
     )

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from oneke_plan.checkpoint import Checkpoint, explain_mismatch, key_mismatch, read_checkpoint
+from oneke_plan.checkpoint import explain_mismatch, key_mismatch, read_checkpoint
 from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.inventory import Gpu, detect_gpus, detected_cpu_bytes, runs_bf16
@@ -177,98 +177,52 @@ def _quiet() -> Any:
 def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = False) -> Any:
     """The model, loaded into exactly the profile's device_map, ready for generate.
 
-    16-bit: meta init, tie_weights, key check, every tensor put on its device_map device with accelerate's
-    set_module_tensor_to_device (with disk offload: accelerate's load_checkpoint_in_model, which writes the
-    offload folder), tie again, dispatch_model.
-    8/4-bit: the same key check on a meta model, then transformers' from_pretrained with the profile's device_map
-    and a bitsandbytes config, which quantizes each Linear as it is loaded (bitsandbytes runs on CPU too).
+    First everything that can be checked without loading: the checkpoint's names and shapes against the model
+    built as AutoModelForCausalLM on the meta device and tied (renamed and fused as transformers will load them),
+    the device_map against its modules, the GPUs it names. Then transformers' own from_pretrained with the
+    profile's device_map, dtype and attention implementation (and a bitsandbytes config for 8/4-bit, which
+    quantizes each Linear as it is loaded; bitsandbytes runs on the CPU too): it renames and fuses weights, ties
+    them, offloads to CPU and disk, and dispatches.
     """
-    from accelerate import dispatch_model, load_checkpoint_in_model
-
     if source.directory is None:
         raise BadInput(f"{source.name}: a built-in config has no weights; pass --model DIR with the checkpoint")
     checkpoint = read_checkpoint(source.directory)
     model = build_empty_model(source, profile.dtype, trust_remote_code, profile.attn_implementation)
-    missing, unexpected = key_mismatch(model, checkpoint.keys)
-    if missing or unexpected:
-        raise BadInput(explain_mismatch(missing, unexpected, checkpoint.path))
+    mismatch = key_mismatch(model, checkpoint)
+    if mismatch:
+        raise BadInput(explain_mismatch(mismatch, checkpoint.path))
     _check_device_map_modules(model, profile)
     _check_gpus_present(profile, source)
+    del model
     device_map = dict(profile.device_map)
     offload = profile.offload_dir
     if offload:
         Path(offload).mkdir(parents=True, exist_ok=True)
-    if profile.quantization["mode"] != "none":
-        return _load_quantized(profile, source, device_map, offload, trust_remote_code)
-    with _quiet():
-        if "disk" in device_map.values():
-            load_checkpoint_in_model(
-                model,
-                str(checkpoint.path),
-                device_map=device_map,
-                offload_folder=offload,
-                dtype=_torch_dtype(profile.dtype),
-                offload_state_dict=False,
-            )
-        else:
-            _load_tensors(model, checkpoint, device_map, _torch_dtype(profile.dtype))
-        model.tie_weights()
-        model = dispatch_model(model, device_map=device_map, offload_dir=offload)
-    _refuse_meta(model, device_map)
-    model.eval()
-    return model
+    quantized = profile.quantization["mode"] != "none"
+    if quantized and not any(isinstance(d, int) for d in device_map.values()) and not bnb_quantizes_on_cpu():
+        import transformers
 
-
-def _load_tensors(model: Any, checkpoint: Checkpoint, device_map: dict[str, Any], dtype: Any) -> None:
-    """Each checkpoint tensor straight onto its device_map device, cast to `dtype` (floats only).
-
-    What accelerate's load_checkpoint_in_model does for maps without disk, minus its gc.collect() after every
-    file, which costs more than reading a small checkpoint.
-    """
-    import torch
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
-
-    wanted = set(model.state_dict())  # key_mismatch already allowed the names the model ignores on load
-    for file in checkpoint.files:
-        if checkpoint.pickled:
-            try:
-                tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-                tensors = torch.load(file, map_location="cpu", weights_only=True)
-            items = iter(tensors.items())
-        else:
-            handle = safe_open(str(file), framework="pt")
-            items = ((key, handle.get_tensor(key)) for key in handle.keys())
-        for name, tensor in items:
-            if name in wanted:
-                set_module_tensor_to_device(model, name, _device_of(name, device_map), value=tensor, dtype=dtype)
-
-
-def _load_quantized(
-    profile: Profile, source: ModelSource, device_map: dict[str, Any], offload: str | None, trust_remote_code: bool
-) -> Any:
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    if not any(isinstance(d, int) for d in device_map.values()) and not bnb_quantizes_on_cpu():
         raise BadInput(
             f"the profile quantizes ({profile.quantization['mode']}) a model that sits on the CPU alone, which "
             f"transformers {transformers.__version__} cannot do with bitsandbytes (it needs {TRANSFORMERS_BNB_CPU} "
             "or later); upgrade transformers, or re-plan without --quantize"
         )
+    from transformers import AutoModelForCausalLM
+
+    extra = {"quantization_config": _quantization_config(profile)} if quantized else {}
     with _quiet():
-        model = AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             str(source.directory),
             device_map=device_map,
-            quantization_config=_quantization_config(profile),
             **{dtype_kwarg(): _torch_dtype(profile.dtype)},
             attn_implementation=profile.attn_implementation,
             offload_folder=offload,
             trust_remote_code=trust_remote_code,
+            **extra,
         )
-    model.eval()
-    return model
+    _refuse_meta(loaded, device_map)
+    loaded.eval()
+    return loaded
 
 
 def _check_device_map_modules(model: Any, profile: Profile) -> None:
@@ -350,27 +304,33 @@ def _offload_index(offload_dir: str | None) -> dict[str, Any]:
 
 
 def measured_weight_bytes(
-    model: Any, device_map: dict[str, Any], dtype: str, offload_dir: str | None = None
+    model: Any,
+    device_map: dict[str, Any],
+    dtype: str,
+    offload_dir: str | None = None,
+    stored_dtypes: dict[str, str] | None = None,
 ) -> dict[Any, int]:
     """Bytes of parameters and buffers per profile device, as loaded (tied tensors once).
 
     Tensors on a real device count there. Tensors left on meta by accelerate's offload count on their device_map
-    device (cpu or disk): a tensor written to `offload_dir` at the dtype its index.json records (accelerate writes
-    the checkpoint's dtype and casts on every fetch, so an fp32 profile of a bf16 checkpoint keeps bf16 on disk),
-    any other at the profile's dtype.
+    device (cpu or disk): a disk tensor at the dtype it is stored in, as `offload_dir`'s index.json records it
+    (transformers 4.x writes the checkpoint's dtype there) or else as the checkpoint stores it (`stored_dtypes`:
+    transformers 5 reads offloaded weights straight from the checkpoint's safetensors), and cast on every fetch, so
+    an fp32 profile of a bf16 checkpoint keeps bf16 on disk; any other at the profile's dtype.
     """
     import torch
 
     from oneke_plan.memory import DTYPE_BYTES
 
-    index = _offload_index(offload_dir)
+    index = {name: entry.get("dtype", "") for name, entry in _offload_index(offload_dir).items()}
+    index = {**(stored_dtypes or {}), **index}
     seen: set[Any] = set()
     totals: dict[Any, int] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "meta":
             key: Any = ("meta", name)
             device = _device_of(name, device_map)
-            stored = getattr(torch, str(index.get(name, {}).get("dtype", "")), None) if device == "disk" else None
+            stored = getattr(torch, str(index.get(name, "")), None) if device == "disk" else None
             if isinstance(stored, torch.dtype):
                 size = tensor.numel() * stored.itemsize
             else:

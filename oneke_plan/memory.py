@@ -52,6 +52,9 @@ class Quantization:
     double_quant: bool = True  # 4-bit only: quantize the absmaxes too (QLoRA's default)
 
 
+NO_QUANTIZATION = Quantization()
+
+
 @dataclass(frozen=True)
 class Workload:
     """What one generate call must hold: a batch of prompts up to max_input_tokens, each growing by max_new_tokens."""
@@ -146,13 +149,11 @@ def hidden_state_bytes(shape: AttentionShape, workload: Workload, dtype_bytes: i
     return workload.batch_size * workload.max_input_tokens * shape.hidden_size * dtype_bytes
 
 
-def logits_bytes(shape: AttentionShape, workload: Workload, dtype_bytes: int) -> int:
-    """Logits alive on the lm_head's device per decoding step.
-
-    transformers computes logits for the last position only while generating (logits_to_keep=1): batch x vocab in
-    the compute dtype, generate's fp32 copy, and the fp32 scores the logits processors return.
-    """
-    return workload.batch_size * shape.vocab_size * (dtype_bytes + 4 + 4)
+def logits_bytes(batch_size: int, vocab_size: int) -> int:
+    """What generation holds beside the model's own logits (which the measured forward counts) on the lm_head's
+    device per decoding step: transformers' generate copies the last position's logits to float32 and its logits
+    processors return float32 scores: batch x vocab x (4 + 4)."""
+    return batch_size * vocab_size * (4 + 4)
 
 
 def quant_scratch_bytes(out_features: int, in_features: int, quant: Quantization) -> int:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -21,12 +22,14 @@ from typing import Any
 
 from oneke_plan import __version__
 from oneke_plan.checkpoint import checkpoint_dtype
+from oneke_plan.compat import measures_on_meta
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.fit import (
     OFFLOAD_DEVICES,
     BlockCost,
     DeviceEstimate,
     DeviceId,
+    MeasuredMemory,
     Placement,
     Slot,
     block_costs,
@@ -34,7 +37,16 @@ from oneke_plan.fit import (
     place,
 )
 from oneke_plan.inventory import Inventory, runs_bf16
-from oneke_plan.layout import ModelLayout, build_meta_model, config_dtype, load_config, read_layout
+from oneke_plan.layout import (
+    ModelLayout,
+    build_meta_model,
+    config_dtype,
+    load_config,
+    quantizable_linears,
+    read_layout,
+    two_layer_copy,
+)
+from oneke_plan.measure import OUTSIDE, MeasureError, Measurer
 from oneke_plan.memory import (
     DEFAULT_CPU_RESERVE_BYTES,
     DEFAULT_GPU_RESERVE_BYTES,
@@ -45,7 +57,7 @@ from oneke_plan.memory import (
     offload_slowdown,
 )
 from oneke_plan.model_source import ModelSource
-from oneke_plan.profile import ESTIMATE_KEYS, Profile, ProfileDevice
+from oneke_plan.profile import ATTN_IMPLEMENTATIONS, ESTIMATE_KEYS, Profile, ProfileDevice
 from oneke_plan.sizes import format_bytes
 
 MAX_SOLVED_BATCH = 4096
@@ -166,9 +178,15 @@ def make_slots(inventory: Inventory, reserve_bytes: int, cpu_reserve_bytes: int)
     return slots
 
 
+# Measurements are a pure function of the model's config, dtype, attention and the library versions: kept for
+# the life of the process, so that every Planner of the same model (tests, benchmarks, a notebook) measures once.
+_MEASURERS: dict[tuple[str, str, bool, bool], Measurer] = {}
+_QUANTIZABLE: dict[tuple[str, str, bool], dict[str, tuple[int, int]]] = {}
+
+
 class Planner:
-    """Holds one model's config and meta builds (one per dtype and attention implementation), so that re-planning
-    (suggestions, solving) costs arithmetic only."""
+    """Holds one model's config, meta builds (one per dtype and attention implementation) and measurements, so
+    that re-planning (suggestions, solving) costs arithmetic only."""
 
     def __init__(self, source: ModelSource, trust_remote_code: bool = False):
         self.source = source
@@ -176,6 +194,7 @@ class Planner:
         self.config = load_config(source, trust_remote_code)
         self.model_dtype = model_dtype(self.config, source)
         self._builds: dict[tuple[str, bool], tuple[Any, ModelLayout]] = {}
+        self._key = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
 
     def build(self, dtype: str, eager_attention: bool = False) -> tuple[Any, ModelLayout]:
         """The meta model and its layout at `dtype` (buffers keep the dtype the model's code gives them at that
@@ -188,8 +207,36 @@ class Planner:
                 self.trust_remote_code,
                 attn_implementation="eager" if eager_attention else None,
             )
-            self._builds[key] = (model, read_layout(model, self.config))
+            self._builds[key] = (model, read_layout(model, self.config, dtype))
         return self._builds[key]
+
+    def measurer(self, dtype: str, eager_attention: bool = False) -> Measurer:
+        """What the model's own forward holds, per block, measured on the meta device at `dtype`."""
+        key = (self._key, dtype, eager_attention, self.trust_remote_code)
+        if key not in _MEASURERS:
+            model, layout = self.build(dtype, eager_attention)
+            layers = [b.name for b in layout.blocks if b.kind == "layer"]
+            attn = "eager" if eager_attention else None
+            fake = not measures_on_meta()
+            if fake:
+                model = build_meta_model(copy.deepcopy(self.config), dtype, self.trust_remote_code, attn, fake=True)
+
+            def two_layers() -> tuple[Any, list[str], list[str]]:
+                small = two_layer_copy(self.config, model, layers, dtype, attn, fake=fake)
+                small_layout = read_layout(small, self.config, dtype)
+                small_layers = [b.name for b in small_layout.blocks if b.kind == "layer"]
+                return small, [b.name for b in small_layout.blocks], small_layers
+
+            limit = layout.max_position_embeddings
+            _MEASURERS[key] = Measurer(model, [b.name for b in layout.blocks], layers, two_layers, limit)
+        return _MEASURERS[key]
+
+    def quantizable(self, dtype: str) -> dict[str, tuple[int, int]]:
+        """Weights transformers' bitsandbytes integration would quantize (layout.quantizable_linears)."""
+        key = (self._key, dtype, self.trust_remote_code)
+        if key not in _QUANTIZABLE:
+            _QUANTIZABLE[key] = quantizable_linears(self.config, dtype, self.trust_remote_code)
+        return _QUANTIZABLE[key]
 
     @property
     def default_dtype(self) -> str:
@@ -222,12 +269,23 @@ class Planner:
         dtype, log = resolve_dtype(settings.dtype, self.model_dtype, inventory)
         model, layout = self.build(dtype, settings.eager_attention)
         attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        if attn not in ATTN_IMPLEMENTATIONS:
+            raise BadInput(f"{layout.architecture} runs attention as {attn!r}, which oneke-plan does not plan for")
         if attn == "eager" and not settings.eager_attention:
             log.append(f"attention: {layout.architecture} runs eager attention (no SDPA), so its scores are counted")
         slots = make_slots(inventory, settings.reserve_bytes, settings.cpu_reserve_bytes)
         if not slots:
             raise BadInput("no device to plan for: no GPU was given or detected and --cpu-memory is 0")
-        costs = block_costs(layout, dtype, settings.quant, settings.workload, eager_attention=attn == "eager")
+        memory = self.measured(dtype, settings.eager_attention, settings.workload, layout)
+        log += self.measurer(dtype, settings.eager_attention).log
+        quantizable = self.quantizable(dtype) if settings.quant.mode != "none" else None
+        if quantizable is not None and not quantizable:
+            raise BadInput(
+                f"--quantize {settings.quant.mode}: transformers' bitsandbytes integration quantizes no layer of "
+                f"{layout.architecture} (it converts nn.Linear and Conv1D modules only), so it would load unchanged; "
+                "plan without --quantize"
+            )
+        costs = block_costs(layout, settings.quant, settings.workload, memory, quantizable)
         layer = next((c for c in costs if c.kind == "layer"), None)
         if layer is not None:
             log.append(
@@ -242,6 +300,23 @@ class Planner:
         placement = place(costs, slots, settings.strategy)
         return Plan(
             settings, dtype, attn, slots, costs, placement, layout, log + placement.log + _offload_note(placement)
+        )
+
+    def measured(self, dtype: str, eager_attention: bool, workload: Workload, layout: ModelLayout) -> MeasuredMemory:
+        """Per block, the state and transient peak the model's forward was measured to hold for the workload."""
+        measurer = self.measurer(dtype, eager_attention)
+        try:
+            memory = measurer.block_memory(workload.batch_size, workload.max_input_tokens, workload.sequence_tokens)
+        except MeasureError as exc:
+            raise BadInput(
+                f"{self.source.name}: oneke-plan cannot price {layout.architecture} honestly: it measures memory by "
+                f"running the model's own forward on the meta device, and that fails ({exc})"
+            ) from None
+        return MeasuredMemory(
+            {name: m.state_bytes for name, m in memory.items() if name != OUTSIDE},
+            {name: m.peak_bytes for name, m in memory.items() if name != OUTSIDE},
+            memory[OUTSIDE].state_bytes,
+            memory[OUTSIDE].peak_bytes,
         )
 
     # -- step 5 ------------------------------------------------------------------------------------------------

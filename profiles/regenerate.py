@@ -44,6 +44,10 @@ PROFILES: list[tuple[str, list[str]]] = [
 ]  # fmt: skip
 
 
+DOC = HERE.parent / "docs" / "profile-format.md"
+DOC_EXAMPLE = "oneke-12gib-4bit.yaml"  # the profile docs/profile-format.md shows under "## Example"
+
+
 def regenerate(folder: Path = HERE) -> int:
     """Write every profile into `folder`; return 0, or the first non-zero exit code of oneke-plan."""
     from oneke_plan.cli.plan import main
@@ -56,5 +60,14 @@ def regenerate(folder: Path = HERE) -> int:
     return 0
 
 
+def doc_with_example(doc: str, profile: str) -> str:
+    """docs/profile-format.md with its example replaced by `profile` (the YAML block after "## Example")."""
+    start = doc.index("```yaml\n", doc.index("## Example")) + len("```yaml\n")
+    return doc[:start] + profile + doc[doc.index("```", start) :]
+
+
 if __name__ == "__main__":
-    sys.exit(regenerate())
+    code = regenerate()
+    if code == 0:
+        DOC.write_text(doc_with_example(DOC.read_text(encoding="utf-8"), (HERE / DOC_EXAMPLE).read_text("utf-8")))
+    sys.exit(code)

@@ -188,7 +188,7 @@ def test_planned_quantized_weights_match_bitsandbytes(quant_dir: Path, case: str
     model = _from_pretrained(quant_dir, dtype=torch.bfloat16, device_map="cpu", quantization_config=config)
     kind = bnb.nn.Linear8bitLt if quant.mode == "8bit" else bnb.nn.Linear4bit
     quantized = [name for name, m in model.named_modules() if isinstance(m, kind)]
-    planned_linears = [t.name for b in planner.layout.blocks for t in b.tensors if t.linear_shape is not None]
+    planned_linears = list(planner.quantizable("bfloat16"))
     assert sorted(f"{n}.weight" for n in quantized) == sorted(planned_linears)  # the same Linears, lm_head kept
 
     blocks = [b.name for b in planner.layout.blocks]
@@ -203,7 +203,9 @@ def test_planned_quantized_weights_match_bitsandbytes(quant_dir: Path, case: str
         assert planned[device] == pytest.approx(nbytes, rel=0.01), (device, planned[device], nbytes)
     # Per block the formula is exact: quant state is per Linear, nothing shared between Linears on CPU.
     for block in planner.layout.blocks:
-        assert block_weights_bytes(block, "bfloat16", quant) == by_block.get(block.name, 0), block.name
+        assert block_weights_bytes(block, quant, planner.quantizable("bfloat16")) == by_block.get(block.name, 0), (
+            block.name
+        )
 
 
 # -- one Linear, exact to the byte -------------------------------------------------------------------------------
@@ -333,9 +335,10 @@ def test_oneke_parameter_count(oneke: Planner) -> None:
 def test_oneke_layer_linear_parameters(oneke: Planner) -> None:
     layers = [b for b in oneke.layout.blocks if b.kind == "layer"]
     assert len(layers) == 40
+    quantizable = oneke.quantizable("bfloat16")
     for block in layers:
-        linear = sum(t.numel for t in block.tensors if t.linear_shape is not None)
-        norms = [t.numel for t in block.tensors if t.linear_shape is None and not t.is_buffer]
+        linear = sum(t.numel for t in block.tensors if t.name in quantizable)
+        norms = [t.numel for t in block.tensors if t.name not in quantizable and not t.is_buffer]
         assert linear == ONEKE_LAYER_LINEAR_PARAMETERS
         assert norms == [5120, 5120]
 
@@ -346,7 +349,7 @@ def test_oneke_embeddings_and_lm_head(oneke: Planner) -> None:
     assert sum(t.numel for t in by_name["lm_head"].tensors) == ONEKE_EMBEDDING_PARAMETERS
     assert by_name["lm_head"].tied_to is None  # not tied
     # lm_head stays in bf16 under bitsandbytes: it is not among the quantized Linears
-    assert all(t.linear_shape is None for t in by_name["lm_head"].tensors)
+    assert all(t.name not in oneke.quantizable("bfloat16") for t in by_name["lm_head"].tensors)
 
 
 def test_oneke_kv_bytes_per_token(oneke: Planner) -> None:
@@ -358,7 +361,7 @@ def test_oneke_kv_bytes_per_token(oneke: Planner) -> None:
 
 
 def test_oneke_bf16_weights(oneke: Planner) -> None:
-    total = sum(block_weights_bytes(b, "bfloat16", Quantization()) for b in oneke.layout.blocks)
+    total = sum(block_weights_bytes(b) for b in oneke.layout.blocks)
     params_bytes = sum(t.numel * 2 for b in oneke.layout.blocks for t in b.tensors if not t.is_buffer)
     assert params_bytes == 2 * ONEKE_PARAMETERS
     assert round(total / 1e9, 2) == ONEKE_BF16_WEIGHTS_GB

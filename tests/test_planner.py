@@ -306,16 +306,14 @@ def test_quantized_plan_prices_offloaded_blocks_unquantized() -> None:
     on_cpu = [n for n, d in plan.placement.assignment.items() if d == "cpu"]
     on_gpu = [n for n, d in plan.placement.assignment.items() if d == 0]
     assert on_cpu and on_gpu
-    assert plan.placement.estimates["cpu"].weights_bytes == sum(
-        block_weights_bytes(blocks[n], "bfloat16", Quantization("none")) for n in on_cpu
-    )
+    assert plan.placement.estimates["cpu"].weights_bytes == sum(block_weights_bytes(blocks[n]) for n in on_cpu)
     assert plan.placement.estimates[0].weights_bytes == sum(
-        block_weights_bytes(blocks[n], "bfloat16", settings.quant) for n in on_gpu
+        block_weights_bytes(blocks[n], settings.quant, planner.quantizable("bfloat16")) for n in on_gpu
     )
     # Without a GPU the whole model sits on the CPU and bitsandbytes quantizes it there.
     cpu_only = planner.plan(Inventory((), 64 * 2**30), settings)
     assert cpu_only.placement.estimates["cpu"].weights_bytes == sum(
-        block_weights_bytes(b, "bfloat16", settings.quant) for b in planner.layout.blocks
+        block_weights_bytes(b, settings.quant, planner.quantizable("bfloat16")) for b in planner.layout.blocks
     )
 
 

@@ -104,6 +104,7 @@ def test_regenerate_writes_identical_files(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_profile_format_doc_example_is_a_checked_in_profile() -> None:
-    doc = (PROFILES_DIR.parent / "docs" / "profile-format.md").read_text(encoding="utf-8")
-    example = doc.split("## Example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert example == (PROFILES_DIR / "oneke-12gib-4bit.yaml").read_text(encoding="utf-8")
+    doc = REGENERATE.DOC.read_text(encoding="utf-8")
+    example = (PROFILES_DIR / REGENERATE.DOC_EXAMPLE).read_text(encoding="utf-8")
+    assert REGENERATE.doc_with_example(doc, example) == doc, "run `python profiles/regenerate.py`"
+    assert example in doc

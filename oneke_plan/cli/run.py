@@ -191,6 +191,7 @@ def _offload_dir(from_profile: str | None, from_flag: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from oneke_plan.checkpoint import read_checkpoint
     from oneke_plan.generation import GreedyGenerator
     from oneke_plan.loader import check_machine, load_model, measured_weight_bytes
     from oneke_plan.model_source import resolve_model
@@ -232,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         model = load_model(profile, source, trust_remote_code=args.trust_remote_code)
-        measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir)
+        stored = read_checkpoint(source.directory).dtypes if source.directory else None
+        measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
         print(weight_table(profile, measured), file=sys.stderr)
         tokenizer = AutoTokenizer.from_pretrained(source.directory, trust_remote_code=args.trust_remote_code)
         generator = GreedyGenerator(model, tokenizer, max_new)

@@ -1,0 +1,712 @@
+"""Measuring: run the model's own forward on the meta device and account for every tensor it allocates.
+
+Nothing here is a formula for an architecture. The model built on the meta device (no memory) runs its real
+transformers code on meta inputs of the planned shapes, and a torch dispatch mode sees every tensor each op
+creates and, through a weak reference to its storage, when it is freed. Each storage is charged to the block (a
+decoder layer, the embeddings, the lm_head, ...) whose forward allocated it, or first used it when the model
+allocated it before any block ran (some caches are preallocated). After the forward:
+
+- *state*: storages still alive that are not the model's outputs: the KV cache of full, sliding-window or
+  compressed (MLA) attention, the convolution and recurrent state of SSM / linear-attention layers, whatever the
+  cache type. Storages, not tensors: a sliding-window layer's cache is a view that keeps the whole prefill's K/V
+  storage alive until the next step, and that is what memory holds.
+- *peak*: for each block, the most bytes of all other tensors alive while it ran: its own activations and what
+  the model's forward holds for every block (hidden states, attention masks, position embeddings).
+
+One assumption remains, because the meta device has no attention kernel: `scaled_dot_product_attention` is
+accounted as GPUs run it (flash / memory-efficient kernels: the output and a float32 log-sum-exp per query, no
+seq x seq scores). On the meta device torch would run its math fallback, which materializes the scores in
+float32. Eager attention is measured as it is. See docs/memory-model.md.
+
+`Measurer` turns a handful of such forwards into laws (`Polynomial`, `SequenceLaw`) that give the bytes of any
+batch and length, checked against a forward of the whole model, so that planning many workloads (bisection for
+--solve, what-would-fit suggestions) stays arithmetic; where a law cannot be trusted it measures each workload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from math import gcd
+from typing import Any
+
+OUTSIDE = ""  # the pseudo-block for what the model does outside every block (masks, position ids, ...)
+
+
+class MeasureError(Exception):
+    """The model's forward cannot be measured on the meta device (the message says why)."""
+
+
+@dataclass(frozen=True)
+class ForwardMemory:
+    """One measured forward: per block, bytes of state left behind and peak bytes of everything else."""
+
+    state_bytes: dict[str, int]
+    peak_bytes: dict[str, int]
+    signature: tuple[Any, ...]  # the ops it ran, to tell whether two forwards ran the same code path
+    timelines: dict[str, tuple[int, ...]]  # per block, the live bytes at each op it ran (its peak is their max)
+    block_ops: dict[str, tuple[Any, ...]]  # per block, the ops those values are at
+
+
+# -- the tracker ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Storage:
+    nbytes: int
+    block: str  # allocated in
+    born: int  # op index
+    died: int | None = None
+    used_by: str | None = None  # first block that used it, for storages allocated outside blocks
+
+
+@dataclass
+class _Run:
+    storages: list[_Storage] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    ranges: list[tuple[str, int, int]] = field(default_factory=list)  # block, first op, last op
+
+
+def _tracker_classes() -> tuple[type, type]:
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    local_scalar = torch.ops.aten._local_scalar_dense.default
+
+    class Tracker(TorchDispatchMode):
+        def __init__(self, run: _Run, existing: Sequence[Any] = ()) -> None:
+            super().__init__()
+            self.run = run
+            self.known: WeakIdKeyDictionary = WeakIdKeyDictionary()
+            self.stack: list[str] = []
+            self.refs: list[Any] = []
+            for tensor in existing:  # weights and inputs: counted elsewhere, and views of them are not new memory
+                self.known[tensor.untyped_storage()] = -1
+
+        @property
+        def block(self) -> str:
+            return self.stack[-1] if self.stack else OUTSIDE
+
+        def _died(self, index: int, _ref: Any = None) -> None:
+            self.run.storages[index].died = len(self.run.ops) - 1  # the last op it was alive for
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is local_scalar:
+                return _read_meta_value(args[0])
+            block = self.block
+            storages = self.run.storages
+            if block != OUTSIDE:
+                for arg in _tensors(args):
+                    index = self.known.get(arg.untyped_storage())
+                    if index is not None and index >= 0 and storages[index].used_by is None:
+                        storages[index].used_by = block
+            out = func(*args, **(kwargs or {}))
+            ops = self.run.ops
+            ops.append(func)
+            for tensor in _tensors(out if isinstance(out, tuple | list) else (out,)):
+                storage = tensor.untyped_storage()
+                if storage.device.type != "meta":  # fake tensors' storage is on meta too
+                    continue  # a host-side scalar the model's code makes (a window size as a tensor): not GPU memory
+                if storage not in self.known:
+                    index = len(storages)
+                    self.known[storage] = index
+                    storages.append(_Storage(storage.nbytes(), block, len(ops) - 1))
+                    self.refs.append(weakref.ref(storage, functools.partial(self._died, index)))
+            return out
+
+    class FusedAttention(TorchFunctionMode):
+        """`scaled_dot_product_attention` as GPU kernels run it: the output and a float32 log-sum-exp per query."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                query, value = args[0], args[2] if len(args) > 2 else kwargs["value"]
+                logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+                out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+                del logsumexp
+                return out
+            return func(*args, **kwargs)
+
+    return Tracker, FusedAttention
+
+
+def _tensors(values: Any) -> Iterator[Any]:
+    """The tensors among an op's arguments or results (top level, or in a list such as cat's)."""
+    import torch
+
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, list | tuple):
+            yield from (v for v in value if isinstance(v, torch.Tensor))
+
+
+_MASK_FILES = ("transformers/masking_utils.py", "transformers/modeling_attn_mask_utils.py")
+
+
+def _read_meta_value(tensor: Any) -> Any:
+    """A meta tensor has no value. transformers reads one in one place we know the answer to: whether a batch's
+    attention mask is all ones, to skip building the mask (masking_utils; modeling_attn_mask_utils before 5.0).
+    A batch of prompts of different lengths is padded, so the answer is no, and the mask is built as in
+    generation. Any other read is a value the measurement cannot know: the model cannot be measured."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.replace("\\", "/").endswith(_MASK_FILES):
+            if tensor.dtype == __import__("torch").bool:
+                return False
+        frame = frame.f_back  # type: ignore[assignment]
+    raise MeasureError("its forward reads a tensor's value (.item()), which the meta device does not have")
+
+
+@contextlib.contextmanager
+def _block_hooks(model: Any, blocks: Sequence[str], tracker: Any) -> Iterator[None]:
+    modules = dict(model.named_modules())
+    handles = []
+
+    def enter(name: str) -> Any:
+        def hook(*_: Any) -> None:
+            tracker.stack.append(name)
+            tracker.run.ranges.append((name, len(tracker.run.ops), -1))
+
+        return hook
+
+    def leave(name: str) -> Any:
+        def hook(*_: Any) -> None:
+            tracker.stack.pop()
+            for i in range(len(tracker.run.ranges) - 1, -1, -1):
+                block, start, end = tracker.run.ranges[i]
+                if block == name and end == -1:
+                    tracker.run.ranges[i] = (block, start, len(tracker.run.ops) - 1)
+                    break
+
+        return hook
+
+    for name in blocks:
+        module = modules.get(name)
+        if module is not None:
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave(name)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _storages_of(obj: Any) -> list[Any]:
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    return [t.untyped_storage() for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+def _summarize(run: _Run, outputs: set[int], blocks: Sequence[str], first: int, end: int) -> ForwardMemory:
+    """What the ops [first, end) left behind, and per block the live bytes at each op it ran.
+
+    State: storages alive after op end - 1 (outputs excepted), per owning block. Live bytes at an op: every storage
+    alive then that is not state, plus the old storage of state being replaced while its replacement lives too (a
+    cache that grows by concatenation holds both for a moment): the state terms (after the prefill, after the
+    step) cover the rest. Sizes stay polynomials of batch and length, and do not depend on how many layers there
+    are."""
+    owner = [s.block if s.block != OUTSIDE else (s.used_by or OUTSIDE) for s in run.storages]
+    state = dict.fromkeys([OUTSIDE, *blocks], 0)
+    kind = []  # "new": state the window leaves; "old": state it found (born before it); "": anything else
+    for index, s in enumerate(run.storages):
+        alive_at_end = s.born < end and (s.died is None or s.died >= end) and index not in outputs
+        found = s.born < first and (s.died is None or s.died >= first) and index not in outputs
+        kind.append("new" if alive_at_end and s.born >= first else "old" if found else "")
+        if alive_at_end:
+            state[owner[index]] = state.get(owner[index], 0) + s.nbytes
+    # Pair each block's state being replaced with its replacement, in allocation order (keys with keys, values
+    # with values).
+    pair_of: dict[int, tuple[str, int]] = {}
+    counts: dict[tuple[str, str], int] = {}
+    for index, which in enumerate(kind):
+        if which:
+            n = counts.get((owner[index], which), 0)
+            counts[owner[index], which] = n + 1
+            pair_of[index] = (owner[index], n)
+    plain = [0] * (end + 1)
+    events: list[list[tuple[tuple[str, int], str, int]]] = [[] for _ in range(end + 1)]
+    for index, s in enumerate(run.storages):
+        if s.born >= end or (kind[index] == "" and index not in outputs and s.died is None and s.born < end):
+            continue  # a storage alive at the end that is neither: state born before the window, kept unchanged
+        died = end - 1 if s.died is None else min(s.died, end - 1)  # alive at every op in [born, died]
+        if died < first:
+            continue
+        born = max(s.born, first)
+        if kind[index]:
+            events[born].append((pair_of[index], kind[index], s.nbytes))
+            events[died + 1].append((pair_of[index], kind[index], -s.nbytes))
+        else:
+            plain[born] += s.nbytes
+            plain[died + 1] -= s.nbytes
+    old_new: dict[tuple[str, int], list[int]] = {}
+    replacing = 0  # over pairs whose old and new storage both live: the old one's bytes
+
+    def extra(pair: list[int]) -> int:
+        return pair[0] if pair[0] > 0 and pair[1] > 0 else 0
+
+    live, running = [], 0
+    for t in range(end):
+        running += plain[t]
+        for key, which, change in events[t]:
+            pair = old_new.setdefault(key, [0, 0])
+            replacing -= extra(pair)
+            pair[0 if which == "old" else 1] += change
+            replacing += extra(pair)
+        live.append(running + replacing)
+    timelines: dict[str, list[int]] = {}
+    block_ops: dict[str, list[Any]] = {}
+    covered = [False] * end
+    for block, start, stop in run.ranges:
+        stop = end - 1 if stop == -1 else stop
+        lo, hi = max(start, first), min(stop, end - 1)
+        if lo > hi:
+            continue
+        timelines.setdefault(block, []).extend(live[lo : hi + 1])
+        block_ops.setdefault(block, []).extend(run.ops[lo : hi + 1])
+        covered[lo : hi + 1] = [True] * (hi + 1 - lo)
+    rest = [i for i in range(first, end) if not covered[i]]
+    timelines[OUTSIDE] = [live[i] for i in rest] or [0]
+    block_ops[OUTSIDE] = [run.ops[i] for i in rest] or [None]
+    peak = {block: max(values) for block, values in timelines.items()}
+    for block in blocks:
+        peak.setdefault(block, 0)
+        timelines.setdefault(block, [0])
+        block_ops.setdefault(block, [None])
+    ops = tuple(run.ops[first:end])
+    return ForwardMemory(
+        state,
+        peak,
+        ops,
+        {block: tuple(values) for block, values in timelines.items()},
+        {block: tuple(names) for block, names in block_ops.items()},
+    )
+
+
+def measure_step(
+    model: Any, blocks: Sequence[str], batch: int, tokens: int, forward_kwargs: dict[str, Any] | None = None
+) -> tuple[ForwardMemory, ForwardMemory]:
+    """A prefill of batch x tokens, then one decode step with its cache, as generation runs them (an attention
+    mask of ones, as batched generation passes one). Returns (prefill, decode): the state each leaves behind and
+    the peak of each block during it. Raises MeasureError if the model's forward cannot run on the meta device.
+
+    Prefill peaks count tensors that do not outlive the forward. Decode peaks count everything alive beyond the
+    state the step leaves: a cache that grows by concatenation holds its old and new storage for a moment.
+    """
+    import torch
+
+    tracker_class, fused_class = _tracker_classes()
+    run = _Run()
+    with _inputs_mode(model) as device:
+        ids = torch.zeros((batch, tokens), dtype=torch.long, device=device)
+        mask = torch.ones((batch, tokens), dtype=torch.long, device=device)
+        step_ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        step_mask = torch.ones((batch, tokens + 1), dtype=torch.long, device=device)
+    inputs = [ids, mask, step_ids, step_mask]
+    tracker = tracker_class(run, [*model.parameters(), *model.buffers(), *inputs])
+    kwargs = dict(forward_kwargs or {})
+    kwargs.update(last_logits_only(model))
+    try:
+        with (
+            torch.no_grad(),
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            _block_hooks(model, blocks, tracker),
+            _fake_mode_of(model),
+            fused_class(),
+            tracker,
+        ):
+            warnings.simplefilter("ignore")
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+            prefill_end = len(run.ops)
+            prefill = _summarize(run, _storages_known(tracker, out), blocks, 0, prefill_end)
+            cache = _cache_object(_cache_of(out))
+            del out
+            out = model(
+                input_ids=step_ids, attention_mask=step_mask, use_cache=True, **{cache_argument(model): cache}, **kwargs
+            )
+            del cache  # the step's own cache replaces it (4.x: the legacy tuple would keep the old storage alive)
+    except MeasureError:
+        raise
+    except Exception as exc:  # the model's own code: any failure means it cannot be measured here
+        raise MeasureError(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    decode = _summarize(run, _storages_known(tracker, out), blocks, prefill_end, len(run.ops))
+    del out
+    return prefill, decode
+
+
+def _fake_mode_of(model: Any) -> Any:
+    """The FakeTensorMode a model built under it needs for its forward (see compat.measures_on_meta), else a
+    no-op context."""
+    param = next(model.parameters(), None)
+    mode = getattr(param, "fake_mode", None)
+    return mode if mode is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _inputs_mode(model: Any) -> Iterator[str]:
+    """Where inputs for `model` are made: meta tensors, or fake CPU tensors for a model built as fake tensors."""
+    mode = _fake_mode_of(model)
+    with mode:
+        yield "meta" if isinstance(mode, contextlib.nullcontext) else "cpu"
+
+
+def last_logits_only(model: Any) -> dict[str, int]:
+    """The forward's request for the last position's logits only (`logits_to_keep`, `num_logits_to_keep` before
+    transformers 4.50), as generation makes it; {} for models without one."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
+
+
+def cache_argument(model: Any) -> str:
+    """The name the model's forward takes the cache under: `cache` in recent transformers 5.x (where
+    `past_key_values` still works through a deprecation shim), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _storages_known(tracker: Any, out: Any) -> set[int]:
+    """Indexes of the storages of the model's logits (an output, not state)."""
+    indexes = (tracker.known.get(storage) for storage in _storages_of(getattr(out, "logits", None)))
+    return {i for i in indexes if i is not None and i >= 0}
+
+
+def _cache_object(cache: Any) -> Any:
+    """A transformers 4.x legacy cache (a tuple of key/value tensors per layer) as the DynamicCache object generation
+    keeps, so that a step replaces each layer's storage in place instead of keeping the whole old tuple alive."""
+    if isinstance(cache, tuple):
+        from transformers import DynamicCache
+
+        return DynamicCache.from_legacy_cache(cache)
+    return cache
+
+
+def _cache_of(out: Any) -> Any:
+    for name in ("past_key_values", "cache", "cache_params"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    raise MeasureError("the model returned no cache to continue generating with")
+
+
+# -- laws: bytes for any batch and length from a few measurements --------------------------------------------------
+def _monomials(batch: int, tokens: int) -> tuple[int, ...]:
+    """The terms a tensor's size can have in a transformer's forward: constant, T, T^2, B, B*T, B*T^2 (T: the
+    prompt's length for a prefill, the cache's for a decode step)."""
+    return (1, tokens, tokens * tokens, batch, batch * tokens, batch * tokens * tokens)
+
+
+def _inverse(rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], int] | None:
+    """(A, d) with A / d the inverse of the square integer matrix `rows`: exact, so that fitting many value vectors
+    at the same shapes is integer dot products. None if singular."""
+    n = len(rows)
+    matrix = [[Fraction(v) for v in row] + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(rows)]
+    for col in range(n):
+        pivot = next((r for r in range(col, n) if matrix[r][col] != 0), None)
+        if pivot is None:
+            return None
+        matrix[col], matrix[pivot] = matrix[pivot], matrix[col]
+        head = matrix[col][col]
+        matrix[col] = [v / head for v in matrix[col]]
+        for r in range(n):
+            if r != col and matrix[r][col] != 0:
+                factor = matrix[r][col]
+                matrix[r] = [a - factor * b for a, b in zip(matrix[r], matrix[col], strict=True)]
+    inverse = [row[n:] for row in matrix]
+    denominator = 1
+    for row in inverse:
+        for v in row:
+            denominator = denominator * v.denominator // gcd(denominator, v.denominator)
+    return [[int(v * denominator) for v in row] for row in inverse], denominator
+
+
+@dataclass(frozen=True)
+class Law:
+    """bytes(B, T) = the most of a few polynomials c . (1, T, T^2, B, B*T, B*T^2) / denominator, exact integers.
+
+    Every tensor a transformer's forward allocates has such a size (a product of batch, length and model sizes),
+    so the live bytes at each op are such a polynomial, and a block's peak is the most of them: the polynomials of
+    the block's ops (those no other one exceeds term by term), fitted through the same six shapes."""
+
+    terms: tuple[tuple[int, ...], ...]
+    denominator: int
+
+    def __call__(self, batch: int, tokens: int) -> int:
+        monomials = _monomials(batch, tokens)
+        best = max(sum(c * m for c, m in zip(term, monomials, strict=True)) for term in self.terms)
+        return -((-best) // self.denominator)  # ceil: never below the fitted bytes
+
+    @staticmethod
+    def fit(
+        shapes: Sequence[tuple[int, int]], series: Sequence[Sequence[int]], ops: Sequence[Sequence[Any]] | None = None
+    ) -> Law:
+        """Through `shapes` (six (batch, tokens)): `series[k]` holds the values at shape k, one per op (`ops[k]`).
+        Ops are lined up across the shapes (a shape may run an op the others do not, e.g. for a batch of one);
+        where the peaks are not at ops they share, the law is one polynomial through the peaks, which the
+        whole-model check then confirms or refuses. ValueError if the shapes do not determine the polynomials."""
+        inverse = _inverse([_monomials(b, t) for b, t in shapes])
+        if inverse is None:
+            raise ValueError("the shapes do not determine a polynomial")
+        columns = _line_up(series, ops) if ops is not None else list(zip(*series, strict=True))
+        if not columns or any(max(c[k] for c in columns) != max(values) for k, values in enumerate(series)):
+            columns = [tuple(max(values) for values in series)]
+        matrix, denominator = inverse
+        terms = {tuple(sum(a * v for a, v in zip(row, values, strict=True)) for row in matrix) for values in columns}
+        kept = [t for t in terms if not any(o != t and all(x >= y for x, y in zip(o, t, strict=True)) for o in terms)]
+        return Law(tuple(sorted(kept)), denominator)
+
+
+def _line_up(series: Sequence[Sequence[int]], ops: Sequence[Sequence[Any]]) -> list[tuple[int, ...]]:
+    """The values of the ops every shape ran, lined up by op (difflib on the op sequences), one tuple per op."""
+    import difflib
+
+    if all(len(o) == len(ops[0]) and list(o) == list(ops[0]) for o in ops):
+        return list(zip(*series, strict=True))
+    positions: list[list[int]] = [list(range(len(ops[0])))]
+    for k in range(1, len(ops)):
+        matcher = difflib.SequenceMatcher(None, list(ops[0]), list(ops[k]), autojunk=False)
+        mapping = {a + i: b + i for a, b, size in matcher.get_matching_blocks() for i in range(size)}
+        positions.append([mapping.get(i, -1) for i in range(len(ops[0]))])
+    return [
+        tuple(series[k][positions[k][i]] for k in range(len(series)))
+        for i in range(len(ops[0]))
+        if all(positions[k][i] >= 0 for k in range(len(series)))
+    ]
+
+
+@dataclass(frozen=True)
+class BlockLaws:
+    """One block's bytes for any workload: state and transient peak after (or during) the prefill, in the batch
+    and prompt length, and at a decode step, in the batch and the cache's length."""
+
+    prefill_state: Law
+    prefill_peak: Law
+    decode_state: Law
+    decode_peak: Law
+
+
+@dataclass(frozen=True)
+class BlockMemory:
+    """Measured bytes of one block for one workload."""
+
+    state_bytes: int  # KV cache / recurrent state it keeps (on its device)
+    peak_bytes: int  # transient bytes while it runs (on its device), besides every block's state
+
+
+Regime = tuple[int, int | None]  # token counts [low, high) a set of laws holds for (high None: unbounded)
+
+
+class Measurer:
+    """The measured memory of one model (built on the meta device), per block, for any workload.
+
+    Laws are fitted from forwards at six small shapes, on a two-layer copy of the model when its decoder layers
+    are all alike (same classes, tensors and layer type), and checked against a forward of the whole model at a
+    shape they were not fitted on. Sliding windows (read off the cache transformers builds) split token counts
+    into two regimes, below the smallest window and from the largest, each with its own laws and check. Where a
+    check fails, or for lengths between two windows of different sizes, each workload is measured directly
+    (slower, as exact). MeasureError: the model's forward cannot run on the meta device.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        blocks: Sequence[str],
+        layers: Sequence[str],
+        reduced: Callable[[], tuple[Any, Sequence[str], Sequence[str]]] | None = None,
+        max_tokens: int | None = None,
+    ):
+        self.model = model
+        self.blocks = list(blocks)
+        self.layers = list(layers)
+        self.reduced = reduced
+        self.max_tokens = max_tokens or (1 << 20)
+        self.log: list[str] = []
+        self._direct: dict[tuple[int, int, int], dict[str, BlockMemory]] = {}
+        self._laws: list[tuple[Regime, dict[str, BlockLaws] | None]] | None = None
+        self._margin = 0  # bytes added to every law's peak (laws from the two-layer copy: see _check)
+
+    # -- public ------------------------------------------------------------------------------------------------
+    def block_memory(self, batch: int, input_tokens: int, total_tokens: int) -> dict[str, BlockMemory]:
+        """Per block (and OUTSIDE): the most state it holds and its transient peak, for a generation of `batch`
+        prompts of `input_tokens` growing to `total_tokens`."""
+        prefill, decode = self._laws_for(input_tokens), self._laws_for(total_tokens)
+        if prefill is None or decode is None:
+            return self.measure_directly(batch, input_tokens, total_tokens)
+        return {
+            name: BlockMemory(
+                max(prefill[name].prefill_state(batch, input_tokens), decode[name].decode_state(batch, total_tokens)),
+                max(prefill[name].prefill_peak(batch, input_tokens), decode[name].decode_peak(batch, total_tokens), 0)
+                + self._margin,
+            )
+            for name in prefill
+        }
+
+    def measure_directly(self, batch: int, input_tokens: int, total_tokens: int) -> dict[str, BlockMemory]:
+        """Two forwards of the whole model at exactly this workload: the prefill, and the last decode step."""
+        key = (batch, input_tokens, total_tokens)
+        if key not in self._direct:
+            prefill, _ = measure_step(self.model, self.blocks, batch, input_tokens)
+            _, last = measure_step(self.model, self.blocks, batch, total_tokens - 1)
+            self._direct[key] = {
+                name: BlockMemory(
+                    max(prefill.state_bytes[name], last.state_bytes[name]),
+                    max(prefill.peak_bytes[name], last.peak_bytes[name], 0),
+                )
+                for name in [OUTSIDE, *self.blocks]
+            }
+        return self._direct[key]
+
+    # -- laws --------------------------------------------------------------------------------------------------
+    def _laws_for(self, tokens: int) -> dict[str, BlockLaws] | None:
+        if self._laws is None:
+            self._laws = self._fit_all()
+        for (low, high), laws in self._laws:
+            if tokens >= low and (high is None or tokens < high):
+                return laws
+        return None
+
+    def _fit_all(self) -> list[tuple[Regime, dict[str, BlockLaws] | None]]:
+        reduced = None
+        if self.reduced is not None:
+            try:
+                reduced = self.reduced()
+            except Exception as exc:  # noqa: BLE001 - the whole model is measured instead
+                self.log.append(f"measuring: the whole model (no two-layer copy: {_first_line(exc)})")
+        first_model, first_blocks = (reduced[0], reduced[1]) if reduced else (self.model, self.blocks)
+        windows = _windows(first_model, first_blocks)
+        regimes: list[Regime] = [(0, min(windows))] if windows else [(0, None)]
+        if windows:
+            regimes.append((max(windows), None))
+            self.log.append(f"measuring: sliding windows of {', '.join(map(str, sorted(windows)))} tokens")
+        fitted: list[tuple[Regime, dict[str, BlockLaws] | None]] = []
+        for regime in regimes:
+            laws = None
+            candidates = ([reduced] if reduced else []) + [(self.model, self.blocks, self.layers)]
+            for candidate in candidates:
+                try:
+                    laws = self._fit(candidate, regime)
+                except (ValueError, MeasureError) as exc:
+                    self.log.append(f"measuring: no laws for {_span(regime)} tokens ({_first_line(exc)})")
+                    laws = None
+                tolerance = self._tolerance() if candidate is reduced else 0
+                if laws is not None and self._check(laws, regime, tolerance):
+                    self._margin = max(self._margin, tolerance)
+                    break
+                laws = None
+            if laws is None:
+                self.log.append(f"measuring: {_span(regime)} tokens are measured one workload at a time")
+            fitted.append((regime, laws))
+        return fitted
+
+    def _fit(self, candidate: tuple[Any, Sequence[str], Sequence[str]], regime: Regime) -> dict[str, BlockLaws]:
+        model, blocks, layers = candidate
+        low, high = regime
+        base = low + 8 if low else 16
+        if high is not None and base + 41 >= high:
+            raise ValueError(f"{_span(regime)} is too short to fit laws in")
+        if base + 41 >= self.max_tokens:
+            raise ValueError(f"the model takes at most {self.max_tokens} tokens")
+        shapes = [(1, base), (1, base + 16), (1, base + 40), (2, base), (2, base + 16), (2, base + 40)]
+        runs = [measure_step(model, blocks, b, t) for b, t in shapes]
+        decode_shapes = [(b, t + 1) for b, t in shapes]
+        prefills = [prefill for prefill, _ in runs]
+        decodes = [decode for _, decode in runs]
+
+        def laws(name: str) -> BlockLaws:
+            return BlockLaws(
+                Law.fit(shapes, [[m.state_bytes[name]] for m in prefills]),
+                Law.fit(shapes, [m.timelines[name] for m in prefills], [m.block_ops[name] for m in prefills]),
+                Law.fit(decode_shapes, [[m.state_bytes[name]] for m in decodes]),
+                Law.fit(decode_shapes, [m.timelines[name] for m in decodes], [m.block_ops[name] for m in decodes]),
+            )
+
+        own = {name: laws(name) for name in [OUTSIDE, *blocks]}
+        if model is self.model:
+            return own
+        # A two-layer copy: its first layer stands for the whole model's first, its second for every other.
+        mapped = {name: own[name] for name in [OUTSIDE, *blocks] if name not in layers}
+        for i, name in enumerate(self.layers):
+            mapped[name] = own[layers[0] if i == 0 else layers[-1]]
+        missing = [name for name in self.blocks if name not in mapped]
+        if missing:
+            raise ValueError(f"the two-layer copy has no block {missing[0]}")
+        return mapped
+
+    def _tolerance(self) -> int:
+        """How far laws from the two-layer copy may miss the whole model's bytes: a model's code can keep a few
+        bytes per layer alive (a window size or offset as a tensor, 8 bytes each) that two layers do not show.
+        1 KiB plus 64 bytes a layer, added to every peak when such laws are used: nothing next to a plan's reserve."""
+        return 1024 + 64 * len(self.layers)
+
+    def _check(self, laws: dict[str, BlockLaws], regime: Regime, tolerance: int = 0) -> bool:
+        """Whether the laws give what the whole model measures, within `tolerance` bytes, at a shape they were
+        not fitted on."""
+        low, high = regime
+        tokens = (low + 71) if high is None or low + 72 < high else (low + high) // 2
+        batch, total = 3, tokens + 1
+        if total >= self.max_tokens:
+            return True  # nothing that long can be planned
+        prefill, decode = measure_step(self.model, self.blocks, batch, tokens)
+        pairs = [
+            (name, law.prefill_state(batch, tokens), prefill.state_bytes[name], 0) for name, law in laws.items()
+        ] + [(name, law.decode_state(batch, total), decode.state_bytes[name], 0) for name, law in laws.items()]
+        pairs += [
+            (name, law.prefill_peak(batch, tokens), prefill.peak_bytes[name], tolerance) for name, law in laws.items()
+        ]
+        pairs += [
+            (name, law.decode_peak(batch, total), decode.peak_bytes[name], tolerance) for name, law in laws.items()
+        ]
+        bad = list(dict.fromkeys(name for name, law, measured, slack in pairs if abs(law - measured) > slack))
+        if bad:
+            where = bad[0] or "outside every block"
+            self.log.append(f"measuring: the laws missed the bytes of {where} (and {len(bad) - 1} more blocks)")
+        return not bad
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _span(regime: Regime) -> str:
+    low, high = regime
+    return f"[{low}, {high})" if high is not None else f"[{low}, ...)"
+
+
+def _windows(model: Any, blocks: Sequence[str]) -> set[int]:
+    """Sliding windows of the cache transformers builds for this model (its cache layers' `sliding_window`)."""
+    import torch
+
+    with _inputs_mode(model) as device:
+        ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+    try:
+        with (
+            torch.no_grad(),
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            _fake_mode_of(model),
+        ):
+            warnings.simplefilter("ignore")
+            out = model(input_ids=ids, use_cache=True, **last_logits_only(model))
+        cache = _cache_of(out)
+    except Exception:  # noqa: BLE001 - the laws' own forwards report what fails
+        return set()
+    found = set()
+    for layer in getattr(cache, "layers", None) or []:
+        window = getattr(layer, "sliding_window", None)
+        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+            found.add(window)
+    return found
