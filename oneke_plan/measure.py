@@ -390,7 +390,7 @@ def _cache_object(cache: Any) -> Any:
     if isinstance(cache, tuple):
         from transformers import DynamicCache
 
-        return DynamicCache.from_legacy_cache(cache)
+        return DynamicCache.from_legacy_cache(cache)  # type: ignore[attr-defined]  # 4.x only
     return cache
 
 
