@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shlex
 import shutil
@@ -17,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from oneke_plan import jsonfile
 from oneke_plan.checkpoint import Checkpoint, explain_mismatch, key_mismatch, read_checkpoint
 from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg
 from oneke_plan.errors import BadInput, DoesNotFit
@@ -343,7 +343,7 @@ def _offload_index(offload_dir: str | None) -> dict[str, Any]:
     if not offload_dir:
         return {}
     try:
-        index = json.loads((Path(offload_dir) / "index.json").read_text(encoding="utf-8"))
+        index = jsonfile.loads((Path(offload_dir) / "index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return index if isinstance(index, dict) else {}

@@ -19,14 +19,13 @@ Nothing here is deleted or replaced unless it is a regular single-link file the 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from oneke_plan import oneke
+from oneke_plan import jsonfile, oneke
 from oneke_plan.errors import BadInput
 from oneke_plan.extract import (
     OutputWriter,
@@ -73,8 +72,8 @@ def _complete_lines(data: bytes) -> tuple[list[bytes], int]:
 
 def _decode(raw: bytes) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        return jsonfile.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
         return None
 
 
