@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import os
 import shlex
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,9 @@ from oneke_plan import jsonfile
 from oneke_plan.checkpoint import Checkpoint, explain_mismatch, key_mismatch, read_checkpoint
 from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg
 from oneke_plan.errors import BadInput, DoesNotFit
+from oneke_plan.files import os_error
 from oneke_plan.inventory import Gpu, detect_gpus, detected_cpu_bytes, runs_bf16
+from oneke_plan.jsonfile import read_json_file
 from oneke_plan.layout import load_config
 from oneke_plan.model_source import ModelSource
 from oneke_plan.profile import Profile
@@ -118,6 +123,105 @@ def check_machine(profile: Profile, source: ModelSource, force: bool = False) ->
     return problems
 
 
+# -- before the weights: everything that can be checked cheaply -----------------------------------------------------
+TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
+"""The tokenizer files transformers parses as JSON: read first with our bounded reader, so that a truncated or
+hostile one is refused in one line naming it (transformers would raise from deep inside, or recurse away)."""
+
+
+def check_before_load(profile: Profile, source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """Everything about the run that can be checked without reading weights, in one line each: the device_map
+    can run, the offload folder is usable, the tokenizer loads. Returns the tokenizer.
+
+    oneke-run calls this before load_model, whose own checks (checkpoint files, tensor names) come next, so that a
+    problem found in seconds never waits behind a load of minutes.
+    """
+    check_device_map_runs(profile)
+    if profile.offload_dir:
+        check_offload_dir(profile.offload_dir)
+    return load_tokenizer(source, trust_remote_code)
+
+
+def check_device_map_runs(profile: Profile) -> None:
+    """Refuse a (hand-edited) device_map that accelerate cannot run: a 16-bit model with every module on disk
+    (accelerate computes on the device of a module that is not offloaded, and here there is none)."""
+    devices = set(profile.device_map.values())
+    if devices == {"disk"} and profile.quantization.get("mode", "none") == "none":
+        raise BadInput(
+            "profile device_map: every module is on disk, so nothing is left to compute on (accelerate runs "
+            "offloaded modules on the CPU or a GPU that holds other modules); put at least one module, e.g. "
+            "lm_head, on 'cpu' or a GPU, or re-create the profile with oneke-plan"
+        )
+
+
+def check_offload_dir(folder: str) -> None:
+    """The folder disk-offloaded weights are written to is a folder (or can become one) where files can be
+    created: probed with a temporary file, since permissions alone say nothing for root or a read-only mount."""
+    path = Path(folder)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInput(
+            f"offload folder {folder}: {existing} is a file, not a folder; pass --offload-dir with another folder"
+        )
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".oneke-run-probe.", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise os_error(
+            existing, "hold the offloaded weights (no file can be created there)", exc, "pass another --offload-dir"
+        ) from None
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, loaded before any weight: its JSON files read with the bounded reader, code it ships
+    (an `auto_map` entry) refused unless trust_remote_code, then AutoTokenizer, whose failures (missing or damaged
+    files) become one line naming the folder."""
+    from transformers import AutoTokenizer
+
+    directory = source.directory
+    if directory is None:
+        raise BadInput(f"{source.name}: a built-in config has no tokenizer; pass --model DIR with the checkpoint")
+    damaged = "the tokenizer files are damaged: copy them again from the model's release"
+    tokenizer_config: Any = {}
+    for name in TOKENIZER_JSON_FILES:
+        if (directory / name).is_file():
+            data = read_json_file(directory / name, damaged)
+            if name == "tokenizer_config.json":
+                tokenizer_config = data
+    if not isinstance(tokenizer_config, dict):
+        raise BadInput(f"{directory / 'tokenizer_config.json'}: must hold a JSON object; {damaged}")
+    if not trust_remote_code:
+        _refuse_tokenizer_code(directory / "tokenizer_config.json", tokenizer_config.get("auto_map"))
+        model_map = source.config.get("auto_map")
+        if isinstance(model_map, dict) and "AutoTokenizer" in model_map:
+            _refuse_tokenizer_code(directory / "config.json", {"AutoTokenizer": model_map["AutoTokenizer"]})
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+            ids = tokenizer("[INST] test [/INST]", add_special_tokens=True)["input_ids"]
+    except Exception as exc:  # transformers, tokenizers and sentencepiece each raise their own kinds
+        first = next((line.strip().rstrip(":") for line in str(exc).splitlines() if line.strip()), "")
+        raise BadInput(
+            f"{directory}: the tokenizer cannot be loaded ({type(exc).__name__}: {first}); its files (tokenizer.json "
+            "or tokenizer.model, and tokenizer_config.json) are missing or damaged: copy them again from the model's "
+            "release"
+        ) from None
+    if not ids:
+        raise BadInput(f"{directory}: the tokenizer turns text into no tokens; {damaged}")
+    return tokenizer
+
+
+def _refuse_tokenizer_code(path: Path, auto_map: Any) -> None:
+    if auto_map:
+        raise BadInput(
+            f"{path}: auto_map names tokenizer code shipped with the model ({json.dumps(auto_map)[:120]}); oneke-run "
+            "runs no code from a model folder unless you pass --trust-remote-code (OneKE does not need it)"
+        )
+
+
 # -- loading -------------------------------------------------------------------------------------------------------
 def _torch_dtype(name: str) -> Any:
     import torch
@@ -183,8 +287,6 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     8/4-bit: the same key check on a meta model, then transformers' from_pretrained with the profile's device_map
     and a bitsandbytes config, which quantizes each Linear as it is loaded (bitsandbytes runs on CPU too).
     """
-    from accelerate import dispatch_model, load_checkpoint_in_model
-
     if source.directory is None:
         raise BadInput(f"{source.name}: a built-in config has no weights; pass --model DIR with the checkpoint")
     checkpoint = read_checkpoint(source.directory)
@@ -196,6 +298,25 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     _check_gpus_present(profile, source)
     device_map = dict(profile.device_map)
     offload = profile.offload_dir
+    try:
+        return _load_weights(model, profile, source, checkpoint, device_map, offload, trust_remote_code)
+    except OSError as exc:  # a full or read-only offload folder, an unreadable shard: the path, not a traceback
+        where = exc.filename or (offload if offload and "disk" in device_map.values() else checkpoint.path)
+        raise os_error(where, "be used while loading the weights", exc, "free space or fix permissions there") from None
+
+
+def _load_weights(
+    model: Any,
+    profile: Profile,
+    source: ModelSource,
+    checkpoint: Checkpoint,
+    device_map: dict[str, Any],
+    offload: str | None,
+    trust_remote_code: bool,
+) -> Any:
+    """load_model's second half: the weights into `model` (16-bit) or a new quantized model, per `device_map`."""
+    from accelerate import dispatch_model, load_checkpoint_in_model
+
     if offload:
         Path(offload).mkdir(parents=True, exist_ok=True)
     if profile.quantization["mode"] != "none":
@@ -217,6 +338,36 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     _refuse_meta(model, device_map)
     model.eval()
     return model
+
+
+SANITY_PROMPT = "[INST] Extract the entities: OneKE was released in 2024. [/INST]"
+
+
+def check_finite_outputs(model: Any, tokenizer: Any, where: str) -> None:
+    """One forward pass of a short prompt right after loading: every logit must be a finite number.
+
+    Why stop the run (BadInput, exit 2) rather than warn: a model that computes NaN or inf from the start (weights
+    that are NaN after a damaged download or a failed conversion, or a float16 run of weights that overflow in it)
+    answers every prompt with nothing. A warning would scroll away while the run spends hours writing lines that
+    look answered and score zero; one forward of a dozen tokens costs far less than the load that preceded it.
+    """
+    import torch
+
+    from oneke_plan.generation import input_device
+
+    ids = tokenizer(SANITY_PROMPT, add_special_tokens=True)["input_ids"]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=input_device(model))).logits
+    finite = torch.isfinite(logits.float())
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise BadInput(
+            f"{where}: the loaded model computes NaN or inf ({bad:,} of {finite.numel():,} logits of a "
+            f"{len(ids)}-token test prompt, in {str(logits.dtype).removeprefix('torch.')}): its weights hold NaN/inf "
+            "values (a damaged or badly converted checkpoint: copy it again) or overflow in this dtype (re-plan with "
+            "--dtype bfloat16 "
+            "or float32); nothing was run"
+        )
 
 
 def _load_tensors(model: Any, checkpoint: Checkpoint, device_map: dict[str, Any], dtype: Any) -> None:
