@@ -296,6 +296,8 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
         raise BadInput(explain_mismatch(missing, unexpected, checkpoint.path))
     _check_device_map_modules(model, profile)
     _check_gpus_present(profile, source)
+    if profile.offload_dir and "disk" in profile.device_map.values():
+        _check_offload_space(model, profile, source.directory)
     device_map = dict(profile.device_map)
     offload = profile.offload_dir
     try:
@@ -456,6 +458,39 @@ def _check_gpus_present(profile: Profile, source: ModelSource) -> None:
         raise DoesNotFit(
             f"cannot load: the profile puts weights on GPU {', '.join(map(str, absent))} and {seen} (--force skips "
             f"the machine check, not the hardware); re-plan with: {replan_command(profile, source.name, gpus)}"
+        )
+
+
+def _check_offload_space(model: Any, profile: Profile, directory: Path) -> None:
+    """Refuse (DoesNotFit, exit 3) an offload folder without room for the weights mapped to disk: accelerate
+    writes them through numpy memmaps, and a memmap on a full filesystem ends the process with SIGBUS, no message.
+
+    The need is counted from the meta model at the larger of the profile's and the checkpoint's dtype (accelerate
+    writes the checkpoint's), tied tensors once; room is the free space plus the .dat files an earlier offload
+    left there (they are truncated and rewritten). Not --force-able: --force skips the machine check, not this.
+    """
+    from oneke_plan.checkpoint import checkpoint_dtype
+    from oneke_plan.memory import DTYPE_BYTES
+
+    folder = Path(str(profile.offload_dir))
+    float_bytes = max(DTYPE_BYTES[profile.dtype], DTYPE_BYTES.get(checkpoint_dtype(directory) or "", 0))
+    seen: set[int] = set()
+    need = 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) in seen or _device_of(name, profile.device_map) != "disk":
+            continue
+        seen.add(id(tensor))
+        need += tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    room = shutil.disk_usage(existing).free
+    if folder.is_dir():
+        room += sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".dat" and f.is_file())
+    if room < need:
+        raise DoesNotFit(
+            f"offload folder {folder}: {format_bytes(room)} free, the weights the profile puts on disk need "
+            f"{format_bytes(need)}; free space there or pass --offload-dir with a larger disk"
         )
 
 
