@@ -218,7 +218,8 @@ def read_raw(
         oneke.make_instruction(task, chunks[0], "", lang, example)  # an unknown language or few-shot form fails here
     except ValueError as e:
         raise BadInput(str(e)) from None
-    folder = Path(os.path.abspath(path)).parent.name
+    # A folder name that is not UTF-8 arrives with surrogate escapes, which no output line could hold.
+    folder = Path(os.path.abspath(path)).parent.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     records: list[PromptRecord] = []
     skipped: list[int] = []
     for number, line in _read_lines(path):

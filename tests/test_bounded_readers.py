@@ -174,3 +174,20 @@ def test_offload_dir_that_is_a_file_is_one_line(capsys: pytest.CaptureFixture[st
     (tmp_path / "offload").write_text("my file")
     message = _plan_error(capsys, "oneke", "--gpu", "8GiB", "--offload-dir", str(tmp_path / "offload"))
     assert "is a file, not a folder" in message
+
+
+def test_raw_input_in_a_folder_whose_name_is_not_utf8_gets_a_writable_source(tmp_path: Path) -> None:
+    """The authors' `source` is the input's folder name; a name that is not UTF-8 (bytes 0xff) comes with a
+    replacement character instead of a surrogate escape, so the answer line can be written."""
+    import os
+
+    from oneke_plan.extract import encode_line, error_line, read_raw
+
+    folder = os.path.join(os.fsencode(tmp_path), b"data-\xff")
+    os.mkdir(folder)
+    path = os.path.join(folder, b"in.jsonl")
+    with open(path, "wb") as handle:
+        handle.write(b'{"text": "OneKE"}\n')
+    records = read_raw(os.fsdecode(path), "NER", ["person"], "en")
+    assert records[0].extra["source"] == "data-\ufffd"
+    assert json.loads(encode_line(error_line(records[0], "x")))["source"] == "data-\ufffd"
