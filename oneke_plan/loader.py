@@ -25,7 +25,6 @@ from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.files import os_error
 from oneke_plan.inventory import Gpu, detect_gpus, detected_cpu_bytes, runs_bf16
-from oneke_plan.jsonfile import read_json_file
 from oneke_plan.layout import load_config
 from oneke_plan.model_source import ModelSource
 from oneke_plan.profile import Profile
@@ -188,7 +187,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     tokenizer_config: Any = {}
     for name in TOKENIZER_JSON_FILES:
         if (directory / name).is_file():
-            data = read_json_file(directory / name, damaged)
+            data = jsonfile.read_json_file(directory / name, damaged)
             if name == "tokenizer_config.json":
                 tokenizer_config = data
     if not isinstance(tokenizer_config, dict):
