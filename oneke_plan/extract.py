@@ -101,6 +101,11 @@ def _read_lines(path: str | os.PathLike[str], allow_empty: bool = False) -> list
 
 def _json_object(path: str | os.PathLike[str], number: int, line: str) -> dict[str, Any]:
     """The JSON object on one input line; BadInput naming the line otherwise."""
+    if len(line) > MAX_JSON_BYTES:
+        raise BadInput(
+            f"{path}, line {number}: longer than {MAX_JSON_BYTES // 2**20} MiB, far beyond any prompt a model reads: "
+            "fix or remove the line"
+        )
     try:
         value = jsonfile.loads(line)
     except jsonfile.JsonLimitError as e:

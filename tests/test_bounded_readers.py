@@ -191,3 +191,15 @@ def test_raw_input_in_a_folder_whose_name_is_not_utf8_gets_a_writable_source(tmp
     records = read_raw(os.fsdecode(path), "NER", ["person"], "en")
     assert records[0].extra["source"] == "data-\ufffd"
     assert json.loads(encode_line(error_line(records[0], "x")))["source"] == "data-\ufffd"
+
+
+def test_an_input_line_beyond_the_bound_is_one_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oneke_plan import extract
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 1, "instruction": "short"}\n{"id": 2, "instruction": "' + "x" * 200 + '"}\n')
+    monkeypatch.setattr(extract, "MAX_JSON_BYTES", 100)  # 256 MiB for real: a test file that large costs seconds
+    with pytest.raises(BadInput, match=rf"^{path}, line 2: longer than"):
+        extract.read_json_objects(path)
