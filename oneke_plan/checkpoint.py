@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oneke_plan import jsonfile
 from oneke_plan.errors import BadInput
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -100,7 +101,7 @@ def read_checkpoint(directory: Path) -> Checkpoint:
         index = directory / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                weight_map = jsonfile.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (ValueError, KeyError, TypeError):
                 raise BadInput(f"{index}: not a valid checkpoint index (no weight_map)") from None
             shards = tuple(directory / name for name in sorted(set(weight_map.values())))
@@ -214,7 +215,7 @@ def find_weight_files(directory: Path) -> list[Path]:
         index = directory / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                weight_map = jsonfile.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 return [directory / name for name in sorted(set(weight_map.values()))]
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 return []

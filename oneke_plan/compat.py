@@ -128,3 +128,9 @@ def measures_on_meta() -> bool:
     from packaging.version import Version
 
     return Version(transformers.__version__) >= Version("5.0")
+
+
+def offload_writes_weights(pickled: bool) -> bool:
+    """Whether from_pretrained writes disk-offloaded weights into the offload folder: transformers 5 reads them
+    straight from a safetensors checkpoint instead (it rewrites only tensors it converts on load)."""
+    return pickled or not measures_on_meta()

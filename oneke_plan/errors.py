@@ -22,3 +22,12 @@ class DoesNotFit(OnekePlanError):
     """The model and workload do not fit the machine, or the machine does not match a profile."""
 
     exit_code = EXIT_DOES_NOT_FIT
+
+
+class Interrupted(OnekePlanError):
+    """The command was stopped by SIGINT or SIGTERM. The message says what was kept and how to continue; the exit
+    code is the shell's for that signal (128 + its number: 130, 143)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

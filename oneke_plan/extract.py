@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from oneke_plan import oneke
+from oneke_plan import jsonfile, oneke
 from oneke_plan.errors import BadInput
 from oneke_plan.files import os_error
+from oneke_plan.limits import MAX_INPUT_BYTES, MAX_JSON_BYTES
 
 ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
 """Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
@@ -78,9 +79,10 @@ def text_id(text: str) -> str:
 
 
 def _read_lines(path: str | os.PathLike[str], allow_empty: bool = False) -> list[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of a UTF-8 file; BadInput if unreadable or empty."""
+    """(line number, text) of the non-blank lines of a UTF-8 file; BadInput if unreadable, empty, or larger than
+    limits.MAX_INPUT_BYTES."""
     try:
-        data = Path(path).read_bytes()
+        data = jsonfile.read_bounded(Path(path), MAX_INPUT_BYTES, "split it into parts and run each")
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file: check the input path") from None
     except OSError as e:
@@ -99,8 +101,15 @@ def _read_lines(path: str | os.PathLike[str], allow_empty: bool = False) -> list
 
 def _json_object(path: str | os.PathLike[str], number: int, line: str) -> dict[str, Any]:
     """The JSON object on one input line; BadInput naming the line otherwise."""
+    if len(line) > MAX_JSON_BYTES:
+        raise BadInput(
+            f"{path}, line {number}: longer than {MAX_JSON_BYTES // 2**20} MiB, far beyond any prompt a model reads: "
+            "fix or remove the line"
+        )
     try:
-        value = json.loads(line)
+        value = jsonfile.loads(line)
+    except jsonfile.JsonLimitError as e:
+        raise BadInput(f"{path}, line {number}: {e.msg} (column {e.colno}): fix or remove the line") from None
     except json.JSONDecodeError as e:
         raise BadInput(
             f"{path}, line {number}: not JSON ({e.msg}, column {e.colno}): each line must be one JSON object"
@@ -157,7 +166,7 @@ def _parse_instruction(value: Any, where: str) -> dict[str, Any]:
             f"not {type(value).__name__}"
         )
     try:
-        instruction = json.loads(value)
+        instruction = jsonfile.loads(value)
     except json.JSONDecodeError as e:
         raise BadInput(f"{where}: 'instruction' is not valid JSON ({e.msg}, column {e.colno})") from None
     if not isinstance(instruction, dict):
@@ -214,7 +223,8 @@ def read_raw(
         oneke.make_instruction(task, chunks[0], "", lang, example)  # an unknown language or few-shot form fails here
     except ValueError as e:
         raise BadInput(str(e)) from None
-    folder = Path(os.path.abspath(path)).parent.name
+    # A folder name that is not UTF-8 arrives with surrogate escapes, which no output line could hold.
+    folder = Path(os.path.abspath(path)).parent.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     records: list[PromptRecord] = []
     skipped: list[int] = []
     for number, line in _read_lines(path):
@@ -308,11 +318,13 @@ def read_example(spec: str) -> list[Any]:
     if not spec.lstrip().startswith("["):
         origin = f"--example file {spec}"
         try:
-            text = Path(spec).read_text(encoding="utf-8-sig")
+            text = jsonfile.read_bounded(Path(spec), MAX_JSON_BYTES, "give a JSON list").decode("utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"{origin}: cannot be read as UTF-8 text ({e}): give a JSON list or a file") from None
     try:
-        items = json.loads(text)
+        items = jsonfile.loads(text)
+    except jsonfile.JsonLimitError as e:
+        raise BadInput(f"{origin}: {e.msg} (line {e.lineno} column {e.colno})") from None
     except json.JSONDecodeError as e:
         raise BadInput(f"{origin}: not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
     good = (

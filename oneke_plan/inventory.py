@@ -191,6 +191,8 @@ def build_inventory(
             )
     disk_bytes = None
     if offload_dir is not None:
+        if Path(offload_dir).expanduser().exists() and not Path(offload_dir).expanduser().is_dir():
+            raise BadInput(f"offload folder {offload_dir}: is a file, not a folder; give another --offload-dir")
         parent = Path(offload_dir).expanduser()
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent

@@ -81,8 +81,8 @@ def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
             else:
                 fields = {k: v for k, v in source.config.items() if k != "model_type"}
                 config = CONFIG_MAPPING[str(model_type)].from_dict(fields)
-    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
-        raise BadInput(f"{where}: transformers cannot read this config ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of transformers' reader is about the file it was given
+        raise BadInput(f"{where}: transformers cannot read this config ({_reason(exc)})") from None
     validate_config(config, str(where))
     return config
 
@@ -91,6 +91,12 @@ def _transformers_version() -> str:
     import transformers
 
     return str(transformers.__version__)
+
+
+def _reason(exc: BaseException) -> str:
+    """The most specific line of a config error (huggingface_hub's validation errors put it on the second line)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 def _first_line(exc: BaseException) -> str:

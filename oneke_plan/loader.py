@@ -11,15 +11,19 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shlex
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
+from oneke_plan import jsonfile
 from oneke_plan.checkpoint import explain_mismatch, key_mismatch, read_checkpoint
-from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg
+from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg, offload_writes_weights
 from oneke_plan.errors import BadInput, DoesNotFit
+from oneke_plan.files import os_error
 from oneke_plan.inventory import Gpu, detect_gpus, detected_cpu_bytes, runs_bf16
 from oneke_plan.layout import load_config
 from oneke_plan.model_source import ModelSource
@@ -118,6 +122,105 @@ def check_machine(profile: Profile, source: ModelSource, force: bool = False) ->
     return problems
 
 
+# -- before the weights: everything that can be checked cheaply -----------------------------------------------------
+TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
+"""The tokenizer files transformers parses as JSON: read first with our bounded reader, so that a truncated or
+hostile one is refused in one line naming it (transformers would raise from deep inside, or recurse away)."""
+
+
+def check_before_load(profile: Profile, source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """Everything about the run that can be checked without reading weights, in one line each: the device_map
+    can run, the offload folder is usable, the tokenizer loads. Returns the tokenizer.
+
+    oneke-run calls this before load_model, whose own checks (checkpoint files, tensor names) come next, so that a
+    problem found in seconds never waits behind a load of minutes.
+    """
+    check_device_map_runs(profile)
+    if profile.offload_dir:
+        check_offload_dir(profile.offload_dir)
+    return load_tokenizer(source, trust_remote_code)
+
+
+def check_device_map_runs(profile: Profile) -> None:
+    """Refuse a (hand-edited) device_map that accelerate cannot run: a 16-bit model with every module on disk
+    (accelerate computes on the device of a module that is not offloaded, and here there is none)."""
+    devices = set(profile.device_map.values())
+    if devices == {"disk"} and profile.quantization.get("mode", "none") == "none":
+        raise BadInput(
+            "profile device_map: every module is on disk, so nothing is left to compute on (accelerate runs "
+            "offloaded modules on the CPU or a GPU that holds other modules); put at least one module, e.g. "
+            "lm_head, on 'cpu' or a GPU, or re-create the profile with oneke-plan"
+        )
+
+
+def check_offload_dir(folder: str) -> None:
+    """The folder disk-offloaded weights are written to is a folder (or can become one) where files can be
+    created: probed with a temporary file, since permissions alone say nothing for root or a read-only mount."""
+    path = Path(folder)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInput(
+            f"offload folder {folder}: {existing} is a file, not a folder; pass --offload-dir with another folder"
+        )
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".oneke-run-probe.", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise os_error(
+            existing, "hold the offloaded weights (no file can be created there)", exc, "pass another --offload-dir"
+        ) from None
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, loaded before any weight: its JSON files read with the bounded reader, code it ships
+    (an `auto_map` entry) refused unless trust_remote_code, then AutoTokenizer, whose failures (missing or damaged
+    files) become one line naming the folder."""
+    from transformers import AutoTokenizer
+
+    directory = source.directory
+    if directory is None:
+        raise BadInput(f"{source.name}: a built-in config has no tokenizer; pass --model DIR with the checkpoint")
+    damaged = "the tokenizer files are damaged: copy them again from the model's release"
+    tokenizer_config: Any = {}
+    for name in TOKENIZER_JSON_FILES:
+        if (directory / name).is_file():
+            data = jsonfile.read_json_file(directory / name, damaged)
+            if name == "tokenizer_config.json":
+                tokenizer_config = data
+    if not isinstance(tokenizer_config, dict):
+        raise BadInput(f"{directory / 'tokenizer_config.json'}: must hold a JSON object; {damaged}")
+    if not trust_remote_code:
+        _refuse_tokenizer_code(directory / "tokenizer_config.json", tokenizer_config.get("auto_map"))
+        model_map = source.config.get("auto_map")
+        if isinstance(model_map, dict) and "AutoTokenizer" in model_map:
+            _refuse_tokenizer_code(directory / "config.json", {"AutoTokenizer": model_map["AutoTokenizer"]})
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+            ids = tokenizer("[INST] test [/INST]", add_special_tokens=True)["input_ids"]
+    except Exception as exc:  # transformers, tokenizers and sentencepiece each raise their own kinds
+        first = next((line.strip().rstrip(":") for line in str(exc).splitlines() if line.strip()), "")
+        raise BadInput(
+            f"{directory}: the tokenizer cannot be loaded ({type(exc).__name__}: {first}); its files (tokenizer.json "
+            "or tokenizer.model, and tokenizer_config.json) are missing or damaged: copy them again from the model's "
+            "release"
+        ) from None
+    if not ids:
+        raise BadInput(f"{directory}: the tokenizer turns text into no tokens; {damaged}")
+    return tokenizer
+
+
+def _refuse_tokenizer_code(path: Path, auto_map: Any) -> None:
+    if auto_map:
+        raise BadInput(
+            f"{path}: auto_map names tokenizer code shipped with the model ({json.dumps(auto_map)[:120]}); oneke-run "
+            "runs no code from a model folder unless you pass --trust-remote-code (OneKE does not need it)"
+        )
+
+
 # -- loading -------------------------------------------------------------------------------------------------------
 def _torch_dtype(name: str) -> Any:
     import torch
@@ -179,10 +282,10 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
 
     First everything that can be checked without loading: the checkpoint's names and shapes against the model
     built as AutoModelForCausalLM on the meta device and tied (renamed and fused as transformers will load them),
-    the device_map against its modules, the GPUs it names. Then transformers' own from_pretrained with the
-    profile's device_map, dtype and attention implementation (and a bitsandbytes config for 8/4-bit, which
-    quantizes each Linear as it is loaded; bitsandbytes runs on the CPU too): it renames and fuses weights, ties
-    them, offloads to CPU and disk, and dispatches.
+    the device_map against its modules, the GPUs it names, the room for what disk offload writes. Then
+    transformers' own from_pretrained with the profile's device_map, dtype and attention implementation (and a
+    bitsandbytes config for 8/4-bit, which quantizes each Linear as it is loaded; bitsandbytes runs on the CPU
+    too): it renames and fuses weights, ties them, offloads to CPU and disk, and dispatches.
     """
     if source.directory is None:
         raise BadInput(f"{source.name}: a built-in config has no weights; pass --model DIR with the checkpoint")
@@ -193,9 +296,22 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
         raise BadInput(explain_mismatch(mismatch, checkpoint.path))
     _check_device_map_modules(model, profile)
     _check_gpus_present(profile, source)
+    if profile.offload_dir and "disk" in profile.device_map.values() and offload_writes_weights(checkpoint.pickled):
+        _check_offload_space(model, profile, source.directory)
     del model
     device_map = dict(profile.device_map)
     offload = profile.offload_dir
+    try:
+        return _load_weights(profile, source, device_map, offload, trust_remote_code)
+    except OSError as exc:  # a full or read-only offload folder, an unreadable shard: the path, not a traceback
+        where = exc.filename or (offload if offload and "disk" in device_map.values() else checkpoint.path)
+        raise os_error(where, "be used while loading the weights", exc, "free space or fix permissions there") from None
+
+
+def _load_weights(
+    profile: Profile, source: ModelSource, device_map: dict[str, Any], offload: str | None, trust_remote_code: bool
+) -> Any:
+    """load_model's second half: transformers' from_pretrained with the profile's map, dtype and attention."""
     if offload:
         Path(offload).mkdir(parents=True, exist_ok=True)
     quantized = profile.quantization["mode"] != "none"
@@ -223,6 +339,36 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     _refuse_meta(loaded, device_map)
     loaded.eval()
     return loaded
+
+
+SANITY_PROMPT = "[INST] Extract the entities: OneKE was released in 2024. [/INST]"
+
+
+def check_finite_outputs(model: Any, tokenizer: Any, where: str) -> None:
+    """One forward pass of a short prompt right after loading: every logit must be a finite number.
+
+    Why stop the run (BadInput, exit 2) rather than warn: a model that computes NaN or inf from the start (weights
+    that are NaN after a damaged download or a failed conversion, or a float16 run of weights that overflow in it)
+    answers every prompt with nothing. A warning would scroll away while the run spends hours writing lines that
+    look answered and score zero; one forward of a dozen tokens costs far less than the load that preceded it.
+    """
+    import torch
+
+    from oneke_plan.generation import input_device
+
+    ids = tokenizer(SANITY_PROMPT, add_special_tokens=True)["input_ids"]
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=input_device(model))).logits
+    finite = torch.isfinite(logits.float())
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise BadInput(
+            f"{where}: the loaded model computes NaN or inf ({bad:,} of {finite.numel():,} logits of a "
+            f"{len(ids)}-token test prompt, in {str(logits.dtype).removeprefix('torch.')}): its weights hold NaN/inf "
+            "values (a damaged or badly converted checkpoint: copy it again) or overflow in this dtype (re-plan with "
+            "--dtype bfloat16 "
+            "or float32); nothing was run"
+        )
 
 
 def _check_device_map_modules(model: Any, profile: Profile) -> None:
@@ -262,6 +408,39 @@ def _check_gpus_present(profile: Profile, source: ModelSource) -> None:
         )
 
 
+def _check_offload_space(model: Any, profile: Profile, directory: Path) -> None:
+    """Refuse (DoesNotFit, exit 3) an offload folder without room for the weights mapped to disk: accelerate
+    writes them through numpy memmaps, and a memmap on a full filesystem ends the process with SIGBUS, no message.
+
+    The need is counted from the meta model at the larger of the profile's and the checkpoint's dtype (accelerate
+    writes the checkpoint's), tied tensors once; room is the free space plus the .dat files an earlier offload
+    left there (they are truncated and rewritten). Not --force-able: --force skips the machine check, not this.
+    """
+    from oneke_plan.checkpoint import checkpoint_dtype
+    from oneke_plan.memory import DTYPE_BYTES
+
+    folder = Path(str(profile.offload_dir))
+    float_bytes = max(DTYPE_BYTES[profile.dtype], DTYPE_BYTES.get(checkpoint_dtype(directory) or "", 0))
+    seen: set[int] = set()
+    need = 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) in seen or _device_of(name, profile.device_map) != "disk":
+            continue
+        seen.add(id(tensor))
+        need += tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    room = shutil.disk_usage(existing).free
+    if folder.is_dir():
+        room += sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".dat" and f.is_file())
+    if room < need:
+        raise DoesNotFit(
+            f"offload folder {folder}: {format_bytes(room)} free, the weights the profile puts on disk need "
+            f"{format_bytes(need)}; free space there or pass --offload-dir with a larger disk"
+        )
+
+
 def _device_of(name: str, device_map: dict[str, Any]) -> Any:
     best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
     if best is None:
@@ -297,7 +476,7 @@ def _offload_index(offload_dir: str | None) -> dict[str, Any]:
     if not offload_dir:
         return {}
     try:
-        index = json.loads((Path(offload_dir) / "index.json").read_text(encoding="utf-8"))
+        index = jsonfile.loads((Path(offload_dir) / "index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return index if isinstance(index, dict) else {}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan.errors import BadInput
+from oneke_plan.jsonfile import read_json_file
 
 BUILTIN_MODELS = {"oneke": "oneke_config.json"}
 ONEKE_REPO_ID = "zjunlp/OneKE"
@@ -50,16 +51,7 @@ def config_fingerprint(config: dict[str, Any]) -> str:
 
 def read_config(path: Path) -> dict[str, Any]:
     """config.json as a dict, or BadInput naming the file and the problem."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadInput(f"{path}: not found; a model directory needs a config.json") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"{path}: cannot be read ({exc}); check the file") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix or re-download config.json") from None
+    config = read_json_file(path, "a model directory needs a valid config.json: fix or re-download it")
     if not isinstance(config, dict):
         raise BadInput(f"{path}: config.json must hold a JSON object, not {type(config).__name__}")
     return config

@@ -13,13 +13,17 @@ to the exact texts it saw in training. Sources (see /work/shared/oneke/README.md
 - DeepKE's `processer/*.py` (which gold labels the converter de-duplicates) and `eval/extracter/*.py` (the
   answer fields its evaluator reads: RE items' `head`/`tail`).
 
-This module is a leaf: it imports only the standard library, so the prompt format can be tested without torch.
+This module imports only the standard library and oneke_plan.jsonfile (the bounded JSON reader, itself standard
+library only), so the prompt format can be tested without torch.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any, TypeAlias
+
+from oneke_plan import jsonfile
+from oneke_plan.limits import MAX_JSON_BYTES
 
 TASKS: tuple[str, ...] = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
 LANGS: tuple[str, ...] = ("zh", "en")
@@ -283,8 +287,7 @@ def load_schema_file(path: str, task: str) -> Schema:
     type -> roles map. It is turned into the task's schema shape (see `_from_three_lines`).
     """
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
+        text = jsonfile.read_bounded(path, MAX_JSON_BYTES, "give the schema itself").decode("utf-8-sig")
     except FileNotFoundError:
         raise SchemaError(f"schema file {path} does not exist: check the path") from None
     except UnicodeDecodeError as e:
@@ -298,7 +301,9 @@ def schema_from_text(text: str, task: str, origin: str) -> Schema:
     """Parse schema text (one JSON document, or the 3-line form) and check it against the task's shape."""
     check_task(task)
     try:
-        document = json.loads(text)
+        document = jsonfile.loads(text)
+    except jsonfile.JsonLimitError as e:
+        raise SchemaError(f"{origin}: {e.msg} (line {e.lineno} column {e.colno})") from None
     except json.JSONDecodeError:
         lines = [line for line in text.split("\n") if line.strip()]
         if len(lines) != 3:
@@ -314,7 +319,7 @@ def schema_from_text(text: str, task: str, origin: str) -> Schema:
 
 def _json_line(line: str, number: int, origin: str) -> Any:
     try:
-        return json.loads(line)
+        return jsonfile.loads(line)
     except json.JSONDecodeError as e:
         raise SchemaError(
             f"{origin}, line {number}: not JSON ({e.msg}, column {e.colno}); a schema is one JSON document "
@@ -455,7 +460,9 @@ def parse_output(task: str, text: str) -> tuple[Any | None, str | None]:
     if not answer:
         return None, "empty answer"
     try:
-        parsed = json.loads(answer)
+        parsed = jsonfile.loads(answer)
+    except jsonfile.JsonLimitError as e:
+        return None, f"not an answer ({e.msg})"
     except json.JSONDecodeError as e:
         return None, f"not JSON ({e.msg} at char {e.pos} of {len(answer)}; cut off by max_new_tokens?)"
     if not isinstance(parsed, dict):

@@ -19,14 +19,13 @@ Nothing here is deleted or replaced unless it is a regular single-link file the 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from oneke_plan import oneke
+from oneke_plan import jsonfile, oneke
 from oneke_plan.errors import BadInput
 from oneke_plan.extract import (
     OutputWriter,
@@ -73,8 +72,8 @@ def _complete_lines(data: bytes) -> tuple[list[bytes], int]:
 
 def _decode(raw: bytes) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        return jsonfile.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
         return None
 
 
@@ -129,6 +128,7 @@ class RunOutput:
         self._created = False
         self._output_stat: os.stat_result | None = None
         self._keep_output_lines = True
+        self._header_bytes = 0
 
     def __enter__(self) -> RunOutput:
         return self
@@ -170,6 +170,7 @@ class RunOutput:
         """Create the journal already locked and with its header (a temporary file hard-linked into place), or lock
         the journal an interrupted run left. Another process holding it means another run: BadInput at once."""
         header = {"oneke_run_journal": JOURNAL_FORMAT, "mode": self.mode, "pid": os.getpid()}
+        self._header_bytes = len(encode_line(header))
         folder = self.journal.parent
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{self.journal.name}.", suffix=".tmp", dir=folder)
@@ -290,12 +291,26 @@ class RunOutput:
         fsync_dir(self.journal.parent)
         self._created = False
 
+    def _journal_has_answers(self) -> bool:
+        """Whether anything beyond the header reached the journal: its size, not `writer.written`, which an
+        interrupt between a line's write and its bookkeeping would leave behind."""
+        assert self._fd is not None
+        return not self._created or os.fstat(self._fd).st_size > self._header_bytes
+
+    def interruption_note(self) -> str:
+        """What an interrupted run leaves, and how to continue (for the one line the CLI prints)."""
+        if self._fd is None or not self._journal_has_answers():
+            return "no prompt was answered yet, so nothing was kept"
+        if not self.journal.exists():  # finish() had written OUT and removed the journal
+            return f"{self.output} was already complete"
+        return f"every answer so far is kept in {self.journal}: run the same command with --resume to continue"
+
     def close(self) -> None:
         """Release the lock; remove the journal this run created if no answer reached it."""
         if self._fd is None:
             return
         try:
-            if self._created and (self.writer is None or not self.writer.written):
+            if self._created and not self._journal_has_answers():
                 self.journal.unlink(missing_ok=True)
         finally:
             os.close(self._fd)

@@ -172,6 +172,8 @@ def read_profile(path: Path) -> Profile:
         raise BadInput(f"{where}: device_map is empty; re-create the profile with oneke-plan")
     known = {d.id for d in devices}
     for module, device in device_map.items():
+        if not isinstance(module, str):
+            raise BadInput(f"{where}: device_map key {module!r} is not a module name (a string); re-create the profile")
         device = _device_id(device, f"{where}: device_map[{module!r}]")
         if device not in known:
             raise BadInput(f"{where}: device_map[{module!r}] names device {device!r}, which is not in devices")

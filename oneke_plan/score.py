@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from oneke_plan import oneke
+from oneke_plan import jsonfile, oneke
 from oneke_plan.errors import BadInput
 from oneke_plan.extract import read_json_objects
 
@@ -164,7 +164,7 @@ def _line_task(line: dict[str, Any], where: str) -> str:
     if isinstance(line.get("task"), str):
         return _known_task(line["task"].upper(), where)
     try:
-        instruction = json.loads(line["instruction"])
+        instruction = jsonfile.loads(line["instruction"])
         detected = oneke.detect_task(instruction["instruction"], instruction.get("schema"))
     except (KeyError, TypeError, ValueError):
         detected = None
@@ -176,7 +176,7 @@ def _line_task(line: dict[str, Any], where: str) -> str:
 def _label(line: dict[str, Any], where: str) -> list[Any]:
     label = _need(line, "label", where)
     try:
-        gold = json.loads(label) if isinstance(label, str) else None
+        gold = jsonfile.loads(label) if isinstance(label, str) else None
     except ValueError:
         gold = None
     if not isinstance(gold, list) or not all(isinstance(item, dict) for item in gold):
@@ -209,8 +209,8 @@ def predicted_items(task: str, output: Any) -> tuple[bool, dict[str, list[Item]]
     answer = output
     if isinstance(output, str):
         try:
-            answer = json.loads(output)
-        except (ValueError, RecursionError):
+            answer = jsonfile.loads(output)
+        except ValueError:
             return False, {}
     if not isinstance(answer, dict):
         return False, {}

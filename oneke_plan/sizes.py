@@ -24,6 +24,7 @@ _UNITS = {
     "B": 1,
     "": 1,
 }
+_MAX_BYTES = 2**63  # 8 EiB: more than any machine has of anything, and what torch's int64 sizes can count
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 
@@ -38,6 +39,8 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         if text < 0:
             raise SizeError(f"size {text} is negative; give bytes >= 0 or a string like '24GiB'")
+        if text >= _MAX_BYTES:
+            raise SizeError(f"size {text} is larger than any memory or disk (8 EiB)")
         return text
     match = _SIZE.match(str(text))
     unit = match.group(2).upper() if match else None
@@ -47,6 +50,8 @@ def parse_size(text: str | int) -> int:
             "'512MiB' (GiB = 2**30 bytes, GB = 10**9 bytes)"
         )
     value = float(match.group(1)) * _UNITS[unit]
+    if value >= _MAX_BYTES:  # also catches inf ('9' * 400 parses as a float)
+        raise SizeError(f"size {text!r} is larger than any memory or disk (8 EiB)")
     if match.group(2).endswith("b") and unit in ("TB", "GB", "MB", "KB"):
         return int(value) // 8  # accelerate reads a lower-case b as bits
     return int(value)

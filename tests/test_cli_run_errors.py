@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hostile import billion_laughs, deep_list
 from safetensors.torch import load_file, save_file
 
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
+from oneke_plan.compat import offload_writes_weights
 
 NER_LINE = (
     (Path(__file__).parent.parent / "examples" / "deepke" / "NER" / "test.json").read_text("utf-8").splitlines()[0]
@@ -98,6 +100,46 @@ def _flags(*flags: str) -> Callable[[Case], None]:
     return lambda case: case.extra.extend(flags)
 
 
+def _yaml_value(case: Case, key: str, text: str) -> None:
+    """Set a top-level profile key to raw YAML `text` (what yaml.safe_dump would never write)."""
+    case.edit_profile(lambda d: d.__setitem__(key, "@@VALUE@@"))
+    case.profile.write_text(case.profile.read_text(encoding="utf-8").replace("'@@VALUE@@'", text), encoding="utf-8")
+
+
+def _line_with_instruction(instruction: str) -> bytes:
+    return (json.dumps({"id": 1, "instruction": instruction}) + "\n").encode()
+
+
+def _schema_file(case: Case, text: str) -> None:
+    (case.tmp / "schema.json").write_text(text, encoding="utf-8")
+    case.extra += ["--task", "NER", "--schema", str(case.tmp / "schema.json")]
+
+
+def _offload_to(case: Case, folder: str, make_file: bool = False) -> None:
+    if make_file:
+        (case.tmp / "a-file").write_text("my notes")
+    case.extra += ["--offload-dir", str(case.tmp / folder)]
+
+
+def _all_on_disk(case: Case, folder: str) -> None:
+    def edit(data: dict) -> None:
+        data["device_map"] = {"": "disk"}
+        data["devices"].append({"id": "disk", "name": "disk", "total_bytes": None})
+        data["offload_dir"] = str(case.tmp / folder)
+
+    case.edit_profile(edit)
+    case.extra += ["--offload-dir", str(case.tmp / folder)]
+
+
+def _tokenizer_code(case: Case) -> None:
+    """A tokenizer_config.json naming a tokenizer class shipped as Python in the model folder."""
+    marker = case.tmp / "tokenizer-code-ran"
+    (case.model / "tokenization_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    config = json.loads((case.model / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (case.model / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
 CASES: dict[str, tuple[Callable[[Case], None], str]] = {
     "profile empty": (lambda c: c.profile.write_text(""), "empty"),
     "profile not YAML": (lambda c: c.profile.write_text("device_map: [\n"), "not valid YAML"),
@@ -128,6 +170,31 @@ CASES: dict[str, tuple[Callable[[Case], None], str]] = {
     "batch size zero": (_flags("--batch-size", "0"), "--batch-size"),
     "max new tokens negative": (_flags("--max-new-tokens=-1"), "--max-new-tokens"),
     "model path missing": (lambda c: shutil.rmtree(c.model), "no such directory"),
+    # hostile files and flags: refused at their line, before anything is loaded (issue 11)
+    "profile alias bomb": (lambda c: c.profile.write_text(billion_laughs()), "profile.yaml:2: aliases"),
+    "profile nested deeply": (lambda c: c.profile.write_text("devices: " + deep_list()), "profile.yaml:1: nested"),
+    "profile lone surrogate": (lambda c: _yaml_value(c, "strategy", '"\\ud800"'), "lone surrogate"),
+    "profile device_map key not a name": (_set("device_map", {0: "cpu"}), "not a module name"),
+    "input line nested deeply": (_input(b'{"id": 1, "instruction": ' + deep_list().encode() + b"}"), "nested"),
+    "input line lone surrogate": (_input(b'{"id": 1, "instruction": "\\ud800"}\n'), "in.jsonl, line 1: a lone"),
+    "instruction nested deeply": (_input(_line_with_instruction(deep_list())), "in.jsonl, line 1: 'instruction'"),
+    "schema nested deeply": (_flags("--task", "NER", "--schema", deep_list()), "nested deeper"),
+    "schema file nested deeply": (lambda c: _schema_file(c, deep_list()), "schema.json: nested deeper"),
+    "example nested deeply": (_flags("--task", "NER", "--schema", '["x"]', "--example", deep_list()), "--example:"),
+    "example lone surrogate": (
+        _flags("--task", "NER", "--schema", '["x"]', "--example", '[{"input": "\\udc00", "output": {}}]'),
+        "lone surrogate",
+    ),
+    "device_map all on disk": (lambda c: _all_on_disk(c, "offload"), "every module is on disk"),
+    "offload folder is a file": (lambda c: _offload_to(c, "a-file", make_file=True), "is a file, not a folder"),
+    "offload folder under a file": (lambda c: _offload_to(c, "a-file/sub", make_file=True), "is a file, not a folder"),
+    "tokenizer missing": (lambda c: (c.model / "tokenizer.json").unlink(), "the tokenizer cannot be loaded"),
+    "tokenizer truncated": (lambda c: _truncate(c.model / "tokenizer.json", 0.5), "tokenizer.json:"),
+    "tokenizer config nested deeply": (
+        lambda c: (c.model / "tokenizer_config.json").write_text('{"a": ' + deep_list() + "}"),
+        "tokenizer_config.json:1: nested deeper",
+    ),
+    "tokenizer ships code": (_tokenizer_code, "--trust-remote-code"),
 }
 
 
@@ -138,6 +205,7 @@ def test_bad_input_is_one_line_and_exit_2(
     case = Case(tmp_path, profile_data, tiny_model_dir)
     breaks, needle = CASES[name]
     breaks(case)
+    output_existed = case.output.exists()
     code = run_main(case.argv())
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -148,6 +216,8 @@ def test_bad_input_is_one_line_and_exit_2(
         assert "saved from a headless model" in err
     else:
         assert len(lines) == 1, err
+    assert not (tmp_path / "tokenizer-code-ran").exists()
+    assert case.output.exists() == output_existed and not (tmp_path / "out.jsonl.journal").exists()
 
 
 def test_missing_shard(tiny_sharded_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -340,3 +410,125 @@ def test_read_only_folder_is_one_line(
     assert run_main(case.argv()) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Read-only file system" in err[0] and str(read_only_tmpfs) in err[0], err
+
+
+def test_overwrite_in_a_read_only_folder_is_one_line_and_keeps_the_output(
+    small_tmpfs: Path, profile_data: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    case.output = small_tmpfs / "out.jsonl"
+    case.output.write_bytes(b"an earlier output\n")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True, capture_output=True)
+    case.extra = ["--overwrite"]
+    assert run_main(case.argv()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Read-only file system" in err[0] and str(small_tmpfs) in err[0], err
+    assert case.output.read_bytes() == b"an earlier output\n"
+
+
+def _offload_lm_head(case: Case, folder: Path) -> None:
+    """lm_head (128 KiB in bf16) offloaded to `folder`; the rest on the CPU."""
+
+    def edit(data: dict) -> None:
+        data["device_map"] = {"model": "cpu", "lm_head": "disk"}
+        data["devices"].append({"id": "disk", "name": "disk", "total_bytes": None})
+        data["offload_dir"] = str(folder)
+
+    case.edit_profile(edit)
+    case.extra += ["--offload-dir", str(folder)]
+
+
+@pytest.mark.parametrize(
+    ("problem", "code", "reason"),
+    [
+        ("read-only", 2, "Read-only file system"),
+        pytest.param(
+            "full",
+            3,
+            "free, the weights the profile puts on disk need",
+            marks=pytest.mark.skipif(
+                not offload_writes_weights(pickled=False),
+                reason="transformers 5 reads disk-offloaded weights from the safetensors checkpoint, writing none",
+            ),
+        ),
+    ],
+)
+def test_offload_folder_that_cannot_take_the_weights_is_one_line(
+    problem: str,
+    code: int,
+    reason: str,
+    small_tmpfs: Path,
+    profile_data: dict,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Read-only: found by the probe before loading. Full (64 KiB for a 128 KiB lm_head): found by counting the
+    offloaded bytes before loading; accelerate's memmaps would end the process with SIGBUS, no message."""
+    import subprocess
+
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    folder = small_tmpfs / "offload"
+    _offload_lm_head(case, folder)
+    if problem == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True, capture_output=True)
+    assert run_main(case.argv()) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and reason in err[0] and str(small_tmpfs) in err[0], err
+    assert not case.output.exists() and not (tmp_path / "out.jsonl.journal").exists()
+
+
+def test_offload_folder_with_room_runs(
+    small_tmpfs: Path, profile_data: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The space check counts what is written: with lm_head's 128 KiB on a 256 KiB tmpfs, the run completes (on
+    transformers 5 nothing is written: offloaded weights are read from the safetensors checkpoint)."""
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,size=256k", str(small_tmpfs)], check=True, capture_output=True)
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    _offload_lm_head(case, small_tmpfs / "offload")
+    assert run_main(case.argv()) == 0
+    written = sum(f.stat().st_size for f in (small_tmpfs / "offload").glob("*.dat"))
+    assert written == (64 * 1024 * 2 if offload_writes_weights(pickled=False) else 0)
+
+
+def test_an_os_error_while_loading_names_the_path(
+    profile_data: dict,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An I/O error without a file name inside the load (simulated: root cannot make a real one) is one line with
+    the checkpoint's path and exit 2, not an internal error."""
+    import errno
+
+    from oneke_plan import loader
+
+    def failing_read(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(loader, "_load_weights", failing_read)
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    assert run_main(case.argv()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Input/output error" in err[0] and str(case.model / "model.safetensors") in err[0], err
+
+
+def test_a_model_that_computes_nan_is_refused_before_any_prompt(
+    profile_data: dict, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    file = case.model / "model.safetensors"
+    nan = {name: torch.full_like(tensor, float("nan")) for name, tensor in load_file(file).items()}
+    save_file(nan, file, metadata={"format": "pt"})
+    code = run_main(case.argv())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"oneke-run: error: {case.model}: the loaded model computes NaN or inf"), err
+    assert not case.output.exists() and not (tmp_path / "out.jsonl.journal").exists()

@@ -224,3 +224,81 @@ def test_profile_cannot_send_offloaded_weights_outside_the_current_folder(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--offload-dir" in err[0]
     assert not target.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_keep_every_answer_and_say_how_to_continue(
+    signum: int, cpu_profile: Path, tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "re-part.json"  # 12 prompts in batches of 2: the signal comes after the second batch
+    source.write_text("".join((deepke_dir / "RE" / "test.json").read_text(encoding="utf-8").splitlines(True)[:12]))
+    out = tmp_path / "re.jsonl"
+    journal = journal_path(out)
+    proc = subprocess.Popen(_run_cmd(cpu_profile, tiny_model_dir, source, out), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 1 + 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before the signal: make the workload longer"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"oneke-run: interrupted by {name}: every answer so far is kept in {journal}: run the same command with "
+        "--resume to continue"
+    )
+    kept = {line["key"]: line for line in _journal_lines(journal)[1:]}
+    assert len(kept) >= 3 and not out.exists()
+    # what --resume will read: the kept answers as they were, and exactly the other prompts still to run
+    from oneke_plan.extract import read_converted
+    from oneke_plan.outputs import RunOutput
+
+    records = read_converted(source)
+    with RunOutput(out, source, "resume") as resumed:
+        pending = resumed.start(records)
+        assert {key: resumed.done[key] for key in kept} == kept
+    assert [r.key for r in pending] == [r.key for r in records if r.key not in kept]
+
+
+def test_sigterm_in_any_command_is_one_line_and_exit_143(capsys: pytest.CaptureFixture[str]) -> None:
+    """run_main, which every CLI runs its body in: SIGTERM unwinds like Ctrl-C (finally blocks run), and the
+    default handler is back afterwards."""
+    from oneke_plan.cli.common import run_main
+
+    cleaned = []
+
+    def body() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+            return 0
+        finally:
+            cleaned.append(True)
+
+    assert run_main("oneke-plan", body, debug=False) == 143
+    assert capsys.readouterr().err == "oneke-plan: interrupted by SIGTERM\n"
+    assert cleaned == [True] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.parametrize(
+    ("error", "needle"),
+    [
+        (OSError(28, "No space left on device", "/data/out/part"), "/data/out/part: No space left on device"),
+        (PermissionError(13, "Permission denied", "/models/x/tokenizer.json"), "/models/x/tokenizer.json: Permission"),
+        (OSError(5, "Input/output error"), "the system did not say which"),
+    ],
+)
+def test_an_os_error_no_layer_caught_is_one_line_and_exit_2(
+    error: OSError, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from oneke_plan.cli.common import run_main
+
+    def body() -> int:
+        raise error
+
+    assert run_main("oneke-run", body, debug=False) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("oneke-run: error: ") and needle in err[0], err

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
-from oneke_plan.errors import OnekePlanError
+from oneke_plan.errors import EXIT_BAD_INPUT, Interrupted, OnekePlanError
 
 EXIT_INTERNAL = 1
-EXIT_INTERRUPTED = 130
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -20,18 +23,70 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}{hint}; see {self.prog} --help\n")
 
 
-def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
-    """Run `body`; turn our errors into 'prog: error: message' and their exit code. --debug shows tracebacks."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, systemd, Slurm and container runtimes send), raised in the main thread like Ctrl-C's
+    KeyboardInterrupt so that a terminated command unwinds the same way: a run's journal keeps every answer,
+    temporary files are removed, locks are released."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated, where Python's default would end the process at once. Left
+    alone where someone already chose a SIGTERM handler (an embedding program), or off the main thread."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return body()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_by(exc: BaseException) -> int:
+    """The signal number behind a KeyboardInterrupt: SIGTERM for Terminated, SIGINT otherwise."""
+    return int(getattr(exc, "signum", signal.SIGINT))
+
+
+def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
+    """Run `body`; turn our errors into 'prog: error: message' and their exit code. --debug shows tracebacks.
+
+    SIGINT and SIGTERM end in one line and 128 + the signal's number. An OSError that nothing below turned into a
+    message (a full disk, a read-only or unreadable file met inside a library) is one line with its path and exit 2:
+    it is about the machine or the files, not a bug."""
+    try:
+        with sigterm_as_interrupt():
+            return body()
+    except Interrupted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except OnekePlanError as exc:
         if debug:
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        signum = interrupted_by(exc)
+        print(f"{prog}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    except OSError as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        if isinstance(exc, BrokenPipeError):  # the reader of our stdout went away: nothing more can reach it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, never a traceback
         if debug:
             raise
@@ -40,6 +95,14 @@ def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError: its path(s) when it has them, and the system's reason."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    where = " -> ".join(paths) if paths else "a file or folder (the system did not say which)"
+    return f"{where}: {reason}; check the path, its permissions and the free space there"
 
 
 def wants_debug(argv: Sequence[str] | None) -> bool:

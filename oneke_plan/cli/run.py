@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from oneke_plan import __version__
-from oneke_plan.cli.common import OneLineParser, device_label, format_table, run_main, wants_debug
-from oneke_plan.errors import BadInput
+from oneke_plan.cli.common import OneLineParser, device_label, format_table, interrupted_by, run_main, wants_debug
+from oneke_plan.errors import BadInput, Interrupted
 from oneke_plan.sizes import format_bytes
 
 EPILOG = """\
@@ -181,7 +182,9 @@ def _offload_dir(from_profile: str | None, from_flag: str | None) -> str | None:
     path = Path(from_profile)
     inside = not path.is_absolute() and Path.cwd() in (Path.cwd() / path).resolve().parents
     # Only a new folder, or one that holds nothing but an earlier offload (accelerate's index.json and .dat files).
-    ours = not path.exists() or all(f.name == "index.json" or f.suffix == ".dat" for f in path.iterdir())
+    ours = not path.exists() or (
+        path.is_dir() and all(f.name == "index.json" or f.suffix == ".dat" for f in path.iterdir())
+    )
     if not (inside and ours):
         raise BadInput(
             f"the profile offloads weights to {from_profile!r}, which is outside the current folder or holds other "
@@ -191,13 +194,9 @@ def _offload_dir(from_profile: str | None, from_flag: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oneke_plan.checkpoint import read_checkpoint
-    from oneke_plan.generation import GreedyGenerator
-    from oneke_plan.loader import check_machine, load_model, measured_weight_bytes
     from oneke_plan.model_source import resolve_model
     from oneke_plan.outputs import RunOutput
     from oneke_plan.profile import read_profile
-    from oneke_plan.runner import Runner
 
     profile = read_profile(args.profile)
     workload = profile.workload
@@ -221,37 +220,18 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         raise BadInput(f"{args.input}: no prompt to run (see the note above)")
     with RunOutput(args.output, args.input, mode) as output:
-        pending = output.start(records)
-        for problem in check_machine(profile, source, force=args.force):
-            print(f"oneke-run: warning (--force): {problem}", file=sys.stderr)
-        if not pending:
-            rewritten = output.finish(records)
-            what = f"; {args.output} rewritten in input order with the journal's answers" if rewritten else ""
-            print(f"oneke-run: nothing to do: all {len(records)} prompts are answered{what}", file=sys.stderr)
-            return 0
-
-        from transformers import AutoTokenizer
-
-        model = load_model(profile, source, trust_remote_code=args.trust_remote_code)
-        stored = read_checkpoint(source.directory).dtypes if source.directory else None
-        measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
-        print(weight_table(profile, measured), file=sys.stderr)
-        tokenizer = AutoTokenizer.from_pretrained(source.directory, trust_remote_code=args.trust_remote_code)
-        generator = GreedyGenerator(model, tokenizer, max_new)
-        assert output.writer is not None
-        runner = Runner(
-            generator.generate,
-            tokenizer,
-            output.writer,
-            batch_size,
-            workload["max_input_tokens"],
-            progress=not args.no_progress,
-        )
-        stats = runner.run(pending)
-        output.finish(records)
+        try:
+            answered = _answer(args, profile, source, records, output, batch_size, max_new)
+        except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (cli.common): say what was kept, and how to go on
+            signum = interrupted_by(exc)
+            note = output.interruption_note()
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name}: {note}", signum) from None
+    if answered is None:
+        return 0
+    stats, pending = answered
     rate = stats.new_tokens / stats.seconds if stats.seconds else 0.0
     print(
-        f"oneke-run: {stats.prompts} prompts answered ({len(records) - len(pending)} already done), "
+        f"oneke-run: {stats.prompts} prompts answered ({len(records) - pending} already done), "
         f"{stats.new_tokens} tokens in {stats.seconds:.1f} s ({rate:.1f} tokens/s); {stats.parse_errors} answers "
         f"are not valid JSON (kept raw with parse_error), {stats.too_long} prompts too long, "
         f"{stats.out_of_memory} out of memory (lines with 'error': --resume retries them) -> {args.output}",
@@ -261,6 +241,58 @@ def run(args: argparse.Namespace) -> int:
     if peaks:
         print(peaks, file=sys.stderr)
     return 0
+
+
+def _answer(
+    args: argparse.Namespace,
+    profile: Any,
+    source: Any,
+    records: list[Any],
+    output: Any,
+    batch_size: int,
+    max_new: int,
+) -> Any:
+    """Check the machine, then everything else that is cheap (device_map, offload folder, tokenizer, checkpoint
+    names), then load the model, check it computes finite numbers, and answer the pending prompts. Returns the run's
+    statistics and how many prompts were pending, or None when every prompt was already answered."""
+    from oneke_plan.checkpoint import read_checkpoint
+    from oneke_plan.generation import GreedyGenerator
+    from oneke_plan.loader import (
+        check_before_load,
+        check_finite_outputs,
+        check_machine,
+        load_model,
+        measured_weight_bytes,
+    )
+    from oneke_plan.runner import Runner
+
+    pending = output.start(records)
+    for problem in check_machine(profile, source, force=args.force):
+        print(f"oneke-run: warning (--force): {problem}", file=sys.stderr)
+    if not pending:
+        rewritten = output.finish(records)
+        what = f"; {args.output} rewritten in input order with the journal's answers" if rewritten else ""
+        print(f"oneke-run: nothing to do: all {len(records)} prompts are answered{what}", file=sys.stderr)
+        return None
+    tokenizer = check_before_load(profile, source, trust_remote_code=args.trust_remote_code)
+    model = load_model(profile, source, trust_remote_code=args.trust_remote_code)
+    stored = read_checkpoint(source.directory).dtypes if source.directory else None
+    measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
+    print(weight_table(profile, measured), file=sys.stderr)
+    check_finite_outputs(model, tokenizer, str(source.directory))
+    generator = GreedyGenerator(model, tokenizer, max_new)
+    assert output.writer is not None
+    runner = Runner(
+        generator.generate,
+        tokenizer,
+        output.writer,
+        batch_size,
+        profile.workload["max_input_tokens"],
+        progress=not args.no_progress,
+    )
+    stats = runner.run(pending)
+    output.finish(records)
+    return stats, len(pending)
 
 
 def main(argv: list[str] | None = None) -> int:
