@@ -131,6 +131,6 @@ def measures_on_meta() -> bool:
 
 
 def offload_writes_weights(pickled: bool) -> bool:
-    """Whether from_pretrained writes disk-offloaded weights into the offload folder: transformers 5 reads them
-    straight from a safetensors checkpoint instead (it rewrites only tensors it converts on load)."""
-    return pickled or not measures_on_meta()
+    """Whether from_pretrained writes disk-offloaded weights into the offload folder: it reads them in place from a
+    safetensors checkpoint instead (transformers 5 rewrites only tensors it converts on load)."""
+    return pickled
