@@ -51,8 +51,9 @@ def loaded_dtype_bytes(model: Any, dtype: str) -> Any:
 
     - parameters its `_keep_in_fp32_modules` names stay float32 (5.x: its `_get_dtype_plan`, with
       `_keep_in_fp32_modules_strict` for bf16 too; 4.x: only when loading fp16);
-    - 5.x keeps a float parameter in the dtype the model's code builds it with (e.g. a router bias declared
-      float32); 4.x casts every float parameter to `dtype`;
+    - any other keeps the dtype the model's code builds it with at `dtype` (a parameter declared float32, such as
+      Mamba's A_log or a router bias, stays float32: 5.x keeps the built dtype, 4.x's loading through accelerate's
+      set_module_tensor_to_device casts to it);
     - buffers keep the dtype they are built with; non-float tensors their own.
     """
     import re
@@ -71,13 +72,9 @@ def loaded_dtype_bytes(model: Any, dtype: str) -> Any:
         pattern = re.compile("|".join(rf"(^|\.){re.escape(m)}(\.|$)" for m in keep)) if keep else None
 
     def loaded(name: str, tensor: Any, is_buffer: bool) -> int:
-        if is_buffer or not tensor.is_floating_point():
-            return int(tensor.element_size())
-        if pattern is not None and pattern.search(name):
+        if not is_buffer and tensor.is_floating_point() and pattern is not None and pattern.search(name):
             return 4
-        if newer:
-            return int(tensor.element_size())
-        return int(target.itemsize)
+        return int(tensor.element_size())
 
     return loaded
 

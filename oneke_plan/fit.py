@@ -28,7 +28,8 @@ OFFLOAD_DEVICES = ("cpu", "disk")
 @dataclass(frozen=True)
 class BlockCost:
     """One block priced in bytes. State (KV cache), activations, logits and scratch are charged to its execution
-    device.
+    device. `kv_cache_bytes` is the state it holds at the last decoding step, `prefill_state_bytes` right after the
+    prefill (larger for a sliding window's cache when the prompt is longer than the window).
 
     `weights_bytes` is the block as loaded with the plan's quantization; `unquantized_weights_bytes` the same block
     in the compute dtype, which is how transformers keeps bitsandbytes models' CPU- and disk-offloaded modules.
@@ -43,6 +44,7 @@ class BlockCost:
     logits_bytes: int
     quant_scratch_bytes: int
     tied_to: str | None
+    prefill_state_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,12 @@ def block_weights_bytes(
 class MeasuredMemory:
     """What the model's own forward holds per block for one workload (measure.py), in bytes."""
 
-    state_bytes: Mapping[str, int]  # KV cache / recurrent state each block keeps
+    prefill_state_bytes: Mapping[str, int]  # KV cache / recurrent state each block keeps after the prefill
+    decode_state_bytes: Mapping[str, int]  # ... and at the last decoding step
     peak_bytes: Mapping[str, int]  # transient bytes while each block runs
-    outside_state_bytes: int = 0  # state and peak of what runs outside every block (masks, ...): charged to the
-    outside_peak_bytes: int = 0  # first block's device
+    outside_prefill_state_bytes: int = 0  # what runs outside every block (masks, ...): charged to the first
+    outside_decode_state_bytes: int = 0  # block's device
+    outside_peak_bytes: int = 0
 
 
 def block_costs(
@@ -124,10 +128,12 @@ def block_costs(
         if quant.mode != "none":
             shapes = [quantizable[t.name] for t in block.tensors if t.name in quantizable]
             scratch = max((quant_scratch_bytes(*shape, quant) for shape in shapes), default=0)
-        state = memory.state_bytes.get(block.name, 0)
+        prefill_state = memory.prefill_state_bytes.get(block.name, 0)
+        decode_state = memory.decode_state_bytes.get(block.name, 0)
         peak = max(memory.peak_bytes.get(block.name, 0), 0)
         if i == 0:
-            state += memory.outside_state_bytes
+            prefill_state += memory.outside_prefill_state_bytes
+            decode_state += memory.outside_decode_state_bytes
             peak = max(peak, memory.outside_peak_bytes)
         logits = logits_bytes(workload.batch_size, layout.vocab_size) if block.kind == "lm_head" else 0
         costs.append(
@@ -136,11 +142,12 @@ def block_costs(
                 block.kind,
                 block_weights_bytes(block, quant, quantizable),
                 block_weights_bytes(block),
-                state,
+                decode_state,
                 peak,
                 logits,
                 scratch,
                 block.tied_to,
+                prefill_state,
             )
         )
     return costs
@@ -176,10 +183,13 @@ def stays_quantized(home: DeviceId, assignment: dict[str, DeviceId], slots: Sequ
 def estimate(
     assignment: dict[str, DeviceId], costs: Sequence[BlockCost], slots: Sequence[Slot]
 ) -> dict[DeviceId, DeviceEstimate]:
-    """Per-device bytes of a placement. Workspace = largest activation + logits + largest quantization scratch
+    """Per-device bytes of a placement. KV cache = the state of the blocks run there after the prefill or at the
+    last step, whichever is more (the two are not summed block by block: a sliding window's cache is largest after
+    the prefill, a full one at the end). Workspace = largest activation + logits + largest quantization scratch
     + (on the main GPU) a staging copy of the largest offloaded block."""
     weights: dict[DeviceId, int] = {}
     kv: dict[DeviceId, int] = {}
+    prefill_kv: dict[DeviceId, int] = {}
     activation: dict[DeviceId, int] = {}
     logits: dict[DeviceId, int] = {}
     scratch: dict[DeviceId, int] = {}
@@ -194,6 +204,7 @@ def estimate(
         stored = cost.weights_bytes if quantized else cost.unquantized_weights_bytes
         weights[home] = weights.get(home, 0) + stored
         kv[run] = kv.get(run, 0) + cost.kv_cache_bytes
+        prefill_kv[run] = prefill_kv.get(run, 0) + cost.prefill_state_bytes
         activation[run] = max(activation.get(run, 0), cost.activation_bytes)
         logits[run] = logits.get(run, 0) + cost.logits_bytes
         if quantized:
@@ -209,7 +220,8 @@ def estimate(
             activation.get(slot.id, 0) + logits.get(slot.id, 0) + scratch.get(slot.id, 0) + staging.get(slot.id, 0)
         )
         reserve = slot.reserve_bytes if slot.id != "disk" else 0
-        result[slot.id] = DeviceEstimate(weights.get(slot.id, 0), kv.get(slot.id, 0), workspace, reserve)
+        state = max(kv.get(slot.id, 0), prefill_kv.get(slot.id, 0))
+        result[slot.id] = DeviceEstimate(weights.get(slot.id, 0), state, workspace, reserve)
     return result
 
 

@@ -500,10 +500,17 @@ class BlockLaws:
 
 @dataclass(frozen=True)
 class BlockMemory:
-    """Measured bytes of one block for one workload."""
+    """Measured bytes of one block for one workload: the state (KV cache, recurrent state) it keeps after the
+    prefill and at the last decode step (a sliding window's cache can be larger after the prefill), and the
+    transient bytes while it runs, besides every block's state."""
 
-    state_bytes: int  # KV cache / recurrent state it keeps (on its device)
-    peak_bytes: int  # transient bytes while it runs (on its device), besides every block's state
+    prefill_state_bytes: int
+    decode_state_bytes: int
+    peak_bytes: int
+
+    @property
+    def state_bytes(self) -> int:
+        return max(self.prefill_state_bytes, self.decode_state_bytes)
 
 
 Regime = tuple[int, int | None]  # token counts [low, high) a set of laws holds for (high None: unbounded)
@@ -547,7 +554,8 @@ class Measurer:
             return self.measure_directly(batch, input_tokens, total_tokens)
         return {
             name: BlockMemory(
-                max(prefill[name].prefill_state(batch, input_tokens), decode[name].decode_state(batch, total_tokens)),
+                prefill[name].prefill_state(batch, input_tokens),
+                decode[name].decode_state(batch, total_tokens),
                 max(prefill[name].prefill_peak(batch, input_tokens), decode[name].decode_peak(batch, total_tokens), 0)
                 + self._margin,
             )
@@ -562,7 +570,8 @@ class Measurer:
             _, last = measure_step(self.model, self.blocks, batch, total_tokens - 1)
             self._direct[key] = {
                 name: BlockMemory(
-                    max(prefill.state_bytes[name], last.state_bytes[name]),
+                    prefill.state_bytes[name],
+                    last.state_bytes[name],
                     max(prefill.peak_bytes[name], last.peak_bytes[name], 0),
                 )
                 for name in [OUTSIDE, *self.blocks]

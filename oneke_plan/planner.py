@@ -312,10 +312,13 @@ class Planner:
                 f"{self.source.name}: oneke-plan cannot price {layout.architecture} honestly: it measures memory by "
                 f"running the model's own forward on the meta device, and that fails ({exc})"
             ) from None
+        blocks = {name: m for name, m in memory.items() if name != OUTSIDE}
         return MeasuredMemory(
-            {name: m.state_bytes for name, m in memory.items() if name != OUTSIDE},
-            {name: m.peak_bytes for name, m in memory.items() if name != OUTSIDE},
-            memory[OUTSIDE].state_bytes,
+            {name: m.prefill_state_bytes for name, m in blocks.items()},
+            {name: m.decode_state_bytes for name, m in blocks.items()},
+            {name: m.peak_bytes for name, m in blocks.items()},
+            memory[OUTSIDE].prefill_state_bytes,
+            memory[OUTSIDE].decode_state_bytes,
             memory[OUTSIDE].peak_bytes,
         )
 
@@ -414,7 +417,7 @@ class Planner:
     def does_not_fit_message(self, plan: Plan, inventory: Inventory) -> str:
         placement = plan.placement
         left = [c for c in plan.costs if c.name in placement.unplaced]
-        left_bytes = sum(c.weights_bytes + c.kv_cache_bytes for c in left)
+        left_bytes = sum(c.weights_bytes + max(c.kv_cache_bytes, c.prefill_state_bytes) for c in left)
         lines = [
             f"does not fit: {len(left)} blocks ({left[0].name} .. {left[-1].name}) are left over, "
             f"{format_bytes(left_bytes)} of weights and KV cache, after every device was filled:"
