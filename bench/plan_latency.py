@@ -5,8 +5,9 @@ Timed (each a fresh process, median of --repeats runs, interleaved so drift hits
   oneke       oneke-plan oneke --gpu 24GiB --gpu 12GiB -o FILE
   70B         oneke-plan DIR --gpu 80GiB --gpu 80GiB -o FILE        (DIR holds Llama-2-70B's config.json)
   70B no-fit  oneke-plan DIR --gpu 24GiB --gpu 12GiB                 (exit 3: does not fit, alternatives computed)
-Then, where the goal (<= 1.2x the floor) is missed, where the time goes: per phase inside one cold process, and the
-slowest imports from python -X importtime.
+Then where the time goes: per phase inside one cold process, and the slowest imports from python -X importtime.
+Goal: planning stays within 1.5x of its cold time before memory terms were measured from the model's forward
+(1.09x-1.15x the floor then), i.e. <= 1.64x the floor.
 
 Run: python bench/plan_latency.py [--repeats N]
 """
@@ -36,22 +37,18 @@ from oneke_plan.inventory import build_inventory
 from oneke_plan.memory import Quantization, Workload
 from oneke_plan.model_source import resolve_model
 from oneke_plan.planner import Planner, PlanSettings
-from oneke_plan.layout import load_config, build_meta_model, read_layout
 t['import oneke_plan'] = time.perf_counter() - s; s = time.perf_counter()
-source = resolve_model(sys.argv[1])
-config = load_config(source)
-t['load_config (AutoConfig class lookup)'] = time.perf_counter() - s; s = time.perf_counter()
-model = build_meta_model(config, 'bfloat16')
-t['build_meta_model'] = time.perf_counter() - s; s = time.perf_counter()
-layout = read_layout(model, config)
-t['read_layout'] = time.perf_counter() - s; s = time.perf_counter()
-planner = Planner.__new__(Planner)
-planner.source, planner.config, planner.model, planner.layout = source, config, model, layout
+planner = Planner(resolve_model(sys.argv[1]))
+t['read the config (AutoConfig)'] = time.perf_counter() - s; s = time.perf_counter()
+model, layout = planner.build('bfloat16')
+t['build the meta model, read its blocks'] = time.perf_counter() - s; s = time.perf_counter()
+laws = planner.measurer('bfloat16')._laws_for(512)
+t['measure (forwards on the meta device, laws)'] = time.perf_counter() - s; s = time.perf_counter()
 inventory = build_inventory(sys.argv[2:], None, None, None)
 plan = planner.plan(inventory, PlanSettings(Workload(512, 512, 4), Quantization('none')))
 t['plan (pricing + placement)'] = time.perf_counter() - s; s = time.perf_counter()
 profile = planner.profile(plan, inventory)
-t['device_map (accelerate) + profile'] = time.perf_counter() - s; s = time.perf_counter()
+t['device_map + profile'] = time.perf_counter() - s; s = time.perf_counter()
 profile.to_yaml()
 t['to_yaml'] = time.perf_counter() - s
 print(json.dumps(t))
@@ -139,7 +136,9 @@ def main() -> int:
 
     print()
     for k in list(cases)[1:]:
-        print(f"ratio: {k} / floor = {statistics.median(times[k]) / floor:.2f}x (goal <= 1.2x)")
+        # The goal: within 1.5x of the cold time before memory was measured, which was 1.09-1.15x the floor on
+        # this machine (docs/benchmarks.md): 1.5 x 1.09 = 1.64x the floor.
+        print(f"ratio: {k} / floor = {statistics.median(times[k]) / floor:.2f}x (goal <= 1.64x)")
     return 0
 
 

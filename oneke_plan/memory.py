@@ -4,7 +4,11 @@ All results are ints, in bytes. A device's estimate is
 
     weights_bytes + kv_cache_bytes + workspace_bytes + reserve_bytes
 
-and each function below computes one of those terms (docs/memory-model.md explains each with its source).
+The planner measures the KV cache (and any recurrent state) and the activations by running each model's own code
+on the meta device (measure.py): whatever the architecture. The formulas here for those two terms describe a
+LLaMA-shaped model; they are the explanation (docs/memory-model.md) and an independent cross-check of the
+measurement in the tests. Weights (bitsandbytes' layout), logits, quantization scratch, offload speed and the
+reserve are computed here and used as they are.
 """
 
 from __future__ import annotations
@@ -120,28 +124,30 @@ def layer_activation_bytes(shape: AttentionShape, workload: Workload, dtype_byte
     """Peak transient bytes while one decoder layer runs prefill (the largest step of generation).
 
     Prefill runs the batch's full prompts (rows = batch x max_input_tokens) through the layer. Alive throughout:
-    - held by the model's forward: the embedding output (hidden), RoPE cos and sin (2 x head_dim), and the 4D
-      attention mask, batch x seq x seq, counted at 2 bytes (transformers builds it boolean or in the compute
-      dtype, depending on version and backend; the larger is counted).
+    - held by the model's forward: the embedding output (hidden) for the whole forward, and from the second layer
+      on the previous layer's output too (2 x hidden), RoPE cos and sin (2 x head_dim), and the 4D attention
+      mask, batch x seq x seq, counted at 2 bytes (transformers builds it boolean or in the compute dtype,
+      depending on version and backend; the larger is counted).
     Plus the largest of the layer's three steps:
     - RMSNorm: the residual input and the norm's two fp32 copies (hidden x (dtype + 8 bytes));
     - attention: residual and normed input (2 x hidden), q, k and v with k/v expanded to all heads for
       grouped-query attention, and the attention output (4 x heads x head_dim);
     - MLP: residual and normed input (2 x hidden), gate, up and act(gate) * up (3 x intermediate).
     With SDPA (transformers' default) the attention scores are never materialized; with eager attention
-    (`eager=True`) batch x heads x seq x seq scores are added, in the compute dtype plus their fp32 softmax.
-    Checked against torch.profiler on CPU: bench/memory_accuracy.py, docs/benchmarks.md.
+    (`eager=True`) the attention step also holds batch x heads x seq x seq scores: in the compute dtype, their
+    fp32 softmax and its cast back (2 x dtype + 4 bytes each).
+    Cross-checked against the measurement (tests/test_memory.py) and torch.profiler on CPU
+    (bench/memory_accuracy.py, docs/benchmarks.md).
     """
     rows = workload.batch_size * workload.max_input_tokens
     seq = workload.max_input_tokens
-    held = rows * (shape.hidden_size + 2 * shape.head_dim) * dtype_bytes + workload.batch_size * seq * seq * 2
+    held = rows * (2 * shape.hidden_size + 2 * shape.head_dim) * dtype_bytes + workload.batch_size * seq * seq * 2
     norm = rows * shape.hidden_size * (dtype_bytes + 8)
     attention = rows * (2 * shape.hidden_size + 4 * shape.num_attention_heads * shape.head_dim) * dtype_bytes
-    mlp = rows * (2 * shape.hidden_size + 3 * shape.intermediate_size) * dtype_bytes
-    peak = held + max(norm, attention, mlp)
     if eager:
-        peak += workload.batch_size * shape.num_attention_heads * seq * seq * (dtype_bytes + 4)
-    return peak
+        attention += workload.batch_size * shape.num_attention_heads * seq * seq * (2 * dtype_bytes + 4)
+    mlp = rows * (2 * shape.hidden_size + 3 * shape.intermediate_size) * dtype_bytes
+    return held + max(norm, attention, mlp)
 
 
 def hidden_state_bytes(shape: AttentionShape, workload: Workload, dtype_bytes: int) -> int:
