@@ -395,7 +395,7 @@ def _cache_object(cache: Any) -> Any:
 
 
 def _cache_of(out: Any) -> Any:
-    for name in ("past_key_values", "cache", "cache_params"):
+    for name in ("cache", "past_key_values", "cache_params"):
         value = getattr(out, name, None)
         if value is not None:
             return value

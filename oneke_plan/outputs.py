@@ -10,8 +10,10 @@ For `--output OUT` (docs/output-format.md):
 - `--resume` keeps every answered line of OUT (once validated as this tool's output) and of the journal, and runs
   again the prompts with no line or an `error` line (too long for the plan, out of memory).
 
-One journal per worker: journal_path takes the worker's rank and the world size, so several processes can each
-append to and lock their own part, and one of them assemble OUT from all parts.
+One journal per worker (oneke-run under torchrun, oneke_plan/workers.py): journal_path takes the worker's rank and
+the world size, so each worker appends to and locks its own part; every worker's start() also reads the other
+parts (what they answered is done, whatever the world size was), and when all are through, one of them writes OUT
+from all parts (finish with peers=True) and removes them.
 
 Nothing here is deleted or replaced unless it is a regular single-link file the tool wrote (oneke_plan.files).
 """
@@ -121,6 +123,7 @@ class RunOutput:
         self.output = Path(output)
         self.input_path = Path(input_path)
         self.mode = mode
+        self.rank, self.world_size = rank, world_size
         self.journal = journal_path(self.output, rank, world_size)
         self.done: dict[str, dict[str, Any]] = {}
         self.writer: OutputWriter | None = None
@@ -129,6 +132,7 @@ class RunOutput:
         self._output_stat: os.stat_result | None = None
         self._keep_output_lines = True
         self._header_bytes = 0
+        self._prepared = False
 
     def __enter__(self) -> RunOutput:
         return self
@@ -138,21 +142,65 @@ class RunOutput:
 
     # -------------------------------------------------------- start
 
-    def start(self, records: list[PromptRecord]) -> list[PromptRecord]:
-        """Check the paths, take the lock, read what earlier runs answered; return the prompts still to run."""
-        self._check_paths()
+    def start(self, records: list[PromptRecord], mine: Any = None) -> list[PromptRecord]:
+        """Check the paths, take the lock, read what earlier runs (and other workers) answered; return the prompts
+        still to run (of those `mine(record)` says this worker runs, when given)."""
+        if not self._prepared:
+            self.prepare()
         self._lock()
         existing = self._read_journal()
+        peers = self.peer_journals()
         if self.mode == "resume" and self._keep_output_lines and self._output_stat is not None:
             for line in read_output(self.output):
                 if is_prompt_line(line):
                     self.done[line["key"]] = line
+        if self.mode == "resume":
+            for peer in peers:
+                for line in self._peer_answers(peer):
+                    self.done.setdefault(line["key"], line)
         for line in existing or []:
             self.done[line["key"]] = line  # the journal is newer than OUT; later lines win
         _check_same_input(self.done, records, self.output)
         assert self._fd is not None
         self.writer = OutputWriter(self._fd, str(self.journal))
-        return [r for r in records if r.key not in self.done or not is_answered(self.done[r.key])]
+        return [
+            r
+            for r in records
+            if (mine is None or mine(r)) and (r.key not in self.done or not is_answered(self.done[r.key]))
+        ]
+
+    def prepare(self) -> None:
+        """What start() checks before it creates anything: the paths, and (a new run) that no worker of an earlier
+        run left a journal. Workers of one run call it before any of them starts (a barrier between): after, their
+        own journals are there."""
+        self._check_paths()
+        peers = self.peer_journals()
+        if peers and self.mode == "new":
+            raise BadInput(
+                f"--output {self.output}: an interrupted run left answers in {peers[0]}: pass --resume to continue "
+                "it, or --overwrite to start over"
+            )
+        self._prepared = True
+
+    def peer_journals(self) -> list[Path]:
+        """The journals of OUT other than this worker's: other workers' parts, of any world size, and the single
+        process's (a run may be resumed with another number of workers)."""
+        folder = self.output.parent
+        names = [self.output.name + ".journal", *(p.name for p in folder.glob(self.output.name + ".journal-*-of-*"))]
+        return sorted(folder / n for n in set(names) if n != self.journal.name and (folder / n).is_file())
+
+    def _peer_answers(self, peer: Path) -> list[dict[str, Any]]:
+        """The answer lines of another worker's journal, read without a lock (validated, never changed); an
+        answered line of it is kept over an error line of another."""
+        data = _read_or_none(peer)
+        if data is None:
+            return []
+        lines, _ = _complete_lines(data)
+        header = _decode(lines[0]) if lines else None
+        if not (isinstance(header, dict) and header.get("oneke_run_journal") == JOURNAL_FORMAT):
+            raise BadInput(f"{peer}: not a journal of this oneke-run version, so it is left as is: move it away")
+        answers = [_decode(raw) for raw in lines[1:]]
+        return [line for line in answers if is_prompt_line(line)]
 
     def _check_paths(self) -> None:
         refuse_same_file(self.input_path, self.output)
@@ -262,13 +310,20 @@ class RunOutput:
 
     # -------------------------------------------------------- finish
 
-    def finish(self, records: list[PromptRecord]) -> bool:
-        """Write OUT from every prompt's line, in input order with merged lines, then remove the journal.
+    def finish(self, records: list[PromptRecord], peers: bool = False) -> bool:
+        """Write OUT from every prompt's line, in input order with merged lines, then remove the journal (with
+        `peers`: after reading every other worker's journal, which are then removed too).
 
         Returns False when OUT already held exactly that (nothing was rewritten).
         """
         if self.writer is not None:
             self.done.update(self.writer.written)
+        others = self.peer_journals() if peers else []
+        for peer in others:
+            for line in self._peer_answers(peer):
+                known = self.done.get(line["key"])
+                if known is None or (is_answered(line) and not is_answered(known)):
+                    self.done[line["key"]] = line
         missing = [r.key for r in records if r.key not in self.done]
         if missing:
             raise RuntimeError(f"no line for prompts {missing[:5]}: the run ended early")
@@ -279,6 +334,8 @@ class RunOutput:
                 self.output, [data], self._output_stat, f"every answer is kept in {self.journal}: rerun with --resume"
             )
         self._remove_journal()
+        for peer in others:
+            _remove_finished_journal(peer)
         return changed
 
     def _remove_journal(self) -> None:
@@ -403,6 +460,29 @@ def _read_or_none(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
+
+
+def _remove_finished_journal(path: Path) -> None:
+    """Remove another worker's journal once its answers are in OUT: only a regular single-link file nobody holds
+    the lock of (a run still writing it keeps it, and says so)."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise os_error(path, "be removed (its answers are in the output; remove it yourself)", exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"{path}: another oneke-run is still writing it; it is left as is") from None
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and same_file(info, path):
+            path.unlink()
+    finally:
+        os.close(fd)
 
 
 def _journal_pid(path: Path) -> int | None:

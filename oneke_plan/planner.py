@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -57,7 +57,15 @@ from oneke_plan.memory import (
     offload_slowdown,
 )
 from oneke_plan.model_source import ModelSource
-from oneke_plan.profile import ATTN_IMPLEMENTATIONS, ESTIMATE_KEYS, Profile, ProfileDevice
+from oneke_plan.profile import (
+    ATTN_IMPLEMENTATIONS,
+    ESTIMATE_KEYS,
+    REPLICAS_FORMAT_VERSION,
+    Profile,
+    ProfileDevice,
+    Replica,
+)
+from oneke_plan.replicas import GroupFits, most_replicas, split_into
 from oneke_plan.sizes import format_bytes
 
 MAX_SOLVED_BATCH = 4096
@@ -101,6 +109,8 @@ class PlanResult:
     profile: Profile
     solved: str | None = None
     gpu_only_options: list[str] | None = None
+    replicas: list[Plan] = field(default_factory=list)  # with --replicas: every copy's plan (`plan` is the first)
+    unused_gpus: list[int] = field(default_factory=list)  # GPUs no replica needs
 
 
 @dataclass(frozen=True)
@@ -433,10 +443,20 @@ class Planner:
         return "\n".join(lines)
 
     # -- all steps ---------------------------------------------------------------------------------------------
-    def plan_profile(self, inventory: Inventory, settings: PlanSettings, solve: str | None = None) -> PlanResult:
+    def plan_profile(
+        self,
+        inventory: Inventory,
+        settings: PlanSettings,
+        solve: str | None = None,
+        replicas: int | str = 1,
+        nodes: int = 1,
+    ) -> PlanResult:
         """Everything oneke-plan does between reading its flags and printing: solve for the largest
-        `max_input_tokens` or `batch_size` if asked, plan, and write the profile. Raises DoesNotFit (with what
-        would fit) or BadInput; never anything else for a model it could build."""
+        `max_input_tokens` or `batch_size` if asked, plan, and write the profile; with `replicas` (a number, or
+        "auto" for as many as fit) one copy of the model per group of GPUs, the same on `nodes` nodes. Raises
+        DoesNotFit (with what would fit) or BadInput; never anything else for a model it could build."""
+        if replicas != 1 or nodes != 1:
+            return self._plan_replicas(inventory, settings, solve, replicas, nodes)
         solved = None
         self.check_workload(replace(settings.workload, **{solve: 1}) if solve else settings.workload)
         if solve:
@@ -455,6 +475,108 @@ class Planner:
         if inventory.gpus and {"cpu", "disk"} & set(profile.device_map.values()):
             gpu_only = self.gpu_only_alternatives(inventory, settings)
         return PlanResult(plan, profile, solved, gpu_only)
+
+    # -- replicas ----------------------------------------------------------------------------------------------
+    def replica_groups(self, inventory: Inventory, settings: PlanSettings, count: int | str) -> list[list[int]]:
+        """GPU groups that each hold a whole copy for the workload: `count` of them using every GPU, or with
+        "auto" as many as can be found (replicas.py: exhaustive up to 8 GPUs). [] if not even one; [[]] * count for
+        a machine without GPUs, whose CPU memory the copies share evenly."""
+        if not inventory.gpus:
+
+            def copies_fit(copies: int) -> bool:
+                return self.plan(self.replica_inventory(inventory, [], copies), settings).fits
+
+            copies = bisect_largest(copies_fit, 64) if count == "auto" else int(count) * copies_fit(int(count))
+            return [[] for _ in range(copies)]
+        by_index = {g.index: g for g in inventory.gpus}
+        fits = GroupFits(
+            lambda group: self.plan(self.replica_inventory(inventory, group), settings).fits,
+            lambda i: (by_index[i].free_bytes, by_index[i].compute_capability),
+        )
+        indexes = [g.index for g in inventory.gpus]
+        size = lambda i: by_index[i].free_bytes  # noqa: E731
+        if count == "auto":
+            return most_replicas(indexes, fits, size)
+        return split_into(indexes, int(count), fits, size) or []
+
+    @staticmethod
+    def replica_inventory(inventory: Inventory, group: Sequence[int], copies: int = 1) -> Inventory:
+        """The machine as one replica sees it: its GPUs (their indexes kept), no offload; without GPUs, its share
+        of the CPU memory."""
+        gpus = tuple(g for g in inventory.gpus if g.index in group)
+        cpu = 0 if gpus else inventory.cpu_bytes // copies
+        return replace(inventory, gpus=gpus, cpu_bytes=cpu, offload_dir=None, disk_bytes=None)
+
+    def _plan_replicas(
+        self, inventory: Inventory, settings: PlanSettings, solve: str | None, count: int | str, nodes: int
+    ) -> PlanResult:
+        if nodes < 1 or (count != "auto" and int(count) < 1):
+            raise BadInput("--replicas and --nodes must be positive (or --replicas auto)")
+        if inventory.gpus and (inventory.cpu_bytes or inventory.offload_dir):
+            raise BadInput(
+                "--replicas: each replica must fit on its own GPUs; CPU or disk offload (--cpu-memory, "
+                "--offload-dir) is not shared between replicas: drop them, or plan one replica"
+            )
+        if solve and count == "auto":
+            raise BadInput("--solve with --replicas: give the number of replicas to solve for, not auto")
+        self.check_workload(replace(settings.workload, **{solve: 1}) if solve else settings.workload)
+        solved = None
+        if solve:
+            high = MAX_SOLVED_BATCH if solve == "batch_size" else self._max_input(settings)
+
+            def fits(value: int) -> bool:
+                trial = replace(settings, workload=replace(settings.workload, **{solve: value}))
+                return bool(self.replica_groups(inventory, trial, count))
+
+            best = bisect_largest(fits, high)
+            if best == 0:
+                raise DoesNotFit(f"--solve {solve.replace('_', '-')}: even 1 does not fit {count} replicas")
+            settings = replace(settings, workload=replace(settings.workload, **{solve: best}))
+            solved = f"the largest {solve} that fits {count} replicas is {best}"
+        groups = self.replica_groups(inventory, settings, count)
+        if not groups:
+            raise DoesNotFit(self._replicas_do_not_fit(inventory, settings, count))
+        copies = len(groups)
+        plans = [self.plan(self.replica_inventory(inventory, g, copies), settings) for g in groups]
+        profiles = [
+            self.profile(p, self.replica_inventory(inventory, g, copies)) for p, g in zip(plans, groups, strict=True)
+        ]
+        first = profiles[0]
+        first.replicas = [Replica(p.devices, p.device_map, p.estimate) for p in profiles]
+        first.nodes = nodes
+        first.format_version = REPLICAS_FORMAT_VERSION
+        used = {i for g in groups for i in g}
+        unused = [g.index for g in inventory.gpus if g.index not in used]
+        return PlanResult(plans[0], first, solved, None, plans, unused)
+
+    def _max_input(self, settings: PlanSettings) -> int:
+        return (self.layout.max_position_embeddings or 1 << 20) - settings.workload.max_new_tokens
+
+    def _replicas_do_not_fit(self, inventory: Inventory, settings: PlanSettings, count: int | str) -> str:
+        """Why the replicas do not fit, and what would (each line computed)."""
+        most = len(self.replica_groups(inventory, settings, "auto"))
+        wanted = "one replica" if count == "auto" else f"{count} replicas"
+        lines = [f"does not fit: {wanted} of the model need more than these GPUs hold (at most {most} fit)"]
+        options = []
+        if most >= 1 and count != "auto":
+            options.append(f"--replicas {most}: fits")
+        order = ["none", "8bit", "4bit"]
+        for mode in order[order.index(settings.quant.mode) + 1 :]:
+            trial = replace(settings, quant=replace(settings.quant, mode=mode))  # type: ignore[arg-type]
+            if len(self.replica_groups(inventory, trial, "auto")) >= (1 if count == "auto" else int(count)):
+                options.append(f"--quantize {mode}: {wanted} fit")
+        for what, high in (("max_input_tokens", self._max_input(settings)), ("batch_size", MAX_SOLVED_BATCH)):
+
+            def fits(value: int, what: str = what) -> bool:
+                trial = replace(settings, workload=replace(settings.workload, **{what: value}))
+                return bool(self.replica_groups(inventory, trial, 1 if count == "auto" else count))
+
+            best = bisect_largest(fits, min(high, getattr(settings.workload, what) - 1))
+            if best >= 1:
+                options.append(f"--{what.replace('_', '-')} {best}: {wanted} fit")
+        lines.append("what would fit:" if options else "nothing tried fits; add GPUs or memory")
+        lines += [f"  {line}" for line in options]
+        return "\n".join(lines)
 
     # -- the profile -------------------------------------------------------------------------------------------
     def profile(self, plan: Plan, inventory: Inventory) -> Profile:

@@ -3,7 +3,8 @@
 Public contract (docs/profile-format.md): `format_version`, `device_map`, `devices` (each with `id` and
 `total_bytes`), `estimate.<device id>` (weights_bytes, kv_cache_bytes, workspace_bytes, reserve_bytes, total_bytes),
 `quantization.mode` (none, 8bit, 4bit), `workload` (max_input_tokens, max_new_tokens, batch_size), `dtype` and
-`attn_implementation` (what oneke-run loads the model with).
+`attn_implementation` (what oneke-run loads the model with). A profile of several replicas (format 2) has, instead
+of the first three, a `replicas` list, each with its own `devices`, `device_map` and `estimate`, and `nodes`.
 Read with yaml.safe_load only: a profile is data and can never make code run.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from oneke_plan.errors import BadInput
 from oneke_plan.memory import DTYPE_BYTES, QUANT_MODES
 from oneke_plan.yamlfile import read_yaml
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one model copy
+REPLICAS_FORMAT_VERSION = 2  # several copies, each on its own devices, repeated on `nodes` identical nodes
 ESTIMATE_KEYS = ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes", "total_bytes")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_ATTN_IMPLEMENTATION = "sdpa"  # what profiles written before the key existed were planned for
@@ -35,6 +37,15 @@ class ProfileDevice:
     total_bytes: int | None
     usable_bytes: int | None = None  # what the plan was allowed to use (free memory when detected)
     compute_capability: str | None = None
+
+
+@dataclass
+class Replica:
+    """One copy of the model: where its modules go and what each of its devices holds."""
+
+    devices: list[ProfileDevice]
+    device_map: dict[str, int | str]
+    estimate: dict[int | str, dict[str, int]]
 
 
 @dataclass
@@ -52,31 +63,41 @@ class Profile:
     format_version: int = FORMAT_VERSION
     created_by: str = ""
     notes: list[str] = field(default_factory=list)
+    replicas: list[Replica] = field(default_factory=list)  # format 2: every copy (devices & co. are the first's)
+    nodes: int = 1  # format 2: the same replicas on this many identical nodes
 
     def to_yaml(self) -> str:
         data = asdict(self)
-        ordered = {
-            key: data[key]
-            for key in (
-                "format_version",
-                "created_by",
-                "model",
-                "dtype",
-                "attn_implementation",
-                "quantization",
-                "workload",
-                "strategy",
-                "offload_dir",
-                "devices",
-                "device_map",
-                "estimate",
-                "notes",
-            )
-        }
+        keys = ["format_version", "created_by", "model", "dtype", "attn_implementation", "quantization", "workload"]
+        keys += ["strategy", "offload_dir"]
+        keys += ["nodes", "replicas"] if self.replicas else ["devices", "device_map", "estimate"]
+        ordered = {key: data[key] for key in [*keys, "notes"]}
         return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, width=120)
 
     def gpu_ids(self) -> list[int]:
         return [d.id for d in self.devices if isinstance(d.id, int)]
+
+    @property
+    def replica_count(self) -> int:
+        """Model copies per node."""
+        return len(self.replicas) or 1
+
+    def replica(self, index: int) -> Profile:
+        """The profile as one replica sees it: its own devices, device_map and estimate, format 1's shape."""
+        if not self.replicas:
+            if index != 0:
+                raise IndexError(index)
+            return self
+        chosen = self.replicas[index]
+        return replace(
+            self,
+            devices=chosen.devices,
+            device_map=chosen.device_map,
+            estimate=chosen.estimate,
+            replicas=[],
+            nodes=1,
+            format_version=FORMAT_VERSION,
+        )
 
 
 def write_atomic(path: Path, text: str, expected: os.stat_result | None = None) -> None:
@@ -130,10 +151,10 @@ def read_profile(path: Path) -> Profile:
     if not isinstance(data, dict):
         raise BadInput(f"{where}: a profile is a YAML mapping, not {type(data).__name__}")
     version = _need(data, "format_version", int, where)
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, REPLICAS_FORMAT_VERSION):
         raise BadInput(
-            f"{where}: format_version {version} is not supported (this tool reads {FORMAT_VERSION}); "
-            "re-create the profile with this version of oneke-plan"
+            f"{where}: format_version {version} is not supported (this tool reads {FORMAT_VERSION} and "
+            f"{REPLICAS_FORMAT_VERSION}); re-create the profile with this version of oneke-plan"
         )
     model = _need(data, "model", dict, where)
     quant = _need(data, "quantization", dict, where)
@@ -154,6 +175,49 @@ def read_profile(path: Path) -> Profile:
     attn = data.get("attn_implementation", DEFAULT_ATTN_IMPLEMENTATION)
     if attn not in ATTN_IMPLEMENTATIONS:
         raise BadInput(f"{where}: attn_implementation {attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    replicas: list[Replica] = []
+    nodes = 1
+    if version == REPLICAS_FORMAT_VERSION:
+        nodes = _need(data, "nodes", int, where)
+        if isinstance(nodes, bool) or nodes < 1:
+            raise BadInput(f"{where}: nodes must be a positive integer, not {nodes!r}")
+        entries = _need(data, "replicas", list, where)
+        if not entries:
+            raise BadInput(f"{where}: replicas is empty; re-create the profile with oneke-plan")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise BadInput(f"{where}: replicas[{i}] must be a mapping with devices, device_map and estimate")
+            replicas.append(_read_replica(entry, f"{where}: replicas[{i}]"))
+        first = replicas[0]
+    else:
+        first = _read_replica(data, where)
+    devices, device_map, estimate = first.devices, first.device_map, first.estimate
+    if not isinstance(data.get("notes") or [], list):
+        raise BadInput(f"{where}: notes must be a list of strings")
+    offload_dir = data.get("offload_dir")
+    if any("disk" in r.device_map.values() for r in replicas or [first]) and not offload_dir:
+        raise BadInput(f"{where}: device_map offloads to disk but offload_dir is not set")
+    return Profile(
+        model=model,
+        dtype=dtype,
+        quantization=quant,
+        workload=workload,
+        devices=devices,
+        device_map=device_map,
+        estimate=estimate,
+        strategy=str(data.get("strategy", "fill")),
+        offload_dir=str(offload_dir) if offload_dir is not None else None,
+        attn_implementation=attn,
+        format_version=version,
+        created_by=str(data.get("created_by", "")),
+        notes=list(data.get("notes") or []),
+        replicas=replicas,
+        nodes=nodes,
+    )
+
+
+def _read_replica(data: dict[str, Any], where: str) -> Replica:
+    """devices, device_map and estimate of one copy (a format-1 profile's top level, or a replicas[] entry)."""
     devices = []
     for i, entry in enumerate(_need(data, "devices", list, where)):
         if not isinstance(entry, dict):
@@ -185,23 +249,4 @@ def read_profile(path: Path) -> Profile:
             raise BadInput(f"{where}: estimate.{device} must map {', '.join(ESTIMATE_KEYS)} to byte counts")
         for key, value in counts.items():
             _bytes_or_none(value, f"{where}: estimate.{device}.{key}")
-    if not isinstance(data.get("notes") or [], list):
-        raise BadInput(f"{where}: notes must be a list of strings")
-    offload_dir = data.get("offload_dir")
-    if "disk" in device_map.values() and not offload_dir:
-        raise BadInput(f"{where}: device_map offloads to disk but offload_dir is not set")
-    return Profile(
-        model=model,
-        dtype=dtype,
-        quantization=quant,
-        workload=workload,
-        devices=devices,
-        device_map=device_map,
-        estimate=estimate,
-        strategy=str(data.get("strategy", "fill")),
-        offload_dir=str(offload_dir) if offload_dir is not None else None,
-        attn_implementation=attn,
-        format_version=version,
-        created_by=str(data.get("created_by", "")),
-        notes=list(data.get("notes") or []),
-    )
+    return Replica(devices, device_map, estimate)

@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["max-input-tokens", "batch-size"],
         help="find the largest context (or batch) that fits, and plan for it",
     )
+    scale = p.add_argument_group("many GPUs, many nodes (run the profile with torchrun: see README)")
+    scale.add_argument(
+        "--replicas",
+        default="1",
+        metavar="N|auto",
+        help="split the GPUs into N groups, each holding a whole copy of the model; auto = as many as fit "
+        "(default: 1)",
+    )
+    scale.add_argument(
+        "--nodes", type=int, default=1, metavar="N", help="the same replicas on N identical nodes (default: 1)"
+    )
     out.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the profile here (default: stdout)")
     out.add_argument(
         "--overwrite",
@@ -146,17 +157,20 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
-def summary_table(plan, profile) -> str:  # type: ignore[no-untyped-def]
-    layers = [c.name for c in plan.costs if c.kind == "layer"]
+def summary_table(plans, profile) -> str:  # type: ignore[no-untyped-def]
+    """One row per device of each replica (a `replica` column when there are several)."""
+    several = len(plans) > 1
     rows = []
-    for device in profile.devices:
-        est = profile.estimate[device.id]
-        mine = [i for i, name in enumerate(layers) if plan.placement.assignment.get(name) == device.id]
-        span = "-" if not mine else f"{mine[0]}-{mine[-1]}" if len(mine) > 1 else str(mine[0])
-        total = format_bytes(device.total_bytes) if device.total_bytes is not None else "unbounded"
-        label = device_label(device.id)
-        rows.append(
-            [
+    for index, plan in enumerate(plans):
+        copy = profile.replica(index) if several else profile
+        layers = [c.name for c in plan.costs if c.kind == "layer"]
+        for device in copy.devices:
+            est = copy.estimate[device.id]
+            mine = [i for i, name in enumerate(layers) if plan.placement.assignment.get(name) == device.id]
+            span = "-" if not mine else f"{mine[0]}-{mine[-1]}" if len(mine) > 1 else str(mine[0])
+            total = format_bytes(device.total_bytes) if device.total_bytes is not None else "unbounded"
+            label = device_label(device.id)
+            row = [
                 str(label),
                 device.name if device.name != label else "",
                 f"{format_bytes(est['total_bytes'])} / {total}",
@@ -166,9 +180,12 @@ def summary_table(plan, profile) -> str:  # type: ignore[no-untyped-def]
                 format_bytes(est["reserve_bytes"]),
                 span,
             ]
-        )
+            rows.append([str(index), *row] if several else row)
     header = ["device", "name", "used / total", "weights", "KV cache", "workspace", "reserve", "layers"]
-    return format_table(header, rows, right=(2, 3, 4, 5, 6))
+    right: tuple[int, ...] = (2, 3, 4, 5, 6)
+    if several:
+        header, right = ["replica", *header], tuple(i + 1 for i in right)
+    return format_table(header, rows, right=right)
 
 
 def _output_target(path: Path, overwrite: bool, model_dir: Path | None) -> os.stat_result | None:
@@ -232,7 +249,14 @@ def run(args: argparse.Namespace) -> int:
         eager_attention=args.eager_attention,
     )
     planner = Planner(source, trust_remote_code=args.trust_remote_code)
-    result = planner.plan_profile(inventory, settings, args.solve.replace("-", "_") if args.solve else None)
+    replicas: int | str = args.replicas
+    if args.replicas != "auto":
+        try:
+            replicas = int(args.replicas)
+        except ValueError:
+            raise BadInput(f"--replicas {args.replicas!r}: give a number of replicas, or auto") from None
+    solve = args.solve.replace("-", "_") if args.solve else None
+    result = planner.plan_profile(inventory, settings, solve, replicas, args.nodes)
     plan, profile = result.plan, result.profile
     settings = plan.settings
     if result.solved:
@@ -254,7 +278,18 @@ def run(args: argparse.Namespace) -> int:
         f"new) tokens",
         file=sys.stderr,
     )
-    print(summary_table(plan, profile), file=sys.stderr)
+    print(summary_table(result.replicas or [plan], profile), file=sys.stderr)
+    if result.replicas:
+        copies = profile.replica_count * profile.nodes
+        where = f" on each of {profile.nodes} nodes" if profile.nodes > 1 else ""
+        print(
+            f"{profile.replica_count} replicas{where}: run with torchrun --nproc-per-node {profile.replica_count}"
+            + (f" --nnodes {profile.nodes}" if profile.nodes > 1 else "")
+            + f" oneke-run --profile ... ({copies} workers in all)",
+            file=sys.stderr,
+        )
+    if result.unused_gpus:
+        print(f"GPU {', '.join(map(str, result.unused_gpus))}: not needed by any replica", file=sys.stderr)
     for note in profile.notes:
         print(note, file=sys.stderr)
     if result.gpu_only_options is not None:

@@ -7,12 +7,15 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oneke_plan import __version__
 from oneke_plan.cli.common import OneLineParser, device_label, format_table, interrupted_by, run_main, wants_debug
 from oneke_plan.errors import BadInput, Interrupted
 from oneke_plan.sizes import format_bytes
+
+if TYPE_CHECKING:
+    from oneke_plan.workers import Worker
 
 EPILOG = """\
 examples:
@@ -197,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from oneke_plan.model_source import resolve_model
     from oneke_plan.outputs import RunOutput
     from oneke_plan.profile import read_profile
+    from oneke_plan.workers import Group, Worker
 
     profile = read_profile(args.profile)
     workload = profile.workload
@@ -219,28 +223,69 @@ def run(args: argparse.Namespace) -> int:
         print(f"oneke-run: {note}", file=sys.stderr)
     if not records:
         raise BadInput(f"{args.input}: no prompt to run (see the note above)")
-    with RunOutput(args.output, args.input, mode) as output:
+    worker = Worker.from_env()
+    if worker.distributed or profile.replicas:
+        worker.check(profile.replica_count, profile.nodes)
+        profile = profile.replica(worker.local_rank)
+    if worker.restarts and mode == "new":
+        mode = "resume"  # torchrun restarted the workers after one failed: each continues its part
+    with Group(worker) as group:
+        output = RunOutput(args.output, args.input, mode, worker.rank, worker.world_size)
+        if worker.distributed:  # every worker looks at what earlier runs left before any of this run writes
+            output.prepare()
+            group.barrier()
         try:
-            answered = _answer(args, profile, source, records, output, batch_size, max_new)
+            answered = _answer(args, profile, source, records, output, batch_size, max_new, worker)
+            if worker.distributed:
+                if worker.rank != 0:
+                    output.close()  # worker 0 reads and removes this part once every worker is through
+                group.barrier()
+                if worker.rank == 0:
+                    output.finish(records, peers=True)
+            elif answered is not None:
+                output.finish(records)
         except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (cli.common): say what was kept, and how to go on
             signum = interrupted_by(exc)
             note = output.interruption_note()
             raise Interrupted(f"interrupted by {signal.Signals(signum).name}: {note}", signum) from None
-    if answered is None:
-        return 0
-    stats, pending = answered
-    rate = stats.new_tokens / stats.seconds if stats.seconds else 0.0
-    print(
-        f"oneke-run: {stats.prompts} prompts answered ({len(records) - pending} already done), "
-        f"{stats.new_tokens} tokens in {stats.seconds:.1f} s ({rate:.1f} tokens/s); {stats.parse_errors} answers "
-        f"are not valid JSON (kept raw with parse_error), {stats.too_long} prompts too long, "
-        f"{stats.out_of_memory} out of memory (lines with 'error': --resume retries them) -> {args.output}",
-        file=sys.stderr,
-    )
+        finally:
+            output.close()
+        all_stats = group.gather(answered)
+    _report(args, records, worker, all_stats)
     peaks = peak_table(profile)
-    if peaks:
+    if peaks and answered is not None:
         print(peaks, file=sys.stderr)
     return 0
+
+
+def _report(args: argparse.Namespace, records: list[Any], worker: Worker, answered: list[Any]) -> None:
+    """The run's line: this worker's, and with several workers, worker 0's line for all of them."""
+    done = [a for a in answered if a is not None]
+    mine = answered[worker.rank] if worker.distributed else answered[0]
+    if mine is not None and worker.distributed:
+        stats, _ = mine
+        rate = stats.new_tokens / stats.seconds if stats.seconds else 0.0
+        print(
+            f"oneke-run: worker {worker.rank}: {stats.prompts} prompts, {stats.new_tokens} tokens in "
+            f"{stats.seconds:.1f} s ({rate:.1f} tokens/s)",
+            file=sys.stderr,
+        )
+    if worker.rank != 0 or not done:
+        return
+    prompts = sum(s.prompts for s, _ in done)
+    tokens = sum(s.new_tokens for s, _ in done)
+    seconds = max(s.seconds for s, _ in done)
+    pending = sum(p for _, p in done)
+    rate = tokens / seconds if seconds else 0.0
+    workers = f" by {worker.world_size} workers" if worker.distributed else ""
+    print(
+        f"oneke-run: {prompts} prompts answered{workers} ({len(records) - pending} already done), "
+        f"{tokens} tokens in {seconds:.1f} s ({rate:.1f} tokens/s); {sum(s.parse_errors for s, _ in done)} "
+        f"answers are not valid JSON (kept raw with parse_error), {sum(s.too_long for s, _ in done)} prompts too "
+        f"long, {sum(s.out_of_memory for s, _ in done)} out of memory (lines with 'error': --resume retries them) "
+        f"-> {args.output}",
+        file=sys.stderr,
+    )
 
 
 def _answer(
@@ -251,6 +296,7 @@ def _answer(
     output: Any,
     batch_size: int,
     max_new: int,
+    worker: Worker,
 ) -> Any:
     """Check the machine, then everything else that is cheap (device_map, offload folder, tokenizer, checkpoint
     names), then load the model, check it computes finite numbers, and answer the pending prompts. Returns the run's
@@ -266,13 +312,14 @@ def _answer(
     )
     from oneke_plan.runner import Runner
 
-    pending = output.start(records)
+    pending = output.start(records, lambda record: worker.mine(record.key))
     for problem in check_machine(profile, source, force=args.force):
         print(f"oneke-run: warning (--force): {problem}", file=sys.stderr)
     if not pending:
-        rewritten = output.finish(records)
-        what = f"; {args.output} rewritten in input order with the journal's answers" if rewritten else ""
-        print(f"oneke-run: nothing to do: all {len(records)} prompts are answered{what}", file=sys.stderr)
+        if not worker.distributed:
+            rewritten = output.finish(records)
+            what = f"; {args.output} rewritten in input order with the journal's answers" if rewritten else ""
+            print(f"oneke-run: nothing to do: all {len(records)} prompts are answered{what}", file=sys.stderr)
         return None
     tokenizer = check_before_load(profile, source, trust_remote_code=args.trust_remote_code)
     model = load_model(profile, source, trust_remote_code=args.trust_remote_code)
@@ -291,7 +338,6 @@ def _answer(
         progress=not args.no_progress,
     )
     stats = runner.run(pending)
-    output.finish(records)
     return stats, len(pending)
 
 
