@@ -225,12 +225,12 @@ def run(args: argparse.Namespace) -> int:
     measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir)
     print(weight_table(profile, measured), file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(source.directory, trust_remote_code=args.trust_remote_code)
-    generator = GreedyGenerator(model, tokenizer, max_new)
+    generator = GreedyGenerator(model, tokenizer, max_new, model_dir=source.directory)
     if replace_output:
         args.output.unlink()
     with OutputWriter(args.output) as writer:
         runner = Runner(
-            generator.generate,
+            generator,
             tokenizer,
             writer,
             batch_size,
