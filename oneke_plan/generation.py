@@ -4,10 +4,11 @@ Every OneKE prompt is the system prompt + the task's instruction + a schema chun
 DeepKE files that shared prefix is most of each prompt, with a handful of distinct prefixes per file. Two ideas
 from vLLM, written for transformers models however they are placed (split over devices, 16-bit or bitsandbytes):
 
-- Prefix reuse: prompts are grouped by a common token prefix (`prefix_groups`); the KV cache of each group's
-  prefix is computed once (batch 1), and a row that joins the batch gets a view of it and prefills only the rest
-  of its prompt. Row layout in the cache: [left padding][prefix][padding][rest of the prompt][answer]; position
-  ids count real tokens only (from the attention mask), so padding anywhere changes nothing.
+- Prefix reuse: prompts are grouped by a common token prefix (`prefix_groups`); the KV cache of a group's prefix
+  is computed once (batch 1) for its first rows, and rows that join later take it from a row of the group still
+  in the batch; either way a joining row gets a view of it and prefills only the rest of its prompt. Row layout
+  in the cache: [left padding][prefix][padding][rest of the prompt][answer]; position ids count real tokens only
+  (from the attention mask), so padding anywhere changes nothing.
 - Continuous batching: when rows finish (EOS or max_new_tokens), waiting prompts are prefilled and merged into
   the running cache in their place, so the batch stays at the plan's batch size while work remains.
 
@@ -19,7 +20,9 @@ cache go through `generate` itself.
 
 What is held, for the memory model (docs/memory-model.md): at most `batch_size` rows, each at most
 max_input_tokens + max_new_tokens - 1 positions wide (leading columns that are padding in every row are cut when
-rows leave), plus one prefix of at most max_input_tokens - 1 positions, on each layer's own device.
+rows leave, and finished rows leave before others join), on each layer's own device. No prefix is kept apart: a
+computed prefix lives only as the views the joining rows' forward concatenates, and each layer's goes once that
+layer has run, so what the batch holds never exceeds batch_size rows.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class DecodeStats:
     decode_seconds: float = 0.0
     prefill_tokens: int = 0
     prefix_tokens: int = 0
+    prefixes_computed: int = 0
+    prefixes_reused: int = 0
     decode_steps: int = 0
     decode_rows: int = 0
     peak_cache_bytes: int = 0
@@ -284,6 +289,7 @@ class _Running:
     positions: Any  # [rows] long: the position of each row's next token
     tokens: Any  # [rows] long: each row's last generated token, fed next
     prompts: list[int]  # the Encoded.index of each row
+    groups: list[int]  # the prefix group of each row
     done: list[bool]  # rows that finished but still sit in the cache (they leave at the next merge)
 
 
@@ -386,7 +392,6 @@ class GreedyGenerator:
         queue = [(g, item) for g, group in enumerate(groups) for item in group.members]
         answers: dict[int, list[int]] = {}
         running: _Running | None = None
-        prefix: tuple[int, list[tuple[Any, Any]]] | None = None  # (group, KV pairs of its prefix)
         refill = max(1, int(batch_size * self.refill_fraction))
         head = 0
         with torch.inference_mode():
@@ -394,21 +399,23 @@ class GreedyGenerator:
                 live = 0 if running is None else running.done.count(False)
                 free = batch_size - live
                 if head < len(queue) and (free >= refill or live == 0):
-                    if running is not None and any(running.done):
-                        running = self._compact(running)  # rows in the cache never exceed batch_size
                     group = queue[head][0]
-                    take = [item for g, item in queue[head : head + free] if g == group]
+                    source = self._source_row(running, group) if groups[group].prefix_length else None
+                    borrowed = source is not None and running is not None and running.done[source]
+                    if borrowed and free < 2:
+                        source, borrowed = None, False  # no room for a finished row: compute the prefix again
+                    if running is not None and any(running.done):
+                        # finished rows leave before others join, so the cache never holds more than batch_size
+                        # rows; a finished row of the group may stay as the prefix's source, in one joining row's place
+                        running = self._compact(running, source if borrowed else None)
+                    limit = free - 1 if borrowed else free
+                    take = [item for g, item in queue[head : head + limit] if g == group]
                     head += len(take)
                     self.in_flight.update(item.index for item in take)  # before any forward can run out of memory
                     length = groups[group].prefix_length
-                    if length and (prefix is None or prefix[0] != group):
-                        prefix = None  # the previous group's prefix goes before this one is computed
-                        prefix = (group, self._prefix_cache(take[0].ids[:length], running))
-                    pairs = prefix[1] if length and prefix is not None else []
-                    if head >= len(queue) or queue[head][0] != group:
-                        prefix = None  # no more rows need it once these have joined
-                    running = self._join(take, length, pairs, answers, running)
-                    del pairs
+                    running = self._join(
+                        take, group, length, self._prefix_views(group, take[0].ids[:length], running), answers, running
+                    )
                     joined = set() if running is None else set(running.prompts)
                     for index in [item.index for item in take if item.index not in joined]:
                         self.in_flight.discard(index)
@@ -421,8 +428,33 @@ class GreedyGenerator:
                     if running.done[row] and index in answers:
                         self.in_flight.discard(index)
                         yield index, answers.pop(index)
-                if all(running.done) or (head >= len(queue) and running.done.count(True) >= refill):
-                    running = self._compact(running)
+                if head >= len(queue) and (all(running.done) or running.done.count(True) >= refill):
+                    running = self._compact(running)  # while prompts wait, the next join drops finished rows
+
+    @staticmethod
+    def _source_row(running: _Running | None, group: int) -> int | None:
+        """A row of `group` in the cache (unfinished first), whose first real positions hold the group's prefix."""
+        if running is None:
+            return None
+        rows = [row for row, g in enumerate(running.groups) if g == group]
+        return min(rows, key=lambda row: running.done[row]) if rows else None
+
+    def _prefix_views(self, group: int, ids: list[int], running: _Running | None) -> list[tuple[Any, Any]]:
+        """KV of a group's prefix (batch 1, each layer on its device): views into a row of the group in the batch
+        (its first real positions are that prefix), or, when there is none, computed now."""
+        if not ids:
+            return []
+        if running is not None:
+            for row, row_group in enumerate(running.groups):
+                if row_group == group:
+                    first = int(running.mask[row].argmax())  # the row's first real position
+                    end = first + len(ids)
+                    self.stats.prefixes_reused += 1
+                    return [
+                        (k[row : row + 1, :, first:end], v[row : row + 1, :, first:end])
+                        for k, v in _kv_pairs(running.cache)
+                    ]
+        return self._prefix_cache(ids, running)
 
     def _prefix_cache(self, ids: list[int], running: _Running | None) -> list[tuple[Any, Any]]:
         """KV of one prefix (batch 1), each layer on its own device."""
@@ -436,6 +468,7 @@ class GreedyGenerator:
         self.stats.prefill_seconds += time.perf_counter() - start
         self.stats.prefill_tokens += len(ids)
         self.stats.prefix_tokens += len(ids)
+        self.stats.prefixes_computed += 1
         held = 0 if running is None else _pairs_bytes(_kv_pairs(running.cache))
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, held + _pairs_bytes(pairs))
         return pairs
@@ -443,6 +476,7 @@ class GreedyGenerator:
     def _join(
         self,
         take: list[Encoded],
+        group: int,
         length: int,
         prefix: list[tuple[Any, Any]],
         answers: dict[int, list[int]],
@@ -450,8 +484,9 @@ class GreedyGenerator:
     ) -> _Running | None:
         """Prefill `take` after their shared prefix of `length` tokens, then merge them with the running rows.
 
-        New rows are laid out [prefix][padding][rest]: the prefix KV is a view of the one computed for the group
-        (the forward's concatenation makes each row's copy), the rest is left-padded to the longest rest.
+        New rows are laid out [prefix][padding][rest]: the prefix KV is a view (the forward's concatenation makes
+        each row's copy, layer by layer), the rest is left-padded to the longest rest. This holds the only
+        reference to a computed prefix, so each layer's is freed once that layer has run.
         """
         import torch
 
@@ -468,12 +503,10 @@ class GreedyGenerator:
         rows = len(take)
         views = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
         cache = _filled_cache(self.model, views) if length else _new_cache(self.model)
-        del views
+        del views, prefix
         held = 0 if running is None else _pairs_bytes(_kv_pairs(running.cache))
         tokens = self._forward(ids, mask, positions, cache)
-        self.stats.peak_cache_bytes = max(
-            self.stats.peak_cache_bytes, held + _pairs_bytes(_kv_pairs(cache)) + _pairs_bytes(prefix)
-        )
+        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, held + _pairs_bytes(_kv_pairs(cache)))
         self.stats.prefill_tokens += len(take) * width
         alive = []
         for row, (item, token) in enumerate(zip(take, tokens.tolist(), strict=True)):
@@ -486,6 +519,7 @@ class GreedyGenerator:
             positions[:, -1] + 1,
             tokens,
             [item.index for item in take],
+            [group] * len(take),
             [row not in alive for row in range(len(take))],
         )
         merged = self._merge(running, new)
@@ -512,11 +546,11 @@ class GreedyGenerator:
         self._note_cache(running.cache)
         return running
 
-    def _compact(self, running: _Running) -> _Running | None:
-        """Drop finished rows (and columns that are padding in every remaining row)."""
-        return self._merge(running, None)
+    def _compact(self, running: _Running, keep_row: int | None = None) -> _Running | None:
+        """Drop finished rows but `keep_row` (and columns that are padding in every remaining row)."""
+        return self._merge(running, None, keep_row)
 
-    def _merge(self, old: _Running | None, new: _Running | None) -> _Running | None:
+    def _merge(self, old: _Running | None, new: _Running | None, keep_row: int | None = None) -> _Running | None:
         """One cache holding the unfinished rows of `old` then those of `new`, right-aligned, with the leading
         columns that are padding in every row cut. One copy of each layer's keys and values, layer by layer, on
         the layer's own device."""
@@ -525,7 +559,7 @@ class GreedyGenerator:
         parts: list[tuple[_Running, Any]] = []
         for run in (old, new):
             if run is not None:
-                unfinished = [row for row, done in enumerate(run.done) if not done]
+                unfinished = [row for row, done in enumerate(run.done) if not done or (run is old and row == keep_row)]
                 if unfinished:
                     parts.append((run, torch.tensor(unfinished, dtype=torch.long)))
         if not parts:
@@ -571,7 +605,8 @@ class GreedyGenerator:
             torch.cat([run.positions[keep] for run, keep in parts]),
             torch.cat([run.tokens[keep] for run, keep in parts]),
             [run.prompts[i] for run, keep in parts for i in keep.tolist()],
-            [False] * rows,
+            [run.groups[i] for run, keep in parts for i in keep.tolist()],
+            [run.done[i] for run, keep in parts for i in keep.tolist()],
         )
 
     # -- length-sorted batches (caches that cannot take prefix reuse) -------------------------------------------
