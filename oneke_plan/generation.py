@@ -102,6 +102,9 @@ def length_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[Enc
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
+MAX_SPLIT_DEPTH = 64
+
+
 @dataclass
 class PrefixGroup:
     """Prompts that share their first `prefix_length` tokens (0: no shared prefix worth computing apart)."""
@@ -130,16 +133,18 @@ def prefix_groups(prompts: Sequence[Encoded]) -> list[PrefixGroup]:
     order = sorted(prompts, key=lambda e: (e.ids, e.index))
     common = [_common_length(order[i].ids, order[i + 1].ids) for i in range(len(order) - 1)]
 
-    def best(lo: int, hi: int) -> tuple[int, list[tuple[int, int, int]]]:
+    def best(lo: int, hi: int, depth: int) -> tuple[int, list[tuple[int, int, int]]]:
         """(tokens saved, [(prefix, lo, hi)]) for order[lo:hi], hi - lo >= 2."""
         low = min(common[lo : hi - 1])
         shared = min(low, min(len(order[i].ids) for i in range(lo, hi)) - 1)
         whole = (hi - lo - 1) * shared
+        if depth >= MAX_SPLIT_DEPTH:  # prompts nested in each other hundreds deep: stop refining, never recurse out
+            return whole, [(shared, lo, hi)]
         cuts = [i + 1 for i in range(lo, hi - 1) if common[i] == low]
         saved, runs = 0, []
         for start, end in zip([lo, *cuts], [*cuts, hi], strict=True):
             if end - start >= 2:
-                part_saved, part_runs = best(start, end)
+                part_saved, part_runs = best(start, end, depth + 1)
                 saved += part_saved
                 runs += part_runs
         if saved > whole:
@@ -149,7 +154,7 @@ def prefix_groups(prompts: Sequence[Encoded]) -> list[PrefixGroup]:
     groups: list[PrefixGroup] = []
     grouped: set[int] = set()
     if len(order) >= 2:
-        for shared, lo, hi in best(0, len(order))[1]:
+        for shared, lo, hi in best(0, len(order), 0)[1]:
             if shared > 0:
                 groups.append(PrefixGroup(shared, list(order[lo:hi])))
                 grouped.update(range(lo, hi))
@@ -185,6 +190,12 @@ def _new_cache(model: Any) -> Any:
         return DynamicCache(config=model.config)
     except TypeError:  # transformers 4.x takes no config
         return DynamicCache()
+
+
+def _uses_sliding_window(config: Any) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None)
+    return bool(window) and getattr(text, "use_sliding_window", True) is not False
 
 
 def _supports_standard_cache(model: Any) -> bool:
@@ -353,7 +364,12 @@ class GreedyGenerator:
         needed = {"attention_mask", "position_ids", self.cache_name}
         if not _supports_standard_cache(self.model) or not needed <= self.forward_params:
             return "generate"
-        return "continuous" if is_plain_kv_cache(_new_cache(self.model)) else "batches"
+        cache = _new_cache(self.model)
+        if _cache_layers(cache) is None and _uses_sliding_window(self.model.config):
+            # transformers 4.x keeps full KV and applies windows by cache slot, which padding inside a row would
+            # shift (and its hybrid models bring their own caches): leave those to generate
+            return "generate"
+        return "continuous" if is_plain_kv_cache(cache) else "batches"
 
     # -- forward calls --------------------------------------------------------------------------------------------
 

@@ -108,6 +108,13 @@ def test_prefix_groups_by_hand() -> None:
     # a prefix always leaves one token to prefill, even for identical prompts
     same = prefix_groups([Encoded(0, [1, 2, 3]), Encoded(1, [1, 2, 3])])
     assert [(g.prefix_length, len(g.members)) for g in same] == [(2, 2)]
+    # prompts nested in each other thousands deep: every prompt in exactly one group, each group's prefix shared
+    nested = [Encoded(i, list(range(1, i + 3))) for i in range(3000)]
+    groups = prefix_groups(nested)
+    assert sorted(m.index for g in groups for m in g.members) == list(range(3000))
+    for group in groups:
+        assert all(m.ids[: group.prefix_length] == group.members[0].ids[: group.prefix_length] for m in group.members)
+        assert all(len(m.ids) > group.prefix_length for m in group.members)
 
 
 def test_deepke_files_share_long_prefixes(deepke_prompts: list[Encoded]) -> None:
@@ -313,8 +320,8 @@ def test_sliding_and_hybrid_models_equal_generate(
         "lfm2": "Lfm2Config",
         "qwen3_next": "Qwen3NextConfig",
     }
-    if not hasattr(transformers, name[arch]):
-        pytest.skip(f"transformers {transformers.__version__} has no {arch}")
+    if not hasattr(transformers, name[arch]) or not hasattr(transformers.DynamicCache(), "layers"):
+        pytest.skip(f"transformers {transformers.__version__} has no {arch}, or no per-layer cache types")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(_tiny_config(arch, len(tokenizer))).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
