@@ -2,22 +2,23 @@
 length-sorted batches, transformers' continuous batching (`generate_batch`), and oneke-run's decoder.
 
 One random float32 checkpoint (bench/common.py CHECKPOINTS["0.12B-wide"]: LLaMA, 117M parameters, 4 layers of
-hidden 1024, 32,000-token vocabulary), the first --per-file prompts of every DeepKE test file
-(examples/deepke/*/test.json, OneKE's llama2_zh chat template), greedy decoding, max_new_tokens N, a fixed torch
-thread count. Variants, all on the same loaded model:
+hidden 1024, 32,000-token vocabulary), every prompt of the DeepKE test files (341; --per-file N takes the first N
+of each; examples/deepke/*/test.json, OneKE's llama2_zh chat template), greedy decoding, max_new_tokens N, a
+fixed torch thread count. Variants, all on the same loaded model:
   (a) authors' loop: for each record, tokenizer(prompt) -> model.generate(greedy) -> decode; one at a time
   (b) plain generate: prompts sorted by token length, left-padded batches of B, model.generate
   (c) generate_batch: transformers' continuous batching (paged KV cache), all prompts in one call
   (d) oneke-run: the Runner + GreedyGenerator oneke-run drives after loading (prefix reuse, continuous batching,
       every answer parsed and written to a JSONL file as it ends)
 A random model almost never emits EOS, so every answer would run to max_new_tokens; to get answers that end at
-different steps, as OneKE's do (an empty NER result is a few tokens, a full one hundreds), a token that greedy
-answers often produce part-way also ends an answer, for every variant alike (--no-varied-lengths turns it off).
-Every answer is compared with (a)'s; a mismatch fails the run (exit 1). (b), (c), (d) run --repeats times,
-interleaved, to show the noise; (a) once. Prefill time: (a) and (b) re-run with max_new_tokens=1 (prefill plus one
-token); (d) measures it inside the decoder; (c) has no split.
+different steps, as OneKE's do (an empty NER result is a few tokens, a full one hundreds), two tokens that greedy
+answers produce part-way also end an answer, for every variant alike (--no-varied-lengths turns it off).
+Every answer is compared with (a)'s; a mismatch fails the run (exit 1). (b) and (d) run --repeats times,
+interleaved, to show the noise; (a) once, and (c) --generate-batch-repeats times (it is slow on CPU). Prefill
+time: (a) and (b) re-run with max_new_tokens=1 (prefill plus one token); (d) measures it inside the decoder; (c)
+has no split.
 
-Run: python bench/extraction_speed.py [--batch 16] [--max-new-tokens 32] [--per-file 12] [--threads 1]
+Run: python bench/extraction_speed.py [--batch 16] [--max-new-tokens 32] [--per-file N] [--threads 1]
 """
 
 from __future__ import annotations
@@ -114,26 +115,31 @@ def timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def frequent_stop(model: Any, prompts: list[list[int]], max_new: int) -> int:
-    """A token that greedy answers often produce part-way (not in every answer, not first)."""
-    answers = authors_loop(model, prompts[:: max(1, len(prompts) // 10)], [2], max_new)
-    counts: dict[int, int] = {}
-    for answer in answers:
-        for token in set(answer[1:]):
-            counts[token] = counts.get(token, 0) + 1
-    return max(counts, key=lambda t: (counts[t] < len(answers), counts[t]))
+def stop_tokens(model: Any, prompts: list[list[int]], max_new: int, count: int = 2) -> list[int]:
+    """Tokens that greedy answers produce part-way: chosen one by one so that as many sampled answers as possible
+    end before max_new_tokens - 1 (none that any sampled answer produces first or second)."""
+    answers = authors_loop(model, prompts[:: max(1, len(prompts) // 16)], [2], max_new)
+    early = {token for answer in answers for token in answer[:2]}
+    chosen: list[int] = []
+    for _ in range(count):
+        candidates = sorted({t for answer in answers for t in answer} - early - set(chosen))
+        if not candidates:
+            break
+        chosen.append(max(candidates, key=lambda t: sum(len(cut(a, [*chosen, t])) <= max_new - 2 for a in answers)))
+    return chosen
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--per-file", type=int, default=12, help="prompts from each DeepKE test file")
+    parser.add_argument("--per-file", type=int, default=0, help="only the first N prompts of each file (0: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed for every variant)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--checkpoint", default="0.12B-wide")
     parser.add_argument("--no-varied-lengths", action="store_true")
     parser.add_argument("--no-generate-batch", action="store_true", help="skip (c)")
+    parser.add_argument("--generate-batch-repeats", type=int, default=1, help="(c) is slow on CPU: run it this often")
     args = parser.parse_args()
     quiet_libraries()
     import torch
@@ -148,17 +154,17 @@ def main() -> int:
     directory = bench_checkpoint(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    records = [
-        r for task in TASKS for r in read_converted(ROOT / "examples/deepke" / task / "test.json")[: args.per_file]
-    ]
+    per_file = args.per_file or None
+    records = [r for task in TASKS for r in read_converted(ROOT / "examples/deepke" / task / "test.json")[:per_file]]
     prompts = [item.ids for item in encode_prompts(tokenizer, records)]
     max_new, batch = args.max_new_tokens, args.batch
     eos = [tokenizer.eos_token_id]
     if not args.no_varied_lengths:
-        eos.append(frequent_stop(model, prompts, max_new))
+        eos += stop_tokens(model, prompts, max_new)
     lengths = sorted(map(len, prompts))
+    which = f"the first {per_file} of each of the" if per_file else "all"
     print(f"checkpoint {args.checkpoint}: {parameter_count(directory) / 1e6:.0f}M parameters, float32; {len(prompts)} "
-          f"prompts ({args.per_file} per DeepKE test file), {lengths[0]}-{lengths[-1]} tokens (median "
+          f"prompts ({which} DeepKE test files), {lengths[0]}-{lengths[-1]} tokens (median "
           f"{statistics.median(lengths):.0f}); max_new_tokens {max_new}; batch {batch}; EOS ids {eos}; torch threads "
           f"{torch.get_num_threads()}\n")  # fmt: skip
 
@@ -174,7 +180,7 @@ def main() -> int:
         results.setdefault(f"(b) plain generate, batch {batch}", []).append(
             timed(lambda: plain_batched(model, prompts, eos, max_new, batch))
         )
-        if not args.no_generate_batch:
+        if not args.no_generate_batch and repeat < args.generate_batch_repeats:
             results.setdefault("(c) generate_batch (continuous batching)", []).append(
                 timed(lambda: continuous_batching(model, prompts, eos, max_new))
             )
