@@ -507,14 +507,9 @@ class GreedyGenerator:
         import torch
 
         start = time.perf_counter()
-        rest = [item.ids[length:] for item in take]
-        width = max(len(r) for r in rest)
-        ids = torch.full((len(take), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(take), length + width), dtype=torch.long)
-        mask[:, :length] = 1
-        for row, tokens in enumerate(rest):
-            ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, length + width - len(tokens) :] = 1
+        ids, rest_mask = _left_padded([item.ids[length:] for item in take], self.pad)
+        width = ids.shape[1]
+        mask = torch.cat([torch.ones((len(take), length), dtype=torch.long), rest_mask], dim=-1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, length:]
         rows = len(take)
         views = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
@@ -633,12 +628,8 @@ class GreedyGenerator:
         import torch
 
         start = time.perf_counter()
-        width = max(len(item.ids) for item in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):
-            ids[row, width - len(item.ids) :] = torch.tensor(item.ids, dtype=torch.long)
-            mask[row, width - len(item.ids) :] = 1
+        ids, mask = _left_padded([item.ids for item in batch], self.pad)
+        width = ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         answers: dict[int, list[int]] = {item.index: [] for item in batch}
         rows = [item.index for item in batch]
@@ -679,12 +670,8 @@ class GreedyGenerator:
         """transformers' own generate, left-padded, for models whose cache or inputs our loop does not drive."""
         import torch
 
-        width = max(len(item.ids) for item in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):
-            ids[row, width - len(item.ids) :] = torch.tensor(item.ids, dtype=torch.long)
-            mask[row, width - len(item.ids) :] = 1
+        ids, mask = _left_padded([item.ids for item in batch], self.pad)
+        width = ids.shape[1]
         self.in_flight.update(item.index for item in batch)
         start = time.perf_counter()
         with torch.inference_mode():
@@ -705,6 +692,19 @@ class GreedyGenerator:
                     break
             self.in_flight.discard(item.index)
             yield item.index, answer
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
+    """Token ids [rows, longest] padded on the left with `pad`, and the attention mask (1 = a real token)."""
+    import torch
+
+    width = max(len(ids) for ids in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, tokens in enumerate(prompts):
+        ids[row, width - len(tokens) :] = torch.tensor(list(tokens), dtype=torch.long)
+        mask[row, width - len(tokens) :] = 1
+    return ids, mask
 
 
 def _set_kv_pairs_one(cache: Any, layer: int) -> None:
