@@ -588,14 +588,10 @@ class GreedyGenerator:
             merged = []
             for which in (0, 1):  # keys, values
                 first_tensor = pairs_by_part[0][layer][which]
-                shape = (rows, first_tensor.shape[1], width, first_tensor.shape[3])
-                out = first_tensor.new_zeros(shape)
+                out = first_tensor.new_empty((rows, first_tensor.shape[1], width, first_tensor.shape[3]))
                 row = 0
                 for (_, keep), (first, w), pairs in zip(parts, widths, pairs_by_part, strict=True):
-                    source = pairs[layer][which]
-                    if len(keep) != source.shape[0]:
-                        source = source.index_select(0, keep.to(source.device))
-                    out[row : row + len(keep), :, width - w :] = source[:, :, first:]
+                    _copy_rows(pairs[layer][which], keep, first, out[row : row + len(keep)], width - w)
                     row += len(keep)
                 merged.append(out)
             merged_pairs.append((merged[0], merged[1]))
@@ -692,6 +688,22 @@ class GreedyGenerator:
                     break
             self.in_flight.discard(item.index)
             yield item.index, answer
+
+
+def _copy_rows(source: Any, rows: Any, first: int, out: Any, pad: int) -> None:
+    """out[:, :, pad:] = source[rows, :, first:], with zeros in out[:, :, :pad]: one copy, no zero-filled
+    allocation (padding must hold finite values: a masked position still multiplies its attention weight, 0, by
+    its value)."""
+    import torch
+
+    out[:, :, :pad].zero_()
+    view = source[:, :, first:]
+    if len(rows) == source.shape[0] and bool((rows == torch.arange(len(rows))).all()):
+        out[:, :, pad:].copy_(view)
+    elif pad == 0:
+        torch.index_select(view, 0, rows.to(source.device), out=out)
+    else:
+        out[:, :, pad:].copy_(view.index_select(0, rows.to(source.device)))
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
