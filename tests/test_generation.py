@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -339,3 +340,51 @@ def test_sliding_and_hybrid_models_equal_generate(
     assert answers == expected
     lengths = {len(answer) for answer in expected.values()}
     assert len(lengths) > 1 and min(lengths) < MAX_NEW  # rows finished at different steps
+
+
+# -- out of memory with the real decoder -------------------------------------------------------------------------
+def test_out_of_memory_halves_the_batch_and_writes_every_prompt_once(
+    fp32_model: Any, tokenizer: Any, deepke_dir: Path, tmp_path: Path
+) -> None:
+    """A CUDA out-of-memory cannot happen on this CPU, so a forward pre-hook raises torch's OutOfMemoryError for
+    any forward over more than 2 rows, and for any forward over one poisoned prompt. The Runner must halve the
+    batch (8 -> 4 -> 2 -> 1), start again the prompts that were in flight, report the poisoned prompt alone, and
+    write every other prompt once, with the answer it has when decoded alone."""
+    from oneke_plan.extract import OutputWriter
+    from oneke_plan.runner import Runner
+
+    records = [r for task in ("NER", "EEA", "KG") for r in read_converted(deepke_dir / task / "test.json")]
+    records = [replace(r, key=f"{i}") for i, r in enumerate(records)]
+    prompts = encode_prompts(tokenizer, records)
+    counts: dict[int, int] = {}
+    for item in prompts:
+        for token in set(item.ids):
+            counts[token] = counts.get(token, 0) + 1
+    eos = [2, frequent_stop(fp32_model, prompts)]
+    expected = {item.index: alone(fp32_model, item.ids, eos) for item in prompts}
+    generated = {t for answer in expected.values() for t in answer}
+    poison = next(t for item in prompts for t in item.ids if counts[t] == 1 and t not in generated)
+    poisoned = next(item.index for item in prompts if poison in item.ids)
+
+    def out_of_memory(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs["input_ids"]
+        if ids.shape[0] > 2 or bool((ids == poison).any()):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (test)")
+
+    generator = GreedyGenerator(fp32_model, tokenizer, MAX_NEW)
+    generator.eos = eos
+    hook = fp32_model.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    try:
+        with OutputWriter(tmp_path / "out.jsonl") as writer:
+            stats = Runner(generator, tokenizer, writer, 8, 4096, progress=False).run(records)
+    finally:
+        hook.remove()
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(int(line["key"]) for line in lines) == list(range(len(records)))  # each exactly once
+    for line in lines:
+        index = int(line["key"])
+        if index == poisoned:
+            assert line["output"] == "" and "out of memory even alone" in line["parse_error"]
+        else:
+            assert line["output"] == tokenizer.decode(expected[index], skip_special_tokens=True)
+    assert stats.oom_retries == 3 and stats.out_of_memory == 1 and stats.prompts == len(records) - 1
