@@ -11,8 +11,8 @@ fixed torch thread count. Variants, all on the same loaded model:
   (d) oneke-run: the Runner + GreedyGenerator oneke-run drives after loading (prefix reuse, continuous batching,
       every answer parsed and written to a JSONL file as it ends)
 A random model almost never emits EOS, so every answer would run to max_new_tokens; to get answers that end at
-different steps, as OneKE's do (an empty NER result is a few tokens, a full one hundreds), two tokens that greedy
-answers produce part-way also end an answer, for every variant alike (--no-varied-lengths turns it off).
+different steps, as OneKE's do (an empty NER result is a few tokens, a full one hundreds), --stops tokens that
+greedy answers produce part-way also end an answer, for every variant alike (--no-varied-lengths turns it off).
 Every answer is compared with (a)'s; a mismatch fails the run (exit 1). (b) and (d) run --repeats times,
 interleaved, to show the noise; (a) once, and (c) --generate-batch-repeats times (it is slow on CPU). Prefill
 time: (a) and (b) re-run with max_new_tokens=1 (prefill plus one token); (d) measures it inside the decoder; (c)
@@ -138,6 +138,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--checkpoint", default="0.12B-wide")
     parser.add_argument("--no-varied-lengths", action="store_true")
+    parser.add_argument("--stops", type=int, default=4, help="tokens that also end an answer (varied lengths)")
     parser.add_argument("--no-generate-batch", action="store_true", help="skip (c)")
     parser.add_argument("--generate-batch-repeats", type=int, default=1, help="(c) is slow on CPU: run it this often")
     args = parser.parse_args()
@@ -160,7 +161,7 @@ def main() -> int:
     max_new, batch = args.max_new_tokens, args.batch
     eos = [tokenizer.eos_token_id]
     if not args.no_varied_lengths:
-        eos += stop_tokens(model, prompts, max_new)
+        eos += stop_tokens(model, prompts, max_new, args.stops)
     lengths = sorted(map(len, prompts))
     which = f"the first {per_file} of each of the" if per_file else "all"
     print(f"checkpoint {args.checkpoint}: {parameter_count(directory) / 1e6:.0f}M parameters, float32; {len(prompts)} "

@@ -320,6 +320,7 @@ class GreedyGenerator:
         model_dir: str | Path | None = None,
         prefix_reuse: bool = True,
         refill_fraction: float = 0.25,
+        split_tokens: int = 64,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -332,6 +333,8 @@ class GreedyGenerator:
         self.prefix_reuse = prefix_reuse
         # Joining rows costs a prefill and a copy of the cache: wait until this share of the batch is free.
         self.refill_fraction = refill_fraction
+        # A forward reads every weight once: worth it for a separate prefill when it saves this many padding tokens.
+        self.split_tokens = split_tokens
         self.in_flight: set[int] = set()
         self.stats = DecodeStats()
 
@@ -501,41 +504,52 @@ class GreedyGenerator:
         """Prefill `take` after their shared prefix of `length` tokens, then merge them with the running rows.
 
         New rows are laid out [prefix][padding][rest]: the prefix KV is a view (the forward's concatenation makes
-        each row's copy, layer by layer), the rest is left-padded to the longest rest. This holds the only
-        reference to a computed prefix, so each layer's is freed once that layer has run.
+        each row's copy, layer by layer), the rest is left-padded to the longest rest. Rests of very different
+        lengths are prefilled in separate forwards (`_similar_lengths`), whose rows are all merged with one copy;
+        later forwards take the prefix from the first one's rows. This holds the only reference to a computed
+        prefix, so each layer's is freed once that layer has run in the first forward.
         """
+        start = time.perf_counter()
+        held = 0 if running is None else _pairs_bytes(_kv_pairs(running.cache))
+        parts: list[_Running] = []
+        holder = [prefix]  # the callee takes it out, so that nothing here keeps a computed prefix alive
+        del prefix
+        for sub in _similar_lengths(take, length, self.split_tokens):
+            if parts and length:
+                holder = [[(k[:1, :, :length], v[:1, :, :length]) for k, v in _kv_pairs(parts[0].cache)]]
+            parts.append(self._prefill_rest(sub, group, length, holder, answers))
+            held += _pairs_bytes(_kv_pairs(parts[-1].cache))
+            self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, held)
+        merged = self._merge([running, *parts])
+        self.stats.prefill_seconds += time.perf_counter() - start
+        return merged
+
+    def _prefill_rest(
+        self,
+        take: list[Encoded],
+        group: int,
+        length: int,
+        holder: list[list[tuple[Any, Any]]],
+        answers: dict[int, list[int]],
+    ) -> _Running:
+        """One forward over the rests of `take` after a prefix of `length` tokens (the KV in `holder`, taken out)."""
         import torch
 
-        start = time.perf_counter()
+        prefix = holder.pop() if holder else []
         ids, rest_mask = _left_padded([item.ids[length:] for item in take], self.pad)
-        width = ids.shape[1]
         mask = torch.cat([torch.ones((len(take), length), dtype=torch.long), rest_mask], dim=-1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, length:]
         rows = len(take)
         views = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
         cache = _filled_cache(self.model, views) if length else _new_cache(self.model)
         del views, prefix
-        held = 0 if running is None else _pairs_bytes(_kv_pairs(running.cache))
         tokens = self._forward(ids, mask, positions, cache)
-        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, held + _pairs_bytes(_kv_pairs(cache)))
-        self.stats.prefill_tokens += len(take) * width
-        alive = []
-        for row, (item, token) in enumerate(zip(take, tokens.tolist(), strict=True)):
+        self.stats.prefill_tokens += ids.numel()
+        done = []
+        for item, token in zip(take, tokens.tolist(), strict=True):
             answers[item.index] = []
-            if not self._ends(answers[item.index], token):
-                alive.append(row)
-        new = _Running(
-            cache,
-            mask,
-            positions[:, -1] + 1,
-            tokens,
-            [item.index for item in take],
-            [group] * len(take),
-            [row not in alive for row in range(len(take))],
-        )
-        merged = self._merge(running, new)
-        self.stats.prefill_seconds += time.perf_counter() - start
-        return merged
+            done.append(self._ends(answers[item.index], token))
+        return _Running(cache, mask, positions[:, -1] + 1, tokens, [item.index for item in take], [group] * rows, done)
 
     def _step(self, running: _Running, answers: dict[int, list[int]]) -> _Running:
         """One decoding step for every row in the cache (finished rows are fed padding; their tokens are dropped)."""
@@ -559,18 +573,18 @@ class GreedyGenerator:
 
     def _compact(self, running: _Running, keep_row: int | None = None) -> _Running | None:
         """Drop finished rows but `keep_row` (and columns that are padding in every remaining row)."""
-        return self._merge(running, None, keep_row)
+        return self._merge([running], keep_row)
 
-    def _merge(self, old: _Running | None, new: _Running | None, keep_row: int | None = None) -> _Running | None:
-        """One cache holding the unfinished rows of `old` then those of `new`, right-aligned, with the leading
-        columns that are padding in every row cut. One copy of each layer's keys and values, layer by layer, on
-        the layer's own device."""
+    def _merge(self, runs: Sequence[_Running | None], keep_row: int | None = None) -> _Running | None:
+        """One cache holding the unfinished rows of `runs` in order (and row `keep_row` of the first), right-aligned,
+        with the leading columns that are padding in every row cut. One copy of each layer's keys and values,
+        layer by layer, on the layer's own device."""
         import torch
 
         parts: list[tuple[_Running, Any]] = []
-        for run in (old, new):
+        for number, run in enumerate(runs):
             if run is not None:
-                unfinished = [row for row, done in enumerate(run.done) if not done or (run is old and row == keep_row)]
+                unfinished = [row for row, done in enumerate(run.done) if not done or (number == 0 and row == keep_row)]
                 if unfinished:
                     parts.append((run, torch.tensor(unfinished, dtype=torch.long)))
         if not parts:
@@ -704,6 +718,21 @@ def _copy_rows(source: Any, rows: Any, first: int, out: Any, pad: int) -> None:
         torch.index_select(view, 0, rows.to(source.device), out=out)
     else:
         out[:, :, pad:].copy_(view.index_select(0, rows.to(source.device)))
+
+
+def _similar_lengths(take: list[Encoded], length: int, split_tokens: int) -> list[list[Encoded]]:
+    """`take` (longest first) cut into runs prefilled together: a row starts a new run when padding it to the
+    run's longest rest would cost more than `split_tokens` tokens and more than half its length."""
+    runs: list[list[Encoded]] = []
+    for item in sorted(take, key=lambda e: -len(e.ids)):
+        rest = len(item.ids) - length
+        if runs:
+            longest = len(runs[-1][0].ids) - length
+            if longest - rest <= max(split_tokens, longest // 2):
+                runs[-1].append(item)
+                continue
+        runs.append([item])
+    return runs
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
