@@ -123,35 +123,19 @@ PUBLIC_CONFIGS: dict[str, dict[str, Any]] = {
 # Random LLaMA checkpoints (oneke_plan.tiny.build_tiny_llama arguments), built on first use: bf16, 32,000-token
 # vocabulary like LLaMA-2. Sizes: 0.13B ~ 0.27 GB, 0.55B ~ 1.1 GB, 0.94B ~ 1.9 GB on disk.
 CHECKPOINTS: dict[str, dict[str, Any]] = {
-    "0.13B": dict(
-        hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, vocab_size=32000
-    ),
-    "0.13B-gqa": dict(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        vocab_size=32000,
-    ),
-    "0.13B-tied": dict(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        vocab_size=32000,
-        tie_word_embeddings=True,
-    ),
+    "0.13B": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  vocab_size=32000),
+    "0.13B-gqa": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                      num_key_value_heads=4, vocab_size=32000),
+    "0.13B-tied": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       vocab_size=32000, tie_word_embeddings=True),
     # extraction_speed: >= 100M parameters but only 4 layers, so 72 prompts decode in minutes on 2 cores.
-    "0.12B-wide": dict(
-        hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, vocab_size=32000
-    ),
-    "0.55B": dict(
-        hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12, vocab_size=32000
-    ),
-    "0.94B": dict(
-        hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16, vocab_size=32000
-    ),
+    "0.12B-wide": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                       vocab_size=32000),
+    "0.55B": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+                  vocab_size=32000),
+    "0.94B": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
+                  vocab_size=32000),
 }
 
 

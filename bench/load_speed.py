@@ -61,29 +61,23 @@ def main() -> int:
     profile = planner.profile(
         planner.plan(inventory, PlanSettings(Workload(512, 64, 1), Quantization("none"), dtype="bfloat16")), inventory
     )
-    print(
-        f"checkpoint: {args.checkpoint} ({parameter_count(path) / 1e9:.2f}B parameters, {size / 1e9:.2f} GB in "
-        f"{len(files)} file(s)); profile device_map: {profile.device_map}\n"
-    )
+    print(f"checkpoint: {args.checkpoint} ({parameter_count(path) / 1e9:.2f}B parameters, {size / 1e9:.2f} GB in "
+          f"{len(files)} file(s)); profile device_map: {profile.device_map}\n")
 
     def ours():
         model = load_model(profile, source)
         return [*model.parameters(), *model.buffers()]
 
     def transformers_load():
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), device_map=dict(profile.device_map), dtype=torch.bfloat16
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(path), device_map=dict(profile.device_map),
+                                                     dtype=torch.bfloat16)
         return [*model.parameters(), *model.buffers()]
 
     def limit():
         return [t for f in files for t in load_file(str(f)).values()]
 
-    ways = {
-        "ours (oneke_plan.loader.load_model)": ours,
-        "transformers from_pretrained": transformers_load,
-        "limit (safetensors load_file)": limit,
-    }
+    ways = {"ours (oneke_plan.loader.load_model)": ours, "transformers from_pretrained": transformers_load,
+            "limit (safetensors load_file)": limit}
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
     for fn in ways.values():  # warm the page cache and lazy imports
         touch(fn())
@@ -103,16 +97,8 @@ def main() -> int:
         load_s = statistics.median(a for a, _ in runs)
         read_s = statistics.median(b for _, b in runs)
         total = statistics.median(a + b for a, b in runs)
-        rows.append(
-            [
-                name,
-                f"{load_s:.3f}",
-                f"{read_s:.3f}",
-                f"{total:.3f}",
-                f"{size / total / 1e9:.2f}",
-                f"{total / limit_total:.2f}x",
-            ]
-        )
+        rows.append([name, f"{load_s:.3f}", f"{read_s:.3f}", f"{total:.3f}", f"{size / total / 1e9:.2f}",
+                     f"{total / limit_total:.2f}x"])
     print(table(["load", "load s", "read s", "load + read s", "GB/s", "vs limit"], rows))
     med = {k: statistics.median(a + b for a, b in v) for k, v in results.items()}
     keys = list(ways)

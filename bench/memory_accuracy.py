@@ -85,12 +85,8 @@ def bnb_config(mode: str):
     if mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if mode == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
     return None
 
 
@@ -142,18 +138,8 @@ def weights_rows(names, modes) -> list[list[str]]:
                 ours_cell = f"{ours:,} ({(ours - want) / want:+.2%}, {linear})"
             else:
                 ours_cell = "-"
-            rows.append(
-                [
-                    name,
-                    f"{params / 1e9:.2f}B",
-                    mode,
-                    f"{want:,}",
-                    f"{got:,}",
-                    f"{(got - want) / want:+.3%}",
-                    ours_cell,
-                    f"{secs:.1f}",
-                ]
-            )
+            rows.append([name, f"{params / 1e9:.2f}B", mode, f"{want:,}", f"{got:,}", f"{(got - want) / want:+.3%}",
+                         ours_cell, f"{secs:.1f}"])
             print(f"  weights {name} {mode}: {(got - want) / want:+.3%}", file=sys.stderr)
     return rows
 
@@ -171,32 +157,16 @@ def kv_rows() -> list[list[str]]:
             _, want, _ = predicted(path, "none", Workload(n_in, n_new, batch))
             ids = torch.randint(3, 1000, (batch, n_in), generator=torch.Generator().manual_seed(0))
             with torch.inference_mode():
-                out = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=n_new,
-                    min_new_tokens=n_new,
-                    do_sample=False,
-                    return_dict_in_generate=True,
-                    pad_token_id=0,
-                )
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                     min_new_tokens=n_new, do_sample=False, return_dict_in_generate=True,
+                                     pad_token_id=0)
             cache = out.past_key_values
             tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
             got = storage_bytes(tensors)
             held = tensors[0].shape[-2]
             want_held = want * held // (n_in + n_new)
-            rows.append(
-                [
-                    name,
-                    f"b{batch} {n_in}+{n_new}",
-                    f"{want:,}",
-                    f"{got:,}",
-                    f"{(got - want) / want:+.3%}",
-                    str(held),
-                    f"{want_held:,}",
-                    f"{(got - want_held) / want_held:+.3%}",
-                ]
-            )
+            rows.append([name, f"b{batch} {n_in}+{n_new}", f"{want:,}", f"{got:,}", f"{(got - want) / want:+.3%}",
+                         str(held), f"{want_held:,}", f"{(got - want_held) / want_held:+.3%}"])
         del model
         gc.collect()
     return rows
@@ -217,9 +187,8 @@ def profiler_peak(prof) -> int:
         events = json.loads(Path(trace).read_text())["traceEvents"]
     finally:
         os.unlink(trace)
-    memory = sorted(
-        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0), key=lambda e: e["ts"]
-    )
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+                    key=lambda e: e["ts"])
     if not memory:
         return 0
     base = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
@@ -241,9 +210,8 @@ def workspace_rows() -> list[list[str]]:
             ids = torch.randint(3, 1000, (batch, n_in), generator=torch.Generator().manual_seed(0))
             mask = torch.ones_like(ids)
             with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                model.generate(
-                    ids, attention_mask=mask, max_new_tokens=1, do_sample=False, use_cache=False, pad_token_id=0
-                )
+                model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, use_cache=False,
+                               pad_token_id=0)
             peak = profiler_peak(prof)
             rows.append([name, f"b{batch} {n_in}", f"{want:,}", f"{peak:,}", f"{peak / want:.2f}x"])
         del model
@@ -265,38 +233,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory():
         w = weights_rows(names, ("none", "8bit", "4bit"))
     print("weights (bytes):")
-    print(
-        table(
-            [
-                "checkpoint",
-                "params",
-                "quant",
-                "predicted",
-                "measured (transformers load)",
-                "error",
-                "measured (oneke-run loader, CPU profile)",
-                "load s",
-            ],
-            w,
-        )
-    )
+    print(table(["checkpoint", "params", "quant", "predicted", "measured (transformers load)", "error",
+                 "measured (oneke-run loader, CPU profile)", "load s"], w))
     kv = kv_rows()
     print("\nKV cache after generate (bf16, bytes):")
-    print(
-        table(
-            [
-                "checkpoint",
-                "workload",
-                "predicted",
-                "measured",
-                "error",
-                "positions held",
-                "predicted for positions held",
-                "error",
-            ],
-            kv,
-        )
-    )
+    print(table(["checkpoint", "workload", "predicted", "measured", "error", "positions held",
+                 "predicted for positions held", "error"], kv))
     ws = workspace_rows()
     print("\nworkspace: prefill peak of transient CPU allocations (torch.profiler), bf16, bytes:")
     print(table(["checkpoint", "workload", "predicted workspace", "measured peak", "measured/predicted"], ws))
@@ -312,10 +254,8 @@ def main() -> int:
     print(f"ratio: weights 16-bit max |error| {w16:.3%} (goal: exact)")
     print(f"ratio: weights 8/4-bit max |error| {wq:.3%} (goal: <= 1%)")
     print(f"ratio: KV cache max |error| {kv_err:.3%} as charged (input+new), {kv_held:.3%} for the positions held")
-    print(
-        f"ratio: workspace measured/predicted {min(float(r[4][:-1]) for r in ws):.2f}x .. "
-        f"{max(float(r[4][:-1]) for r in ws):.2f}x (<= 1.00x: the prediction covers the measured peak)"
-    )
+    print(f"ratio: workspace measured/predicted {min(float(r[4][:-1]) for r in ws):.2f}x .. "
+          f"{max(float(r[4][:-1]) for r in ws):.2f}x (<= 1.00x: the prediction covers the measured peak)")
     print(f"(took {time.perf_counter() - start:.0f} s)")
     return 0
 

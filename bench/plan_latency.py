@@ -67,17 +67,8 @@ def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> float:
     return elapsed
 
 
-WATCHED_IMPORTS = (
-    "torch",
-    "transformers",
-    "accelerate",
-    "transformers.models.llama.modeling_llama",
-    "safetensors",
-    "yaml",
-    "oneke_plan",
-    "oneke_plan.planner",
-    "oneke_plan.cli.plan",
-)
+WATCHED_IMPORTS = ("torch", "transformers", "accelerate", "transformers.models.llama.modeling_llama", "safetensors",
+                   "yaml", "oneke_plan", "oneke_plan.planner", "oneke_plan.cli.plan")
 
 
 def import_top(cmd_args: list[str]) -> list[tuple[str, float]]:
@@ -114,17 +105,11 @@ def main() -> int:
         cases = {
             "floor (import torch, accelerate, llama modeling)": ([sys.executable, "-c", FLOOR], (0,)),
             "oneke-plan oneke --gpu 24GiB --gpu 12GiB": (
-                [plan_exe, "oneke", "--gpu", "24GiB", "--gpu", "12GiB", "-o", out],
-                (0,),
-            ),
+                [plan_exe, "oneke", "--gpu", "24GiB", "--gpu", "12GiB", "-o", out], (0,)),
             "oneke-plan <70B dir> --gpu 80GiB --gpu 80GiB": (
-                [plan_exe, str(model_dir), "--gpu", "80GiB", "--gpu", "80GiB", "-o", out],
-                (0,),
-            ),
+                [plan_exe, str(model_dir), "--gpu", "80GiB", "--gpu", "80GiB", "-o", out], (0,)),
             "oneke-plan <70B dir> --gpu 24GiB --gpu 12GiB (exit 3)": (
-                [plan_exe, str(model_dir), "--gpu", "24GiB", "--gpu", "12GiB"],
-                (3,),
-            ),
+                [plan_exe, str(model_dir), "--gpu", "24GiB", "--gpu", "12GiB"], (3,)),
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
         for cmd, ok in cases.values():  # warm the page cache once
@@ -133,10 +118,8 @@ def main() -> int:
             for k, (cmd, ok) in cases.items():
                 times[k].append(timed(cmd, ok))
         floor = statistics.median(times[next(iter(cases))])
-        rows = [
-            [k, f"{statistics.median(v):.2f}", f"{min(v):.2f}", f"{max(v):.2f}", f"{statistics.median(v) / floor:.2f}x"]
-            for k, v in times.items()
-        ]
+        rows = [[k, f"{statistics.median(v):.2f}", f"{min(v):.2f}", f"{max(v):.2f}",
+                 f"{statistics.median(v) / floor:.2f}x"] for k, v in times.items()]
         print(table(["process", "median s", "min s", "max s", "vs floor"], rows))
 
         print("\nwhere the time goes in one cold process (seconds):")

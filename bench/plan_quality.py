@@ -162,19 +162,12 @@ def accelerate_maps(planner, quant_mode: str, dtype: str, sizes: tuple[int, ...]
     no_split = list(model._no_split_modules)
     budgets = {
         "sequential": tf_max_memory(dict(max_memory)),
-        "balanced": tf_balanced(
-            model, max_memory=dict(max_memory), no_split_module_classes=no_split, hf_quantizer=quantizer, low_zero=False
-        ),
+        "balanced": tf_balanced(model, max_memory=dict(max_memory), no_split_module_classes=no_split,
+                                hf_quantizer=quantizer, low_zero=False),
     }
     return {
-        k: dict(
-            tf_infer(
-                model,
-                max_memory=quantizer.adjust_max_memory(v),
-                no_split_module_classes=no_split,
-                hf_quantizer=quantizer,
-            )
-        )
+        k: dict(tf_infer(model, max_memory=quantizer.adjust_max_memory(v), no_split_module_classes=no_split,
+                         hf_quantizer=quantizer))
         for k, v in budgets.items()
     }
 
@@ -286,19 +279,8 @@ def main() -> int:
         params = planner.layout.parameter_count / 1e9
         print(f"  {model_name}: {params:.2f}B params done ({done:.0f} s)", file=sys.stderr)
 
-    header = [
-        "model",
-        "GPUs GiB",
-        "quant",
-        "workload",
-        "acc sequential (worst GPU)",
-        "acc balanced (worst GPU)",
-        "ours",
-        "our peak GiB/GPU",
-        "our max ctx",
-        "optimum ctx",
-        "ours/opt",
-    ]
+    header = ["model", "GPUs GiB", "quant", "workload", "acc sequential (worst GPU)", "acc balanced (worst GPU)",
+              "ours", "our peak GiB/GPU", "our max ctx", "optimum ctx", "ours/opt"]
     print(table(header, rows, right=(8, 9, 10)))
     print()
     total = len(records)
@@ -313,19 +295,8 @@ def main() -> int:
         acc_fits = count(lambda r, k=key: r[k] == "fits")
         acc_fits_we_not = count(lambda r, k=key: r[k] == "fits" and r["ours"] != "fits")
         summary.append([label, acc_fits, oom_we_fit, f"{oom_we_fit / total:.1%}", off_we_fit, acc_fits_we_not])
-    print(
-        table(
-            [
-                "placement",
-                "fits",
-                "OOM, ours fits",
-                "share of cells",
-                "offloads, ours fits on GPUs",
-                "fits, ours does not",
-            ],
-            summary,
-        )
-    )
+    print(table(["placement", "fits", "OOM, ours fits", "share of cells", "offloads, ours fits on GPUs",
+                 "fits, ours does not"], summary))
     ratios = [r["ratio"] for r in records]
     below = [r for r in records if r["ratio"] < 0.98]
     print()
@@ -333,10 +304,8 @@ def main() -> int:
     for key, label in (("seq", "sequential"), ("bal", "balanced")):
         n = count(lambda r, k=key: "OOM" in r[k] and r["ours"] == "fits")
         print(f"ratio: accelerate {label} OOMs where we fit: {n}/{total} = {n / total:.1%}")
-    print(
-        f"ratio: our largest context / exact optimum: min {min(ratios):.1%}, "
-        f"mean {sum(ratios) / total:.1%}; cells below 98%: {len(below)} (goal: 0)"
-    )
+    print(f"ratio: our largest context / exact optimum: min {min(ratios):.1%}, "
+          f"mean {sum(ratios) / total:.1%}; cells below 98%: {len(below)} (goal: 0)")
     for r in below:
         where = f"{r['model']} {r['gpus']} {r['quant']} {r['workload']}"
         print(f"  below goal: {where}: {r['ours_ctx']} vs {r['best_ctx']}")
