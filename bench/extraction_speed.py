@@ -1,135 +1,148 @@
-"""Extraction speed, whole processes: oneke-run (batched) vs the authors' one-at-a-time loop vs plain batched generate.
+"""Extraction speed, side by side in one process: the authors' one-at-a-time loop, plain batched `generate` on
+length-sorted batches, transformers' continuous batching (`generate_batch`), and oneke-run's decoder.
 
-Same random checkpoint (bench/common.py CHECKPOINTS["0.12B-wide"]: LLaMA, 117M parameters, 4 layers of hidden 1024,
-32,000-token vocabulary), the same 72 DeepKE RE prompts (examples/deepke/RE/test.json, OneKE's llama2_zh chat
-template), greedy decoding, the same max_new_tokens, the same dtype, each run a fresh process:
-  ours   oneke-plan DIR --cpu-memory 16GiB --dtype D ... -o P.yaml, then
-         oneke-run --profile P.yaml --model DIR --input RE/test.json --batch-size B
-  (a)    the authors' loop (OneKE README / DeepKE inference script): for each record, tokenizer(prompt) ->
-         model.generate(max_new_tokens, greedy) -> decode the new tokens; one record at a time
-  (b)    plain transformers: prompts sorted by token length, left-padded batches of B, model.generate, decode
-Every answer is compared with (a)'s (the reference: each prompt decoded alone); a mismatch fails the run (exit 1).
-tokens/s = generated tokens / generation seconds (each process reports its own; load and imports excluded);
-"process s" is the wall time of the whole process, load included.
+One random float32 checkpoint (bench/common.py CHECKPOINTS["0.12B-wide"]: LLaMA, 117M parameters, 4 layers of
+hidden 1024, 32,000-token vocabulary), every prompt of the DeepKE test files (341; --per-file N takes the first N
+of each; examples/deepke/*/test.json, OneKE's llama2_zh chat template), greedy decoding, max_new_tokens N, a
+fixed torch thread count. Variants, all on the same loaded model:
+  (a) authors' loop: for each record, tokenizer(prompt) -> model.generate(greedy) -> decode; one at a time
+  (b) plain generate: prompts sorted by token length, left-padded batches of B, model.generate
+  (c) generate_batch: transformers' continuous batching (paged KV cache), all prompts in one call
+  (d) oneke-run: the Runner + GreedyGenerator oneke-run drives after loading (prefix reuse, continuous batching,
+      every answer parsed and written to a JSONL file as it ends)
+A random model almost never emits EOS, so every answer would run to max_new_tokens; to get answers that end at
+different steps, as OneKE's do (an empty NER result is a few tokens, a full one hundreds), --stops tokens that
+greedy answers produce part-way also end an answer, for every variant alike (--no-varied-lengths turns it off).
+Every answer is compared with (a)'s; a mismatch fails the run (exit 1). (b) and (d) run --repeats times,
+interleaved, to show the noise; (a) once, and (c) --generate-batch-repeats times (it is slow on CPU). Prefill
+time: (a) and (b) re-run with max_new_tokens=1 (prefill plus one token); (d) measures it inside the decoder; (c)
+has no split.
 
-Run: python bench/extraction_speed.py [--max-new-tokens N] [--batches 1,4,8,16] [--dtype float32]
+Run: python bench/extraction_speed.py [--batch 16] [--max-new-tokens 32] [--per-file N] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from common import ROOT, bench_checkpoint, machine_line, parameter_count, table
+from common import ROOT, bench_checkpoint, machine_line, parameter_count, quiet_libraries, table
 
-INPUT = ROOT / "examples" / "deepke" / "RE" / "test.json"
-
-# (a): written the way the authors' example does it; only the chat template comes from oneke_plan so that every
-# variant reads byte-identical prompts.
-AUTHORS = r"""
-import json, sys, time
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from oneke_plan.oneke import chat_prompt
-model_dir, input_path, max_new, dtype, out_path = sys.argv[1:6]
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map="cpu")
-model.eval()
-records = [json.loads(line) for line in open(input_path, encoding="utf-8") if line.strip()]
-eos = model.generation_config.eos_token_id
-eos = eos if isinstance(eos, list) else [eos]
-answers, new_tokens = [], 0
-start = time.perf_counter()
-for record in records:
-    prompt = chat_prompt(record["instruction"])
-    input_ids = tokenizer.encode(prompt, return_tensors="pt")
-    input_length = input_ids.size(1)
-    with torch.no_grad():
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                generation_config=GenerationConfig(max_new_tokens=int(max_new), do_sample=False,
-                                                                   num_beams=1, return_dict_in_generate=True,
-                                                                   eos_token_id=eos),
-                                pad_token_id=tokenizer.eos_token_id)
-    generated = output.sequences[0][input_length:].tolist()
-    cut = next((k for k, token in enumerate(generated) if token in eos), len(generated))
-    new_tokens += cut
-    answers.append(tokenizer.decode(generated[:cut], skip_special_tokens=True))
-seconds = time.perf_counter() - start
-json.dump({"answers": answers, "new_tokens": new_tokens, "seconds": seconds}, open(out_path, "w"))
-"""
-
-# (b): plain transformers generate over the same prompts, sorted by length, in left-padded batches.
-PLAIN = r"""
-import json, sys, time
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from oneke_plan.oneke import chat_prompt
-model_dir, input_path, max_new, dtype, out_path, batch = sys.argv[1:7]
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-tokenizer.padding_side = "left"
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map="cpu")
-model.eval()
-records = [json.loads(line) for line in open(input_path, encoding="utf-8") if line.strip()]
-prompts = [chat_prompt(r["instruction"]) for r in records]
-lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-answers, new_tokens = [None] * len(prompts), 0
-eos = model.generation_config.eos_token_id
-eos = eos if isinstance(eos, list) else [eos]
-start = time.perf_counter()
-for i in range(0, len(order), int(batch)):
-    idx = order[i:i + int(batch)]
-    enc = tokenizer([prompts[j] for j in idx], return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=int(max_new), do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-    for row, j in zip(out[:, enc["input_ids"].shape[1]:].tolist(), idx):
-        cut = next((k for k, token in enumerate(row) if token in eos), len(row))
-        new_tokens += cut
-        answers[j] = tokenizer.decode(row[:cut], skip_special_tokens=True)
-seconds = time.perf_counter() - start
-json.dump({"answers": answers, "new_tokens": new_tokens, "seconds": seconds}, open(out_path, "w"))
-"""
+TASKS = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
 
 
-def run(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+def cut(tokens: list[int], eos: list[int]) -> list[int]:
+    return tokens[: next((k for k, t in enumerate(tokens) if t in eos), len(tokens))]
+
+
+def authors_loop(model: Any, prompts: list[list[int]], eos: list[int], max_new: int) -> list[list[int]]:
+    """The authors' inference loop (OneKE README / DeepKE script): one record at a time through generate."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=0)
+    answers = []
+    for ids in prompts:
+        row = torch.tensor([ids])
+        with torch.no_grad():
+            out = model.generate(input_ids=row, attention_mask=torch.ones_like(row), generation_config=config)
+        answers.append(cut(out[0, len(ids) :].tolist(), eos))
+    return answers
+
+
+def plain_batched(model: Any, prompts: list[list[int]], eos: list[int], max_new: int, batch: int) -> list[list[int]]:
+    """transformers' generate over length-sorted, left-padded batches."""
+    import torch
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch):
+        idx = order[start : start + batch]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                 num_beams=1, eos_token_id=eos, pad_token_id=0)  # fmt: skip
+        for row, i in enumerate(idx):
+            answers[i] = cut(out[row, width:].tolist(), eos)
+    return answers
+
+
+def continuous_batching(model: Any, prompts: list[list[int]], eos: list[int], max_new: int) -> list[list[int]]:
+    """transformers' generate_batch: continuous batching with a paged KV cache."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    out = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+    return [cut(list(out[f"req_{i}"].generated_tokens), eos) for i in range(len(prompts))]
+
+
+def ours(model: Any, tokenizer: Any, records: list[Any], eos: list[int], max_new: int, batch: int) -> tuple:
+    """oneke-run's path after loading: Runner + GreedyGenerator + OutputWriter; answers read back from the file's
+    token ids (the Runner decodes them to text; the generator's raw ids are captured for the comparison)."""
+    from oneke_plan.extract import OutputWriter
+    from oneke_plan.generation import GreedyGenerator
+    from oneke_plan.runner import Runner
+
+    generator = GreedyGenerator(model, tokenizer, max_new)
+    generator.eos = eos
+    captured: dict[int, list[int]] = {}
+    run = generator.run
+
+    def capture(prompts: Any, batch_size: int) -> Any:
+        for index, answer in run(prompts, batch_size):
+            captured[index] = answer
+            yield index, answer
+
+    generator.run = capture  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory() as tmp, OutputWriter(Path(tmp) / "out.jsonl") as writer:
+        Runner(generator, tokenizer, writer, batch, max_input_tokens=4096, progress=False).run(records)
+    return [captured[i] for i in range(len(records))], generator.stats
+
+
+def timed(fn: Any) -> tuple[float, Any]:
     start = time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ...: exit {result.returncode}\n{result.stderr[-3000:]}")
-    return wall, result
+    result = fn()
+    return time.perf_counter() - start, result
 
 
-def ours(bin_dir: Path, profile: Path, model: Path, batch: int, max_new: int, out: Path) -> dict:
-    wall, result = run([str(bin_dir / "oneke-run"), "--profile", str(profile), "--model", str(model), "--input",
-                        str(INPUT), "--output", str(out), "--batch-size", str(batch), "--max-new-tokens", str(max_new),
-                        "--no-progress", "--overwrite"])
-    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
-    by_key = {line["key"]: line["output"] for line in lines}
-    answers = [by_key[str(n)] for n in sorted(int(k) for k in by_key)]
-    summary = next(line for line in result.stderr.splitlines() if "prompts answered" in line)
-    new_tokens = int(summary.split(" tokens in ")[0].rsplit(" ", 1)[1])
-    seconds = float(summary.split(" tokens in ")[1].split(" s ")[0])
-    return {"answers": answers, "new_tokens": new_tokens, "seconds": seconds, "wall": wall}
+def stop_tokens(model: Any, prompts: list[list[int]], max_new: int, count: int = 2) -> list[int]:
+    """Tokens that greedy answers produce part-way: chosen one by one so that as many sampled answers as possible
+    end before max_new_tokens - 1 (none that any sampled answer produces first or second)."""
+    answers = authors_loop(model, prompts[:: max(1, len(prompts) // 16)], [2], max_new)
+    early = {token for answer in answers for token in answer[:2]}
+    chosen: list[int] = []
+    for _ in range(count):
+        candidates = sorted({t for answer in answers for t in answer} - early - set(chosen))
+        if not candidates:
+            break
+        chosen.append(max(candidates, key=lambda t: sum(len(cut(a, [*chosen, t])) <= max_new - 2 for a in answers)))
+    return chosen
 
 
-def script(code: str, args: list[str], out: Path) -> dict:
-    wall, _ = run([sys.executable, "-c", code, *args])
-    data = json.loads(out.read_text(encoding="utf-8"))
-    data["wall"] = wall
-    return data
-
-
-def with_frequent_stop(model: Path, max_new: int) -> tuple[Path, int]:
-    """A view of `model` whose generation config also stops at a token that some greedy answers produce part-way:
-    a random model almost never emits EOS, so without this every answer runs to max_new_tokens and a batch never
-    has finished sequences, unlike OneKE's answers (an empty NER result is a few tokens, a full one hundreds)."""
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--per-file", type=int, default=0, help="only the first N prompts of each file (0: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed for every variant)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--checkpoint", default="0.12B-wide")
+    parser.add_argument("--no-varied-lengths", action="store_true")
+    parser.add_argument("--stops", type=int, default=4, help="tokens that also end an answer (varied lengths)")
+    parser.add_argument("--no-generate-batch", action="store_true", help="skip (c)")
+    parser.add_argument("--generate-batch-repeats", type=int, default=1, help="(c) is slow on CPU: run it this often")
+    args = parser.parse_args()
+    quiet_libraries()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,87 +150,83 @@ def with_frequent_stop(model: Path, max_new: int) -> tuple[Path, int]:
     from oneke_plan.extract import read_converted
     from oneke_plan.runner import encode_prompts
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    prompts = [e.ids for e in encode_prompts(tokenizer, read_converted(INPUT)[::6])]
-    counts: dict[int, int] = {}
-    with torch.inference_mode():
-        for ids in prompts:
-            row = torch.tensor([ids])
-            answer = net.generate(row, attention_mask=torch.ones_like(row), max_new_tokens=max_new, do_sample=False,
-                                  pad_token_id=0)[0, len(ids):].tolist()
-            for token in set(answer[1:]):
-                counts[token] = counts.get(token, 0) + 1
-    stop = max(counts, key=lambda t: (counts[t] < len(prompts), counts[t]))
-    view = Path(tempfile.mkdtemp(prefix="stops-"))
-    for item in model.iterdir():
-        if item.name not in ("config.json", "generation_config.json"):
-            (view / item.name).symlink_to(item.resolve())
-    for name in ("config.json", "generation_config.json"):
-        config = json.loads((model / name).read_text(encoding="utf-8"))
-        config["eos_token_id"] = [tokenizer.eos_token_id, stop]
-        (view / name).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return view, stop
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batches", default="1,4,8,16")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--checkpoint", default="0.12B-wide")
-    parser.add_argument("--varied-lengths", action="store_true",
-                        help="also stop at a token some answers produce part-way, so answers end at different steps")
-    args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    torch.set_num_threads(args.threads)
     print(f"machine: {machine_line()}\n")
-    model = bench_checkpoint(args.checkpoint)
-    if args.varied_lengths:
-        model, stop = with_frequent_stop(model, args.max_new_tokens)
-        print(f"varied lengths: token {stop} ends an answer too (see with_frequent_stop)")
-    bin_dir = Path(sys.executable).parent
-    records = sum(1 for line in INPUT.read_text(encoding="utf-8").splitlines() if line.strip())
-    print(f"checkpoint {args.checkpoint}: {parameter_count(model) / 1e6:.0f}M parameters; {records} prompts from "
-          f"{INPUT.relative_to(ROOT)}; max_new_tokens {args.max_new_tokens}; dtype {args.dtype}\n")
-    results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        profile = tmp / "cpu.yaml"
-        run([str(bin_dir / "oneke-plan"), str(model), "--cpu-memory", "16GiB", "--dtype", args.dtype,
-             "--max-input-tokens", "512", "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
-             str(max(batches)), "-o", str(profile)])
-        common_args = [str(model), str(INPUT), str(args.max_new_tokens), args.dtype]
-        out = tmp / "a.json"
-        results["(a) authors' loop, one at a time"] = script(AUTHORS, [*common_args, str(out)], out)
-        print(f"  (a) done: {results[next(iter(results))]['wall']:.0f} s", file=sys.stderr)
-        for batch in batches:
-            results[f"ours, batch {batch}"] = ours(bin_dir, profile, model, batch, args.max_new_tokens,
-                                                   tmp / f"ours{batch}.jsonl")
-            out = tmp / f"b{batch}.json"
-            results[f"(b) plain generate, batch {batch}"] = script(PLAIN, [*common_args, str(out), str(batch)], out)
-            print(f"  batch {batch} done", file=sys.stderr)
+    directory = bench_checkpoint(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    per_file = args.per_file or None
+    records = [r for task in TASKS for r in read_converted(ROOT / "examples/deepke" / task / "test.json")[:per_file]]
+    prompts = [item.ids for item in encode_prompts(tokenizer, records)]
+    max_new, batch = args.max_new_tokens, args.batch
+    eos = [tokenizer.eos_token_id]
+    if not args.no_varied_lengths:
+        eos += stop_tokens(model, prompts, max_new, args.stops)
+    lengths = sorted(map(len, prompts))
+    which = f"the first {per_file} of each of the" if per_file else "all"
+    print(f"checkpoint {args.checkpoint}: {parameter_count(directory) / 1e6:.0f}M parameters, float32; {len(prompts)} "
+          f"prompts ({which} DeepKE test files), {lengths[0]}-{lengths[-1]} tokens (median "
+          f"{statistics.median(lengths):.0f}); max_new_tokens {max_new}; batch {batch}; EOS ids {eos}; torch threads "
+          f"{torch.get_num_threads()}\n")  # fmt: skip
 
-    reference = results["(a) authors' loop, one at a time"]
-    rows = []
-    mismatches = {}
-    for name, r in results.items():
-        bad = sum(1 for x, y in zip(r["answers"], reference["answers"], strict=True) if x != y)
+    results: dict[str, list[tuple[float, list[list[int]]]]] = {}
+    prefill: dict[str, float] = {}
+    decoder_stats = []
+    print("  (a) ...", file=sys.stderr)
+    results["(a) authors' loop, one at a time"] = [timed(lambda: authors_loop(model, prompts, eos, max_new))]
+    prefill["(a) authors' loop, one at a time"] = timed(lambda: authors_loop(model, prompts, eos, 1))[0]
+    prefill[f"(b) plain generate, batch {batch}"] = timed(lambda: plain_batched(model, prompts, eos, 1, batch))[0]
+    for repeat in range(args.repeats):
+        print(f"  repeat {repeat + 1} ...", file=sys.stderr)
+        results.setdefault(f"(b) plain generate, batch {batch}", []).append(
+            timed(lambda: plain_batched(model, prompts, eos, max_new, batch))
+        )
+        if not args.no_generate_batch and repeat < args.generate_batch_repeats:
+            results.setdefault("(c) generate_batch (continuous batching)", []).append(
+                timed(lambda: continuous_batching(model, prompts, eos, max_new))
+            )
+        seconds, (answers, stats) = timed(lambda: ours(model, tokenizer, records, eos, max_new, batch))
+        results.setdefault(f"(d) oneke-run decoder, batch {batch}", []).append((seconds, answers))
+        decoder_stats.append(stats)
+
+    reference = results["(a) authors' loop, one at a time"][0][1]
+    new_tokens = sum(map(len, reference))
+    ends = sorted(map(len, reference))
+    print(f"answers: {new_tokens} new tokens, lengths {ends[0]}-{ends[-1]} (median {statistics.median(ends):.0f}), "
+          f"{sum(n < max_new for n in ends)} of {len(ends)} end before max_new_tokens\n")  # fmt: skip
+    rows, mismatches, rates = [], {}, {}
+    for name, runs in results.items():
+        times = [s for s, _ in runs]
+        bad = max(sum(x != y for x, y in zip(answers, reference, strict=True)) for _, answers in runs)
         mismatches[name] = bad
-        rows.append([name, r["new_tokens"], f"{r['seconds']:.1f}", f"{r['new_tokens'] / r['seconds']:.1f}",
-                     f"{r['wall']:.1f}", f"{bad}/{len(r['answers'])}"])
-    print(table(["run", "new tokens", "generate s", "tokens/s", "process s", "answers != (a)"], rows))
+        best = min(times)
+        rates[name] = len(prompts) / statistics.median(times)
+        split = "-"
+        if name in prefill:
+            split = f"{prefill[name]:.1f} / {statistics.median(times) - prefill[name]:.1f}"
+        elif name.startswith("(d)"):
+            s = decoder_stats[times.index(best)]
+            split = f"{s.prefill_seconds:.1f} / {s.decode_seconds:.1f}"
+        rows.append([name, " ".join(f"{t:.1f}" for t in times), f"{rates[name]:.2f}",
+                     f"{new_tokens / statistics.median(times):.1f}", split, f"{bad}/{len(prompts)}"])  # fmt: skip
+    print(
+        table(["run", "seconds (each repeat)", "prompts/s", "tokens/s", "prefill / decode s", "answers != (a)"], rows)
+    )
     print()
-    a_rate = reference["new_tokens"] / reference["seconds"]
-    for batch in batches:
-        o = results[f"ours, batch {batch}"]
-        b = results[f"(b) plain generate, batch {batch}"]
-        o_rate = o["new_tokens"] / o["seconds"]
-        b_rate = b["new_tokens"] / b["seconds"]
-        print(f"ratio: batch {batch}: ours/(b) {o_rate / b_rate:.2f}x tokens/s ({o['wall'] / b['wall']:.2f}x process "
-              f"time); ours/(a) {o_rate / a_rate:.2f}x tokens/s ({reference['wall'] / o['wall']:.2f}x faster process)")
+    d = rates[f"(d) oneke-run decoder, batch {batch}"]
+    for name, rate in rates.items():
+        if not name.startswith("(d)"):
+            print(f"ratio (d) / {name}: {d / rate:.2f}x prompts/s")
+    s = decoder_stats[-1]
+    print(f"(d) decoder: {s.prefixes_computed} prefixes computed ({s.prefix_tokens} tokens), {s.prefixes_reused} taken "
+          f"from rows in the batch; {s.prefill_tokens} tokens prefilled (padding included) of "
+          f"{sum(map(len, prompts))} prompt tokens; {s.decode_steps} decode steps, "
+          f"{s.decode_rows / max(1, s.decode_steps):.1f} rows per step")  # fmt: skip
     if any(mismatches.values()):
-        print("FAIL: answers differ from one-at-a-time decoding: "
-              + ", ".join(f"{k}: {v}" for k, v in mismatches.items() if v))
+        print(
+            "FAIL: answers differ from one-at-a-time decoding: "
+            + ", ".join(f"{k}: {v}" for k, v in mismatches.items() if v)
+        )
         return 1
     print("all answers identical to one-at-a-time decoding")
     return 0

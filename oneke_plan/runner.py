@@ -1,17 +1,18 @@
-"""Extraction over a file of prompts: tokenize once, batch by length, generate, parse, write each line as it is done.
+"""Extraction over a file of prompts: tokenize once, decode (generation.py), parse, write each line as it is done.
 
 A prompt longer than the plan's max_input_tokens is reported in its output line, never cut (cutting on the right
-drops the closing [/INST]). Out of memory halves the batch and retries; a single prompt that still does not fit is
-reported in its line. Every other prompt is written exactly once.
+drops the closing [/INST]). Out of memory halves the batch size for the rest of the run and starts again the prompts
+that were in flight; a single prompt that still does not fit is reported in its line. Every other prompt is written
+exactly once, as soon as its answer ends.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from oneke_plan import oneke
 from oneke_plan.extract import OutputWriter, PromptRecord
@@ -44,19 +45,44 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+class Decoder(Protocol):
+    """What the Runner drives (generation.GreedyGenerator): answers as they end, and which prompts are started
+    and not yet answered when it fails."""
+
+    in_flight: set[int]
+
+    def run(self, prompts: Sequence[Encoded], batch_size: int) -> Iterator[tuple[int, list[int]]]: ...
+
+
+class BatchDecoder:
+    """A Decoder over a function that answers one batch of token-id prompts at a time (length-sorted batches)."""
+
+    def __init__(self, generate: Callable[[Sequence[Sequence[int]]], list[list[int]]]):
+        self.generate = generate
+        self.in_flight: set[int] = set()
+
+    def run(self, prompts: Sequence[Encoded], batch_size: int) -> Iterator[tuple[int, list[int]]]:
+        for batch in length_batches(prompts, batch_size):
+            self.in_flight = {item.index for item in batch}
+            answers = self.generate([item.ids for item in batch])
+            for item, answer in zip(batch, answers, strict=True):
+                self.in_flight.discard(item.index)
+                yield item.index, answer
+
+
 class Runner:
     """Drives generation over records and writes one output line per record."""
 
     def __init__(
         self,
-        generate: Callable[[Sequence[Sequence[int]]], list[list[int]]],
+        decoder: Decoder | Callable[[Sequence[Sequence[int]]], list[list[int]]],
         tokenizer: Any,
         writer: OutputWriter,
         batch_size: int,
         max_input_tokens: int,
         progress: bool = True,
     ):
-        self.generate = generate
+        self.decoder: Decoder = BatchDecoder(decoder) if callable(decoder) else decoder
         self.tokenizer = tokenizer
         self.writer = writer
         self.batch_size = batch_size
@@ -90,50 +116,64 @@ class Runner:
             dynamic_ncols=True,
         )
         try:
-            for batch in length_batches(fitting, self.batch_size):
-                self._run_batch(records, batch, bar, start)
+            self._decode_all(records, fitting, bar, start)
         finally:
             bar.close()
             self.stats.seconds = time.perf_counter() - start
         return self.stats
 
-    def _run_batch(self, records: Sequence[PromptRecord], batch: list[Encoded], bar: Any, start: float) -> None:
-        answers = None
-        try:
-            answers = self.generate([item.ids for item in batch])
-        except Exception as exc:
-            if not _is_out_of_memory(exc):
-                raise
-        if answers is None:
+    def _decode_all(self, records: Sequence[PromptRecord], fitting: list[Encoded], bar: Any, start: float) -> None:
+        """Decode until every prompt is answered or reported; halve the batch size on each out-of-memory."""
+        pending = {item.index: item for item in fitting}
+        batch_size = self.batch_size
+        while pending:
+            lost = self._decode_some(records, pending, batch_size, bar, start)
+            if lost is None:
+                return
             # Out of memory. Retry only here, after the except block: inside it, the traceback keeps the failed
             # call's frames (and their KV cache) alive, so nothing could be freed for the retry.
             _release_cached_memory()
-            if len(batch) == 1:
-                self.stats.out_of_memory += 1
-                self._fail(
-                    records[batch[0].index],
-                    f"out of memory even alone ({len(batch[0].ids)} prompt tokens); "
-                    "re-plan with a smaller --max-new-tokens or more memory",
-                )
-                bar.update(1)
-                return
+            if batch_size == 1:
+                for index in sorted(lost):
+                    self.stats.out_of_memory += 1
+                    self._fail(
+                        records[index],
+                        f"out of memory even alone ({len(pending[index].ids)} prompt tokens); "
+                        "re-plan with a smaller --max-new-tokens or more memory",
+                    )
+                    del pending[index]
+                    bar.update(1)
+                if not lost:
+                    raise RuntimeError("out of memory with no prompt in flight")
+                continue
             self.stats.oom_retries += 1
-            half = len(batch) // 2
-            self._run_batch(records, batch[:half], bar, start)
-            self._run_batch(records, batch[half:], bar, start)
-            return
-        for item, answer in zip(batch, answers, strict=True):
-            record = records[item.index]
-            text = self.tokenizer.decode(answer, skip_special_tokens=True)
-            parsed, error = oneke.parse_output(record.task, text)
-            self.writer.write(record, text, parsed, error)
-            self.stats.prompts += 1
-            self.stats.prompt_tokens += len(item.ids)
-            self.stats.new_tokens += len(answer)
-            self.stats.parse_errors += error is not None
+            batch_size = max(1, batch_size // 2)
+
+    def _decode_some(
+        self, records: Sequence[PromptRecord], pending: dict[int, Encoded], batch_size: int, bar: Any, start: float
+    ) -> set[int] | None:
+        """Run the decoder over `pending`, writing answers as they come; None when all are done, else (out of
+        memory) the prompts that were in flight."""
+        try:
+            for index, answer in self.decoder.run(list(pending.values()), batch_size):
+                self._answer(records[index], pending.pop(index), answer, bar, start)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            return set(self.decoder.in_flight) & set(pending)
+        return None
+
+    def _answer(self, record: PromptRecord, item: Encoded, answer: list[int], bar: Any, start: float) -> None:
+        text = self.tokenizer.decode(answer, skip_special_tokens=True)
+        parsed, error = oneke.parse_output(record.task, text)
+        self.writer.write(record, text, parsed, error)
+        self.stats.prompts += 1
+        self.stats.prompt_tokens += len(item.ids)
+        self.stats.new_tokens += len(answer)
+        self.stats.parse_errors += error is not None
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix_str(f"{self.stats.new_tokens / elapsed:.1f} tok/s", refresh=False)
-        bar.update(len(batch))
+        bar.update(1)
 
     def _fail(self, record: PromptRecord, reason: str) -> None:
         # An `error` line, not a parse error: no answer was produced, so --resume runs this prompt again.

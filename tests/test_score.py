@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.cli.score import main as score_main
 from oneke_plan.errors import BadInput
-from oneke_plan.generation import GreedyGenerator
+from oneke_plan.generation import Encoded, GreedyGenerator
 from oneke_plan.score import compare, score_file
 
 TASKS = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
@@ -51,17 +51,15 @@ def perfect_outputs(
             given = json.loads(line)
             answers[given["instruction"]] = perfect_text(task, given["instruction"], given["label"])
 
-    def generate(self: GreedyGenerator, batch: Sequence[Sequence[int]]) -> list[list[int]]:
-        out = []
-        for ids in batch:
-            prompt = tokenizer.decode(ids, skip_special_tokens=True)
+    def run(self: GreedyGenerator, prompts: Sequence[Encoded], batch_size: int) -> Iterator[tuple[int, list[int]]]:
+        for item in prompts:
+            prompt = tokenizer.decode(item.ids, skip_special_tokens=True)
             instruction = re.search(r"<</SYS>>\n\n(.*) \[/INST\]$", prompt, re.S).group(1)  # type: ignore[union-attr]
-            out.append(tokenizer.encode(answers[instruction], add_special_tokens=False))
-        return out
+            yield item.index, tokenizer.encode(answers[instruction], add_special_tokens=False)
 
     outputs = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(GreedyGenerator, "generate", generate)
+        patch.setattr(GreedyGenerator, "run", run)
         for task in TASKS:
             outputs[task] = folder / f"{task}.jsonl"
             argv = ["--profile", str(profile), "--input", str(deepke_dir / task / "test.json"), "--no-progress"]

@@ -327,10 +327,10 @@ def _answer(
     measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
     print(weight_table(profile, measured), file=sys.stderr)
     check_finite_outputs(model, tokenizer, str(source.directory))
-    generator = GreedyGenerator(model, tokenizer, max_new)
+    generator = GreedyGenerator(model, tokenizer, max_new, model_dir=source.directory)
     assert output.writer is not None
     runner = Runner(
-        generator.generate,
+        generator,
         tokenizer,
         output.writer,
         batch_size,
