@@ -1243,12 +1243,6 @@ def main(argv: list[str] | None = None) -> int:
         return _bad_input("--out FOLDER is needed (the data file and the table go there)")
     if not args.out.is_dir():
         return _bad_input(f"--out {args.out}: not an existing folder; create it first")
-    quiet_libraries()
-    import torch
-
-    cuda = torch.cuda.is_available() and not args.cpu_smoke
-    if not cuda and not args.cpu_smoke:
-        return _bad_input("no CUDA device here: run on a GPU, or pass --cpu-smoke for the CPU smoke run")
     foreign = foreign_file(args.out)
     if foreign is not None:
         return _bad_input(f"{foreign}: exists and was not written by this script; choose another --out")
@@ -1261,6 +1255,12 @@ def main(argv: list[str] | None = None) -> int:
     bad = [q for q in (*grid.quants, *([grid.split.quant] if grid.split else [])) if q not in ("none", "8bit", "4bit")]
     if bad or not grid.cards or not grid.contexts:
         return _bad_input(f"--quant {','.join(bad)}: use none, 8bit, 4bit" if bad else "--cards, --contexts: empty")
+    quiet_libraries()
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    if not cuda and not args.cpu_smoke:
+        return _bad_input("no CUDA device here: run on a GPU, or pass --cpu-smoke for the CPU smoke run")
     torch.manual_seed(grid.seed)
     if not cuda:
         torch.set_num_threads(1)  # tiny matmuls gain nothing from threads; on a busy 2-core machine they lose
