@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import io
 import json
 import math
@@ -69,6 +70,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing (the GPU
 FORMAT = "oneke-plan-gpu-calibration/1"
 DATA_NAME = "gpu-calibration.json"
 TABLE_NAME = "gpu-calibration.md"
+SPLIT_NEW_TOKENS = 8  # the split computes the other devices' layers on the CPU: its decoding steps are slow there
 TIGHT_FRACTION = 0.95  # a refused workload must run out of memory or reach 95% of the card (issue 16: "within 5%")
 EXIT_BAD_INPUT = 2
 
@@ -867,6 +869,9 @@ def calibrate(planner: Any, source: Any, shape: str, quant: str, grid: Grid, pro
     from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu
 
     what = f"{shape}/{quant}"
+    if quant != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        rec.skip(what, "bitsandbytes is not installed here (docs/benchmarks.md says how to bring it to a GPU machine)")
+        return
     if quant != "none" and not probe.cuda and not bnb_quantizes_on_cpu():
         rec.skip(what, f"transformers < {TRANSFORMERS_BNB_CPU} quantizes with bitsandbytes on the CPU only with "
                        "Intel IPEX")
@@ -1007,8 +1012,8 @@ def split_check(planner: Any, source: Any, spec: SplitSpec, grid: Grid, probe: P
     cc = getattr(probe, "compute_capability", None)
     inventory = Inventory(tuple(Gpu(i, f"{c.label} (emulated)", c.total_bytes, c.total_bytes, cc)
                                 for i, c in enumerate(spec.cards)), 0)
-    settings = settings_for(replace(grid, new_tokens=min(grid.new_tokens, spec.context - 1)), spec.quant,
-                            spec.context, spec.batch)
+    settings = settings_for(replace(grid, new_tokens=min(grid.new_tokens, SPLIT_NEW_TOKENS, spec.context - 1)),
+                            spec.quant, spec.context, spec.batch)
     label = f"split {spec.shape}/{spec.quant}/{'+'.join(c.label for c in spec.cards)}"
     try:
         profile = planner.plan_profile(inventory, settings).profile
@@ -1351,7 +1356,8 @@ def _settings_record(grid: Grid) -> dict[str, Any]:
         "split": None if grid.split is None else {
             "shape": grid.split.shape, "quant": grid.split.quant, "cards": {c.label: c.total_bytes for c in
                                                                              grid.split.cards},
-            "context": grid.split.context, "batch": grid.split.batch},
+            "context": grid.split.context, "batch": grid.split.batch,
+            "new_tokens": min(grid.new_tokens, SPLIT_NEW_TOKENS)},
         "oneke_run": grid.oneke_run,
         "generate_batch": grid.generate_batch or "run",
         "time_budget_s": grid.time_budget_s,
