@@ -211,7 +211,7 @@ def smoke_grid(args: argparse.Namespace) -> Grid:
         generate_batch=(
             "--no-generate-batch was given" if args.no_generate_batch else
             None if args.generate_batch else
-            "not run by --cpu-smoke (its continuous-batching loop takes 10-25 s on a 2-core CPU even for 2 prompts "
+            "not run by --cpu-smoke (its continuous-batching loop took 11-28 s on a 2-core CPU even for 2 prompts "
             "of 8 tokens); pass --generate-batch to run it"
         ),
         time_budget_s=args.time_budget if args.time_budget is not None else 600.0,
