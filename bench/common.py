@@ -279,3 +279,44 @@ def pct(x: float) -> str:
 
 def gib(n: int | float) -> str:
     return f"{n / GiB:.2f}"
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared/tied storages counted once), all devices together."""
+    return sum(storage_bytes_by_device(tensors).values())
+
+
+def model_tensors(model):
+    """Every tensor the model holds: parameters, buffers, and bitsandbytes quantization state."""
+    out = []
+    for _, p in [*model.named_parameters(), *model.named_buffers()]:
+        out.append(p)
+        out.append(getattr(p, "SCB", None))
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            out += [state.absmax, state.code, getattr(state, "offset", None)]
+            nested = getattr(state, "state2", None)
+            if nested is not None:
+                out += [nested.absmax, nested.code]
+    for module in model.modules():  # Linear8bitLt keeps SCB on its state too
+        state = getattr(module, "state", None)
+        if state is not None:
+            out.append(getattr(state, "SCB", None))
+    return [t for t in out if t is not None]
+
+
+def storage_bytes_by_device(tensors) -> dict[Any, int]:
+    """storage_bytes per device: {GPU index (int) or "cpu": bytes}, each distinct storage counted once."""
+    seen: set[tuple[Any, int]] = set()
+    totals: dict[Any, int] = {}
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        device = t.device.index if t.device.type == "cuda" else t.device.type
+        totals[device] = totals.get(device, 0) + storage.nbytes()
+    return totals

@@ -25,43 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import bench_checkpoint, machine_line, parameter_count, quiet_libraries, table
+from common import bench_checkpoint, machine_line, model_tensors, parameter_count, quiet_libraries, storage_bytes, table
 
 KV_WORKLOADS = [(256, 32, 1), (512, 32, 4)]  # (input tokens, new tokens, batch)
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (shared/tied storages counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for t in tensors:
-        if t is None or t.device.type == "meta":
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen:
-            continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-    return total
-
-
-def model_tensors(model):
-    """Every tensor the model holds: parameters, buffers, and bitsandbytes quantization state."""
-    out = []
-    for _, p in [*model.named_parameters(), *model.named_buffers()]:
-        out.append(p)
-        out.append(getattr(p, "SCB", None))
-        state = getattr(p, "quant_state", None)
-        if state is not None:
-            out += [state.absmax, state.code, getattr(state, "offset", None)]
-            nested = getattr(state, "state2", None)
-            if nested is not None:
-                out += [nested.absmax, nested.code]
-    for module in model.modules():  # Linear8bitLt keeps SCB on its state too
-        state = getattr(module, "state", None)
-        if state is not None:
-            out.append(getattr(state, "SCB", None))
-    return [t for t in out if t is not None]
 
 
 def predicted(path: Path, mode: str, workload) -> tuple[int, int, int]:
