@@ -120,20 +120,31 @@ def _tracker_classes() -> tuple[type, type]:
                     self.refs.append(weakref.ref(storage, functools.partial(self._died, index)))
             return out
 
-    class FusedAttention(TorchFunctionMode):
-        """`scaled_dot_product_attention` as GPU kernels run it: the output and a float32 log-sum-exp per query."""
+    grouped_mms = {getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None)} - {None}
+
+    class FusedKernels(TorchFunctionMode):
+        """Fused kernels as GPUs run them, by what they allocate.
+
+        `scaled_dot_product_attention`: the output and a float32 log-sum-exp per query. Grouped matmuls (the
+        experts of transformers' MoE layers): the output. torch's meta kernel for them accepts only bfloat16, the
+        GPU kernel's rule, while the CPU kernel also takes float32: the output is the same either way.
+        """
 
         def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             kwargs = kwargs or {}
             if func is torch.nn.functional.scaled_dot_product_attention:
-                query, value = args[0], args[2] if len(args) > 2 else kwargs["value"]
+                named = dict(zip(("query", "key", "value"), args, strict=False)) | kwargs  # some models pass names
+                query, value = named["query"], named["value"]
                 logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
                 out = query.new_empty((*query.shape[:-1], value.shape[-1]))
                 del logsumexp
                 return out
+            if func in grouped_mms and args[0].dim() == 2 and args[1].dim() == 3:  # tokens x (experts, in, out)
+                dtype = kwargs.get("out_dtype") or args[0].dtype
+                return args[0].new_empty((args[0].shape[0], args[1].shape[-1]), dtype=dtype)
             return func(*args, **kwargs)
 
-    return Tracker, FusedAttention
+    return Tracker, FusedKernels
 
 
 def _tensors(values: Any) -> Iterator[Any]:
