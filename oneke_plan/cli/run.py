@@ -303,13 +303,9 @@ def _answer(
     statistics and how many prompts were pending, or None when every prompt was already answered."""
     from oneke_plan.checkpoint import read_checkpoint
     from oneke_plan.generation import GreedyGenerator
-    from oneke_plan.loader import (
-        check_before_load,
-        check_finite_outputs,
-        check_machine,
-        load_model,
-        measured_weight_bytes,
-    )
+    from oneke_plan.loaded_weights import measured_weight_bytes
+    from oneke_plan.loader import check_before_load, check_finite_outputs, load_model
+    from oneke_plan.machine import check_machine
     from oneke_plan.runner import Runner
 
     pending = output.start(records, lambda record: worker.mine(record.key))
