@@ -252,6 +252,16 @@ def _load_weights(
     return loaded
 
 
+def input_device(model: Any) -> Any:
+    """Where input ids must be: the embeddings' device (accelerate's hooks move them on from there)."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    if weight.device.type != "meta":
+        return weight.device
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
 SANITY_PROMPT = "[INST] Extract the entities: OneKE was released in 2024. [/INST]"
 
 
@@ -264,8 +274,6 @@ def check_finite_outputs(model: Any, tokenizer: Any, where: str) -> None:
     look answered and score zero; one forward of a dozen tokens costs far less than the load that preceded it.
     """
     import torch
-
-    from oneke_plan.generation import input_device
 
     ids = tokenizer(SANITY_PROMPT, add_special_tokens=True)["input_ids"]
     with torch.inference_mode():
