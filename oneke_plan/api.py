@@ -31,13 +31,13 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from oneke_plan.errors import BadInput, Interrupted, interrupted_by
-from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, Quantization, Workload
+from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, QuantMode, Workload
 from oneke_plan.profile import Profile, read_profile
 from oneke_plan.sizes import SizeError, parse_size
 
@@ -67,6 +67,13 @@ log = logging.getLogger("oneke_plan")
 
 DEFAULT_WORKLOAD = Workload(max_input_tokens=512, max_new_tokens=512, batch_size=4)
 """What oneke-plan plans for unless told otherwise: tokens per prompt, tokens per answer, prompts per batch."""
+
+# The values each choice takes (the CLIs offer the same ones).
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANT_TYPES = ("nf4", "fp4")
+STRATEGIES = ("fill", "balanced")
+SOLVE_FOR = ("max-input-tokens", "batch-size")
+LANGUAGES = ("zh", "en")
 
 PathLike = str | os.PathLike[str]
 
@@ -136,6 +143,14 @@ def plan(
     from oneke_plan.profile import write_atomic
 
     report = report or Report()
+    for flag, value, allowed in (
+        ("--dtype", dtype, DTYPES),
+        ("--quantize", quantize, QUANT_MODES),
+        ("--quant-type", quant_type, QUANT_TYPES),
+        ("--strategy", strategy, STRATEGIES),
+        ("--solve", solve.replace("_", "-") if solve else None, (None, *SOLVE_FOR)),
+    ):
+        _one_of(flag, value, allowed)
     source = resolve_model(str(model))
     target = Path(output) if output is not None else None
     replaced = _profile_target(target, overwrite, source.directory) if target is not None else None
@@ -156,7 +171,7 @@ def plan(
         )
     settings = PlanSettings(
         workload=Workload(max_input_tokens, max_new_tokens, batch_size),
-        quant=Quantization(quantize, quant_type, double_quant),  # type: ignore[arg-type]
+        quant=Quantization(cast(QuantMode, quantize), quant_type, double_quant),
         dtype=dtype,
         strategy=strategy,
         reserve_bytes=reserve_bytes,
@@ -169,6 +184,11 @@ def plan(
     if target is not None:
         write_atomic(target, result.profile.to_yaml(), replaced)
     return result
+
+
+def _one_of(flag: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise BadInput(f"{flag} {value!r}: give one of {', '.join(repr(a) for a in allowed if a is not None)}")
 
 
 def _size(flag: str, value: str | int) -> int:
@@ -343,6 +363,7 @@ def read_records(
     from oneke_plan.extract import read_converted, read_example, read_raw
 
     report = report or Report()
+    _one_of("--lang", lang, LANGUAGES)
     if task is None:
         for flag, value in (("--schema", schema), ("--example", example), ("--chunk-size", chunk_size)):
             if value is not None:
@@ -421,7 +442,7 @@ class Extraction:
     def __init__(
         self,
         records: list[PromptRecord],
-        make_runner: Any,
+        make_runner: Callable[[OutputWriter | None], Runner],
         output: RunOutput | None,
     ) -> None:
         self.records = records

@@ -120,7 +120,11 @@ def test_extract_to_a_file_stops_resumes_and_writes_what_oneke_run_writes(
     assert out.read_bytes() == by_cli.read_bytes()
 
 
-def test_extract_refuses_what_oneke_run_refuses(fp32_profile: Path, deepke_dir: Path) -> None:
+def test_the_api_refuses_what_the_clis_refuse(fp32_profile: Path, deepke_dir: Path) -> None:
+    with pytest.raises(BadInput, match=r"^--quantize '8-bit': give one of 'none', '8bit', '4bit'$"):
+        api.plan("oneke", gpus=["24GiB"], quantize="8-bit")
+    with pytest.raises(BadInput, match=r"^--replicas 'two': give a number of replicas, or auto$"):
+        api.plan("oneke", gpus=["24GiB"], replicas="two")
     profile = api.read_profile(fp32_profile)
     records = api.read_records(deepke_dir / "NER" / "test.json")
     with pytest.raises(BadInput, match=r"^--batch-size 5 is more than the profile planned for \(4\)"):

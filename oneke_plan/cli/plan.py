@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument(
         "--dtype",
-        choices=["auto", "bfloat16", "float16", "float32"],
+        choices=api.DTYPES,
         default="auto",
         help="compute dtype; auto = the config's, bf16 only where every GPU supports it",
     )
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="load Linear weights with bitsandbytes 8-bit or 4-bit (default: %(default)s)",
     )
-    model.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit data type")
+    model.add_argument("--quant-type", choices=api.QUANT_TYPES, default="nf4", help="4-bit data type")
     model.add_argument("--no-double-quant", action="store_true", help="4-bit: keep absmax scales in fp32")
     model.add_argument(
         "--trust-remote-code",
@@ -120,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument(
         "--strategy",
-        choices=["fill", "balanced"],
+        choices=api.STRATEGIES,
         default="fill",
         help="fill GPUs in order (default), or spread layers in proportion to each GPU's memory",
     )
     out.add_argument(
         "--solve",
-        choices=["max-input-tokens", "batch-size"],
+        choices=api.SOLVE_FOR,
         help="find the largest context (or batch) that fits, and plan for it",
     )
     scale = p.add_argument_group("many GPUs, many nodes (run the profile with torchrun: see README)")

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     raw = p.add_argument_group("raw text input")
     raw.add_argument("--task", help="NER, RE, EE, EET, EEA, KG or SPO: read --input as raw text lines")
     raw.add_argument("--schema", help="the schema: inline JSON, or a file (JSON, or the authors' 3-line schema.json)")
-    raw.add_argument("--lang", choices=["zh", "en"], default="zh", help="instruction language (default: %(default)s)")
+    raw.add_argument("--lang", choices=api.LANGUAGES, default="zh", help="instruction language (default: %(default)s)")
     raw.add_argument("--chunk-size", type=int, help="schema items per prompt (default: the authors' size per task)")
     raw.add_argument(
         "--example",
