@@ -14,10 +14,10 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from test_generation import alone
 from transformers import AutoModelForCausalLM
 
 from oneke_plan import api
@@ -59,17 +59,6 @@ def fp32_profile(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return path
 
 
-def alone(model: Any, prompt: list[int], eos: int) -> list[int]:
-    """transformers' greedy generate on one prompt, cut before EOS: the reference answer."""
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos,
-            pad_token_id=0,
-        )[0, len(prompt) :].tolist()  # fmt: skip
-    return out[: out.index(eos)] if eos in out else out
-
-
 def test_plan_load_extract_answers_equal_transformers_generate(
     fp32_profile: Path, tiny_model_dir: Path, deepke_dir: Path
 ) -> None:
@@ -90,7 +79,7 @@ def test_plan_load_extract_answers_equal_transformers_generate(
     assert extraction.stats.prompts == extraction.pending == len(records)
     encoded = encode_prompts(tokenizer, records)
     for record, item in zip(records, encoded, strict=True):
-        want = tokenizer.decode(alone(reference, item.ids, tokenizer.eos_token_id), skip_special_tokens=True)
+        want = tokenizer.decode(alone(reference, item.ids, [tokenizer.eos_token_id], MAX_NEW), skip_special_tokens=True)
         assert next(line for line in lines if line["key"] == record.key)["raw_output"] == want, record.key
 
 
