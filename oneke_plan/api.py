@@ -51,6 +51,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_WORKLOAD",
+    "DTYPES",
+    "LANGUAGES",
+    "QUANT_TYPES",
+    "SOLVE_FOR",
+    "STRATEGIES",
     "Extraction",
     "GpuMemory",
     "Report",

@@ -1,4 +1,4 @@
-"""Errors the CLIs turn into one clear line and an exit code (no traceback)."""
+"""Errors the API raises and the CLIs turn into one clear line and an exit code (no traceback)."""
 
 from __future__ import annotations
 
