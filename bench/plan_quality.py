@@ -46,16 +46,13 @@ WORKLOADS = {  # name: (max_input_tokens, max_new_tokens, batch_size)
 RESERVE = 1 * GiB
 
 
-def _device_of(name: str, device_map: dict) -> object:
-    keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
-    return device_map[max(keys, key=len)]
-
-
 def assignment_from_device_map(layout, device_map: dict) -> dict[str, object]:
     """accelerate's device_map (module name -> device) as our block assignment (block name -> device)."""
+    from oneke_plan.fit import device_owner
+
     assignment = {}
     for block in layout.blocks:
-        devices = {_device_of(t.name, device_map) for t in block.tensors} or {_device_of(block.name, device_map)}
+        devices = {device_owner(t.name, device_map) for t in block.tensors} or {device_owner(block.name, device_map)}
         if len(devices) > 1:  # never seen: accelerate keeps a no-split block whole
             raise RuntimeError(f"{block.name} split over {devices}")
         assignment[block.name] = devices.pop()

@@ -1,6 +1,8 @@
-"""Errors the CLIs turn into one clear line and an exit code (no traceback)."""
+"""Errors the API raises and the CLIs turn into one clear line and an exit code (no traceback)."""
 
 from __future__ import annotations
+
+import signal
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
@@ -31,3 +33,9 @@ class Interrupted(OnekePlanError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def interrupted_by(exc: BaseException) -> int:
+    """The signal number behind a KeyboardInterrupt: SIGTERM for cli.common's Terminated (it carries `signum`),
+    SIGINT otherwise."""
+    return int(getattr(exc, "signum", signal.SIGINT))

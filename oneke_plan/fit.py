@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from oneke_plan.layout import BlockInfo, ModelLayout, TensorInfo
+from oneke_plan.blocks import BlockInfo, ModelLayout, TensorInfo
 from oneke_plan.memory import (
     NO_QUANTIZATION,
     Quantization,

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oneke_plan.loader import input_device
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -59,7 +61,7 @@ class DecodeStats:
     peak_cache_bytes: int = 0
 
 
-# ---------------------------------------------------------------------------------------------- EOS and devices
+# ---------------------------------------------------------------------------------------------- EOS
 
 
 def eos_token_ids(model: Any, tokenizer: Any, directory: str | Path | None = None) -> list[int]:
@@ -81,16 +83,6 @@ def eos_token_ids(model: Any, tokenizer: Any, directory: str | Path | None = Non
             if isinstance(item, int) and item not in ids:
                 ids.append(item)
     return ids
-
-
-def input_device(model: Any) -> Any:
-    """Where input ids must be: the embeddings' device (accelerate's hooks move them on from there)."""
-    import torch
-
-    weight = model.get_input_embeddings().weight
-    if weight.device.type != "meta":
-        return weight.device
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------- batching plans

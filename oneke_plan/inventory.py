@@ -152,7 +152,7 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
 def build_inventory(
     gpu_specs: list[str] | None = None,
     inventory_file: Path | None = None,
-    cpu_memory: str | None = None,
+    cpu_memory: str | int | None = None,
     offload_dir: str | None = None,
 ) -> Inventory:
     """Combine the three ways of naming GPUs with the CPU and disk options. Described GPUs win over detection.

@@ -1,10 +1,11 @@
 """The model's placement units, read off a model built on the meta device (no weights, no memory).
 
 A *block* is what accelerate will not split: a decoder layer (the model's `_no_split_modules`), or a leaf such as
-the embeddings, the final norm or the lm_head. The planner places whole blocks; this module only describes them
-(each tensor's bytes once loaded, which weights transformers' bitsandbytes integration would quantize, which are
-tied) so that every byte count after this is pure arithmetic. Each rule is transformers' own: its config reader,
-its model classes built at the planned dtype, its quantizer's replace logic and skip list.
+the embeddings, the final norm or the lm_head. The planner places whole blocks; this module builds the model on meta
+and describes them as blocks.py's plain data (each tensor's bytes once loaded, which weights transformers'
+bitsandbytes integration would quantize, which are tied) so that every byte count after this is pure arithmetic.
+Each rule is transformers' own: its config reader, its model classes built at the planned dtype, its quantizer's
+replace logic and skip list.
 """
 
 from __future__ import annotations
@@ -14,46 +15,13 @@ import copy
 import io
 import re
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
+from oneke_plan.blocks import BlockInfo, ModelLayout, TensorInfo
 from oneke_plan.compat import dtype_kwarg, no_init_weights
 from oneke_plan.errors import BadInput
 from oneke_plan.memory import AttentionShape
 from oneke_plan.model_source import ModelSource
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One parameter or buffer: its size, and how it is stored once loaded."""
-
-    name: str
-    numel: int
-    is_float: bool
-    dtype_bytes: int  # bytes per element once loaded unquantized at the layout's dtype (transformers' rules)
-    is_buffer: bool
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    name: str
-    kind: str  # "layer" (a decoder layer), "lm_head", or "other"
-    tensors: tuple[TensorInfo, ...]
-    tied_to: str | None  # an earlier block whose weight this one shares: both must sit on one device
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    architecture: str
-    model_type: str
-    dtype: str  # the dtype it was built at, which its tensors' dtype_bytes are for
-    parameter_count: int  # tied weights counted once
-    num_layers: int
-    max_position_embeddings: int | None
-    vocab_size: int  # rows of the output embeddings (logits per position); 0 without any
-    attention: AttentionShape | None  # for the analytic cross-check (docs/memory-model.md); None if not LLaMA-like
-    no_split_module_classes: tuple[str, ...]
-    blocks: tuple[BlockInfo, ...]
 
 
 def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:

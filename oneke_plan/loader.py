@@ -1,8 +1,11 @@
-"""Apply a profile: check the machine and the checkpoint, then meta init, tie_weights, load and dispatch.
+"""Load a model as a profile says: check the tokenizer, the checkpoint and the device_map, then meta init,
+tie_weights, load and dispatch; then check it computes finite numbers.
 
 The order matters and is the fix for the published multi-GPU snippet: the model is built as
 AutoModelForCausalLM (whose parameter names match a causal-LM checkpoint), tied, and its names are compared with
 the checkpoint's *before* anything is loaded, so dispatch never meets a parameter still on the meta device.
+
+Whether the machine matches the profile is machine.py; what the loaded weights take per device, loaded_weights.py.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import io
 import json
 import logging
 import os
-import shlex
 import shutil
 import tempfile
 import warnings
@@ -24,103 +26,12 @@ from oneke_plan.checkpoint import explain_mismatch, key_mismatch, read_checkpoin
 from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg, offload_writes_weights
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.files import os_error
-from oneke_plan.inventory import Gpu, detect_gpus, detected_cpu_bytes, runs_bf16
+from oneke_plan.fit import device_owner
 from oneke_plan.layout import load_config
+from oneke_plan.machine import check_gpus_present
 from oneke_plan.model_source import ModelSource
 from oneke_plan.profile import Profile
 from oneke_plan.sizes import format_bytes
-
-
-# -- the machine ---------------------------------------------------------------------------------------------------
-def replan_command(profile: Profile, model: str, gpus: tuple[Gpu, ...]) -> str:
-    """The oneke-plan command that plans the same model and workload for the GPUs found here."""
-    w = profile.workload
-    # Whole MiB, rounded down: a plan for slightly more than is free would be refused again.
-    parts = ["oneke-plan", shlex.quote(model), *(f"--gpu {g.free_bytes // 2**20}MiB" for g in gpus)]
-    parts += [
-        f"--max-input-tokens {w['max_input_tokens']}",
-        f"--max-new-tokens {w['max_new_tokens']}",
-        f"--batch-size {w['batch_size']}",
-    ]
-    quant = profile.quantization
-    if quant.get("mode", "none") != "none":
-        parts.append(f"--quantize {quant['mode']}")
-        if quant["mode"] == "4bit" and quant.get("quant_type", "nf4") != "nf4":
-            parts.append(f"--quant-type {quant['quant_type']}")
-        if quant["mode"] == "4bit" and quant.get("double_quant", True) is False:
-            parts.append("--no-double-quant")
-    if profile.dtype == "bfloat16" and any(not runs_bf16(g) for g in gpus):
-        parts.append("--dtype float16")
-    elif profile.dtype != "bfloat16":
-        parts.append(f"--dtype {profile.dtype}")
-    if profile.attn_implementation == "eager":
-        parts.append("--eager-attention")
-    cpu = next((d for d in profile.devices if d.id == "cpu"), None)
-    if gpus and cpu is not None and cpu.usable_bytes:
-        parts.append(f"--cpu-memory {cpu.usable_bytes // 2**20}MiB")
-    if profile.offload_dir:
-        parts.append(f"--offload-dir {shlex.quote(profile.offload_dir)}")
-    return " ".join(parts) + " -o PROFILE.yaml"
-
-
-def machine_problems(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...], cpu_bytes: int) -> list[str]:
-    """Why this machine (or model) does not match the profile; empty when it does."""
-    problems = []
-    planned_for = profile.model.get("config_fingerprint")
-    if planned_for and planned_for != source.fingerprint:
-        problems.append(
-            f"the model's config.json differs from the one the profile was planned for ({profile.model.get('source')})"
-        )
-    by_index = {g.index: g for g in gpus}
-    for device in profile.devices:
-        estimate = profile.estimate.get(device.id, {})
-        # The reserve covers this process's own CUDA context and host libraries, which already exist when free
-        # memory is read here, so free memory must cover the rest of the plan. Nominal sizes are not compared:
-        # a "24 GiB" card reports a little less, and free memory is what decides.
-        needed = int(estimate.get("total_bytes", 0)) - int(estimate.get("reserve_bytes", 0))
-        if isinstance(device.id, int):
-            gpu = by_index.get(device.id)
-            if gpu is None:
-                have = f"{len(gpus)} GPU(s)" if gpus else "no CUDA GPU"
-                problems.append(f"the profile places modules on GPU {device.id}, but this machine has {have}")
-            elif profile.dtype == "bfloat16" and not runs_bf16(gpu):
-                cc = ".".join(map(str, gpu.compute_capability or ()))
-                problems.append(
-                    f"GPU {device.id} ({gpu.name}, compute capability {cc}) cannot run bfloat16, the profile's dtype; "
-                    "re-plan (float16 there)"
-                )
-            elif gpu.free_bytes < needed:
-                problems.append(
-                    f"GPU {device.id} ({gpu.name}, {format_bytes(gpu.total_bytes)}) has {format_bytes(gpu.free_bytes)} "
-                    f"free, the plan needs {format_bytes(needed)} besides the CUDA context (other processes using it?)"
-                )
-        elif device.id == "cpu" and cpu_bytes < needed:
-            problems.append(
-                f"the plan needs {format_bytes(needed)} of host memory, {format_bytes(cpu_bytes)} is available"
-            )
-        elif device.id == "disk" and profile.offload_dir:
-            target = Path(profile.offload_dir)
-            probe = target if target.exists() else target.parent
-            if probe.exists() and shutil.disk_usage(probe).free < needed:
-                problems.append(
-                    f"{profile.offload_dir}: {format_bytes(shutil.disk_usage(probe).free)} free, "
-                    f"disk offload needs {format_bytes(needed)}"
-                )
-    return problems
-
-
-def check_machine(profile: Profile, source: ModelSource, force: bool = False) -> list[str]:
-    """Refuse (DoesNotFit, exit 3) when the machine or model does not match; with force, return the problems."""
-    gpus = detect_gpus()
-    problems = machine_problems(profile, source, gpus, detected_cpu_bytes())
-    if problems and not force:
-        raise DoesNotFit(
-            "this machine does not match the profile:\n  - "
-            + "\n  - ".join(problems)
-            + f"\nre-plan for it with:\n  {replan_command(profile, source.name, gpus)}\n(or pass --force to try anyway)"
-        )
-    return problems
-
 
 # -- before the weights: everything that can be checked cheaply -----------------------------------------------------
 TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
@@ -295,7 +206,7 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     if mismatch:
         raise BadInput(explain_mismatch(mismatch, checkpoint.path))
     _check_device_map_modules(model, profile)
-    _check_gpus_present(profile, source)
+    check_gpus_present(profile, source)
     if profile.offload_dir and "disk" in profile.device_map.values() and offload_writes_weights(checkpoint.pickled):
         _check_offload_space(model, profile, source.directory)
     del model
@@ -341,6 +252,16 @@ def _load_weights(
     return loaded
 
 
+def input_device(model: Any) -> Any:
+    """Where input ids must be: the embeddings' device (accelerate's hooks move them on from there)."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    if weight.device.type != "meta":
+        return weight.device
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
 SANITY_PROMPT = "[INST] Extract the entities: OneKE was released in 2024. [/INST]"
 
 
@@ -353,8 +274,6 @@ def check_finite_outputs(model: Any, tokenizer: Any, where: str) -> None:
     look answered and score zero; one forward of a dozen tokens costs far less than the load that preceded it.
     """
     import torch
-
-    from oneke_plan.generation import input_device
 
     ids = tokenizer(SANITY_PROMPT, add_special_tokens=True)["input_ids"]
     with torch.inference_mode():
@@ -372,7 +291,8 @@ def check_finite_outputs(model: Any, tokenizer: Any, where: str) -> None:
 
 
 def _check_device_map_modules(model: Any, profile: Profile) -> None:
-    """Every device_map key names a module or parameter of the model, and tied weights share a device."""
+    """Every device_map key names a module or parameter of the model, every parameter and buffer has an entry,
+    and tied weights share a device."""
     from accelerate.utils import find_tied_parameters
 
     names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
@@ -382,30 +302,20 @@ def _check_device_map_modules(model: Any, profile: Profile) -> None:
                 f"profile device_map: {key!r} is not a module of {type(model).__name__}; "
                 "re-create the profile with oneke-plan for this model"
             )
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        try:
+            device_owner(name, profile.device_map)
+        except KeyError:
+            raise BadInput(
+                f"profile device_map: no entry covers {name!r}; re-create the profile with oneke-plan"
+            ) from None
     for group in find_tied_parameters(model):
-        devices = {_device_of(name, profile.device_map) for name in group}
+        devices = {device_owner(name, profile.device_map) for name in group}
         if len(devices) > 1:
             raise BadInput(
                 f"profile device_map: tied weights {', '.join(group)} are split across devices "
                 f"{sorted(map(str, devices))}; they must share one: re-create the profile"
             )
-
-
-def _check_gpus_present(profile: Profile, source: ModelSource) -> None:
-    """With --force the machine check is skipped, but weights still cannot go to a GPU torch does not see: say so
-    in one line (DoesNotFit, exit 3) instead of letting torch fail deep inside the load."""
-    wanted = sorted({d for d in profile.device_map.values() if isinstance(d, int)})
-    if not wanted:
-        return
-    gpus = detect_gpus()
-    have = {g.index for g in gpus}
-    absent = [d for d in wanted if d not in have]
-    if absent:
-        seen = f"torch sees {len(gpus)} CUDA GPU(s)" if gpus else "torch sees no CUDA GPU here"
-        raise DoesNotFit(
-            f"cannot load: the profile puts weights on GPU {', '.join(map(str, absent))} and {seen} (--force skips "
-            f"the machine check, not the hardware); re-plan with: {replan_command(profile, source.name, gpus)}"
-        )
 
 
 def _check_offload_space(model: Any, profile: Profile, directory: Path) -> None:
@@ -424,7 +334,7 @@ def _check_offload_space(model: Any, profile: Profile, directory: Path) -> None:
     seen: set[int] = set()
     need = 0
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if id(tensor) in seen or _device_of(name, profile.device_map) != "disk":
+        if id(tensor) in seen or device_owner(name, profile.device_map) != "disk":
             continue
         seen.add(id(tensor))
         need += tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
@@ -441,103 +351,8 @@ def _check_offload_space(model: Any, profile: Profile, directory: Path) -> None:
         )
 
 
-def _device_of(name: str, device_map: dict[str, Any]) -> Any:
-    best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
-    if best is None:
-        raise BadInput(f"profile device_map: no entry covers {name!r}; re-create the profile with oneke-plan")
-    return device_map[best]
-
-
 def _refuse_meta(model: Any, device_map: dict[str, Any]) -> None:
     """A parameter left on meta with no offload hook behind it would crash inside generate: stop here instead."""
     for name, param in model.named_parameters():
-        if param.device.type == "meta" and _device_of(name, device_map) not in ("cpu", "disk"):
+        if param.device.type == "meta" and device_owner(name, device_map) not in ("cpu", "disk"):
             raise BadInput(f"{name} was not loaded (still on the meta device); the checkpoint does not cover it")
-
-
-# -- what landed where ---------------------------------------------------------------------------------------------
-def _tensor_bytes(tensor: Any) -> int:
-    """A parameter's bytes with its 4-bit quantization state (8-bit scales are counted per module: _int8_scales)."""
-    total = tensor.numel() * tensor.element_size()
-    state = getattr(tensor, "quant_state", None)
-    if state is not None:
-        for part in (state.absmax, state.code, getattr(state, "offset", None)):
-            if part is not None:
-                total += part.numel() * part.element_size()
-        nested = getattr(state, "state2", None)
-        if nested is not None:
-            total += nested.absmax.numel() * nested.absmax.element_size()
-            total += nested.code.numel() * nested.code.element_size()
-    return total
-
-
-def _offload_index(offload_dir: str | None) -> dict[str, Any]:
-    """accelerate's index.json in the offload folder (name -> dtype, shape); {} if there is none."""
-    if not offload_dir:
-        return {}
-    try:
-        index = jsonfile.loads((Path(offload_dir) / "index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return index if isinstance(index, dict) else {}
-
-
-def measured_weight_bytes(
-    model: Any,
-    device_map: dict[str, Any],
-    dtype: str,
-    offload_dir: str | None = None,
-    stored_dtypes: dict[str, str] | None = None,
-) -> dict[Any, int]:
-    """Bytes of parameters and buffers per profile device, as loaded (tied tensors once).
-
-    Tensors on a real device count there. Tensors left on meta by accelerate's offload count on their device_map
-    device (cpu or disk): a disk tensor at the dtype it is stored in, as `offload_dir`'s index.json records it
-    (transformers 4.x writes the checkpoint's dtype there) or else as the checkpoint stores it (`stored_dtypes`:
-    transformers 5 reads offloaded weights straight from the checkpoint's safetensors), and cast on every fetch, so
-    an fp32 profile of a bf16 checkpoint keeps bf16 on disk; any other at the profile's dtype.
-    """
-    import torch
-
-    from oneke_plan.memory import DTYPE_BYTES
-
-    index = {name: entry.get("dtype", "") for name, entry in _offload_index(offload_dir).items()}
-    index = {**(stored_dtypes or {}), **index}
-    seen: set[Any] = set()
-    totals: dict[Any, int] = {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.device.type == "meta":
-            key: Any = ("meta", name)
-            device = _device_of(name, device_map)
-            stored = getattr(torch, str(index.get(name, "")), None) if device == "disk" else None
-            if isinstance(stored, torch.dtype):
-                size = tensor.numel() * stored.itemsize
-            else:
-                size = tensor.numel() * (DTYPE_BYTES[dtype] if tensor.is_floating_point() else tensor.element_size())
-        else:
-            key = (tensor.device, tensor.untyped_storage().data_ptr())
-            device = tensor.device.index if tensor.device.type == "cuda" else _device_of(name, device_map)
-            size = _tensor_bytes(tensor)
-        if key in seen:
-            continue
-        seen.add(key)
-        totals[device] = totals.get(device, 0) + size
-    for name, scales in _int8_scales(model):
-        key = (scales.device, scales.untyped_storage().data_ptr())
-        if key not in seen:
-            seen.add(key)
-            device = scales.device.index if scales.device.type == "cuda" else _device_of(name, device_map)
-            totals[device] = totals.get(device, 0) + scales.numel() * scales.element_size()
-    return totals
-
-
-def _int8_scales(model: Any) -> list[tuple[str, Any]]:
-    """bitsandbytes 8-bit row scales (SCB): on the weight after loading, moved to the module's `state` by the first
-    forward pass (the weight's SCB is then None), so both places are looked at."""
-    found = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        for scales in (getattr(weight, "SCB", None), getattr(getattr(module, "state", None), "SCB", None)):
-            if scales is not None and hasattr(scales, "untyped_storage") and scales.device.type != "meta":
-                found.append((f"{name}.weight" if name else "weight", scales))
-    return found

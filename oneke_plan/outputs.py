@@ -117,11 +117,11 @@ class RunOutput:
     no answer (a failed load or a refused machine leaves nothing behind).
     """
 
-    def __init__(self, output: Path, input_path: Path, mode: str, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, output: Path, input_path: Path | None, mode: str, rank: int = 0, world_size: int = 1) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.output = Path(output)
-        self.input_path = Path(input_path)
+        self.input_path = Path(input_path) if input_path is not None else None  # None: records not from a file
         self.mode = mode
         self.rank, self.world_size = rank, world_size
         self.journal = journal_path(self.output, rank, world_size)
@@ -203,8 +203,9 @@ class RunOutput:
         return [line for line in answers if is_prompt_line(line)]
 
     def _check_paths(self) -> None:
-        refuse_same_file(self.input_path, self.output)
-        refuse_same_file(self.input_path, self.journal)
+        if self.input_path is not None:
+            refuse_same_file(self.input_path, self.output)
+            refuse_same_file(self.input_path, self.journal)
         if not self.output.parent.is_dir():
             raise BadInput(f"--output {self.output}: folder {self.output.parent} does not exist; create it first")
         self._output_stat = replaceable_stat(self.output, "--output")

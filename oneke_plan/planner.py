@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from oneke_plan import __version__
+from oneke_plan.blocks import ModelLayout
 from oneke_plan.checkpoint import checkpoint_dtype
 from oneke_plan.compat import measures_on_meta
 from oneke_plan.errors import BadInput, DoesNotFit
@@ -38,7 +39,6 @@ from oneke_plan.fit import (
 )
 from oneke_plan.inventory import Inventory, runs_bf16
 from oneke_plan.layout import (
-    ModelLayout,
     build_meta_model,
     config_dtype,
     load_config,

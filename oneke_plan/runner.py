@@ -3,19 +3,19 @@
 A prompt longer than the plan's max_input_tokens is reported in its output line, never cut (cutting on the right
 drops the closing [/INST]). Out of memory halves the batch size for the rest of the run and starts again the prompts
 that were in flight; a single prompt that still does not fit is reported in its line. Every other prompt is written
-exactly once, as soon as its answer ends.
+exactly once, as soon as its answer ends, and then yielded (Runner.lines) to whoever iterates (oneke_plan.api).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from oneke_plan import oneke
-from oneke_plan.extract import OutputWriter, PromptRecord
+from oneke_plan.extract import OutputWriter, PromptRecord, answer_line, error_line
 from oneke_plan.generation import Encoded, length_batches
 
 
@@ -71,13 +71,13 @@ class BatchDecoder:
 
 
 class Runner:
-    """Drives generation over records and writes one output line per record."""
+    """Drives generation over records and writes one output line per record (to `writer`, when there is one)."""
 
     def __init__(
         self,
         decoder: Decoder | Callable[[Sequence[Sequence[int]]], list[list[int]]],
         tokenizer: Any,
-        writer: OutputWriter,
+        writer: OutputWriter | None,
         batch_size: int,
         max_input_tokens: int,
         progress: bool = True,
@@ -91,6 +91,14 @@ class Runner:
         self.stats = RunStats()
 
     def run(self, records: Sequence[PromptRecord]) -> RunStats:
+        """Answer every record; return what it took."""
+        for _ in self.lines(records):
+            pass
+        return self.stats
+
+    def lines(self, records: Sequence[PromptRecord]) -> Iterator[dict[str, Any]]:
+        """Answer every record, yielding each record's line (extract.answer_line or error_line) once it is written;
+        `stats` counts them. Stopping the iteration stops generation; the lines written so far stay written."""
         from tqdm import tqdm
 
         start = time.perf_counter()
@@ -98,7 +106,7 @@ class Runner:
         fitting = []
         for item in encoded:
             if len(item.ids) > self.max_input_tokens:
-                self._fail(
+                yield self._fail(
                     records[item.index],
                     f"prompt has {len(item.ids)} tokens, more than the plan's "
                     f"max_input_tokens ({self.max_input_tokens}); it was not cut: re-plan with "
@@ -116,18 +124,19 @@ class Runner:
             dynamic_ncols=True,
         )
         try:
-            self._decode_all(records, fitting, bar, start)
+            yield from self._decode_all(records, fitting, bar, start)
         finally:
             bar.close()
             self.stats.seconds = time.perf_counter() - start
-        return self.stats
 
-    def _decode_all(self, records: Sequence[PromptRecord], fitting: list[Encoded], bar: Any, start: float) -> None:
+    def _decode_all(
+        self, records: Sequence[PromptRecord], fitting: list[Encoded], bar: Any, start: float
+    ) -> Iterator[dict[str, Any]]:
         """Decode until every prompt is answered or reported; halve the batch size on each out-of-memory."""
         pending = {item.index: item for item in fitting}
         batch_size = self.batch_size
         while pending:
-            lost = self._decode_some(records, pending, batch_size, bar, start)
+            lost = yield from self._decode_some(records, pending, batch_size, bar, start)
             if lost is None:
                 return
             # Out of memory. Retry only here, after the except block: inside it, the traceback keeps the failed
@@ -136,7 +145,7 @@ class Runner:
             if batch_size == 1:
                 for index in sorted(lost):
                     self.stats.out_of_memory += 1
-                    self._fail(
+                    yield self._fail(
                         records[index],
                         f"out of memory even alone ({len(pending[index].ids)} prompt tokens); "
                         "re-plan with a smaller --max-new-tokens or more memory",
@@ -151,22 +160,22 @@ class Runner:
 
     def _decode_some(
         self, records: Sequence[PromptRecord], pending: dict[int, Encoded], batch_size: int, bar: Any, start: float
-    ) -> set[int] | None:
-        """Run the decoder over `pending`, writing answers as they come; None when all are done, else (out of
-        memory) the prompts that were in flight."""
+    ) -> Generator[dict[str, Any], None, set[int] | None]:
+        """Run the decoder over `pending`, writing and yielding answers as they come; return None when all are
+        done, else (out of memory) the prompts that were in flight."""
         try:
             for index, answer in self.decoder.run(list(pending.values()), batch_size):
-                self._answer(records[index], pending.pop(index), answer, bar, start)
+                yield self._answer(records[index], pending.pop(index), answer, bar, start)
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
             return set(self.decoder.in_flight) & set(pending)
         return None
 
-    def _answer(self, record: PromptRecord, item: Encoded, answer: list[int], bar: Any, start: float) -> None:
+    def _answer(self, record: PromptRecord, item: Encoded, answer: list[int], bar: Any, start: float) -> dict[str, Any]:
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         parsed, error = oneke.parse_output(record.task, text)
-        self.writer.write(record, text, parsed, error)
+        line = self._write(answer_line(record, text, parsed, error))
         self.stats.prompts += 1
         self.stats.prompt_tokens += len(item.ids)
         self.stats.new_tokens += len(answer)
@@ -174,10 +183,16 @@ class Runner:
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix_str(f"{self.stats.new_tokens / elapsed:.1f} tok/s", refresh=False)
         bar.update(1)
+        return line
 
-    def _fail(self, record: PromptRecord, reason: str) -> None:
+    def _fail(self, record: PromptRecord, reason: str) -> dict[str, Any]:
         # An `error` line, not a parse error: no answer was produced, so --resume runs this prompt again.
-        self.writer.fail(record, reason)
+        return self._write(error_line(record, reason))
+
+    def _write(self, line: dict[str, Any]) -> dict[str, Any]:
+        if self.writer is not None:
+            self.writer.write_line(line)
+        return line
 
 
 def _release_cached_memory() -> None:

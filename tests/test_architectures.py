@@ -29,7 +29,7 @@ from conftest import needs_bnb_on_cpu
 from oneke_plan.compat import dtype_kw
 from oneke_plan.errors import BadInput
 from oneke_plan.inventory import Inventory
-from oneke_plan.loader import measured_weight_bytes
+from oneke_plan.loaded_weights import measured_weight_bytes
 from oneke_plan.memory import Quantization, Workload
 from oneke_plan.model_source import resolve_model
 from oneke_plan.planner import Planner, PlanSettings

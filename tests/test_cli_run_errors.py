@@ -272,7 +272,7 @@ def test_machine_check_counts_the_reserve_once_and_ignores_nominal_sizes() -> No
     """A '24 GiB' card reports a little less, and free memory is read after this process's CUDA context exists:
     the plan's reserve covers that context, so free memory must cover the rest of the plan, no more."""
     from oneke_plan.inventory import Gpu
-    from oneke_plan.loader import machine_problems
+    from oneke_plan.machine import machine_problems
     from oneke_plan.model_source import resolve_model
     from oneke_plan.profile import read_profile
 

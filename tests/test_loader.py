@@ -21,12 +21,14 @@ from conftest import needs_bnb_on_cpu
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from oneke_plan.checkpoint import explain_mismatch, key_mismatch, read_checkpoint
 from oneke_plan.compat import bnb_quantizes_on_cpu, dtype_kw
 from oneke_plan.errors import DoesNotFit
 from oneke_plan.extract import read_converted
 from oneke_plan.fit import Placement, device_owner, estimate
 from oneke_plan.inventory import Inventory
-from oneke_plan.loader import explain_mismatch, key_mismatch, load_model, measured_weight_bytes, read_checkpoint
+from oneke_plan.loaded_weights import measured_weight_bytes
+from oneke_plan.loader import load_model
 from oneke_plan.memory import Quantization, Workload
 from oneke_plan.model_source import resolve_model
 from oneke_plan.planner import Planner, PlanSettings
@@ -337,7 +339,7 @@ def test_quantized_cpu_load_is_refused_on_old_transformers(mode: str, tiny_model
 
 
 def test_replan_command_keeps_the_workload_and_quantization(tiny_model_dir: Path) -> None:
-    from oneke_plan.loader import replan_command
+    from oneke_plan.machine import replan_command
 
     profile = cpu_profile(tiny_model_dir, quant="4bit")
     profile = replace(
@@ -365,3 +367,29 @@ def test_pickled_bin_checkpoint_loads_weights_only(tiny_model_dir: Path, tmp_pat
     model = load_model(cpu_profile(model_dir), resolve_model(str(model_dir)))
     want = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **dtype_kw(torch.bfloat16)).eval()
     assert_same_logits(last_logits(model, prompts), last_logits(want, prompts))
+
+
+def test_device_owner_agrees_with_where_accelerate_puts_each_weight(tmp_path: Path) -> None:
+    """fit.device_owner (the planner's, the loader's and the weight table's reading of a device_map) against where
+    transformers and accelerate really put each parameter: layer 1 and lm_head on disk (left on meta, fetched by
+    hooks), layer 10 (whose name starts with layer 1's) and the rest on the CPU."""
+    from oneke_plan.tiny import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path / "eleven", num_hidden_layers=11)
+    device_map: dict[str, int | str] = {f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(11)}
+    device_map.update({"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "disk"})
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, device_map=device_map, offload_folder=str(tmp_path / "offload"), **dtype_kw(torch.float32)
+    )
+    where = {name: "disk" if p.device.type == "meta" else p.device.type for name, p in model.named_parameters()}
+    assert {name for name, device in where.items() if device == "disk"} >= {"lm_head.weight"}
+    assert where == {name: device_owner(name, device_map) for name in where}
+
+
+def test_a_device_map_that_leaves_a_weight_out_is_one_line_before_loading(tiny_model_dir: Path) -> None:
+    from oneke_plan.errors import BadInput
+
+    profile = cpu_profile(tiny_model_dir)
+    device_map = {f"model.layers.{i}": "cpu" for i in range(4)} | {"model.embed_tokens": "cpu", "model.norm": "cpu"}
+    with pytest.raises(BadInput, match=r"^profile device_map: no entry covers 'lm_head.weight'; re-create"):
+        load_model(replace(profile, device_map=device_map), resolve_model(str(tiny_model_dir)))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import needs_bnb_on_cpu
 
-from oneke_plan.fit import block_weights_bytes
+from oneke_plan.fit import block_weights_bytes, device_owner
 from oneke_plan.inventory import Gpu, Inventory
 from oneke_plan.layout import attention_shape
 from oneke_plan.memory import (
@@ -55,13 +55,6 @@ def _from_pretrained(directory: Path, **kwargs):
     return model.eval()
 
 
-def _owner(name: str, keys) -> str:
-    """The longest key that is `name` or a dotted prefix of it (how device_map keys and blocks own tensors)."""
-    found = [k for k in keys if k == "" or name == k or name.startswith(k + ".")]
-    assert found, f"{name} belongs to no block / device_map entry"
-    return max(found, key=len)
-
-
 def _quant_state_tensors(param) -> list[torch.Tensor]:
     """The tensors bitsandbytes keeps beside a quantized weight: SCB (8-bit), or the 4-bit QuantState's."""
     extra = []
@@ -84,9 +77,10 @@ def _measured_bytes_by_owner(model, keys) -> dict[str, int]:
     """
     seen: set[int] = set()
     out: dict[str, int] = {}
+    owners = {key: key for key in keys}  # device_owner's longest-prefix rule, for device_map keys and block names
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, tensor in named:
-        owner = _owner(name, keys)
+        owner = device_owner(name, owners)
         for t in [tensor, *_quant_state_tensors(tensor)]:
             ptr = t.untyped_storage().data_ptr()
             if ptr in seen:

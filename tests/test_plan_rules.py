@@ -18,7 +18,8 @@ from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.compat import dtype_kw, dtype_kwarg
 from oneke_plan.errors import EXIT_DOES_NOT_FIT, BadInput
 from oneke_plan.inventory import Gpu, Inventory, build_inventory
-from oneke_plan.loader import load_model, machine_problems, replan_command
+from oneke_plan.loader import load_model
+from oneke_plan.machine import machine_problems, replan_command
 from oneke_plan.memory import (
     DISK_BYTES_PER_SECOND,
     GPU_BYTES_PER_SECOND,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from oneke_plan.errors import DoesNotFit
-from oneke_plan.fit import estimate
+from oneke_plan.fit import device_owner, estimate
 from oneke_plan.inventory import build_inventory
 from oneke_plan.memory import Quantization, Workload
 from oneke_plan.model_source import resolve_model
@@ -41,14 +41,8 @@ def gpus(*specs: str, cpu: str = "0", offload_dir: str | None = None):
     return build_inventory(list(specs), cpu_memory=cpu, offload_dir=offload_dir)
 
 
-def _owner(name: str, device_map: dict) -> object:
-    keys = [k for k in device_map if k == "" or k == name or name.startswith(k + ".")]
-    assert keys, f"{name} is not covered by the device_map"
-    return device_map[max(keys, key=len)]
-
-
 def _assignment_from_device_map(planner: Planner, device_map: dict) -> dict:
-    return {b.name: _owner(b.name, device_map) for b in planner.layout.blocks}
+    return {b.name: device_owner(b.name, device_map) for b in planner.layout.blocks}
 
 
 # -- capacities ---------------------------------------------------------------------------------------------------
@@ -92,9 +86,9 @@ def test_tied_tiny_model_keeps_lm_head_with_embeddings(tiny_tied_dir: Path) -> N
     plan = planner.plan(inventory, PlanSettings(Workload(8, 8, 1), reserve_bytes=0))
     device_map = planner.device_map(plan)
     assert len(set(device_map.values())) >= 2  # the model is really split
-    assert _owner("lm_head", device_map) == _owner("model.embed_tokens", device_map)
+    assert device_owner("lm_head", device_map) == device_owner("model.embed_tokens", device_map)
     # lm_head comes last in model order, so without the tie it would not be on the first device
-    assert _owner("model.norm", device_map) != _owner("model.embed_tokens", device_map)
+    assert device_owner("model.norm", device_map) != device_owner("model.embed_tokens", device_map)
 
 
 def test_tied_oneke_config_keeps_lm_head_with_embeddings(oneke: Planner, tmp_path: Path) -> None:
@@ -105,9 +99,9 @@ def test_tied_oneke_config_keeps_lm_head_with_embeddings(oneke: Planner, tmp_pat
     inventory = gpus("24GiB", "12GiB")
     untied_map = oneke.device_map(oneke.plan(inventory, DEFAULT))
     tied_map = tied.device_map(tied.plan(inventory, DEFAULT))
-    assert _owner("lm_head", untied_map) == 1 != _owner("model.embed_tokens", untied_map)
-    assert _owner("lm_head", tied_map) == _owner("model.embed_tokens", tied_map) == 0
-    assert _owner("model.layers.39", tied_map) == 1
+    assert device_owner("lm_head", untied_map) == 1 != device_owner("model.embed_tokens", untied_map)
+    assert device_owner("lm_head", tied_map) == device_owner("model.embed_tokens", tied_map) == 0
+    assert device_owner("model.layers.39", tied_map) == 1
 
 
 # -- GQA ----------------------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from oneke_plan.checkpoint import read_checkpoint
 from oneke_plan.cli import plan as plan_cli
 from oneke_plan.errors import BadInput
-from oneke_plan.loader import read_checkpoint
 from oneke_plan.outputs import journal_path
 from oneke_plan.profile import read_profile
 

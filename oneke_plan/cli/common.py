@@ -1,4 +1,4 @@
-"""What both commands share: error handling (one line, an exit code, no traceback) and table printing."""
+"""What the commands share: error handling (one line, an exit code, no traceback), notes and table printing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from oneke_plan.errors import EXIT_BAD_INPUT, Interrupted, OnekePlanError
+from oneke_plan.api import Report
+from oneke_plan.errors import EXIT_BAD_INPUT, Interrupted, OnekePlanError, interrupted_by
 
 EXIT_INTERNAL = 1
 
@@ -21,6 +22,16 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         hint = " (a value starting with '-' needs '=', e.g. --gpu=-8GiB)" if "expected one argument" in message else ""
         self.exit(2, f"{self.prog}: error: {message}{hint}; see {self.prog} --help\n")
+
+
+class PrintedReport(Report):
+    """The API's notes, printed on stderr one line each after the command's name."""
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def note(self, text: str) -> None:
+        print(f"{self.prog}: {text}", file=sys.stderr)
 
 
 class Terminated(KeyboardInterrupt):
@@ -52,11 +63,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def interrupted_by(exc: BaseException) -> int:
-    """The signal number behind a KeyboardInterrupt: SIGTERM for Terminated, SIGINT otherwise."""
-    return int(getattr(exc, "signum", signal.SIGINT))
 
 
 def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:

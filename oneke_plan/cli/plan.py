@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from oneke_plan import __version__
+from oneke_plan import __version__, api
+from oneke_plan.api import DEFAULT_WORKLOAD
 from oneke_plan.catalog import card_names
-from oneke_plan.cli.common import OneLineParser, device_label, format_table, run_main, wants_debug
+from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, format_table, run_main, wants_debug
 from oneke_plan.errors import BadInput
-from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, Workload
-from oneke_plan.sizes import SizeError, format_bytes, parse_size
+from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
+from oneke_plan.sizes import format_bytes
 
 EPILOG = """\
 examples:
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument(
         "--dtype",
-        choices=["auto", "bfloat16", "float16", "float32"],
+        choices=api.DTYPES,
         default="auto",
         help="compute dtype; auto = the config's, bf16 only where every GPU supports it",
     )
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="load Linear weights with bitsandbytes 8-bit or 4-bit (default: %(default)s)",
     )
-    model.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit data type")
+    model.add_argument("--quant-type", choices=api.QUANT_TYPES, default="nf4", help="4-bit data type")
     model.add_argument("--no-double-quant", action="store_true", help="4-bit: keep absmax scales in fp32")
     model.add_argument(
         "--trust-remote-code",
@@ -94,15 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument(
         "--max-input-tokens",
         type=int,
-        default=512,
+        default=DEFAULT_WORKLOAD.max_input_tokens,
         metavar="N",
         help="longest prompt, in tokens (default: %(default)s)",
     )
     work.add_argument(
-        "--max-new-tokens", type=int, default=512, metavar="N", help="longest answer, in tokens (default: %(default)s)"
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_WORKLOAD.max_new_tokens,
+        metavar="N",
+        help="longest answer, in tokens (default: %(default)s)",
     )
     work.add_argument(
-        "--batch-size", type=int, default=4, metavar="N", help="prompts generated together (default: %(default)s)"
+        "--batch-size",
+        type=int,
+        default=DEFAULT_WORKLOAD.batch_size,
+        metavar="N",
+        help="prompts generated together (default: %(default)s)",
     )
     work.add_argument(
         "--eager-attention",
@@ -112,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument(
         "--strategy",
-        choices=["fill", "balanced"],
+        choices=api.STRATEGIES,
         default="fill",
         help="fill GPUs in order (default), or spread layers in proportion to each GPU's memory",
     )
     out.add_argument(
         "--solve",
-        choices=["max-input-tokens", "batch-size"],
+        choices=api.SOLVE_FOR,
         help="find the largest context (or batch) that fits, and plan for it",
     )
     scale = p.add_argument_group("many GPUs, many nodes (run the profile with torchrun: see README)")
@@ -144,13 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"oneke-plan {__version__}")
     return p
-
-
-def _size(flag: str, text: str) -> int:
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise BadInput(f"{flag}: {exc}") from None
 
 
 def _count(n: int) -> str:
@@ -188,75 +189,36 @@ def summary_table(plans, profile) -> str:  # type: ignore[no-untyped-def]
     return format_table(header, rows, right=right)
 
 
-def _output_target(path: Path, overwrite: bool, model_dir: Path | None) -> os.stat_result | None:
-    """Check `-o PATH` before planning; return what it is now (None: absent) for the write to confirm.
-
-    Replaced only if it is a regular single-link file (oneke_plan.files) and a profile oneke-plan wrote, or
-    --overwrite says so; a file of the model's own directory never.
-    """
-    from oneke_plan.files import replaceable_stat
-    from oneke_plan.profile import written_by_oneke_plan
-
-    if path.is_dir():
-        raise BadInput(f"-o {path}: is a folder; give a file name such as {path}/machine.yaml")
-    if not path.parent.exists():
-        raise BadInput(f"-o {path}: folder {path.parent} does not exist; create it first")
-    existing = replaceable_stat(path, "-o")
-    if existing is None:
-        return None
-    if model_dir is not None and Path(model_dir).resolve() in path.resolve().parents:
-        raise BadInput(
-            f"-o {path}: is a file of the model {model_dir}; oneke-plan never replaces it: choose another path"
-        )
-    if not overwrite and not written_by_oneke_plan(path):
-        raise BadInput(
-            f"-o {path}: exists and is not a profile written by oneke-plan; choose another path, or pass --overwrite "
-            "to replace it"
-        )
-    return existing
-
-
 def run(args: argparse.Namespace) -> int:
-    from oneke_plan.inventory import build_inventory
-    from oneke_plan.model_source import resolve_model
-    from oneke_plan.planner import Planner, PlanSettings
-    from oneke_plan.profile import write_atomic
-
     if args.list_cards:
         print("\n".join(card_names()))
         return 0
     if not args.model:
         raise BadInput("give a MODEL: 'oneke', a model directory, or a cached repo id; see oneke-plan --help")
-    source = resolve_model(args.model)
-    replaced = _output_target(args.output, args.overwrite, source.directory) if args.output is not None else None
-    reserve = _size("--reserve", args.reserve)
-    inventory = build_inventory(args.gpu, args.inventory, args.cpu_memory, args.offload_dir)
-    if inventory.source == "detected" and not inventory.gpus:
-        import torch
-
-        why = f" (torch {torch.__version__} is a CPU-only build)" if torch.version.cuda is None else ""
-        print(
-            f"oneke-plan: no CUDA GPU detected here{why}, so this plan is for the CPU alone; describe the machine "
-            "you plan for with --gpu (e.g. --gpu 24GiB --gpu 12GiB) or --inventory",
-            file=sys.stderr,
-        )
-    settings = PlanSettings(
-        workload=Workload(args.max_input_tokens, args.max_new_tokens, args.batch_size),
-        quant=Quantization(args.quantize, args.quant_type, not args.no_double_quant),
+    result = api.plan(
+        args.model,
+        args.gpu,
+        inventory_file=args.inventory,
+        cpu_memory=args.cpu_memory,
+        offload_dir=args.offload_dir,
+        max_input_tokens=args.max_input_tokens,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
         dtype=args.dtype,
+        quantize=args.quantize,
+        quant_type=args.quant_type,
+        double_quant=not args.no_double_quant,
+        reserve=args.reserve,
         strategy=args.strategy,
-        reserve_bytes=reserve,
         eager_attention=args.eager_attention,
+        solve=args.solve,
+        replicas=args.replicas,
+        nodes=args.nodes,
+        trust_remote_code=args.trust_remote_code,
+        output=args.output,
+        overwrite=args.overwrite,
+        report=PrintedReport("oneke-plan"),
     )
-    planner = Planner(source, trust_remote_code=args.trust_remote_code)
-    replicas: int | str = args.replicas
-    if args.replicas != "auto":
-        try:
-            replicas = int(args.replicas)
-        except ValueError:
-            raise BadInput(f"--replicas {args.replicas!r}: give a number of replicas, or auto") from None
-    solve = args.solve.replace("-", "_") if args.solve else None
-    result = planner.plan_profile(inventory, settings, solve, replicas, args.nodes)
     plan, profile = result.plan, result.profile
     settings = plan.settings
     if result.solved:
@@ -264,16 +226,13 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         for line in plan.log:
             print(f"  {line}", file=sys.stderr)
-    text = profile.to_yaml()
     if args.output is None:
-        sys.stdout.write(text)
-    else:
-        write_atomic(args.output, text, replaced)
+        sys.stdout.write(profile.to_yaml())
     layout = plan.layout
     quant = settings.quant.mode if settings.quant.mode != "none" else "no quantization"
     w = settings.workload
     print(
-        f"\n{planner.source.name}: {layout.architecture}, {_count(layout.parameter_count)} parameters, "
+        f"\n{profile.model['source']}: {layout.architecture}, {_count(layout.parameter_count)} parameters, "
         f"{plan.dtype}, {quant}; workload: batch {w.batch_size} x ({w.max_input_tokens} in + {w.max_new_tokens} "
         f"new) tokens",
         file=sys.stderr,

@@ -1,21 +1,19 @@
-"""oneke-run: apply a placement profile and run OneKE extraction over a JSONL file."""
+"""oneke-run: apply a placement profile and run OneKE extraction over a JSONL file (flags and printing around
+oneke_plan.api.run)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from oneke_plan import __version__
-from oneke_plan.cli.common import OneLineParser, device_label, format_table, interrupted_by, run_main, wants_debug
-from oneke_plan.errors import BadInput, Interrupted
+from oneke_plan import __version__, api
+from oneke_plan.api import GpuMemory, RunSummary
+from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, format_table, run_main, wants_debug
+from oneke_plan.profile import Profile
 from oneke_plan.sizes import format_bytes
-
-if TYPE_CHECKING:
-    from oneke_plan.workers import Worker
 
 EPILOG = """\
 examples:
@@ -64,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     raw = p.add_argument_group("raw text input")
     raw.add_argument("--task", help="NER, RE, EE, EET, EEA, KG or SPO: read --input as raw text lines")
     raw.add_argument("--schema", help="the schema: inline JSON, or a file (JSON, or the authors' 3-line schema.json)")
-    raw.add_argument("--lang", choices=["zh", "en"], default="zh", help="instruction language (default: %(default)s)")
+    raw.add_argument("--lang", choices=api.LANGUAGES, default="zh", help="instruction language (default: %(default)s)")
     raw.add_argument("--chunk-size", type=int, help="schema items per prompt (default: the authors' size per task)")
     raw.add_argument(
         "--example",
@@ -101,48 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(flag: str, value: int | None, planned: int) -> int:
-    if value is None:
-        return planned
-    if value <= 0:
-        raise BadInput(f"{flag} must be a positive integer, not {value}")
-    if value > planned:
-        raise BadInput(
-            f"{flag} {value} is more than the profile planned for ({planned}); re-plan with "
-            f"oneke-plan ... {flag} {value}"
-        )
-    return value
+class RunReport(PrintedReport):
+    """oneke-run's notes on stderr, and the table of planned against loaded weights."""
+
+    def weights_loaded(self, profile: Profile, loaded_bytes: dict[int | str, int]) -> None:
+        print(weight_table(profile, loaded_bytes), file=sys.stderr)
 
 
-def _read_records(args: argparse.Namespace, notes: list[str]) -> list[Any]:
-    from oneke_plan import oneke
-    from oneke_plan.extract import read_converted, read_example, read_raw
-
-    if args.task is None:
-        for flag, value in (("--schema", args.schema), ("--example", args.example), ("--chunk-size", args.chunk_size)):
-            if value is not None:
-                raise BadInput(f"{flag} needs --task (raw text input); converted files carry their prompts")
-        return read_converted(args.input)
-    if args.schema is None:
-        raise BadInput(f"--task {args.task} needs --schema: inline JSON or a schema file")
-    try:
-        task = oneke.check_task(args.task.upper())
-        schema = oneke.load_schema(args.schema, task)
-    except ValueError as exc:
-        raise BadInput(str(exc)) from None
-    if args.chunk_size is not None and (args.chunk_size == 0 or args.chunk_size < -1):
-        raise BadInput(f"--chunk-size must be a positive integer or -1 (no split), not {args.chunk_size}")
-    example = read_example(args.example) if args.example is not None else None
-    return read_raw(args.input, task, schema, args.lang, args.chunk_size, example, notes)
-
-
-def _mode(args: argparse.Namespace) -> str:
-    if args.resume and args.overwrite:
-        raise BadInput("--resume keeps the answers in --output, --overwrite replaces them: give one of them")
-    return "resume" if args.resume else "overwrite" if args.overwrite else "new"
-
-
-def weight_table(profile: Any, measured: dict[Any, int]) -> str:
+def weight_table(profile: Profile, measured: dict[Any, int]) -> str:
     rows = []
     for device in profile.devices:
         planned = int(profile.estimate.get(device.id, {}).get("weights_bytes", 0))
@@ -153,115 +117,51 @@ def weight_table(profile: Any, measured: dict[Any, int]) -> str:
     return format_table(["device", "planned weights", "loaded weights", "difference"], rows, right=(1, 2, 3))
 
 
-def peak_table(profile: Any) -> str | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    rows = []
-    for gpu in profile.gpu_ids():
-        free, total = torch.cuda.mem_get_info(gpu)
-        planned = int(profile.estimate.get(gpu, {}).get("total_bytes", 0))
-        rows.append(
-            [
-                f"GPU {gpu}",
-                format_bytes(planned),
-                format_bytes(torch.cuda.max_memory_allocated(gpu)),
-                format_bytes(total - free),
-            ]
-        )
+def peak_table(memory: list[GpuMemory]) -> str:
+    rows = [
+        [
+            f"GPU {gpu.gpu}",
+            format_bytes(gpu.planned_total_bytes),
+            format_bytes(gpu.peak_allocated_bytes),
+            format_bytes(gpu.in_use_bytes),
+        ]
+        for gpu in memory
+    ]
     return format_table(
         ["device", "planned total", "peak allocated (torch)", "in use now (driver)"], rows, right=(1, 2, 3)
     )
 
 
-def _offload_dir(from_profile: str | None, from_flag: str | None) -> str | None:
-    """The folder disk-offloaded weights are written to. A profile is data from elsewhere: it may name a relative
-    folder under the current one, but writing anywhere else takes the user's own --offload-dir."""
-    if from_flag is not None:
-        return from_flag
-    if from_profile is None:
-        return None
-    path = Path(from_profile)
-    inside = not path.is_absolute() and Path.cwd() in (Path.cwd() / path).resolve().parents
-    # Only a new folder, or one that holds nothing but an earlier offload (accelerate's index.json and .dat files).
-    ours = not path.exists() or (
-        path.is_dir() and all(f.name == "index.json" or f.suffix == ".dat" for f in path.iterdir())
-    )
-    if not (inside and ours):
-        raise BadInput(
-            f"the profile offloads weights to {from_profile!r}, which is outside the current folder or holds other "
-            f"files; pass --offload-dir {from_profile} to confirm, or another folder"
-        )
-    return from_profile
-
-
 def run(args: argparse.Namespace) -> int:
-    from oneke_plan.model_source import resolve_model
-    from oneke_plan.outputs import RunOutput
-    from oneke_plan.profile import read_profile
-    from oneke_plan.workers import Group, Worker
-
-    profile = read_profile(args.profile)
-    workload = profile.workload
-    batch_size = _positive("--batch-size", args.batch_size, workload["batch_size"])
-    max_new = _positive("--max-new-tokens", args.max_new_tokens, workload["max_new_tokens"])
-    if args.trust_remote_code and not args.model:
-        raise BadInput("--trust-remote-code runs code from the model directory: name it yourself with --model")
-    model_name = args.model or profile.model.get("source")
-    if not model_name or model_name == "oneke":
-        raise BadInput(
-            "the profile was planned from the built-in OneKE config, which has no weights: pass "
-            "--model DIR (OneKE's checkpoint directory) or --model zjunlp/OneKE (from the local cache)"
-        )
-    source = resolve_model(str(model_name))
-    profile.offload_dir = _offload_dir(profile.offload_dir, args.offload_dir)
-    notes: list[str] = []
-    mode = _mode(args)
-    records = _read_records(args, notes)
-    for note in notes:
-        print(f"oneke-run: {note}", file=sys.stderr)
-    if not records:
-        raise BadInput(f"{args.input}: no prompt to run (see the note above)")
-    worker = Worker.from_env()
-    if worker.distributed or profile.replicas:
-        worker.check(profile.replica_count, profile.nodes)
-        profile = profile.replica(worker.local_rank)
-    if worker.restarts and mode == "new":
-        mode = "resume"  # torchrun restarted the workers after one failed: each continues its part
-    with Group(worker) as group:
-        output = RunOutput(args.output, args.input, mode, worker.rank, worker.world_size)
-        if worker.distributed:  # every worker looks at what earlier runs left before any of this run writes
-            output.prepare()
-            group.barrier()
-        try:
-            answered = _answer(args, profile, source, records, output, batch_size, max_new, worker)
-            if worker.distributed:
-                if worker.rank != 0:
-                    output.close()  # worker 0 reads and removes this part once every worker is through
-                group.barrier()
-                if worker.rank == 0:
-                    output.finish(records, peers=True)
-            elif answered is not None:
-                output.finish(records)
-        except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (cli.common): say what was kept, and how to go on
-            signum = interrupted_by(exc)
-            note = output.interruption_note()
-            raise Interrupted(f"interrupted by {signal.Signals(signum).name}: {note}", signum) from None
-        finally:
-            output.close()
-        all_stats = group.gather(answered)
-    _report(args, records, worker, all_stats)
-    peaks = peak_table(profile)
-    if peaks and answered is not None:
-        print(peaks, file=sys.stderr)
+    summary = api.run(
+        args.profile,
+        args.input,
+        args.output,
+        model=args.model,
+        task=args.task,
+        schema=args.schema,
+        lang=args.lang,
+        chunk_size=args.chunk_size,
+        example=args.example,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        offload_dir=args.offload_dir,
+        force=args.force,
+        progress=not args.no_progress,
+        trust_remote_code=args.trust_remote_code,
+        report=RunReport("oneke-run"),
+    )
+    _report(summary)
+    if summary.gpu_memory:
+        print(peak_table(summary.gpu_memory), file=sys.stderr)
     return 0
 
 
-def _report(args: argparse.Namespace, records: list[Any], worker: Worker, answered: list[Any]) -> None:
+def _report(summary: RunSummary) -> None:
     """The run's line: this worker's, and with several workers, worker 0's line for all of them."""
-    done = [a for a in answered if a is not None]
-    mine = answered[worker.rank] if worker.distributed else answered[0]
+    worker, mine = summary.worker, summary.mine
     if mine is not None and worker.distributed:
         stats, _ = mine
         rate = stats.new_tokens / stats.seconds if stats.seconds else 0.0
@@ -270,75 +170,19 @@ def _report(args: argparse.Namespace, records: list[Any], worker: Worker, answer
             f"{stats.seconds:.1f} s ({rate:.1f} tokens/s)",
             file=sys.stderr,
         )
-    if worker.rank != 0 or not done:
+    if worker.rank != 0 or not summary.done:
         return
-    prompts = sum(s.prompts for s, _ in done)
-    tokens = sum(s.new_tokens for s, _ in done)
-    seconds = max(s.seconds for s, _ in done)
-    pending = sum(p for _, p in done)
-    rate = tokens / seconds if seconds else 0.0
+    total = summary.total
+    rate = total.new_tokens / total.seconds if total.seconds else 0.0
     workers = f" by {worker.world_size} workers" if worker.distributed else ""
     print(
-        f"oneke-run: {prompts} prompts answered{workers} ({len(records) - pending} already done), "
-        f"{tokens} tokens in {seconds:.1f} s ({rate:.1f} tokens/s); {sum(s.parse_errors for s, _ in done)} "
-        f"answers are not valid JSON (kept raw with parse_error), {sum(s.too_long for s, _ in done)} prompts too "
-        f"long, {sum(s.out_of_memory for s, _ in done)} out of memory (lines with 'error': --resume retries them) "
-        f"-> {args.output}",
+        f"oneke-run: {total.prompts} prompts answered{workers} ({summary.already_done} already done), "
+        f"{total.new_tokens} tokens in {total.seconds:.1f} s ({rate:.1f} tokens/s); {total.parse_errors} "
+        f"answers are not valid JSON (kept raw with parse_error), {total.too_long} prompts too "
+        f"long, {total.out_of_memory} out of memory (lines with 'error': --resume retries them) "
+        f"-> {summary.output}",
         file=sys.stderr,
     )
-
-
-def _answer(
-    args: argparse.Namespace,
-    profile: Any,
-    source: Any,
-    records: list[Any],
-    output: Any,
-    batch_size: int,
-    max_new: int,
-    worker: Worker,
-) -> Any:
-    """Check the machine, then everything else that is cheap (device_map, offload folder, tokenizer, checkpoint
-    names), then load the model, check it computes finite numbers, and answer the pending prompts. Returns the run's
-    statistics and how many prompts were pending, or None when every prompt was already answered."""
-    from oneke_plan.checkpoint import read_checkpoint
-    from oneke_plan.generation import GreedyGenerator
-    from oneke_plan.loader import (
-        check_before_load,
-        check_finite_outputs,
-        check_machine,
-        load_model,
-        measured_weight_bytes,
-    )
-    from oneke_plan.runner import Runner
-
-    pending = output.start(records, lambda record: worker.mine(record.key))
-    for problem in check_machine(profile, source, force=args.force):
-        print(f"oneke-run: warning (--force): {problem}", file=sys.stderr)
-    if not pending:
-        if not worker.distributed:
-            rewritten = output.finish(records)
-            what = f"; {args.output} rewritten in input order with the journal's answers" if rewritten else ""
-            print(f"oneke-run: nothing to do: all {len(records)} prompts are answered{what}", file=sys.stderr)
-        return None
-    tokenizer = check_before_load(profile, source, trust_remote_code=args.trust_remote_code)
-    model = load_model(profile, source, trust_remote_code=args.trust_remote_code)
-    stored = read_checkpoint(source.directory).dtypes if source.directory else None
-    measured = measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
-    print(weight_table(profile, measured), file=sys.stderr)
-    check_finite_outputs(model, tokenizer, str(source.directory))
-    generator = GreedyGenerator(model, tokenizer, max_new, model_dir=source.directory)
-    assert output.writer is not None
-    runner = Runner(
-        generator,
-        tokenizer,
-        output.writer,
-        batch_size,
-        profile.workload["max_input_tokens"],
-        progress=not args.no_progress,
-    )
-    stats = runner.run(pending)
-    return stats, len(pending)
 
 
 def main(argv: list[str] | None = None) -> int:
