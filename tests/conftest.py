@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu
-from oneke_plan.tiny import build_tiny_llama
+# The random checkpoint builder is a development tool, not part of the package: tools/tiny_checkpoint.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+from tiny_checkpoint import build_tiny_llama  # noqa: E402
+
+from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu  # noqa: E402
 
 # Version-specific tests (CI runs the oldest versions pyproject allows as well as the newest).
 needs_bnb_on_cpu = pytest.mark.skipif(

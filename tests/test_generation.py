@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import needs_bnb_on_cpu
+from tiny_checkpoint import build_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oneke_plan import generation
@@ -26,7 +27,6 @@ from oneke_plan.compat import dtype_kw
 from oneke_plan.extract import read_converted
 from oneke_plan.generation import Encoded, GreedyGenerator, length_batches, prefix_groups
 from oneke_plan.runner import encode_prompts
-from oneke_plan.tiny import build_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

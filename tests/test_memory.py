@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import needs_bnb_on_cpu
+from tiny_checkpoint import build_tiny_llama
 
 from oneke_plan.fit import block_weights_bytes
 from oneke_plan.inventory import Gpu, Inventory
@@ -26,7 +27,6 @@ from oneke_plan.memory import (
 )
 from oneke_plan.model_source import resolve_model
 from oneke_plan.planner import Planner, PlanSettings
-from oneke_plan.tiny import build_tiny_llama
 
 MiB = 2**20
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
