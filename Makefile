@@ -16,7 +16,7 @@ OUT ?= out
 BIN = $(VENV)/bin
 TASKS = NER RE EE EET EEA KG SPO
 
-.PHONY: install demo test lint profiles clean
+.PHONY: install demo test lint profiles docs clean
 
 $(BIN)/oneke-plan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ test: $(if $(filter oldest,$(VERSIONS)),install,lint)
 
 profiles: install
 	$(BIN)/python profiles/regenerate.py
+
+# The doc parts that show what the code prints (--help texts, plan tables, the fit log): tests/test_docs.py fails
+# when one drifts.
+docs: profiles
+	$(BIN)/python tools/gen_docs.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache
