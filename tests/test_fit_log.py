@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import transformers_meta_model
 
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.errors import EXIT_DOES_NOT_FIT
-from oneke_plan.fit import BlockCost, Slot, explain_steps, fill, place
+from oneke_plan.fit import BlockCost, Slot, device_owner, explain_steps, fill, place
 
 MiB = 2**20
 
@@ -132,15 +131,10 @@ def test_balanced_shares_are_named_as_shares() -> None:
 def meta_layer_bytes(config_path: Path, layer: int) -> int:
     """One decoder layer's parameters and buffers, as transformers' own LlamaForCausalLM builds them in bf16 on the
     meta device (independent of the planner's build)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from oneke_plan.compat import dtype_kw
+    from transformers import AutoConfig
 
     config = AutoConfig.for_model(**json.loads(config_path.read_text(encoding="utf-8")))
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, **dtype_kw(torch.bfloat16))
-    module = model.model.layers[layer]
+    module = transformers_meta_model(config, "bfloat16").model.layers[layer]
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
@@ -152,11 +146,6 @@ def as_bytes(text: str) -> float:
     """'81.61 MiB' -> bytes (two decimals: within 0.005 of the unit)."""
     value, unit = text.split()
     return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
-
-
-def owner(name: str, device_map: dict) -> object:
-    """The device a device_map gives `name`: its longest matching key, as accelerate reads it."""
-    return device_map[max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len)]
 
 
 ONEKE_CONFIG = Path(__file__).resolve().parent.parent / "oneke_plan" / "data" / "oneke_config.json"
@@ -171,7 +160,7 @@ def test_oneke_on_24_and_12_gib_explains_the_move_to_gpu_1(capsys: pytest.Captur
     assert plan_main(["oneke", "--gpu", "24GiB", "--gpu", "12GiB", "--cpu-memory", "0", "-v"]) == 0
     out, err = capsys.readouterr()
     profile = yaml.safe_load(out)
-    moved = min(i for i in range(40) if owner(f"model.layers.{i}", profile["device_map"]) == 1)
+    moved = min(i for i in range(40) if device_owner(f"model.layers.{i}", profile["device_map"]) == 1)
     weights = meta_layer_bytes(ONEKE_CONFIG, moved)
     left = 24 * 2**30 - profile["estimate"][0]["total_bytes"]
     expected = (
@@ -197,3 +186,21 @@ def test_does_not_fit_names_the_first_block_and_what_it_needed(capsys: pytest.Ca
     left = as_bytes(lines[1].split("GPU 1 has ")[1].removesuffix(" left of 6.00 GiB"))
     used = as_bytes(next(x for x in lines if x.startswith("  GPU 1: ")).split(": ")[1].split(" of ")[0])
     assert left + used == pytest.approx(6 * 2**30, abs=0.006 * 2**30)
+
+
+def test_solve_says_what_the_next_value_could_not_place(capsys: pytest.CaptureFixture[str]) -> None:
+    """--solve's log line names what the next batch size could not place: the same block, need and room as the
+    does-not-fit message of planning that batch size directly; here OneKE's lm_head, whose bf16 weights are 55,296
+    x 5,120 x 2 bytes (540.00 MiB) by hand."""
+    import yaml
+
+    machine = ["oneke", "--gpu", "24GiB", "--gpu", "12GiB", "--cpu-memory", "0"]
+    assert plan_main([*machine, "--solve", "batch-size", "-v"]) == 0
+    out, err = capsys.readouterr()
+    best = yaml.safe_load(out)["workload"]["batch_size"]
+    line = next(x for x in err.splitlines() if x.startswith("  solve: "))
+    assert line.startswith(f"  solve: --batch-size {best} fits; at {best + 1}, "), line
+    assert plan_main([*machine, "--batch-size", str(best + 1)]) == EXIT_DOES_NOT_FIT
+    first = capsys.readouterr().err.splitlines()[1]
+    assert first == "  first block that did not fit: " + line.split(f"at {best + 1}, ")[1]
+    assert "lm_head needs " in first and f"(weights {mib(55_296 * 5_120 * 2)}" in first
