@@ -268,10 +268,6 @@ def device_owner(name: str, device_map: Mapping[str, DeviceId]) -> DeviceId:
     return device_map[best]
 
 
-def _within(estimates: dict[DeviceId, DeviceEstimate], limits: Mapping[DeviceId, int | None]) -> bool:
-    return all(limits.get(d) is None or e.total_bytes <= limits[d] for d, e in estimates.items())  # type: ignore[operator]
-
-
 def _minus(after: DeviceEstimate | None, before: DeviceEstimate | None) -> DeviceEstimate:
     """Term by term, what a device's estimate grew by."""
     a, b = after or DeviceEstimate(), before or DeviceEstimate()
