@@ -16,7 +16,7 @@ OUT ?= out
 BIN = $(VENV)/bin
 TASKS = NER RE EE EET EEA KG SPO
 
-.PHONY: install demo test lint profiles clean
+.PHONY: install demo test lint profiles docs clean
 
 $(BIN)/oneke-plan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ demo: install
 	@echo "== 1. Plan OneKE (13B, bf16) for a 24 GiB + 12 GiB machine: no weights, no GPU, no network needed"
 	$(BIN)/oneke-plan oneke --gpu 24GiB --gpu 12GiB --cpu-memory 0 -o $(OUT)/oneke-24gib+12gib.yaml
 	@echo "== 2. Build a tiny random LLaMA checkpoint (its answers mean nothing: it only exercises the pipeline)"
-	$(BIN)/python -m oneke_plan.tiny $(OUT)/tiny-model
+	$(BIN)/python tools/tiny_checkpoint.py $(OUT)/tiny-model
 	@echo "== 3. Plan it for this machine, then run extraction over every DeepKE sample file"
 	$(BIN)/oneke-plan $(OUT)/tiny-model --max-input-tokens 1024 --max-new-tokens 48 --batch-size 8 -o $(OUT)/tiny-cpu.yaml
 	@for task in $(TASKS); do \
@@ -44,7 +44,7 @@ demo: install
 	@echo "== done: profiles and answers are in $(OUT)/"
 
 lint: install
-	$(BIN)/ruff check oneke_plan tests bench profiles
+	$(BIN)/ruff check oneke_plan tests bench profiles tools
 	$(BIN)/mypy oneke_plan
 
 # Lint checks the code against the newest versions' type stubs (older stubs are wrong, e.g. safetensors 0.4's
@@ -54,6 +54,11 @@ test: $(if $(filter oldest,$(VERSIONS)),install,lint)
 
 profiles: install
 	$(BIN)/python profiles/regenerate.py
+
+# The doc parts that show what the code prints (--help texts, plan tables, the fit log): tests/test_docs.py fails
+# when one drifts.
+docs: profiles
+	$(BIN)/python tools/gen_docs.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,10 @@
 """How many bf16 answers of oneke-run's decoder differ from one-at-a-time `generate`, and why.
 
-The tiny random LLaMA of oneke_plan.tiny (bf16, seed 0), all 341 DeepKE test prompts, greedy, max_new_tokens 10, and
-a token that greedy answers produce part-way as a second EOS (so answers end at different steps). For each answer
-that differs, the gap between the two best logits of the one-at-a-time run at the first differing step is printed:
-a gap within bf16 rounding means the difference is a flipped near-tie, not a wrong mask or position.
+The tiny random LLaMA of tools/tiny_checkpoint.py (bf16, seed 0), all 341 DeepKE test prompts, greedy,
+max_new_tokens 10, and a token that greedy answers produce part-way as a second EOS (so answers end at different
+steps). For each answer that differs, the gap between the two best logits of the one-at-a-time run at the first
+differing step is printed: a gap within bf16 rounding means the difference is a flipped near-tie, not a wrong mask
+or position.
 
 Run: python bench/bf16_differences.py [--batches 1,8]
 """
@@ -30,10 +31,11 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
+    from tiny_checkpoint import build_tiny_llama
+
     from oneke_plan.extract import read_converted
     from oneke_plan.generation import Encoded, GreedyGenerator
     from oneke_plan.runner import encode_prompts
-    from oneke_plan.tiny import build_tiny_llama
 
     torch.set_num_threads(1)
     print(f"machine: {machine_line()}\n")

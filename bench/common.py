@@ -1,8 +1,8 @@
 """Helpers shared by the benchmark scripts: public model configs, the machine line, tables, timing, checkpoints.
 
 Every benchmark runs from a fresh clone with `python bench/NAME.py` (the package installed, e.g. `pip install -e .`).
-Random checkpoints are built with oneke_plan.tiny into a cache directory (default: $TMPDIR/oneke-plan-bench; set
-ONEKE_BENCH_CACHE to move it) and reused while their build arguments are unchanged.
+Random checkpoints are built with tools/tiny_checkpoint.py into a cache directory (default:
+$TMPDIR/oneke-plan-bench; set ONEKE_BENCH_CACHE to move it) and reused while their build arguments are unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# The random checkpoint builder is a development tool beside the package, not in it: tools/tiny_checkpoint.py.
+sys.path.insert(0, str(ROOT / "tools"))
 GiB = 2**30
 MiB = 2**20
 
@@ -120,7 +122,7 @@ PUBLIC_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-# Random LLaMA checkpoints (oneke_plan.tiny.build_tiny_llama arguments), built on first use: bf16, 32,000-token
+# Random LLaMA checkpoints (tiny_checkpoint.build_tiny_llama arguments), built on first use: bf16, 32,000-token
 # vocabulary like LLaMA-2. Sizes: 0.13B ~ 0.27 GB, 0.55B ~ 1.1 GB, 0.94B ~ 1.9 GB on disk.
 CHECKPOINTS: dict[str, dict[str, Any]] = {
     "0.13B": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -238,10 +240,10 @@ def cache_dir() -> Path:
 
 
 def checkpoint(name: str, **kwargs: Any) -> Path:
-    """A random LLaMA checkpoint built by oneke_plan.tiny.build_tiny_llama(**kwargs), cached under `name`."""
+    """A random LLaMA checkpoint built by tiny_checkpoint.build_tiny_llama(**kwargs), cached under `name`."""
     import shutil
 
-    from oneke_plan.tiny import build_tiny_llama
+    from tiny_checkpoint import build_tiny_llama
 
     out = cache_dir() / name
     stamp = out / ".bench-args.json"
@@ -261,7 +263,7 @@ def bench_checkpoint(name: str) -> Path:
 
 
 def parameter_count(path: Path) -> int:
-    from oneke_plan.tiny import checkpoint_num_parameters
+    from tiny_checkpoint import checkpoint_num_parameters
 
     return checkpoint_num_parameters(path)
 

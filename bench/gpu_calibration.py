@@ -74,7 +74,7 @@ SPLIT_NEW_TOKENS = 8  # the split computes the other devices' layers on the CPU:
 TIGHT_FRACTION = 0.95  # a refused workload must run out of memory or reach 95% of the card (issue 16: "within 5%")
 EXIT_BAD_INPUT = 2
 
-# LLaMA-layout shapes (dims only; oneke_plan.tiny.llama_config_dict writes the config). OneKE's are read from
+# LLaMA-layout shapes (dims only; tiny_checkpoint.llama_config_dict writes the config). OneKE's are read from
 # oneke_plan/data/oneke_config.json. max_position_embeddings leaves room for the largest context of the grid.
 SHAPES: dict[str, dict[str, int]] = {
     # Mistral-7B-v0.1's sizes (GQA, 8 KV heads) in the LLaMA layout, without its sliding window.
@@ -83,7 +83,7 @@ SHAPES: dict[str, dict[str, int]] = {
     # TinyLlama-1.1B's sizes (GQA, 4 KV heads).
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=8192),
-    # --cpu-smoke: the test suite's tiny LLaMA (oneke_plan.tiny's defaults), MHA and GQA.
+    # --cpu-smoke: the test suite's tiny LLaMA (tools/tiny_checkpoint.py's defaults), MHA and GQA.
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=1024, max_position_embeddings=2048),
     "tiny-gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -485,15 +485,14 @@ def shape_dims(shape: str) -> dict[str, int]:
 
 
 def build_checkpoint(shape: str, out: Path, device: Any, seed: int) -> Path:
-    """A random bf16 LLaMA checkpoint of `shape` in `out`: oneke_plan.tiny's config, tokenizer and checkpoint
+    """A random bf16 LLaMA checkpoint of `shape` in `out`: tiny_checkpoint's config, tokenizer and checkpoint
     writer, weights drawn on `device` (a GPU draws 13B parameters in a second; there is no hub to fetch them).
 
     The lm_head row of EOS is zero, so EOS's logit is exactly 0 while the largest of the others is positive:
     greedy decoding never stops early, and every run generates exactly the tokens it was planned for.
     """
     import torch
-
-    from oneke_plan.tiny import (
+    from tiny_checkpoint import (
         EOS_TOKEN,
         SPECIAL_TOKENS,
         build_tokenizer,
@@ -694,8 +693,7 @@ def run_generate(model: Any, settings: Any, probe: Probe, cap: int | None, vocab
     """transformers' batched greedy generate of the workload: tokens, time, the KV cache it returned (the layers
     `cache_layers` indexes, default all), GPU peaks."""
     import torch
-
-    from oneke_plan.tiny import EOS_TOKEN, SPECIAL_TOKENS
+    from tiny_checkpoint import EOS_TOKEN, SPECIAL_TOKENS
 
     work = settings.workload
     ids, mask = batch_inputs(work.batch_size, work.max_input_tokens, vocab, seed, 0)
@@ -732,9 +730,8 @@ def run_generate_batch(model: Any, settings: Any, vocab: int, seed: int, probe: 
     """transformers' continuous batching (`generate_batch`) on the same prompts, uncapped (it sizes its paged cache
     from the free memory the driver reports, which the allocator cap does not change); the second of two calls is
     timed, the first warms it up."""
+    from tiny_checkpoint import EOS_TOKEN, SPECIAL_TOKENS
     from transformers import GenerationConfig
-
-    from oneke_plan.tiny import EOS_TOKEN, SPECIAL_TOKENS
 
     if not hasattr(model, "generate_batch"):
         import transformers
@@ -764,9 +761,10 @@ def run_generate_batch(model: Any, settings: Any, vocab: int, seed: int, probe: 
 def converted_lines(tokenizer: Any, length: int, count: int) -> tuple[list[str], list[int]]:
     """`count` lines of DeepKE's converted format (its first NER line, the input text replaced) whose chat prompts
     are `length` tokens (BOS included), the last one a token shorter when count > 1 so the runner pads it; the
-    lengths reached. Text is cut character by character from oneke_plan.tiny's corpus, repeated."""
+    lengths reached. Text is cut character by character from tiny_checkpoint's corpus, repeated."""
+    from tiny_checkpoint import default_corpus
+
     from oneke_plan.oneke import chat_prompt
-    from oneke_plan.tiny import default_corpus
 
     template = json.loads((ROOT / "examples" / "deepke" / "NER" / "test.json").read_text(encoding="utf-8")
                           .splitlines()[0])

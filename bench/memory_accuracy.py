@@ -1,6 +1,6 @@
 """Memory model accuracy on this CPU: predicted vs measured bytes for weights (16/8/4-bit), KV cache and workspace.
 
-Checkpoints: random LLaMA checkpoints built with oneke_plan.tiny (0.13B, 0.13B GQA, 0.13B tied, 0.55B, 0.94B).
+Checkpoints: random LLaMA checkpoints built with tools/tiny_checkpoint.py (0.13B, 0.13B GQA, 0.13B tied, 0.55B, 0.94B).
 - weights: predicted = sum of fit.block_costs weights (what the planner charges); measured = bytes of every
   distinct tensor storage the loaded model holds (parameters, buffers, and bitsandbytes' quantization state:
   SCB, absmax, code, offset, nested absmax/code). Loaded with transformers' from_pretrained(device_map="cpu",

@@ -2,7 +2,8 @@
 
 Pure functions over byte counts (no torch): `block_costs` prices each block for a quantization and the memory the
 model's forward was measured to hold for the workload; `estimate` sums a placement per device; `place` fills
-devices in order (or balanced) and says why.
+devices in order (or balanced) and says why: every step of `fill` is kept as a `PlacementStep` record, and each block
+that moves to the next device gets a log line saying what it needs and what the device has left.
 """
 
 from __future__ import annotations
@@ -73,16 +74,49 @@ class DeviceEstimate:
         return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes + self.reserve_bytes
 
 
+@dataclass(frozen=True)
+class PlacementStep:
+    """One decision of `fill`: `blocks` (a block and the blocks tied to it) tried on `device`, in bytes.
+
+    `over` is the device the step is about: the tried device itself, unless the trial pushed another device past its
+    limit (the device an offloaded block runs on). `need` is what the blocks add to `over`'s estimate, term by term
+    (a device's first block brings its reserve); `left_bytes` is what `over` had left under `limit_bytes` before the
+    trial (None: unbounded). `capped`: the limit is a cap on `over`'s weights (see `place`), not its whole estimate.
+    """
+
+    blocks: tuple[str, ...]
+    label: str  # "layer 33" for the 34th decoder layer, else the block's name
+    device: DeviceId
+    placed: bool
+    over: DeviceId
+    need: DeviceEstimate
+    left_bytes: int | None
+    limit_bytes: int | None
+    capped: bool = False
+
+    @property
+    def need_bytes(self) -> int:
+        """What the step adds to `over`: its whole estimate, or only its weights when `capped`."""
+        return self.need.weights_bytes if self.capped else self.need.total_bytes
+
+
 @dataclass
 class Placement:
     assignment: dict[str, DeviceId]  # block name -> device
     estimates: dict[DeviceId, DeviceEstimate]
     unplaced: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    steps: list[PlacementStep] = field(default_factory=list)  # every decision of the fill that made it, in order
 
     @property
     def fits(self) -> bool:
         return not self.unplaced
+
+    def first_refusal(self) -> PlacementStep | None:
+        """The last device's refusal of the first block that did not fit (None when everything fits)."""
+        if not self.unplaced:
+            return None
+        return next((s for s in reversed(self.steps) if not s.placed and self.unplaced[0] in s.blocks), None)
 
 
 def _tensor_bytes(tensor: TensorInfo, quant: Quantization, quantizable: Mapping[str, tuple[int, int]]) -> int:
@@ -234,8 +268,50 @@ def device_owner(name: str, device_map: Mapping[str, DeviceId]) -> DeviceId:
     return device_map[best]
 
 
-def _within(estimates: dict[DeviceId, DeviceEstimate], limits: Mapping[DeviceId, int | None]) -> bool:
-    return all(limits.get(d) is None or e.total_bytes <= limits[d] for d, e in estimates.items())  # type: ignore[operator]
+def _minus(after: DeviceEstimate | None, before: DeviceEstimate | None) -> DeviceEstimate:
+    """Term by term, what a device's estimate grew by."""
+    a, b = after or DeviceEstimate(), before or DeviceEstimate()
+    return DeviceEstimate(
+        a.weights_bytes - b.weights_bytes,
+        a.kv_cache_bytes - b.kv_cache_bytes,
+        a.workspace_bytes - b.workspace_bytes,
+        a.reserve_bytes - b.reserve_bytes,
+    )
+
+
+def _labels(costs: Sequence[BlockCost]) -> dict[str, str]:
+    """'layer N' for the N-th decoder layer (from 0), the block's own name for the rest."""
+    layers = [c.name for c in costs if c.kind == "layer"]
+    return {c.name: c.name for c in costs} | {name: f"layer {i}" for i, name in enumerate(layers)}
+
+
+def _step(
+    group: list[str],
+    label: str,
+    device: DeviceId,
+    before: dict[DeviceId, DeviceEstimate],
+    after: dict[DeviceId, DeviceEstimate],
+    limits: Mapping[DeviceId, int | None],
+    caps: Mapping[DeviceId, int],
+) -> PlacementStep:
+    """Judge one trial: placed if no device passes its weight cap or limit; else about the device that does (the tried
+    one first), with what the trial adds there and what it had left."""
+    capped = [d for d, cap in caps.items() if d in after and after[d].weights_bytes > cap]
+    over = [d for d, e in after.items() if limits.get(d) is not None and e.total_bytes > limits[d]]  # type: ignore[operator]
+    if capped:
+        d = device if device in capped else capped[0]
+        used = (before.get(d) or DeviceEstimate()).weights_bytes
+        return PlacementStep(tuple(group), label, device, False, d, _minus(after[d], before.get(d)), caps[d] - used,
+                             caps[d], capped=True)  # fmt: skip
+    if over:
+        d = device if device in over else over[0]
+        limit = limits[d]
+        left = None if limit is None else limit - (before.get(d) or DeviceEstimate()).total_bytes
+        return PlacementStep(tuple(group), label, device, False, d, _minus(after[d], before.get(d)), left, limit)
+    limit = limits.get(device)
+    left = None if limit is None else limit - (before.get(device) or DeviceEstimate()).total_bytes
+    return PlacementStep(tuple(group), label, device, True, device, _minus(after[device], before.get(device)), left,
+                         limit)  # fmt: skip
 
 
 def fill(
@@ -245,31 +321,80 @@ def fill(
     weight_caps: dict[DeviceId, int] | None = None,
 ) -> Placement:
     """Place blocks in model order, each on the current device while every device stays within `limits` (and
-    its weights within `weight_caps`), else on the next device. Blocks tied to an earlier block go where it went."""
+    its weights within `weight_caps`), else on the next device. Blocks tied to an earlier block go where it went.
+    Every trial is kept, as a PlacementStep, in the placement's `steps`."""
     caps = weight_caps or {}
+    labels = _labels(costs)
     partners: dict[str, list[str]] = {}
     for cost in costs:
         if cost.tied_to:
             partners.setdefault(cost.tied_to, []).append(cost.name)
     assignment: dict[str, DeviceId] = {}
+    estimates: dict[DeviceId, DeviceEstimate] = {}
     unplaced: list[str] = []
+    steps: list[PlacementStep] = []
     current = 0
     for cost in costs:
         if cost.name in assignment:
             continue
         group = [cost.name, *partners.get(cost.name, [])]
+        label = labels[cost.name] + "".join(f" (with {labels[p]}, tied to it)" for p in group[1:])
         while current < len(slots) and not unplaced:
             trial = dict(assignment)
             trial.update({name: slots[current].id for name in group})
             trial_estimates = estimate(trial, costs, slots)
-            capped = any(trial_estimates[d].weights_bytes > cap for d, cap in caps.items() if d in trial_estimates)
-            if not capped and _within(trial_estimates, limits):
-                assignment = trial
+            step = _step(group, label, slots[current].id, estimates, trial_estimates, limits, caps)
+            steps.append(step)
+            if step.placed:
+                assignment, estimates = trial, trial_estimates
                 break
             current += 1
         else:
             unplaced.extend(group)
-    return Placement(assignment, estimate(assignment, costs, slots), unplaced)
+    return Placement(assignment, estimate(assignment, costs, slots), unplaced, steps=steps)
+
+
+def _terms(need: DeviceEstimate) -> str:
+    """'weights 605.02 MiB, KV cache 80.00 MiB': the non-zero terms of what a step adds."""
+    terms = (("weights", need.weights_bytes), ("KV cache", need.kv_cache_bytes),
+             ("workspace", need.workspace_bytes), ("reserve", need.reserve_bytes))  # fmt: skip
+    return ", ".join(f"{name} {format_bytes(n)}" for name, n in terms if n)
+
+
+def explain_refusal(step: PlacementStep, slots: Sequence[Slot]) -> str:
+    """Why a block did not stay on a device, e.g. 'layer 33 needs 685.02 MiB (weights 605.02 MiB, KV cache 80.00
+    MiB); GPU 0 has 184.00 MiB left of 24.00 GiB'. A limit below the device's capacity is called its share (balanced
+    placement); a weight cap is called one."""
+    names = {s.id: s.name for s in slots}
+    capacity = {s.id: s.capacity_bytes for s in slots}
+    over = names.get(step.over, str(step.over))
+    where = "" if step.over == step.device else f" on {names.get(step.device, step.device)}, which runs on {over},"
+    if step.capped:
+        return (
+            f"{step.label}{where} needs {format_bytes(step.need_bytes)} of weights; {over} keeps at most "
+            f"{format_bytes(step.limit_bytes or 0)} of weights so that offloaded blocks can run there, "
+            f"{format_bytes(step.left_bytes or 0)} left"
+        )
+    limit = "unbounded" if step.limit_bytes is None else format_bytes(step.limit_bytes)
+    if step.limit_bytes is not None and step.limit_bytes != capacity.get(step.over):
+        limit = f"its share of {limit}"
+    left = "unbounded" if step.left_bytes is None else format_bytes(step.left_bytes)
+    need = f"{format_bytes(step.need_bytes)} ({_terms(step.need)})"
+    return f"{step.label}{where} needs {need}; {over} has {left} left of {limit}"
+
+
+def explain_steps(placement: Placement, slots: Sequence[Slot]) -> list[str]:
+    """One line per block that moved on to the next device: why, and where to (the fit log of `oneke-plan -v`)."""
+    names = {s.id: s.name for s in slots}
+    order = [s.id for s in slots]
+    lines = []
+    for step in placement.steps:
+        if step.placed:
+            continue
+        index = order.index(step.device) + 1
+        then = f"moving to {names[order[index]]}" if index < len(order) else "no device is left"
+        lines.append(f"{explain_refusal(step, slots)}; {then}")
+    return lines
 
 
 def _describe(placement: Placement, costs: Sequence[BlockCost], slots: Sequence[Slot]) -> list[str]:
@@ -304,7 +429,7 @@ def place(costs: Sequence[BlockCost], slots: Sequence[Slot], strategy: str = "fi
             share = {s.id: int((s.capacity_bytes or 0) * high) for s in gpu_only}
             placement = fill(costs, gpu_only, share)
             log.append(f"balanced: every GPU filled to at most {high:.1%} of its memory")
-            placement.log = log + _describe(placement, costs, slots)
+            placement.log = log + explain_steps(placement, slots) + _describe(placement, costs, slots)
             return placement
         log.append("balanced: the model does not fit on the GPUs alone, so GPUs are filled in order before offload")
     placement = fill(costs, slots, limits)
@@ -313,12 +438,21 @@ def place(costs: Sequence[BlockCost], slots: Sequence[Slot], strategy: str = "fi
     if not placement.fits and main is not None and any(s.id in OFFLOAD_DEVICES and s.id != main.id for s in slots):
         # Offloaded blocks run on the main device (the first GPU holding blocks, else the CPU), so their KV cache
         # and staging copy need room there: keep one block fewer on it at a time until the offloaded rest fits.
+        uncapped = placement
         kept = [c for c in costs if placement.assignment.get(c.name) == main.id]
         cap = sum(c.weights_bytes for c in kept)
         while kept and not placement.fits:
             cap -= kept.pop().weights_bytes
             placement = fill(costs, slots, limits, {main.id: cap})
         if placement.fits:
-            log.append(f"{main.name}: keeps fewer blocks so that offloaded blocks can run there")
-    placement.log = log + _describe(placement, costs, slots)
+            on_main = [list(p.assignment.values()).count(main.id) for p in (uncapped, placement)]
+            fewer = on_main[0] - on_main[1]
+            log.append(
+                f"{main.name}: keeps {fewer} block{'s' if fewer > 1 else ''} fewer than filling in order gives it (at "
+                f"most {format_bytes(cap)} of weights): offloaded blocks run there, and their KV cache and staging "
+                "copy need the room"
+            )
+        else:
+            placement = uncapped  # keeping fewer blocks did not help: report the plain fill
+    placement.log = log + explain_steps(placement, slots) + _describe(placement, costs, slots)
     return placement

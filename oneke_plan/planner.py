@@ -35,6 +35,7 @@ from oneke_plan.fit import (
     Slot,
     block_costs,
     device_owner,
+    explain_refusal,
     place,
 )
 from oneke_plan.inventory import Inventory, runs_bf16
@@ -432,6 +433,9 @@ class Planner:
             f"does not fit: {len(left)} blocks ({left[0].name} .. {left[-1].name}) are left over, "
             f"{format_bytes(left_bytes)} of weights and KV cache, after every device was filled:"
         ]
+        refusal = placement.first_refusal()
+        if refusal is not None:
+            lines.append(f"  first block that did not fit: {explain_refusal(refusal, plan.slots)}")
         for slot in plan.slots:
             est = placement.estimates.get(slot.id)
             used = est.total_bytes if est else 0
@@ -470,6 +474,8 @@ class Planner:
             settings = replace(settings, workload=replace(settings.workload, **{solve: best}))
             solved = f"the largest {solve} that fits is {best}"
         plan = self.plan(inventory, settings)
+        if solve:
+            plan.log.append(self._why_not_more(inventory, settings, solve))
         profile = self.profile(plan, inventory)  # raises DoesNotFit with what would fit
         gpu_only = None
         if inventory.gpus and {"cpu", "disk"} & set(profile.device_map.values()):
@@ -548,6 +554,17 @@ class Planner:
         used = {i for g in groups for i in g}
         unused = [g.index for g in inventory.gpus if g.index not in used]
         return PlanResult(plans[0], first, solved, None, plans, unused)
+
+    def _why_not_more(self, inventory: Inventory, settings: PlanSettings, what: str) -> str:
+        """Why --solve stopped where it did: what the next value's plan could not place, or the bound it hit."""
+        value = getattr(settings.workload, what)
+        flag = f"--{what.replace('_', '-')}"
+        if value >= (self._max_input(settings) if what == "max_input_tokens" else MAX_SOLVED_BATCH):
+            return f"solve: {flag} {value}, the most this model's positions (or the search) allow"
+        more = self.plan(inventory, replace(settings, workload=replace(settings.workload, **{what: value + 1})))
+        refusal = more.placement.first_refusal()
+        why = explain_refusal(refusal, more.slots) if refusal is not None else "it does not fit"
+        return f"solve: {flag} {value} fits; at {value + 1}, {why}"
 
     def _max_input(self, settings: PlanSettings) -> int:
         return (self.layout.max_position_embeddings or 1 << 20) - settings.workload.max_new_tokens

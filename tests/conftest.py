@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu
-from oneke_plan.tiny import build_tiny_llama
+# The random checkpoint builder is a development tool, not part of the package: tools/tiny_checkpoint.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+from tiny_checkpoint import build_tiny_llama  # noqa: E402
+
+from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu  # noqa: E402
 
 # Version-specific tests (CI runs the oldest versions pyproject allows as well as the newest).
 needs_bnb_on_cpu = pytest.mark.skipif(
@@ -17,6 +22,45 @@ needs_bnb_on_cpu = pytest.mark.skipif(
 )
 
 DEEPKE_DIR = Path(__file__).parent.parent / "examples" / "deepke"
+
+_META_MODELS: dict[tuple[str, str, str | None], object] = {}
+
+
+def transformers_meta_model(config, dtype: str = "bfloat16", attn: str | None = None):  # type: ignore[no-untyped-def]
+    """transformers' own AutoModelForCausalLM.from_config(config) on torch's meta device, weights tied: a build
+    independent of the planner's (no planner or layout code), to check plans against. Cached per config, dtype and
+    attention implementation."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from oneke_plan.compat import dtype_kw
+
+    key = (config.to_json_string(), dtype, attn)
+    if key not in _META_MODELS:
+        extra = {"attn_implementation": attn} if attn else {}
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, **dtype_kw(getattr(torch, dtype)), **extra)
+        model.tie_weights()
+        _META_MODELS[key] = model
+    return _META_MODELS[key]
+
+
+def quant_state_tensors(param) -> list:  # type: ignore[no-untyped-def]
+    """The tensors bitsandbytes keeps beside a quantized weight: SCB (8-bit), or the 4-bit QuantState's."""
+    extra = []
+    if getattr(param, "SCB", None) is not None:
+        extra.append(param.SCB)
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        extra += [state.absmax, state.code]
+        if getattr(state, "offset", None) is not None:
+            extra.append(state.offset)
+        if getattr(state, "state2", None) is not None:
+            extra += [state.state2.absmax, state.state2.code]
+    return extra
 
 
 @pytest.fixture(scope="session")

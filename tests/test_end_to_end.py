@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_architectures import TABLE, TRANSFORMERS_4, Arch
 from test_generation import alone, frequent_stop
+from tiny_checkpoint import build_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oneke_plan.cli.plan import main as plan_main
@@ -25,7 +26,6 @@ from oneke_plan.compat import dtype_kw
 from oneke_plan.extract import read_converted
 from oneke_plan.generation import Encoded
 from oneke_plan.runner import encode_prompts
-from oneke_plan.tiny import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

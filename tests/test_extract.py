@@ -170,7 +170,11 @@ def test_read_raw_ids_source_and_keys(tmp_path: Path) -> None:
     records = extract.read_raw(path, "NER", ["人物", "地点", "组织", "时间", "作品", "职位", "事件"], "zh", 4)
     first, second = hashlib.sha256("张三在北京".encode()).hexdigest(), hashlib.sha256("李四".encode()).hexdigest()
     assert [(r.key, r.id) for r in records] == [("1:0", first), ("1:1", first), ("2:0", second), ("2:1", second)]
-    assert records[0].instruction == oneke.make_instruction("NER", ["人物", "地点", "组织", "时间"], "张三在北京", "zh")
+    # by hand: the authors' key order, their NER text, the first chunk of 4, unescaped Chinese
+    assert records[0].instruction == (
+        '{"instruction": "' + oneke.INSTRUCTIONS["NER"]["zh"] + '", "schema": ["人物", "地点", "组织", "时间"], '
+        '"input": "张三在北京"}'
+    )
     assert records[0].extra == {"task": "NER", "source": "mydata"}  # the folder name, as the authors' source
     assert records[3].extra == {"task": "NER", "source": "mine", "input_id": 7, "note": "x"}
     assert records[0].extra is not records[1].extra
@@ -232,12 +236,13 @@ def test_read_raw_description_schema_is_one_prompt_and_examples_go_in_every_prom
     assert json.loads(record.instruction)["schema"] == described
     example = [{"input": "张三", "output": {"人物": ["张三"]}}]
     records = extract.read_raw(path, "RE", [f"r{i}" for i in range(8)], "zh", example=example)
-    assert len(records) == 2
-    for record in records:
-        assert record.instruction == oneke.make_instruction(
-            "RE", json.loads(record.instruction)["schema"], "文本", "zh", example
-        )
-        assert list(json.loads(record.instruction)) == ["instruction", "schema", "example", "input"]
+    # by hand: RE's chunks of 4, each prompt with the few-shot suffix and the example before the input
+    instruction = oneke.INSTRUCTIONS["RE"]["zh"] + "你可以参考example进行抽取。"
+    assert [record.instruction for record in records] == [
+        '{"instruction": "' + instruction + '", "schema": ' + json.dumps(chunk) + ', "example": [{"input": "张三", '
+        '"output": {"人物": ["张三"]}}], "input": "文本"}'
+        for chunk in (["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"])
+    ]
     with pytest.raises(BadInput, match="few-shot"):
         extract.read_raw(path, "RE", ["r"], "en", example=example)
 

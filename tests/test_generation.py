@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import needs_bnb_on_cpu
+from tiny_checkpoint import build_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oneke_plan import generation
@@ -26,7 +27,6 @@ from oneke_plan.compat import dtype_kw
 from oneke_plan.extract import read_converted
 from oneke_plan.generation import Encoded, GreedyGenerator, length_batches, prefix_groups
 from oneke_plan.runner import encode_prompts
-from oneke_plan.tiny import build_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -199,7 +199,7 @@ def test_peak_cache_is_what_the_plan_charges(request: pytest.FixtureRequest, fix
     them (the waiting prompt takes it from a row). The plan charges B x (L + N) positions per layer: one position
     more per row, as documented, and nothing else is held."""
     from oneke_plan.inventory import Inventory
-    from oneke_plan.memory import Workload, kv_cache_bytes_per_token
+    from oneke_plan.memory import Workload
     from oneke_plan.model_source import resolve_model
     from oneke_plan.planner import Planner, PlanSettings
 
@@ -218,7 +218,8 @@ def test_peak_cache_is_what_the_plan_charges(request: pytest.FixtureRequest, fix
         Inventory((), 1 << 30), PlanSettings(Workload(length, new, batch), dtype="float32", cpu_reserve_bytes=0)
     )
     planned = sum(e.kv_cache_bytes for e in plan.placement.estimates.values())
-    per_position = kv_cache_bytes_per_token(planner.layout.attention, 4) * planner.layout.num_layers
+    config = json.loads((directory / "config.json").read_text())  # by hand: K and V, float32, every layer
+    per_position = 2 * config["num_key_value_heads"] * config["head_dim"] * 4 * config["num_hidden_layers"]
     assert generator.stats.peak_cache_bytes == batch * (length + new - 1) * per_position
     assert planned == generator.stats.peak_cache_bytes + batch * per_position
     assert generator.stats.prefixes_computed == 1 and generator.stats.prefixes_reused == 1  # from a finished row

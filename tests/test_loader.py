@@ -373,7 +373,7 @@ def test_device_owner_agrees_with_where_accelerate_puts_each_weight(tmp_path: Pa
     """fit.device_owner (the planner's, the loader's and the weight table's reading of a device_map) against where
     transformers and accelerate really put each parameter: layer 1 and lm_head on disk (left on meta, fetched by
     hooks), layer 10 (whose name starts with layer 1's) and the rest on the CPU."""
-    from oneke_plan.tiny import build_tiny_llama
+    from tiny_checkpoint import build_tiny_llama
 
     model_dir = build_tiny_llama(tmp_path / "eleven", num_hidden_layers=11)
     device_map: dict[str, int | str] = {f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(11)}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_bnb_on_cpu
+from conftest import needs_bnb_on_cpu, quant_state_tensors
+from tiny_checkpoint import build_tiny_llama
 
 from oneke_plan.fit import block_weights_bytes, device_owner
 from oneke_plan.inventory import Gpu, Inventory
@@ -26,7 +27,6 @@ from oneke_plan.memory import (
 )
 from oneke_plan.model_source import resolve_model
 from oneke_plan.planner import Planner, PlanSettings
-from oneke_plan.tiny import build_tiny_llama
 
 MiB = 2**20
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -55,19 +55,6 @@ def _from_pretrained(directory: Path, **kwargs):
     return model.eval()
 
 
-def _quant_state_tensors(param) -> list[torch.Tensor]:
-    """The tensors bitsandbytes keeps beside a quantized weight: SCB (8-bit), or the 4-bit QuantState's."""
-    extra = []
-    if getattr(param, "SCB", None) is not None:
-        extra.append(param.SCB)
-    state = getattr(param, "quant_state", None)
-    if state is not None:
-        extra += [state.absmax, state.code]
-        if getattr(state, "offset", None) is not None:
-            extra.append(state.offset)
-        if getattr(state, "state2", None) is not None:
-            extra += [state.state2.absmax, state.state2.code]
-    return extra
 
 
 def _measured_bytes_by_owner(model, keys) -> dict[str, int]:
@@ -81,7 +68,7 @@ def _measured_bytes_by_owner(model, keys) -> dict[str, int]:
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, tensor in named:
         owner = device_owner(name, owners)
-        for t in [tensor, *_quant_state_tensors(tensor)]:
+        for t in [tensor, *quant_state_tensors(tensor)]:
             ptr = t.untyped_storage().data_ptr()
             if ptr in seen:
                 continue
@@ -226,7 +213,7 @@ LINEAR_SHAPES = [
 
 def _linear_bytes(module) -> int:
     weight = module.weight
-    tensors = [weight, *_quant_state_tensors(weight)]
+    tensors = [weight, *quant_state_tensors(weight)]
     return sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
 
 
@@ -317,7 +304,9 @@ def test_gqa_uses_num_key_value_heads(tiny_model_dir: Path, tiny_gqa_dir: Path) 
     gqa = Planner(resolve_model(str(tiny_gqa_dir))).layout.attention
     assert (mha.num_attention_heads, mha.num_key_value_heads) == (4, 4)
     assert (gqa.num_attention_heads, gqa.num_key_value_heads) == (4, 2)
-    assert kv_cache_bytes_per_token(gqa, 2) * 2 == kv_cache_bytes_per_token(mha, 2)
+    # by hand: K and V, num_key_value_heads x head_dim (64 / 4 = 16) values of 2 bytes, per position and layer
+    assert kv_cache_bytes_per_token(mha, 2) == 2 * 4 * 16 * 2
+    assert kv_cache_bytes_per_token(gqa, 2) == 2 * 2 * 16 * 2
 
 
 # -- OneKE: the README's numbers ---------------------------------------------------------------------------------

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from conftest import transformers_meta_model
 
-from oneke_plan.compat import dtype_kw
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.fit import device_owner
 from oneke_plan.inventory import build_inventory
@@ -115,24 +114,6 @@ def random_cells(rng: random.Random, scale: Scale, count: int, max_positions: in
     return cells
 
 
-# -- an independent build: transformers' own from_config under torch's meta device -------------------------------
-_FRESH: dict[tuple[str, str, str], Any] = {}
-
-
-def fresh_meta_model(key: str, config: Any, dtype: str, attn: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    if (key, dtype, attn) not in _FRESH:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_config(
-                config, **dtype_kw(getattr(torch, dtype)), attn_implementation=attn
-            )
-        model.tie_weights()
-        _FRESH[key, dtype, attn] = model
-    return _FRESH[key, dtype, attn]
-
-
 def check_profile_independently(model: Any, profile: Any) -> None:
     from accelerate.utils import check_device_map
 
@@ -182,7 +163,7 @@ def probe(planner: Planner, key: str, cells: list[Cell], tmp_path: Path) -> dict
             pytest.fail(f"{key}: {cell.describe()}: internal error {type(exc).__name__}: {exc}")
         exits[0] += 1
         profile = result.profile
-        fresh = fresh_meta_model(key, planner.config, profile.dtype, profile.attn_implementation)
+        fresh = transformers_meta_model(planner.config, profile.dtype, profile.attn_implementation)
         try:
             check_profile_independently(fresh, profile)
         except (AssertionError, KeyError, ValueError) as exc:
@@ -221,7 +202,7 @@ def test_reported_oneke_cells_write_a_profile(gpus: tuple[str, ...], batch: int)
     planner = Planner(resolve_model("oneke"))
     inventory = build_inventory(list(gpus), cpu_memory="0")
     result = planner.plan_profile(inventory, PlanSettings(Workload(512, 512, batch)))
-    fresh = fresh_meta_model("oneke", planner.config, result.profile.dtype, result.profile.attn_implementation)
+    fresh = transformers_meta_model(planner.config, result.profile.dtype, result.profile.attn_implementation)
     check_profile_independently(fresh, result.profile)
     assert device_owner("lm_head", result.profile.device_map) == result.plan.placement.assignment["lm_head"]
 
@@ -229,7 +210,7 @@ def test_reported_oneke_cells_write_a_profile(gpus: tuple[str, ...], batch: int)
 def test_reported_qwen_tied_on_a_2gib_card(tmp_path: Path, tiny_tied_dir: Path) -> None:
     planner = planner_for("qwen2.5-0.5b", tiny_tied_dir, tmp_path)
     result = planner.plan_profile(build_inventory(["2GiB"], cpu_memory="4GiB"), PlanSettings(Workload(512, 512, 4)))
-    fresh = fresh_meta_model("qwen2.5-0.5b", planner.config, "bfloat16", "sdpa")
+    fresh = transformers_meta_model(planner.config, "bfloat16", "sdpa")
     check_profile_independently(fresh, result.profile)
     device_map = result.profile.device_map
     assert "cpu" in device_map.values()  # the tail is offloaded ...

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_checkpoint import build_tiny_llama
 from transformers import AutoModelForCausalLM
 
 from oneke_plan.cli.plan import main as plan_main
@@ -31,7 +32,6 @@ from oneke_plan.model_source import resolve_model
 from oneke_plan.planner import Planner, PlanSettings
 from oneke_plan.profile import read_profile
 from oneke_plan.sizes import GiB
-from oneke_plan.tiny import build_tiny_llama
 
 SMALL = PlanSettings(Workload(16, 4, 1))
 

@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
-from oneke_plan.tiny import (
+from tiny_checkpoint import (
     build_tiny_llama,
     build_tokenizer,
     checkpoint_num_parameters,
     main,
     write_checkpoint,
 )
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 ALL_FIXTURES = ["tiny_model_dir", "tiny_gqa_dir", "tiny_tied_dir", "tiny_sharded_dir"]
 SYSTEM = "You are a helpful assistant. 你是一个乐于助人的助手。"

@@ -7,10 +7,10 @@ so this module writes such a checkpoint from scratch: a byte-level BPE tokenizer
 of OneKE prompt text (Chinese and English), and random but seed-deterministic weights stored under the
 checkpoint keys of ``LlamaForCausalLM``.
 
-Only torch, transformers, safetensors, tokenizers and the standard library are used, so the module can be
-imported by anything in the project without import cycles.
+A development tool, not part of the installed package (it needs ``tokenizers``, a dev dependency): tests/conftest.py
+and bench/common.py put this folder on ``sys.path`` and import it as ``tiny_checkpoint``.
 
-CLI: ``python -m oneke_plan.tiny OUT_DIR [--layers N --hidden H ...]`` builds one, prints its path and size.
+CLI: ``python tools/tiny_checkpoint.py OUT_DIR [--layers N --hidden H ...]`` builds one, prints its path and size.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from oneke_plan.oneke import EXAMPLE_SUFFIX, INSTRUCTIONS, SYSTEM_PROMPT, TASKS
 
 __all__ = [
     "BOS_TOKEN",
@@ -55,46 +57,26 @@ DEFAULT_VOCAB_SIZE = 1024
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
-# The text the tokenizer learns its merges from: OneKE's system prompt and instruction texts (verbatim, see
-# shared/oneke/README.md), the shapes of its schemas and answers, and a few ordinary sentences. Merges learnt
-# here make OneKE prompts a few hundred tokens long, like the real tokenizer, instead of one token per byte.
-_SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
-_INSTRUCTIONS = (
-    "你是专门进行实体抽取的专家。请从input中抽取出符合schema定义的实体，不存在的实体类型返回空列表。"
-    "请按照JSON字符串的格式回答。",
-    "You are an expert in named entity recognition. Please extract entities that match the schema definition "
-    "from the input. Return an empty list if the entity type does not exist. Please respond in the format "
-    "of a JSON string.",
-    "你是专门进行关系抽取的专家。请从input中抽取出符合schema定义的关系三元组，不存在的关系返回空列表"
-    "。请按照JSON字符串的格式回答。",
-    "You are an expert in relationship extraction. Please extract relationship triples that match the "
-    "schema definition from the input. Return an empty list for relationships that do not exist. Please "
-    "respond in the format of a JSON string.",
-    "你是专门进行事件提取的专家。请从input中抽取出符合schema定义的事件，不存在的事件返回空列表，不存"
-    "在的论元返回NAN，如果论元存在多值请返回列表。请按照JSON字符串的格式回答。",
-    "You are an expert in event extraction. Please extract events from the input that conform to the "
-    "schema definition. Return an empty list for events that do not exist, and return NAN for arguments "
-    "that do not exist. If an argument has multiple values, please return a list. Respond in the format "
-    "of a JSON string.",
-    "你是专门进行事件提取的专家。请从input中抽取出符合schema定义的事件类型及事件触发词，不存在的事件"
-    "返回空列表。请按照JSON字符串的格式回答。",
-    "You are an expert in event extraction. Please extract event types and event trigger words from the "
-    "input that conform to the schema definition. Return an empty list for non-existent events. Please "
-    "respond in the format of a JSON string.",
-    "你是专门进行事件论元提取的专家。请从input中抽取出符合schema定义的事件论元及论元角色，不存在的论"
-    "元返回NAN或空字典，如果论元存在多值请返回列表。请按照JSON字符串的格式回答。",
-    "You are an expert in event argument extraction. Please extract event arguments and their roles from "
-    "the input that conform to the schema definition, which already includes event trigger words. If "
-    "an argument does not exist, return NAN or an empty dictionary. Please respond in the format of a "
-    "JSON string.",
-    "你是一个图谱实体知识结构化专家。根据输入实体类型(entity type)的schema描述，从文本中抽取出相应的"
-    "实体实例和其属性信息，不存在的属性不输出, 属性存在多值就返回列表，并输出为可解析的json格式。你可"
-    "以参考example进行抽取。",
-    "You are an expert in structured knowledge systems for graph entities. Based on the schema description "
-    "of the input entity type, you extract the corresponding entity instances and their attribute "
-    "information from the text. Attributes that do not exist should not be output. If an attribute has "
-    "multiple values, a list should be returned. The results should be output in a parsable JSON format.",
-)
+# The text the tokenizer learns its merges from: OneKE's system prompt and instruction texts (from
+# oneke_plan.oneke, verbatim as the authors publish them), the shapes of its schemas and answers, and a few ordinary
+# sentences. Merges learnt here make OneKE prompts a few hundred tokens long, like the real tokenizer, instead of one
+# token per byte.
+
+
+def _instruction_texts() -> tuple[str, ...]:
+    """Every distinct instruction text (zh, en per task, in oneke.TASKS order), the few-shot suffix appended to
+    KG's Chinese one: the corpus every earlier checkpoint was trained on, so the tokenizer's merges, and with them
+    every test checkpoint, stay byte for byte what they were."""
+    texts: list[str] = []
+    for task in TASKS:
+        for lang, text in INSTRUCTIONS[task].items():
+            if task == "KG" and lang == "zh":
+                text += EXAMPLE_SUFFIX["zh"]
+            if text not in texts:
+                texts.append(text)
+    return tuple(texts)
+
+
 _SHAPES = (
     '{"instruction": "", "schema": ["人物", "地理位置", "组织机构"], "input": ""}',
     '[{"event_type": "组织关系-裁员", "trigger": true, "arguments": ["时间", "裁员人数", "裁员方"]}]',
@@ -119,7 +101,7 @@ _SENTENCES = (
 
 def default_corpus() -> list[str]:
     """The built-in training text: small (about 4 KB) so training takes milliseconds, yet OneKE-shaped."""
-    return [_SYSTEM_PROMPT, *_INSTRUCTIONS, *_SHAPES, *_SENTENCES]
+    return [SYSTEM_PROMPT, *_instruction_texts(), *_SHAPES, *_SENTENCES]
 
 
 def train_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
@@ -452,7 +434,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m oneke_plan.tiny", description="Build a tiny random LLaMA checkpoint."
+        prog="python tools/tiny_checkpoint.py", description="Build a tiny random LLaMA checkpoint."
     )
     parser.add_argument("out_dir", type=Path, help="directory to write the checkpoint into")
     parser.add_argument("--layers", type=int, default=4, help="num_hidden_layers")
