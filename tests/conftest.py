@@ -48,6 +48,15 @@ def transformers_meta_model(config, dtype: str = "bfloat16", attn: str | None = 
     return _META_MODELS[key]
 
 
+def accelerate_device(name: str, device_map: dict):  # type: ignore[no-untyped-def]
+    """The device_map entry that covers tensor or module `name`, by accelerate's own rule (the walk up the dotted
+    name that its checkpoint loading does): an independent route to oneke_plan.fit.device_owner's answer. Raises
+    ValueError when no key covers `name`."""
+    from accelerate.utils.modeling import _get_param_device
+
+    return _get_param_device(name, device_map)
+
+
 def quant_state_tensors(param) -> list:  # type: ignore[no-untyped-def]
     """The tensors bitsandbytes keeps beside a quantized weight: SCB (8-bit), or the 4-bit QuantState's."""
     extra = []

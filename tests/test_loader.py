@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights, load_checkpoint_in_model
-from conftest import needs_bnb_on_cpu
+from conftest import accelerate_device, needs_bnb_on_cpu
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -251,7 +251,7 @@ def test_disk_offload_profile_logits_equal_from_pretrained(
         buffers = sum(  # rotary inv_freq buffers: model-wide on transformers 5, per layer on 4.x
             b.numel() * b.element_size()
             for name, b in model.named_buffers()
-            if device_owner(name, profile.device_map) == "disk"
+            if accelerate_device(name, profile.device_map) == "disk"
         )
         assert measured == {"cpu": planned["cpu"], "disk": on_disk + buffers}
         assert measured["disk"] < planned["disk"]

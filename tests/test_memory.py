@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_bnb_on_cpu, quant_state_tensors
+from conftest import accelerate_device, needs_bnb_on_cpu, quant_state_tensors
 from tiny_checkpoint import build_tiny_llama
 
-from oneke_plan.fit import block_weights_bytes, device_owner
+from oneke_plan.fit import block_weights_bytes
 from oneke_plan.inventory import Gpu, Inventory
 from oneke_plan.layout import attention_shape
 from oneke_plan.memory import (
@@ -64,10 +64,10 @@ def _measured_bytes_by_owner(model, keys) -> dict[str, int]:
     """
     seen: set[int] = set()
     out: dict[str, int] = {}
-    owners = {key: key for key in keys}  # device_owner's longest-prefix rule, for device_map keys and block names
+    owners = {key: key for key in keys}  # accelerate's rule for device_map keys, used for block names too
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, tensor in named:
-        owner = device_owner(name, owners)
+        owner = accelerate_device(name, owners)
         for t in [tensor, *quant_state_tensors(tensor)]:
             ptr = t.untyped_storage().data_ptr()
             if ptr in seen:
