@@ -72,6 +72,26 @@ def quant_state_tensors(param) -> list:  # type: ignore[no-untyped-def]
     return extra
 
 
+def storage_bytes_by_owner(model, keys) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Bytes of every parameter, buffer and bitsandbytes quant-state tensor, grouped by owning key.
+
+    Each storage is counted once (tied weights share one), at its real size (untyped_storage().nbytes()).
+    """
+    seen: set[int] = set()
+    out: dict[str, int] = {}
+    owners = {key: key for key in keys}  # accelerate's rule for device_map keys, used for block names too
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        owner = accelerate_device(name, owners)
+        for t in [tensor, *quant_state_tensors(tensor)]:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            out[owner] = out.get(owner, 0) + t.untyped_storage().nbytes()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default tiny model: bf16, 4 layers, hidden 64, untied, one safetensors file."""
