@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import llama2_zh_token_count
 from transformers import AutoTokenizer
 
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.extract import read_converted
 from oneke_plan.outputs import RunOutput, journal_path
-from oneke_plan.runner import encode_prompts
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -196,7 +196,7 @@ def test_too_long_prompts_are_reported_not_cut(
     source = deepke_dir / "NER" / "test.json"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     records = read_converted(source)
-    lengths = {records[e.index].key: len(e.ids) for e in encode_prompts(tokenizer, records)}
+    lengths = {r.key: llama2_zh_token_count(tokenizer, r.instruction) for r in records}
     too_long = {key for key, n in lengths.items() if n > limit}
     assert too_long and len(too_long) < len(records)
 
