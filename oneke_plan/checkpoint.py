@@ -14,6 +14,7 @@ from typing import Any
 
 from oneke_plan import jsonfile
 from oneke_plan.errors import BadInput
+from oneke_plan.limits import MAX_JSON_BYTES
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -213,8 +214,10 @@ def explain_mismatch(mismatch: Mismatch, where: Path) -> str:
 
 def _index_shards(index: Path) -> tuple[dict[str, str], tuple[Path, ...]]:
     """(tensor name -> shard file name, the shard files in the order transformers reads them: sorted names) of a
-    checkpoint index. Raises what reading or indexing malformed JSON raises (OSError, ValueError, KeyError, ...)."""
-    weight_map = jsonfile.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    checkpoint index. Raises BadInput for an index over the JSON size bound, else what reading or indexing
+    malformed JSON raises (OSError, ValueError, KeyError, ...)."""
+    text = jsonfile.read_bounded(index, MAX_JSON_BYTES, "download the checkpoint's index again").decode("utf-8")
+    weight_map = jsonfile.loads(text)["weight_map"]
     return weight_map, tuple(index.parent / name for name in sorted(set(weight_map.values())))
 
 
@@ -227,7 +230,7 @@ def find_weight_files(directory: Path) -> list[Path]:
         if index.is_file():
             try:
                 return list(_index_shards(index)[1])
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            except (BadInput, OSError, ValueError, KeyError, TypeError, AttributeError):
                 return []
         if (directory / single_name).is_file():
             return [directory / single_name]
