@@ -48,15 +48,15 @@ def transformers_meta_model(config, dtype: str = "bfloat16", attn: str | None = 
     return _META_MODELS[key]
 
 
-def llama2_zh_token_count(tokenizer, instruction: str) -> int:  # type: ignore[no-untyped-def]
-    """Tokens of DeepKE's llama2_zh chat prompt around `instruction`, BOS included: the template written out here
+def llama2_zh_ids(tokenizer, instruction: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """Token ids of DeepKE's llama2_zh chat prompt around `instruction`, BOS included: the template written out here
     (/work/shared/oneke/README.md, "Prompt format"), not oneke.chat_prompt or runner.encode_prompts."""
     prompt = (
         "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n" + instruction + " [/INST]"
     )
-    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     assert ids[0] == tokenizer.bos_token_id
-    return len(ids)
+    return ids
 
 
 def accelerate_device(name: str, device_map: dict):  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import llama2_zh_token_count
+from conftest import llama2_zh_ids
 from transformers import AutoTokenizer
 
 from oneke_plan.cli.plan import main as plan_main
@@ -196,7 +196,7 @@ def test_too_long_prompts_are_reported_not_cut(
     source = deepke_dir / "NER" / "test.json"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     records = read_converted(source)
-    lengths = {r.key: llama2_zh_token_count(tokenizer, r.instruction) for r in records}
+    lengths = {r.key: len(llama2_zh_ids(tokenizer, r.instruction)) for r in records}
     too_long = {key for key, n in lengths.items() if n > limit}
     assert too_long and len(too_long) < len(records)
 

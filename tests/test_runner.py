@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import llama2_zh_token_count
+from conftest import llama2_zh_ids
 from test_generation import alone as transformers_alone
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -219,7 +219,7 @@ def test_runner_does_not_swallow_other_errors(tokenizer: Any, ner_records: list,
 
 
 def test_runner_reports_too_long_prompts_without_cutting(tokenizer: Any, ner_records: list, tmp_path: Path) -> None:
-    lengths = {r.key: llama2_zh_token_count(tokenizer, r.instruction) for r in ner_records}
+    lengths = {r.key: len(llama2_zh_ids(tokenizer, r.instruction)) for r in ner_records}
     limit = sorted(lengths.values())[len(lengths) // 2]
     seen: list[int] = []
 
