@@ -225,8 +225,6 @@ def _profile_target(path: Path, overwrite: bool, model_dir: Path | None) -> os.s
 
     if path.is_dir():
         raise BadInput(f"-o {path}: is a folder; give a file name such as {path}/machine.yaml")
-    if not path.parent.exists():
-        raise BadInput(f"-o {path}: folder {path.parent} does not exist; create it first")
     existing = replaceable_stat(path, "-o")
     if existing is None:
         return None

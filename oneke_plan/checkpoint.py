@@ -14,6 +14,7 @@ from typing import Any
 
 from oneke_plan import jsonfile
 from oneke_plan.errors import BadInput
+from oneke_plan.limits import MAX_JSON_BYTES
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -38,11 +39,23 @@ _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
 
 
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses headers over 100 MB
+
+
+def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(header length in bytes, the JSON header without `__metadata__`) of a safetensors file: 8 bytes of length,
+    little-endian, then that many bytes of JSON. Raises ValueError for a header over 100 MB, OSError if unreadable."""
+    with file.open("rb") as raw:
+        size = int.from_bytes(raw.read(8), "little")
+        if size > _MAX_HEADER_BYTES:
+            raise ValueError(f"header of {size} bytes, over safetensors' own limit of 100 MB")
+        meta = json.loads(raw.read(size))
+    return size, {k: v for k, v in meta.items() if k != "__metadata__"}
+
+
 def _safetensors_dtypes(file: Path) -> dict[str, str]:
     """name -> torch dtype name, from a (checked) safetensors file's header."""
-    with file.open("rb") as raw:
-        meta = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
-    return {k: _SAFETENSORS_DTYPES.get(v.get("dtype", ""), "") for k, v in meta.items() if k != "__metadata__"}
+    return {k: _SAFETENSORS_DTYPES.get(v.get("dtype", ""), "") for k, v in _safetensors_header(file)[1].items()}
 
 
 def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -53,13 +66,9 @@ def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     try:
         with safe_open(str(file), framework="pt") as handle:
             keys = set(handle.keys())
-        size = file.stat().st_size
-        header = int.from_bytes(file.open("rb").read(8), "little")
-        with file.open("rb") as raw:
-            raw.seek(8)
-            meta = json.loads(raw.read(header))
-        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-        if 8 + header + end > size:
+        header, meta = _safetensors_header(file)
+        end = max((v["data_offsets"][1] for v in meta.values()), default=0)
+        if 8 + header + end > file.stat().st_size:
             raise ValueError("file shorter than its header says")
         return {key: tuple(meta[key]["shape"]) for key in keys}
     except Exception as exc:  # safetensors raises its own error types
@@ -101,10 +110,9 @@ def read_checkpoint(directory: Path) -> Checkpoint:
         index = directory / index_name
         if index.is_file():
             try:
-                weight_map = jsonfile.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError):
+                weight_map, shards = _index_shards(index)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise BadInput(f"{index}: not a valid checkpoint index (no weight_map)") from None
-            shards = tuple(directory / name for name in sorted(set(weight_map.values())))
             shapes: dict[str, tuple[int, ...]] = {}
             for shard in shards:
                 shapes.update(reader(shard))
@@ -204,7 +212,13 @@ def explain_mismatch(mismatch: Mismatch, where: Path) -> str:
     return "\n".join(lines)
 
 
-_MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses headers over 100 MB
+def _index_shards(index: Path) -> tuple[dict[str, str], tuple[Path, ...]]:
+    """(tensor name -> shard file name, the shard files in the order transformers reads them: sorted names) of a
+    checkpoint index. Raises BadInput for an index over the JSON size bound, else what reading or indexing
+    malformed JSON raises (OSError, ValueError, KeyError, ...)."""
+    text = jsonfile.read_bounded(index, MAX_JSON_BYTES, "download the checkpoint's index again").decode("utf-8")
+    weight_map = jsonfile.loads(text)["weight_map"]
+    return weight_map, tuple(index.parent / name for name in sorted(set(weight_map.values())))
 
 
 def find_weight_files(directory: Path) -> list[Path]:
@@ -215,9 +229,8 @@ def find_weight_files(directory: Path) -> list[Path]:
         index = directory / index_name
         if index.is_file():
             try:
-                weight_map = jsonfile.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                return [directory / name for name in sorted(set(weight_map.values()))]
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return list(_index_shards(index)[1])
+            except (BadInput, OSError, ValueError, KeyError, TypeError, AttributeError):
                 return []
         if (directory / single_name).is_file():
             return [directory / single_name]
@@ -233,12 +246,7 @@ def checkpoint_dtype(directory: Path) -> str | None:
     first = files[0]
     try:
         if first.suffix == ".safetensors":
-            with first.open("rb") as raw:
-                size = int.from_bytes(raw.read(8), "little")
-                if size > _MAX_HEADER_BYTES:
-                    return None
-                header = json.loads(raw.read(size))
-            dtypes = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
+            dtypes = [v["dtype"] for v in _safetensors_header(first)[1].values()]
             floats = ("BF16", "F16", "F32", "F64")
             return next((_SAFETENSORS_DTYPES[d] for d in dtypes if d in floats), None)
         import torch

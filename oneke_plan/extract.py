@@ -31,6 +31,7 @@ from oneke_plan import jsonfile, oneke
 from oneke_plan.errors import BadInput
 from oneke_plan.files import os_error
 from oneke_plan.limits import MAX_INPUT_BYTES, MAX_JSON_BYTES
+from oneke_plan.sizes import format_bytes
 
 ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
 """Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
@@ -103,7 +104,7 @@ def _json_object(path: str | os.PathLike[str], number: int, line: str) -> dict[s
     """The JSON object on one input line; BadInput naming the line otherwise."""
     if len(line) > MAX_JSON_BYTES:
         raise BadInput(
-            f"{path}, line {number}: longer than {MAX_JSON_BYTES // 2**20} MiB, far beyond any prompt a model reads: "
+            f"{path}, line {number}: longer than {format_bytes(MAX_JSON_BYTES)}, far beyond any prompt a model reads: "
             "fix or remove the line"
         )
     try:

@@ -45,11 +45,22 @@ def _kind(mode: int) -> str | None:
     return None if stat.S_ISREG(mode) else "not a regular file"
 
 
+def require_folder(path: str | os.PathLike[str], flag: str = "") -> None:
+    """BadInput unless the folder `path` would be written in exists: the one wording for every file the tools write
+    (`flag`: the option that named `path`, if any)."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        where = f"{flag} {path}" if flag else f"{path}"
+        raise BadInput(f"{where}: folder {folder} does not exist; create it first")
+
+
 def replaceable_stat(path: str | os.PathLike[str], flag: str) -> os.stat_result | None:
-    """The lstat of `path` if it is a regular file with one link, None if it does not exist; BadInput otherwise.
+    """The lstat of `path` if it is a regular file with one link, None if it does not exist; BadInput otherwise,
+    and when its folder does not exist (require_folder).
 
     Says nothing about whose file it is: callers check that (their own output, or --overwrite) before replacing.
     """
+    require_folder(path, flag)
     try:
         info = os.lstat(path)
     except FileNotFoundError:

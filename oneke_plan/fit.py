@@ -200,7 +200,7 @@ def execution_device(device: DeviceId, main: DeviceId) -> DeviceId:
     return main if device in OFFLOAD_DEVICES else device
 
 
-def stays_quantized(home: DeviceId, assignment: dict[str, DeviceId], slots: Sequence[Slot]) -> bool:
+def stays_quantized(home: DeviceId, assignment: Mapping[str, DeviceId]) -> bool:
     """Whether transformers quantizes a block stored on `home` with bitsandbytes.
 
     On a GPU, yes. With GPUs present, CPU- and disk-offloaded modules are left unquantized (transformers'
@@ -234,7 +234,7 @@ def estimate(
             continue
         home = assignment[cost.name]
         run = execution_device(home, main)
-        quantized = stays_quantized(home, assignment, slots)
+        quantized = stays_quantized(home, assignment)
         stored = cost.weights_bytes if quantized else cost.unquantized_weights_bytes
         weights[home] = weights.get(home, 0) + stored
         kv[run] = kv.get(run, 0) + cost.kv_cache_bytes

@@ -28,6 +28,12 @@ class Gpu:
     free_bytes: int  # what the planner may use; equals total for a described card
     compute_capability: tuple[int, int] | None
 
+    @property
+    def capability_text(self) -> str | None:
+        """The compute capability as profiles, inventories and messages write it, MAJOR.MINOR ('8.6'); None if
+        unknown."""
+        return None if self.compute_capability is None else "{}.{}".format(*self.compute_capability)
+
 
 def runs_bf16(gpu: Gpu) -> bool:
     """Whether a GPU runs bfloat16 kernels: compute capability 8.0 (Ampere) or later; unknown counts as yes."""

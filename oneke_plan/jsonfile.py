@@ -21,6 +21,7 @@ from typing import Any
 from oneke_plan.errors import BadInput
 from oneke_plan.files import os_error
 from oneke_plan.limits import MAX_JSON_BYTES, MAX_NESTING
+from oneke_plan.sizes import format_bytes
 
 # A JSON string (escapes included) or a bracket: strings are skipped whole, so brackets inside them do not count.
 _TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|[\]}]')
@@ -104,7 +105,7 @@ def read_bounded(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes
     with open(path, "rb") as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
-        raise BadInput(f"{path}: larger than {limit // 2**20} MiB, more than any file of its kind; {remedy}")
+        raise BadInput(f"{path}: larger than {format_bytes(limit)}, more than any file of its kind; {remedy}")
     return data
 
 

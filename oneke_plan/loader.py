@@ -26,7 +26,7 @@ from oneke_plan.checkpoint import explain_mismatch, key_mismatch, read_checkpoin
 from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg, offload_writes_weights
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.files import os_error
-from oneke_plan.fit import device_owner
+from oneke_plan.fit import device_owner, stays_quantized
 from oneke_plan.layout import load_config
 from oneke_plan.machine import check_gpus_present
 from oneke_plan.model_source import ModelSource
@@ -159,8 +159,8 @@ def _quantization_config(profile: Profile) -> Any:
     from transformers import BitsAndBytesConfig
 
     quant = profile.quantization
-    devices = set(profile.device_map.values())
-    offload_unquantized = bool(devices & {"cpu", "disk"}) and devices != {"cpu"}
+    # the flag is wanted exactly where the planner charged offloaded blocks unquantized: one rule, fit's
+    offload_unquantized = any(not stays_quantized(d, profile.device_map) for d in set(profile.device_map.values()))
     if quant["mode"] == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload_unquantized)
     return BitsAndBytesConfig(

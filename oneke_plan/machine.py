@@ -69,10 +69,9 @@ def machine_problems(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...
                 have = f"{len(gpus)} GPU(s)" if gpus else "no CUDA GPU"
                 problems.append(f"the profile places modules on GPU {device.id}, but this machine has {have}")
             elif profile.dtype == "bfloat16" and not runs_bf16(gpu):
-                cc = ".".join(map(str, gpu.compute_capability or ()))
                 problems.append(
-                    f"GPU {device.id} ({gpu.name}, compute capability {cc}) cannot run bfloat16, the profile's dtype; "
-                    "re-plan (float16 there)"
+                    f"GPU {device.id} ({gpu.name}, compute capability {gpu.capability_text}) cannot run bfloat16, "
+                    "the profile's dtype; re-plan (float16 there)"
                 )
             elif gpu.free_bytes < needed:
                 problems.append(

@@ -206,8 +206,6 @@ class RunOutput:
         if self.input_path is not None:
             refuse_same_file(self.input_path, self.output)
             refuse_same_file(self.input_path, self.journal)
-        if not self.output.parent.is_dir():
-            raise BadInput(f"--output {self.output}: folder {self.output.parent} does not exist; create it first")
         self._output_stat = replaceable_stat(self.output, "--output")
         replaceable_stat(self.journal, f"--output {self.output}: its journal")
         if self._output_stat is not None and self.mode == "new":

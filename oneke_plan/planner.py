@@ -157,10 +157,7 @@ def resolve_dtype(requested: str, model: ModelDtype, inventory: Inventory) -> tu
         return model.name, notes + [f"dtype: {model.name}, as {model.origin} says"]
     old = [g for g in inventory.gpus if not runs_bf16(g)]
     if old:
-        names = ", ".join(
-            f"GPU {g.index} ({g.name}, {g.compute_capability[0]}.{g.compute_capability[1]})"  # type: ignore[index]
-            for g in old
-        )
+        names = ", ".join(f"GPU {g.index} ({g.name}, {g.capability_text})" for g in old)
         notes.append(
             f"warning: {names} cannot run bf16, so float16 is used; the model was trained in bf16 and "
             "fp16 can overflow and give wrong outputs"
@@ -605,7 +602,7 @@ class Planner:
         for slot in used:
             gpu = next((g for g in inventory.gpus if g.index == slot.id), None)
             total = gpu.total_bytes if gpu else slot.capacity_bytes
-            cc = f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}" if gpu and gpu.compute_capability else None
+            cc = gpu.capability_text if gpu else None
             name = gpu.name if gpu else slot.name
             devices.append(ProfileDevice(slot.id, name, total, slot.capacity_bytes, cc))
         estimate = {}

@@ -106,8 +106,7 @@ def write_atomic(path: Path, text: str, expected: os.stat_result | None = None) 
     `expected`: what the caller checked `path` was (oneke_plan.files.write_atomic); every failure is one BadInput.
     """
     path = Path(path)
-    if not path.parent.exists():
-        raise BadInput(f"{path}: folder {path.parent} does not exist; create it or choose another path")
+    files.require_folder(path)  # again: the folder may have gone while the plan was made
     files.write_atomic(path, [text.encode("utf-8")], expected)
 
 

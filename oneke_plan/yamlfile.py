@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from oneke_plan.errors import BadInput
+from oneke_plan.jsonfile import read_bounded
 from oneke_plan.limits import MAX_NESTING, MAX_YAML_BYTES, is_valid_unicode
 
 
@@ -80,14 +81,11 @@ def read_yaml(path: Path, what: str, remedy: str) -> Any:
     Failures are BadInput naming the file (and line), `what` it was meant to be, and `remedy`.
     """
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_YAML_BYTES + 1)
+        data = read_bounded(path, MAX_YAML_BYTES, remedy)
     except FileNotFoundError:
         raise BadInput(f"{path}: {what} not found; {remedy}") from None
     except OSError as exc:
         raise BadInput(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if len(data) > MAX_YAML_BYTES:
-        raise BadInput(f"{path}: larger than {MAX_YAML_BYTES // 2**20} MiB, far more than any {what}; {remedy}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -48,6 +48,26 @@ def transformers_meta_model(config, dtype: str = "bfloat16", attn: str | None = 
     return _META_MODELS[key]
 
 
+def llama2_zh_ids(tokenizer, instruction: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """Token ids of DeepKE's llama2_zh chat prompt around `instruction`, BOS included: the template written out here
+    (/work/shared/oneke/README.md, "Prompt format"), not oneke.chat_prompt or runner.encode_prompts."""
+    prompt = (
+        "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n" + instruction + " [/INST]"
+    )
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    assert ids[0] == tokenizer.bos_token_id
+    return ids
+
+
+def accelerate_device(name: str, device_map: dict):  # type: ignore[no-untyped-def]
+    """The device_map entry that covers tensor or module `name`, by accelerate's own rule (the walk up the dotted
+    name that its checkpoint loading does): an independent route to oneke_plan.fit.device_owner's answer. Raises
+    ValueError when no key covers `name`."""
+    from accelerate.utils.modeling import _get_param_device
+
+    return _get_param_device(name, device_map)
+
+
 def quant_state_tensors(param) -> list:  # type: ignore[no-untyped-def]
     """The tensors bitsandbytes keeps beside a quantized weight: SCB (8-bit), or the 4-bit QuantState's."""
     extra = []
@@ -61,6 +81,26 @@ def quant_state_tensors(param) -> list:  # type: ignore[no-untyped-def]
         if getattr(state, "state2", None) is not None:
             extra += [state.state2.absmax, state.state2.code]
     return extra
+
+
+def storage_bytes_by_owner(model, keys) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Bytes of every parameter, buffer and bitsandbytes quant-state tensor, grouped by owning key.
+
+    Each storage is counted once (tied weights share one), at its real size (untyped_storage().nbytes()).
+    """
+    seen: set[int] = set()
+    out: dict[str, int] = {}
+    owners = {key: key for key in keys}  # accelerate's rule for device_map keys, used for block names too
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        owner = accelerate_device(name, owners)
+        for t in [tensor, *quant_state_tensors(tensor)]:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            out[owner] = out.get(owner, 0) + t.untyped_storage().nbytes()
+    return out
 
 
 @pytest.fixture(scope="session")

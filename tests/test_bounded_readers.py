@@ -104,7 +104,7 @@ def test_yaml_beyond_a_bound_is_one_line_naming_the_file_and_line(
 def test_yaml_too_large_is_refused_before_parsing(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("# padding\n" * 120_000 + "gpus: []\n")  # 1.2 MB: valid, but no profile is that large
-    with pytest.raises(BadInput, match="larger than 1 MiB"):
+    with pytest.raises(BadInput, match="larger than 1.00 MiB"):
         read_yaml(path, "profile", "fix it")
 
 

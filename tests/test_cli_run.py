@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import llama2_zh_ids
 from transformers import AutoTokenizer
 
-from oneke_plan import oneke
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.extract import read_converted
 from oneke_plan.outputs import RunOutput, journal_path
-from oneke_plan.runner import encode_prompts
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -120,11 +119,11 @@ def test_deepke_task_file_end_to_end(
         ("NER", '["人物", "地理位置", "组织机构"]', 1),
         ("NER", "schema.json", 1),
         ("EE", '[{"event_type": "组织关系-裁员", "trigger": true, "arguments": ["时间", "裁员人数", "裁员方"]}]', 1),
-        ("EE", "schema.json", None),
+        ("EE", "schema.json", 16),  # the authors' EE schema: 65 event types in chunks of 4, 15 x 4 + 5
     ],
 )
 def test_raw_text_with_task_and_schema(
-    task: str, schema: str, chunks: int | None, cpu_profile: Path, deepke_dir: Path, tmp_path: Path
+    task: str, schema: str, chunks: int, cpu_profile: Path, deepke_dir: Path, tmp_path: Path
 ) -> None:
     source = deepke_dir / task / "sample.json"
     schema_arg = str(deepke_dir / task / schema) if schema == "schema.json" else schema
@@ -133,20 +132,16 @@ def test_raw_text_with_task_and_schema(
     inputs = read_jsonl(source)
     lines = read_jsonl(out)
     check_output_lines(lines)
-    if chunks is None:  # the authors' EE schema: 65 event types, in chunks of 4 (the remainder rule: oneke.py)
-        chunks = len(oneke.split_schema(task, oneke.load_schema(schema_arg, task)))
-        assert chunks > 10
     prompts = prompt_lines(lines)
     assert len(prompts) == len(inputs) * chunks
     assert len(lines) == len(prompts) + (len(inputs) if chunks > 1 else 0)
-    gold = "entity" if task == "NER" else "event"
+    authors_labels = {line["id"]: line["label"] for line in read_jsonl(deepke_dir / task / "test.json")}
     for number, given in enumerate(inputs, 1):
         mine = [line for line in prompts if line["key"].split(":")[0] == str(number)]
         text_id = hashlib.sha256(given["text"].encode("utf-8")).hexdigest()  # the authors' id for raw text
         assert mine and all(line["id"] == text_id and line["task"] == task for line in mine)
         assert all(line["source"] == task for line in mine)  # the input's folder, examples/deepke/<task>
-        label = json.dumps(oneke.unique_labels(task, given[gold]), ensure_ascii=False)
-        assert all(line["label"] == label for line in mine)
+        assert all(line["label"] == authors_labels[text_id] for line in mine)  # the label the authors converted
         assert all(json.loads(line["instruction"])["input"] == given["text"] for line in mine)
 
 
@@ -201,7 +196,7 @@ def test_too_long_prompts_are_reported_not_cut(
     source = deepke_dir / "NER" / "test.json"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     records = read_converted(source)
-    lengths = {records[e.index].key: len(e.ids) for e in encode_prompts(tokenizer, records)}
+    lengths = {r.key: len(llama2_zh_ids(tokenizer, r.instruction)) for r in records}
     too_long = {key for key, n in lengths.items() if n > limit}
     assert too_long and len(too_long) < len(records)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import llama2_zh_ids
 from test_architectures import TABLE, TRANSFORMERS_4, Arch
 from test_generation import alone, frequent_stop
 from tiny_checkpoint import build_tokenizer
@@ -25,7 +26,6 @@ from oneke_plan.cli.run import main as run_main
 from oneke_plan.compat import dtype_kw
 from oneke_plan.extract import read_converted
 from oneke_plan.generation import Encoded
-from oneke_plan.runner import encode_prompts
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -75,7 +75,8 @@ def test_planned_loaded_and_run_like_generate(
     model_dir = tmp_path / "model"
     tokenizer = _checkpoint(model_type, tokenizer_dir, model_dir)
     records = [r for task in TASKS for r in read_converted(deepke_dir / task / "test.json")]
-    prompts = [Encoded(i, item.ids) for i, item in enumerate(encode_prompts(tokenizer, records))]
+    # the prompts' ids from the template written out (conftest), not runner.encode_prompts, which oneke-run uses
+    prompts = [Encoded(i, llama2_zh_ids(tokenizer, r.instruction)) for i, r in enumerate(records)]
 
     reference = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kw(torch.float32)).eval()
     stop = frequent_stop(reference, prompts)

@@ -21,11 +21,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import transformers_meta_model
+from conftest import accelerate_device, transformers_meta_model
 
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.errors import EXIT_DOES_NOT_FIT
-from oneke_plan.fit import BlockCost, Slot, device_owner, explain_steps, fill, place
+from oneke_plan.fit import BlockCost, Slot, explain_steps, fill, place
 
 MiB = 2**20
 
@@ -160,7 +160,7 @@ def test_oneke_on_24_and_12_gib_explains_the_move_to_gpu_1(capsys: pytest.Captur
     assert plan_main(["oneke", "--gpu", "24GiB", "--gpu", "12GiB", "--cpu-memory", "0", "-v"]) == 0
     out, err = capsys.readouterr()
     profile = yaml.safe_load(out)
-    moved = min(i for i in range(40) if device_owner(f"model.layers.{i}", profile["device_map"]) == 1)
+    moved = min(i for i in range(40) if accelerate_device(f"model.layers.{i}", profile["device_map"]) == 1)
     weights = meta_layer_bytes(ONEKE_CONFIG, moved)
     left = 24 * 2**30 - profile["estimate"][0]["total_bytes"]
     expected = (

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_bnb_on_cpu, quant_state_tensors
+from conftest import needs_bnb_on_cpu, quant_state_tensors, storage_bytes_by_owner
 from tiny_checkpoint import build_tiny_llama
 
-from oneke_plan.fit import block_weights_bytes, device_owner
+from oneke_plan.fit import block_weights_bytes
 from oneke_plan.inventory import Gpu, Inventory
 from oneke_plan.layout import attention_shape
 from oneke_plan.memory import (
@@ -57,26 +57,6 @@ def _from_pretrained(directory: Path, **kwargs):
 
 
 
-def _measured_bytes_by_owner(model, keys) -> dict[str, int]:
-    """Bytes of every parameter, buffer and bitsandbytes quant-state tensor, grouped by owning key.
-
-    Each storage is counted once (tied weights share one), at its real size (untyped_storage().nbytes()).
-    """
-    seen: set[int] = set()
-    out: dict[str, int] = {}
-    owners = {key: key for key in keys}  # device_owner's longest-prefix rule, for device_map keys and block names
-    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for name, tensor in named:
-        owner = device_owner(name, owners)
-        for t in [tensor, *quant_state_tensors(tensor)]:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen:
-                continue
-            seen.add(ptr)
-            out[owner] = out.get(owner, 0) + t.untyped_storage().nbytes()
-    return out
-
-
 def _three_gpus(sizes_mib=(2, 2, 64)) -> Inventory:
     return Inventory(tuple(Gpu(i, f"GPU {i}", s * MiB, s * MiB, (8, 0)) for i, s in enumerate(sizes_mib)), 0)
 
@@ -111,7 +91,7 @@ def test_planned_weights_equal_loaded_bytes_per_device(quant_dir: Path, dtype: s
     # Load through the profile's device_map (GPU ids -> cpu): transformers must accept every key.
     cpu_map = {k: "cpu" for k in profile.device_map}
     model = _from_pretrained(quant_dir, dtype=TORCH_DTYPES[dtype], device_map=cpu_map)
-    by_key = _measured_bytes_by_owner(model, profile.device_map)
+    by_key = storage_bytes_by_owner(model, profile.device_map)
     measured: dict[object, int] = {}
     for key, nbytes in by_key.items():
         device = profile.device_map[key]
@@ -126,7 +106,7 @@ def test_tied_weights_counted_once(tiny_tied_dir: Path, tiny_model_dir: Path, dt
     plan = tied.plan(_three_gpus((64,)), PlanSettings(SMALL.workload, dtype=dtype, reserve_bytes=0))
     model = _from_pretrained(tiny_tied_dir, dtype=TORCH_DTYPES[dtype])
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    measured = sum(_measured_bytes_by_owner(model, [""]).values())
+    measured = sum(storage_bytes_by_owner(model, [""]).values())
     assert plan.placement.estimates[0].weights_bytes == measured
     # and the untied model (same shapes otherwise) is larger by exactly one embedding matrix
     untied = Planner(resolve_model(str(tiny_model_dir)))
@@ -173,7 +153,7 @@ def test_planned_quantized_weights_match_bitsandbytes(quant_dir: Path, case: str
     assert sorted(f"{n}.weight" for n in quantized) == sorted(planned_linears)  # the same Linears, lm_head kept
 
     blocks = [b.name for b in planner.layout.blocks]
-    by_block = _measured_bytes_by_owner(model, blocks)
+    by_block = storage_bytes_by_owner(model, blocks)
     measured: dict[object, int] = {}
     for block, nbytes in by_block.items():
         device = plan.placement.assignment[block]

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import transformers_meta_model
+from conftest import accelerate_device, transformers_meta_model
 
 from oneke_plan.errors import BadInput, DoesNotFit
-from oneke_plan.fit import device_owner
 from oneke_plan.inventory import build_inventory
 from oneke_plan.memory import Quantization, Workload
 from oneke_plan.model_source import resolve_model
@@ -126,7 +125,7 @@ def check_profile_independently(model: Any, profile: Any) -> None:
         check_device_map(model, device_map)
     by_storage: dict[int, set[Any]] = {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        by_storage.setdefault(id(tensor), set()).add(device_owner(name, device_map))  # KeyError: not covered
+        by_storage.setdefault(id(tensor), set()).add(accelerate_device(name, device_map))  # ValueError: not covered
     assert all(len(devices) == 1 for devices in by_storage.values()), "tied tensors split over devices"
     if profile.quantization["mode"] == "none":
         weights: dict[Any, int] = {}
@@ -134,7 +133,7 @@ def check_profile_independently(model: Any, profile: Any) -> None:
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if id(tensor) not in seen:
                 seen.add(id(tensor))
-                device = device_owner(name, device_map)
+                device = accelerate_device(name, device_map)
                 weights[device] = weights.get(device, 0) + tensor.numel() * tensor.element_size()
         planned = {d: e["weights_bytes"] for d, e in profile.estimate.items() if e["weights_bytes"]}
         assert planned == weights
@@ -204,7 +203,7 @@ def test_reported_oneke_cells_write_a_profile(gpus: tuple[str, ...], batch: int)
     result = planner.plan_profile(inventory, PlanSettings(Workload(512, 512, batch)))
     fresh = transformers_meta_model(planner.config, result.profile.dtype, result.profile.attn_implementation)
     check_profile_independently(fresh, result.profile)
-    assert device_owner("lm_head", result.profile.device_map) == result.plan.placement.assignment["lm_head"]
+    assert accelerate_device("lm_head", result.profile.device_map) == result.plan.placement.assignment["lm_head"]
 
 
 def test_reported_qwen_tied_on_a_2gib_card(tmp_path: Path, tiny_tied_dir: Path) -> None:
@@ -214,4 +213,5 @@ def test_reported_qwen_tied_on_a_2gib_card(tmp_path: Path, tiny_tied_dir: Path) 
     check_profile_independently(fresh, result.profile)
     device_map = result.profile.device_map
     assert "cpu" in device_map.values()  # the tail is offloaded ...
-    assert device_owner("lm_head", device_map) == device_owner("model.embed_tokens", device_map) == 0  # ... not lm_head
+    # ... not lm_head
+    assert accelerate_device("lm_head", device_map) == accelerate_device("model.embed_tokens", device_map) == 0

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import transformers_meta_model
+from conftest import accelerate_device, transformers_meta_model
 
 from oneke_plan.errors import DoesNotFit
-from oneke_plan.fit import device_owner
 from oneke_plan.inventory import build_inventory
 from oneke_plan.memory import Quantization, Workload
 from oneke_plan.model_source import resolve_model
@@ -49,7 +48,7 @@ def gpus(*specs: str, cpu: str = "0", offload_dir: str | None = None):
 
 
 def _assignment_from_device_map(planner: Planner, device_map: dict) -> dict:
-    return {b.name: device_owner(b.name, device_map) for b in planner.layout.blocks}
+    return {b.name: accelerate_device(b.name, device_map) for b in planner.layout.blocks}
 
 
 def _oneke_kv(settings: PlanSettings, layers: int) -> int:
@@ -71,7 +70,7 @@ def _accelerate_weights(model, device_map: dict) -> dict:  # type: ignore[no-unt
 
 
 def _layers_on(device_map: dict, device: object, layers: int = 40) -> int:
-    return sum(1 for i in range(layers) if device_owner(f"model.layers.{i}", device_map) == device)
+    return sum(1 for i in range(layers) if accelerate_device(f"model.layers.{i}", device_map) == device)
 
 
 # -- capacities ---------------------------------------------------------------------------------------------------
@@ -117,9 +116,9 @@ def test_tied_tiny_model_keeps_lm_head_with_embeddings(tiny_tied_dir: Path) -> N
     plan = planner.plan(inventory, PlanSettings(Workload(8, 8, 1), reserve_bytes=0))
     device_map = planner.device_map(plan)
     assert len(set(device_map.values())) >= 2  # the model is really split
-    assert device_owner("lm_head", device_map) == device_owner("model.embed_tokens", device_map)
+    assert accelerate_device("lm_head", device_map) == accelerate_device("model.embed_tokens", device_map)
     # lm_head comes last in model order, so without the tie it would not be on the first device
-    assert device_owner("model.norm", device_map) != device_owner("model.embed_tokens", device_map)
+    assert accelerate_device("model.norm", device_map) != accelerate_device("model.embed_tokens", device_map)
 
 
 def test_tied_oneke_config_keeps_lm_head_with_embeddings(oneke: Planner, tmp_path: Path) -> None:
@@ -130,9 +129,9 @@ def test_tied_oneke_config_keeps_lm_head_with_embeddings(oneke: Planner, tmp_pat
     inventory = gpus("24GiB", "12GiB")
     untied_map = oneke.device_map(oneke.plan(inventory, DEFAULT))
     tied_map = tied.device_map(tied.plan(inventory, DEFAULT))
-    assert device_owner("lm_head", untied_map) == 1 != device_owner("model.embed_tokens", untied_map)
-    assert device_owner("lm_head", tied_map) == device_owner("model.embed_tokens", tied_map) == 0
-    assert device_owner("model.layers.39", tied_map) == 1
+    assert accelerate_device("lm_head", untied_map) == 1 != accelerate_device("model.embed_tokens", untied_map)
+    assert accelerate_device("lm_head", tied_map) == accelerate_device("model.embed_tokens", tied_map) == 0
+    assert accelerate_device("model.layers.39", tied_map) == 1
 
 
 # -- GQA ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import llama2_zh_ids
+from test_generation import alone as transformers_alone
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oneke_plan.compat import dtype_kw
@@ -58,12 +60,12 @@ def last_logits(model: Any, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
 
 
-# -- 3. batched == one at a time ---------------------------------------------------------------------------------
+# -- 3. batched == transformers' generate one at a time ----------------------------------------------------------------
 def test_fp32_batched_greedy_equals_one_at_a_time(tiny_model_dir: Path, tokenizer: Any, deepke_prompts: list) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **dtype_kw(torch.float32)).eval()
     generator = GreedyGenerator(model, tokenizer, MAX_NEW)
     batched = generator.generate(deepke_prompts)
-    alone = [generator.generate([prompt])[0] for prompt in deepke_prompts]
+    alone = [transformers_alone(model, prompt, generator.eos, MAX_NEW) for prompt in deepke_prompts]
     assert batched == alone
     assert all(len(answer) == MAX_NEW for answer in alone)  # long enough to compare (random weights rarely EOS)
     # and the first step's logits agree to float32 rounding: left padding is masked and positions start at the
@@ -77,12 +79,13 @@ def test_bf16_batched_greedy_equals_one_at_a_time_up_to_rounding(
     tiny_model_dir: Path, tokenizer: Any, deepke_prompts: list
 ) -> None:
     """bf16: the padded batch changes matmul shapes, so logits differ by bf16 rounding (a few units in the last
-    place). Tokens must match, except where the one-at-a-time run's top two logits are closer than that rounding:
-    a difference anywhere else means masking or positions are wrong, and fails."""
+    place). Tokens must match transformers' own generate on each prompt alone, except where that run's top two
+    logits are closer than that rounding: a difference anywhere else means masking or positions are wrong, and
+    fails."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **dtype_kw(torch.bfloat16)).eval()
     generator = GreedyGenerator(model, tokenizer, MAX_NEW)
     batched = generator.generate(deepke_prompts)
-    alone = [generator.generate([prompt])[0] for prompt in deepke_prompts]
+    alone = [transformers_alone(model, prompt, generator.eos, MAX_NEW) for prompt in deepke_prompts]
 
     first = last_logits(model, deepke_prompts)
     alone_first = torch.stack([last_logits(model, [p])[0] for p in deepke_prompts])
@@ -216,7 +219,7 @@ def test_runner_does_not_swallow_other_errors(tokenizer: Any, ner_records: list,
 
 
 def test_runner_reports_too_long_prompts_without_cutting(tokenizer: Any, ner_records: list, tmp_path: Path) -> None:
-    lengths = {ner_records[e.index].key: len(e.ids) for e in encode_prompts(tokenizer, ner_records)}
+    lengths = {r.key: len(llama2_zh_ids(tokenizer, r.instruction)) for r in ner_records}
     limit = sorted(lengths.values())[len(lengths) // 2]
     seen: list[int] = []
 

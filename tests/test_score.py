@@ -23,6 +23,7 @@ from oneke_plan.score import compare, score_file
 
 TASKS = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
 FIXTURES = Path(__file__).parent / "data" / "score"
+DEEPKE = Path(__file__).resolve().parents[1] / "examples" / "deepke"
 
 
 def score_json(capsys: pytest.CaptureFixture[str], *files: Path) -> dict[str, Any]:
@@ -152,13 +153,16 @@ def test_compare_two_runs_of_one_input(perfect_outputs: dict[str, Path], tmp_pat
     b = tmp_path / "b.jsonl"
     b.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
 
-    (score_a,) = score_file(a).values()
-    gold = score_a.counts()["entity"].gold
+    # gold by hand from the authors' file: the (entity, type) pairs of each record's label, 3 in all
+    authors = [json.loads(x) for x in (DEEPKE / "NER" / "test.json").read_text(encoding="utf-8").splitlines()]
+    gold = sum(len({(e["entity"], e["entity_type"]) for e in json.loads(line["label"])}) for line in authors)
+    assert gold == 3
     summary = score_json(capsys, a, b)
     entity = summary["tasks"]["NER"]["parts"]["entity"]
     assert entity["a"]["f1"] == 100.0 and entity["records_differ"] == 1
-    assert entity["b"]["tp"] == entity["b"]["pred"] == gold - 1
-    assert entity["b"]["f1"] == round(100 * 2 * (gold - 1) / (2 * gold - 1), 2)
+    assert (entity["a"]["tp"], entity["a"]["gold"]) == (gold, gold)
+    assert (entity["b"]["tp"], entity["b"]["pred"], entity["b"]["gold"]) == (2, 2, 3)
+    assert entity["b"]["f1"] == 80.0  # P 2/2, R 2/3: F1 = 2 x 2 / (2 + 3)
     assert entity["f1_change"] == round(entity["b"]["f1"] - 100.0, 2)
     assert score_main([str(a), str(b)]) == 0
     table = capsys.readouterr().out
