@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -101,6 +102,16 @@ def storage_bytes_by_owner(model, keys) -> dict[str, int]:  # type: ignore[no-un
             seen.add(ptr)
             out[owner] = out.get(owner, 0) + t.untyped_storage().nbytes()
     return out
+
+
+@pytest.fixture(scope="module")
+def quiet_accelerate():  # yields None
+    """accelerate logs "Device N is not available" when a device_map names GPUs this machine lacks."""
+    logger = logging.getLogger("accelerate")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

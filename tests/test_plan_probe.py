@@ -11,7 +11,6 @@ meta build of the model (transformers' own `from_config` on torch's meta device,
 
 from __future__ import annotations
 
-import logging
 import random
 import warnings
 from dataclasses import dataclass
@@ -32,13 +31,7 @@ CONFIGS = Path(__file__).parent / "configs"
 CELLS_PER_MODEL = {"oneke": 140, "qwen2.5-0.5b": 80, "llama-3.2-1b": 80, "tiny-tied": 60}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_accelerate():
-    logger = logging.getLogger("accelerate")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_accelerate")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ GPU that cannot run the profile's dtype is refused."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -36,13 +35,7 @@ from oneke_plan.sizes import GiB
 SMALL = PlanSettings(Workload(16, 4, 1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_accelerate():
-    logger = logging.getLogger("accelerate")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_accelerate")
 
 
 def _copy_with_config(src: Path, dst: Path, **changes: object) -> Path:

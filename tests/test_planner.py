@@ -4,7 +4,6 @@ dtype choice, agreement with accelerate, and the headline claim against accelera
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,14 +27,7 @@ ONEKE_KV_PER_POSITION_AND_LAYER = 2 * 40 * 128 * 2
 ONEKE_LAYER_BF16_BYTES = (317_194_240 + 2 * 5_120) * 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_accelerate():
-    # accelerate logs "Device N is not available" when a device_map names GPUs this machine lacks.
-    logger = logging.getLogger("accelerate")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    yield
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("quiet_accelerate")
 
 
 @pytest.fixture(scope="module")
