@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{profile.replica_count} replicas{where}: run with torchrun --nproc-per-node {profile.replica_count}"
             + (f" --nnodes {profile.nodes}" if profile.nodes > 1 else "")
-            + f" oneke-run --profile ... ({copies} workers in all)",
+            + f" -m oneke_plan.cli.run --profile ... ({copies} workers in all)",
             file=sys.stderr,
         )
     if result.unused_gpus:
