@@ -220,6 +220,14 @@ def test_gpu_with_inventory(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert_one_line_error(code, err, "--gpu", "--inventory")
 
 
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    """README: "--debug adds the traceback"; the exit code still says bad input (2), not a bug (1)."""
+    code, out, err = run(capsys, "oneke", "--gpu", "24GiBB", "--debug")
+    assert code == EXIT_BAD_INPUT, err
+    assert err.startswith("Traceback (most recent call last):"), err
+    assert err.strip().splitlines()[-1].startswith("oneke-plan: error: --gpu '24GiBB': not a size"), err
+
+
 # -- does not fit: exit 3 ------------------------------------------------------------------------------------------
 def test_does_not_fit_exits_3(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     target = tmp_path / "plan.yaml"
