@@ -284,7 +284,16 @@ def _model_source(profile: Profile, model: PathLike | None, trust_remote_code: b
             "the profile was planned from the built-in OneKE config, which has no weights: pass "
             "--model DIR (OneKE's checkpoint directory) or --model zjunlp/OneKE (from the local cache)"
         )
-    return resolve_model(str(model_name))
+    try:
+        return resolve_model(str(model_name))
+    except BadInput:
+        if model or Path(str(model_name)).expanduser().exists():
+            raise
+        # oneke-plan records a model directory as it was typed: a relative one is relative to where it ran
+        raise BadInput(
+            f"the profile's model.source {model_name!r} (the default --model) is neither a folder here "
+            f"({Path.cwd()}) nor a repo id in the local Hugging Face cache; pass --model with the model's directory"
+        ) from None
 
 
 def _offload_folder(from_profile: str | None, from_caller: str | None) -> str | None:

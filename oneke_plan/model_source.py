@@ -98,4 +98,7 @@ def resolve_model(name: str) -> ModelSource:
             f"{name}: not a directory and not in the local Hugging Face cache ({_hub_cache_dir()}); "
             f"download it first (huggingface-cli download {name}) or give a local directory"
         )
-    raise BadInput(f"{name}: no such directory; give a model directory, a cached repo id, or 'oneke'")
+    raise BadInput(
+        f"{name}: no such directory; give a model directory or a cached repo id "
+        "(or 'oneke' to plan from the built-in config: it has no weights to run)"
+    )

@@ -67,11 +67,12 @@ class Worker:
                 raise BadInput(
                     f"the profile has {replicas} replicas"
                     + (f" on each of {nodes} nodes" if nodes > 1 else "")
-                    + f": run oneke-run under {command} oneke-run ..., one worker per replica"
+                    + f": run oneke-run under {command} -m oneke_plan.cli.run ..., one worker per replica"
                 )
             raise BadInput(
                 f"the profile has {replicas} replicas per node on {nodes} node(s), {wanted} workers in all; torchrun "
-                f"started {self.world_size} ({self.local_world_size} on this node): run {command} oneke-run ..."
+                f"started {self.world_size} ({self.local_world_size} on this node): run {command} "
+                "-m oneke_plan.cli.run ..."
             )
 
     def mine(self, key: str) -> bool:

@@ -220,6 +220,14 @@ def test_gpu_with_inventory(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert_one_line_error(code, err, "--gpu", "--inventory")
 
 
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    """README: "--debug adds the traceback"; the exit code still says bad input (2), not a bug (1)."""
+    code, out, err = run(capsys, "oneke", "--gpu", "24GiBB", "--debug")
+    assert code == EXIT_BAD_INPUT, err
+    assert err.startswith("Traceback (most recent call last):"), err
+    assert err.strip().splitlines()[-1].startswith("oneke-plan: error: --gpu '24GiBB': not a size"), err
+
+
 # -- does not fit: exit 3 ------------------------------------------------------------------------------------------
 def test_does_not_fit_exits_3(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     target = tmp_path / "plan.yaml"
@@ -231,6 +239,23 @@ def test_does_not_fit_exits_3(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert "GPU 0:" in err and "GPU 1:" in err
     assert "--quantize 4bit: fits" in err
     assert "Traceback" not in err
+
+
+def test_does_not_fit_in_a_fresh_process_starts_with_its_error_line(tmp_path: Path) -> None:
+    """A fresh process imports bitsandbytes for the 4-bit option; on a CPU with AVX512-BF16 bitsandbytes 0.50 logs
+    a warning about an optional `kernels` package then, which must not come before (or into) the message."""
+    argv = ["oneke", "--gpu", "10GiB", "--gpu", "6GiB", "--cpu-memory", "0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "oneke_plan.cli.plan", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == EXIT_DOES_NOT_FIT, proc.stderr
+    assert proc.stderr.startswith("oneke-plan: error: does not fit"), proc.stderr
+    assert "kernels" not in proc.stderr, proc.stderr
 
 
 # -- --solve ------------------------------------------------------------------------------------------------------

@@ -317,6 +317,30 @@ def test_trust_remote_code_needs_an_explicit_model(
     assert "--model" in capsys.readouterr().err
 
 
+def test_a_relative_model_source_from_another_folder_names_the_profile_and_the_fix(
+    profile_data: dict,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`oneke-plan out/tiny-model -o P.yaml` records the path as typed; run from another folder without --model, the
+    path is missing there: the line says it came from the profile and what to pass, not 'download out/tiny-model'."""
+    case = Case(tmp_path, profile_data, tiny_model_dir)
+    case.edit_profile(lambda data: data["model"].update(source="model"))
+    argv = [a for a in case.argv() if a not in ("--model", str(case.model))]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.source 'model'" in err[0] and "--model" in err[0], err
+    assert "download" not in err[0], err
+    monkeypatch.chdir(tmp_path)  # where the relative path holds: the same command runs
+    assert run_main(argv) == 0, capsys.readouterr().err
+
+
 # -- output files that are not the tool's own, and write errors -------------------------------------------------------
 def _existing(kind: str, folder: Path, model: Path, make_special_file) -> Path:  # type: ignore[no-untyped-def]
     """An existing path of `kind` to give as --output."""

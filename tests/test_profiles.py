@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,17 @@ def test_profile_format_doc_example_is_a_checked_in_profile() -> None:
     example = (PROFILES_DIR / REGENERATE.DOC_EXAMPLE).read_text(encoding="utf-8")
     assert REGENERATE.doc_with_example(doc, example) == doc, "run `python profiles/regenerate.py`"
     assert example in doc
+
+
+def test_profile_format_doc_split_example_quotes_its_profile() -> None:
+    """The hand-shortened split-model excerpt (the second YAML block of docs/profile-format.md) keeps every line it
+    shows, the estimate's bytes included, as profiles/oneke-24gib+12gib-bf16.yaml has them (it once kept stale
+    workspace bytes after the memory model changed)."""
+    doc = REGENERATE.DOC.read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) >= 2, "docs/profile-format.md lost its split-model example"
+    assert "profiles/oneke-24gib+12gib-bf16.yaml" in doc
+    profile_lines = set((PROFILES_DIR / "oneke-24gib+12gib-bf16.yaml").read_text(encoding="utf-8").splitlines())
+    shown = [line for line in blocks[1].splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert any("workspace_bytes" in line for line in shown)
+    assert [line for line in shown if line not in profile_lines] == []

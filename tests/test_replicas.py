@@ -212,5 +212,7 @@ def test_a_world_size_the_profile_does_not_have_is_one_line(
     argv = ["--profile", str(setup["two"]), "--model", str(setup["model"]), "--input", str(setup["input"])]
     assert run_main([*argv, "--output", str(tmp_path / "alone.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "torchrun --nproc-per-node 2" in err[0], err
+    # the command _torchrun runs above: `torchrun ... oneke-run` would make torchrun look for a Python file
+    # named oneke-run in the current folder
+    assert len(err) == 1 and "torchrun --nproc-per-node 2 -m oneke_plan.cli.run ..." in err[0], err
     assert not list(tmp_path.iterdir())

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 
 from oneke_plan.api import Report
@@ -66,7 +67,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
-    """Run `body`; turn our errors into 'prog: error: message' and their exit code. --debug shows tracebacks.
+    """Run `body`; turn our errors into 'prog: error: message' and their exit code. --debug prints the traceback
+    before that line and keeps the exit code (a script that adds --debug still tells bad input, 2, from a bug, 1).
 
     SIGINT and SIGTERM end in one line and 128 + the signal's number. An OSError that nothing below turned into a
     message (a full disk, a read-only or unreadable file met inside a library) is one line with its path and exit 2:
@@ -79,7 +81,7 @@ def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
         return exc.exit_code
     except OnekePlanError as exc:
         if debug:
-            raise
+            traceback.print_exc(file=sys.stderr)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
@@ -88,18 +90,16 @@ def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
         return 128 + signum
     except OSError as exc:
         if debug:
-            raise
+            traceback.print_exc(file=sys.stderr)
         print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         if isinstance(exc, BrokenPipeError):  # the reader of our stdout went away: nothing more can reach it
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, never a traceback
         if debug:
-            raise
-        print(
-            f"{prog}: internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
-            file=sys.stderr,
-        )
+            traceback.print_exc(file=sys.stderr)
+        hint = "" if debug else " (run again with --debug for the traceback)"
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return EXIT_INTERNAL
 
 

@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{profile.replica_count} replicas{where}: run with torchrun --nproc-per-node {profile.replica_count}"
             + (f" --nnodes {profile.nodes}" if profile.nodes > 1 else "")
-            + f" oneke-run --profile ... ({copies} workers in all)",
+            + f" -m oneke_plan.cli.run --profile ... ({copies} workers in all)",
             file=sys.stderr,
         )
     if result.unused_gpus:
@@ -262,7 +262,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.getLogger("accelerate").setLevel(logging.ERROR)  # "device N is not available" when planning elsewhere
+    # accelerate: "device N is not available" when planning elsewhere; bitsandbytes: an optional kernels package
+    # it misses when imported to price 8/4-bit (as oneke-run, which silences the same loggers)
+    for name in ("accelerate", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_main("oneke-plan", lambda: run(args), args.debug or wants_debug(argv))
