@@ -575,10 +575,15 @@ class Planner:
         if most >= 1 and count != "auto":
             options.append(f"--replicas {most}: fits")
         order = ["none", "8bit", "4bit"]
+        most_so_far = most
         for mode in order[order.index(settings.quant.mode) + 1 :]:
             trial = replace(settings, quant=replace(settings.quant, mode=mode))  # type: ignore[arg-type]
-            if len(self.replica_groups(inventory, trial, "auto")) >= (1 if count == "auto" else int(count)):
+            most_quantized = len(self.replica_groups(inventory, trial, "auto"))
+            if most_quantized >= (1 if count == "auto" else int(count)):
                 options.append(f"--quantize {mode}: {wanted} fit")
+            elif most_quantized > most_so_far:  # fewer copies than asked, but more than a smaller step: say how many
+                options.append(f"--replicas {most_quantized} --quantize {mode}: fits")
+            most_so_far = max(most_so_far, most_quantized)
         for what, high in (("max_input_tokens", self._max_input(settings)), ("batch_size", MAX_SOLVED_BATCH)):
 
             def fits(value: int, what: str = what) -> bool:

@@ -99,6 +99,30 @@ def test_four_24gib_cards_hold_two_bf16_replicas_or_four_4bit_ones(oneke: Planne
         oneke.plan_profile(inventory, PlanSettings(Workload(512, 512, 4)), replicas=3)
 
 
+@pytest.mark.parametrize("gpus, replicas", [(["24GiB"], 3), (["24GiB"] * 3, 4)])
+def test_each_suggestion_for_too_many_replicas_plans_when_given(
+    gpus: list[str], replicas: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Too many copies asked: each "what would fit" line, given as flags, writes a profile with that many replicas;
+    one 24 GiB card holds no bf16 copy of OneKE (26.5 GB), so its suggestion must lower the count and quantize."""
+    flags = [x for g in gpus for x in ("--gpu", g)]
+    assert plan_main(["oneke", *flags, "--replicas", str(replicas)]) == 3
+    err = capsys.readouterr().err
+    suggestions = [line.strip().split(": ")[0] for line in err.splitlines() if line.startswith("  --")]
+    assert suggestions, err
+    if len(gpus) == 1:
+        assert suggestions == ["--replicas 1 --quantize 8bit"], err
+    for i, suggestion in enumerate(suggestions):
+        extra = suggestion.split()
+        if "--replicas" not in extra:
+            extra += ["--replicas", str(replicas)]
+        out = tmp_path / f"{i}.yaml"
+        assert plan_main(["oneke", *flags, *extra, "-o", str(out)]) == 0, suggestion
+        count = int(extra[extra.index("--replicas") + 1])
+        data = yaml.safe_load(out.read_text())
+        assert len(data.get("replicas", [data])) == count, suggestion
+
+
 def test_replicas_profile_round_trips_and_a_replica_reads_as_format_1(oneke: Planner, tmp_path: Path) -> None:
     inventory = build_inventory(["24GiB"] * 4)
     result = oneke.plan_profile(inventory, PlanSettings(Workload(512, 512, 4)), replicas=2, nodes=3)
