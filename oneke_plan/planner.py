@@ -527,7 +527,11 @@ class Planner:
 
             best = bisect_largest(fits, self._solve_bound(settings, solve))
             if best == 0:
-                raise DoesNotFit(f"--solve {solve.replace('_', '-')}: even 1 does not fit {count} replicas")
+                at_one = replace(settings, workload=replace(settings.workload, **{solve: 1}))
+                raise DoesNotFit(
+                    f"--solve {solve.replace('_', '-')}: even 1 does not fit {count} replicas.\n"
+                    + self._replicas_do_not_fit(inventory, at_one, count)
+                )
             settings = replace(settings, workload=replace(settings.workload, **{solve: best}))
             solved = f"the largest {solve} that fits {count} replicas is {best}"
         groups = self.replica_groups(inventory, settings, count)
