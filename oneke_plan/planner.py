@@ -43,6 +43,7 @@ from oneke_plan.layout import (
     build_meta_model,
     config_dtype,
     load_config,
+    max_positions,
     quantizable_linears,
     read_layout,
     two_layer_copy,
@@ -264,7 +265,7 @@ class Planner:
         for name in ("max_input_tokens", "max_new_tokens", "batch_size"):
             if getattr(workload, name) <= 0:
                 raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(workload, name)}")
-        limit = self.layout.max_position_embeddings
+        limit = max_positions(self.config)  # from the config: a build at another dtype than the plan's is not needed
         if limit and workload.sequence_tokens > limit:
             raise BadInput(
                 f"--max-input-tokens {workload.max_input_tokens} + --max-new-tokens {workload.max_new_tokens} = "
@@ -565,7 +566,7 @@ class Planner:
         """The most --solve tries for `what`: the prompt tokens the model's positions leave beside max_new_tokens,
         or MAX_SOLVED_BATCH prompts."""
         if what == "max_input_tokens":
-            return (self.layout.max_position_embeddings or 1 << 20) - settings.workload.max_new_tokens
+            return (max_positions(self.config) or 1 << 20) - settings.workload.max_new_tokens
         return MAX_SOLVED_BATCH
 
     def _replicas_do_not_fit(self, inventory: Inventory, settings: PlanSettings, count: int | str) -> str:
