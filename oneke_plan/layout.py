@@ -115,6 +115,12 @@ def _text_configs(config: Any) -> list[Any]:
     return found
 
 
+def max_positions(config: Any) -> int | None:
+    """The positions the model's text config allows (max_position_embeddings), None if it names none: a property
+    of the config, the same at every dtype, so it needs no build."""
+    return getattr(_text_configs(config)[-1], "max_position_embeddings", None)
+
+
 def config_dtype(config: Any) -> str | None:
     """The dtype a config names, read as this transformers reads it: `dtype` since 4.56 (which also takes an old
     config's `torch_dtype`), only `torch_dtype` before. None if it names none."""
@@ -362,7 +368,7 @@ def read_layout(model: Any, config: Any, dtype: str) -> ModelLayout:
         dtype=dtype,
         parameter_count=parameter_count,
         num_layers=num_layers,
-        max_position_embeddings=getattr(text, "max_position_embeddings", None),
+        max_position_embeddings=max_positions(config),
         vocab_size=int(weight.shape[0]) if weight is not None and weight.dim() == 2 else 0,
         attention=attention,
         no_split_module_classes=no_split,

@@ -150,11 +150,6 @@ def layer_activation_bytes(shape: AttentionShape, workload: Workload, dtype_byte
     return held + max(norm, attention, mlp)
 
 
-def hidden_state_bytes(shape: AttentionShape, workload: Workload, dtype_bytes: int) -> int:
-    """One prefill hidden-state tensor (batch x max_input_tokens x hidden): what embeddings and norms produce."""
-    return workload.batch_size * workload.max_input_tokens * shape.hidden_size * dtype_bytes
-
-
 def logits_bytes(batch_size: int, vocab_size: int) -> int:
     """What generation holds beside the model's own logits (which the measured forward counts) on the lm_head's
     device per decoding step: transformers' generate copies the last position's logits to float32 and its logits

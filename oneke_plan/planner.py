@@ -43,6 +43,7 @@ from oneke_plan.layout import (
     build_meta_model,
     config_dtype,
     load_config,
+    max_positions,
     quantizable_linears,
     read_layout,
     two_layer_copy,
@@ -264,7 +265,7 @@ class Planner:
         for name in ("max_input_tokens", "max_new_tokens", "batch_size"):
             if getattr(workload, name) <= 0:
                 raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(workload, name)}")
-        limit = self.layout.max_position_embeddings
+        limit = max_positions(self.config)  # from the config: a build at another dtype than the plan's is not needed
         if limit and workload.sequence_tokens > limit:
             raise BadInput(
                 f"--max-input-tokens {workload.max_input_tokens} + --max-new-tokens {workload.max_new_tokens} = "
@@ -372,17 +373,12 @@ class Planner:
     def largest(self, inventory: Inventory, settings: PlanSettings, what: str) -> int:
         """The largest max_input_tokens or batch_size that fits (0 if even 1 does not), by bisection on the
         pure placement; nothing is loaded."""
-        workload = settings.workload
-        if what == "max_input_tokens":
-            high = (self.layout.max_position_embeddings or 1 << 20) - workload.max_new_tokens
-        else:
-            high = MAX_SOLVED_BATCH
 
         def fits(value: int) -> bool:
-            trial = replace(settings, workload=replace(workload, **{what: value}))
+            trial = replace(settings, workload=replace(settings.workload, **{what: value}))
             return self.plan(inventory, trial).fits
 
-        return bisect_largest(fits, high)
+        return bisect_largest(fits, self._solve_bound(settings, what))
 
     def alternatives(self, inventory: Inventory, settings: PlanSettings) -> list[str]:
         """What would fit instead, each line computed by planning it."""
@@ -525,15 +521,18 @@ class Planner:
         self.check_workload(replace(settings.workload, **{solve: 1}) if solve else settings.workload)
         solved = None
         if solve:
-            high = MAX_SOLVED_BATCH if solve == "batch_size" else self._max_input(settings)
 
             def fits(value: int) -> bool:
                 trial = replace(settings, workload=replace(settings.workload, **{solve: value}))
                 return bool(self.replica_groups(inventory, trial, count))
 
-            best = bisect_largest(fits, high)
+            best = bisect_largest(fits, self._solve_bound(settings, solve))
             if best == 0:
-                raise DoesNotFit(f"--solve {solve.replace('_', '-')}: even 1 does not fit {count} replicas")
+                at_one = replace(settings, workload=replace(settings.workload, **{solve: 1}))
+                raise DoesNotFit(
+                    f"--solve {solve.replace('_', '-')}: even 1 does not fit {count} replicas.\n"
+                    + self._replicas_do_not_fit(inventory, at_one, count)
+                )
             settings = replace(settings, workload=replace(settings.workload, **{solve: best}))
             solved = f"the largest {solve} that fits {count} replicas is {best}"
         groups = self.replica_groups(inventory, settings, count)
@@ -556,15 +555,19 @@ class Planner:
         """Why --solve stopped where it did: what the next value's plan could not place, or the bound it hit."""
         value = getattr(settings.workload, what)
         flag = f"--{what.replace('_', '-')}"
-        if value >= (self._max_input(settings) if what == "max_input_tokens" else MAX_SOLVED_BATCH):
+        if value >= self._solve_bound(settings, what):
             return f"solve: {flag} {value}, the most this model's positions (or the search) allow"
         more = self.plan(inventory, replace(settings, workload=replace(settings.workload, **{what: value + 1})))
         refusal = more.placement.first_refusal()
         why = explain_refusal(refusal, more.slots) if refusal is not None else "it does not fit"
         return f"solve: {flag} {value} fits; at {value + 1}, {why}"
 
-    def _max_input(self, settings: PlanSettings) -> int:
-        return (self.layout.max_position_embeddings or 1 << 20) - settings.workload.max_new_tokens
+    def _solve_bound(self, settings: PlanSettings, what: str) -> int:
+        """The most --solve tries for `what`: the prompt tokens the model's positions leave beside max_new_tokens,
+        or MAX_SOLVED_BATCH prompts."""
+        if what == "max_input_tokens":
+            return (max_positions(self.config) or 1 << 20) - settings.workload.max_new_tokens
+        return MAX_SOLVED_BATCH
 
     def _replicas_do_not_fit(self, inventory: Inventory, settings: PlanSettings, count: int | str) -> str:
         """Why the replicas do not fit, and what would (each line computed)."""
@@ -584,13 +587,13 @@ class Planner:
             elif most_quantized > most_so_far:  # fewer copies than asked, but more than a smaller step: say how many
                 options.append(f"--replicas {most_quantized} --quantize {mode}: fits")
             most_so_far = max(most_so_far, most_quantized)
-        for what, high in (("max_input_tokens", self._max_input(settings)), ("batch_size", MAX_SOLVED_BATCH)):
+        for what in ("max_input_tokens", "batch_size"):
 
             def fits(value: int, what: str = what) -> bool:
                 trial = replace(settings, workload=replace(settings.workload, **{what: value}))
                 return bool(self.replica_groups(inventory, trial, 1 if count == "auto" else count))
 
-            best = bisect_largest(fits, min(high, getattr(settings.workload, what) - 1))
+            best = bisect_largest(fits, min(self._solve_bound(settings, what), getattr(settings.workload, what) - 1))
             if best >= 1:
                 options.append(f"--{what.replace('_', '-')} {best}: {wanted} fit")
         lines.append("what would fit:" if options else "nothing tried fits; add GPUs or memory")

@@ -281,6 +281,17 @@ def test_solve_nothing_fits(capsys: pytest.CaptureFixture[str]) -> None:
     assert "even 1 does not fit" in err
 
 
+def test_solve_nothing_fits_replicas_says_what_would(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["oneke", "--gpu", "8GiB", "--gpu", "8GiB"]
+    code, _, err = run(capsys, *base, "--replicas", "2", "--solve", "batch-size")
+    assert code == EXIT_DOES_NOT_FIT
+    assert "even 1 does not fit 2 replicas" in err
+    assert "  --replicas 1 --quantize 4bit: fits" in err.splitlines()
+    # the suggestion holds when asked for
+    code, _, err = run(capsys, *base, "--replicas", "1", "--quantize", "4bit", "--solve", "batch-size")
+    assert code == 0, err
+
+
 # -- --list-cards ---------------------------------------------------------------------------------------------------
 def test_list_cards(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "oneke", "--list-cards")
