@@ -342,8 +342,9 @@ def _load_checked(profile: Profile, source: ModelSource, trust_remote_code: bool
     from oneke_plan.loader import check_before_load, check_finite_outputs, load_model
 
     tokenizer = check_before_load(profile, source, trust_remote_code=trust_remote_code)
-    model = load_model(profile, source, trust_remote_code=trust_remote_code)
-    stored = read_checkpoint(source.directory).dtypes if source.directory else None
+    checkpoint = read_checkpoint(source.directory) if source.directory else None
+    model = load_model(profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint)
+    stored = checkpoint.dtypes if checkpoint else None
     report.weights_loaded(
         profile, measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
     )
