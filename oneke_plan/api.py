@@ -620,7 +620,9 @@ def run(
     the machine check and the load (minutes), and a run whose prompts are all answered loads nothing. Under
     torchrun, each worker runs its replica on the prompts whose key hashes to it and journals them in its own part;
     worker 0 writes OUTPUT from all parts. SIGINT and SIGTERM (as KeyboardInterrupt) become Interrupted, whose
-    message says what was kept and how to continue.
+    message says what was kept and how to continue. The workers leave their process group before this returns, but
+    the interpreter's teardown can still abort a finished worker in torch's gloo threads: oneke-run therefore ends
+    with os._exit under torchrun (cli/run.py), and a script that calls run under torchrun may want to do the same.
     """
     from oneke_plan.outputs import RunOutput
     from oneke_plan.workers import Group, Worker
