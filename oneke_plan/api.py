@@ -342,8 +342,9 @@ def _load_checked(profile: Profile, source: ModelSource, trust_remote_code: bool
     from oneke_plan.loader import check_before_load, check_finite_outputs, load_model
 
     tokenizer = check_before_load(profile, source, trust_remote_code=trust_remote_code)
-    model = load_model(profile, source, trust_remote_code=trust_remote_code)
-    stored = read_checkpoint(source.directory).dtypes if source.directory else None
+    checkpoint = read_checkpoint(source.directory) if source.directory else None
+    model = load_model(profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint)
+    stored = checkpoint.dtypes if checkpoint else None
     report.weights_loaded(
         profile, measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
     )
@@ -619,7 +620,9 @@ def run(
     the machine check and the load (minutes), and a run whose prompts are all answered loads nothing. Under
     torchrun, each worker runs its replica on the prompts whose key hashes to it and journals them in its own part;
     worker 0 writes OUTPUT from all parts. SIGINT and SIGTERM (as KeyboardInterrupt) become Interrupted, whose
-    message says what was kept and how to continue.
+    message says what was kept and how to continue. The workers leave their process group before this returns, but
+    the interpreter's teardown can still abort a finished worker in torch's gloo threads: oneke-run therefore ends
+    with os._exit under torchrun (cli/run.py), and a script that calls run under torchrun may want to do the same.
     """
     from oneke_plan.outputs import RunOutput
     from oneke_plan.workers import Group, Worker

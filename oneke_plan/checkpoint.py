@@ -53,12 +53,9 @@ def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
     return size, {k: v for k, v in meta.items() if k != "__metadata__"}
 
 
-def _safetensors_dtypes(file: Path) -> dict[str, str]:
-    """name -> torch dtype name, from a (checked) safetensors file's header."""
-    return {k: _SAFETENSORS_DTYPES.get(v.get("dtype", ""), "") for k, v in _safetensors_header(file)[1].items()}
-
-
-def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+def _safetensors_tensors(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(name -> shape, name -> torch dtype name) of a safetensors file, from one read of its header, after
+    safetensors' own reader has accepted the file."""
     from safetensors import safe_open
 
     if not file.is_file():
@@ -70,21 +67,24 @@ def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         end = max((v["data_offsets"][1] for v in meta.values()), default=0)
         if 8 + header + end > file.stat().st_size:
             raise ValueError("file shorter than its header says")
-        return {key: tuple(meta[key]["shape"]) for key in keys}
+        shapes = {key: tuple(meta[key]["shape"]) for key in keys}
     except Exception as exc:  # safetensors raises its own error types
         raise BadInput(
             f"{file}: not a complete safetensors file ({exc}); it is truncated or corrupt: download it again"
         ) from None
+    return shapes, {k: _SAFETENSORS_DTYPES.get(v.get("dtype", ""), "") for k, v in meta.items()}
 
 
-def _bin_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+def _bin_tensors(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(name -> shape, {}) of a pickled file, read weights-only onto meta: no tensor data is read, and dtypes are
+    not recorded (nothing needs them for a pickled checkpoint: compat.offload_writes_weights)."""
     import torch
 
     if not file.is_file():
         raise BadInput(f"{file}: missing; the checkpoint's index names it: download the missing shard again")
     try:
         state = torch.load(file, map_location="meta", weights_only=True)
-        return {key: tuple(tensor.shape) for key, tensor in state.items()}
+        return {key: tuple(tensor.shape) for key, tensor in state.items()}, {}
     except Exception as exc:
         raise BadInput(
             f"{file}: refused: a pickled checkpoint is only read weights-only, and this one is not "
@@ -92,20 +92,11 @@ def _bin_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         ) from None
 
 
-def _dtypes(files: tuple[Path, ...], pickled: bool) -> dict[str, str]:
-    if pickled:
-        return {}
-    found: dict[str, str] = {}
-    for file in files:
-        found.update(_safetensors_dtypes(file))
-    return found
-
-
 def read_checkpoint(directory: Path) -> Checkpoint:
     """Find the weights in `directory` and read their tensor names (safetensors headers; .bin weights-only)."""
     for index_name, single_name, reader, pickled in (
-        (SAFE_INDEX, SAFE_SINGLE, _safetensors_shapes, False),
-        (BIN_INDEX, BIN_SINGLE, _bin_shapes, True),
+        (SAFE_INDEX, SAFE_SINGLE, _safetensors_tensors, False),
+        (BIN_INDEX, BIN_SINGLE, _bin_tensors, True),
     ):
         index = directory / index_name
         if index.is_file():
@@ -114,18 +105,22 @@ def read_checkpoint(directory: Path) -> Checkpoint:
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise BadInput(f"{index}: not a valid checkpoint index (no weight_map)") from None
             shapes: dict[str, tuple[int, ...]] = {}
+            dtypes: dict[str, str] = {}
             for shard in shards:
-                shapes.update(reader(shard))
+                shard_shapes, shard_dtypes = reader(shard)
+                shapes.update(shard_shapes)
+                dtypes.update(shard_dtypes)
             listed = set(weight_map)
             if listed - set(shapes):
                 raise BadInput(
                     f"{index}: names {len(listed - set(shapes))} tensors its shards lack, e.g. "
                     f"{sorted(listed - set(shapes))[0]}; the checkpoint is incomplete"
                 )
-            return Checkpoint(index, shards, shapes, pickled, _dtypes(shards, pickled))
+            return Checkpoint(index, shards, shapes, pickled, dtypes)
         single = directory / single_name
         if single.is_file():
-            return Checkpoint(single, (single,), reader(single), pickled, _dtypes((single,), pickled))
+            shapes, dtypes = reader(single)
+            return Checkpoint(single, (single,), shapes, pickled, dtypes)
     raise BadInput(
         f"{directory}: no weights found (model.safetensors, its index, or pytorch_model.bin); "
         "oneke-plan plans without weights, oneke-run needs them"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan import jsonfile
-from oneke_plan.checkpoint import explain_mismatch, key_mismatch, read_checkpoint
+from oneke_plan.checkpoint import Checkpoint, explain_mismatch, key_mismatch, read_checkpoint
 from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg, offload_writes_weights
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.files import os_error
@@ -188,8 +188,11 @@ def _quiet() -> Any:
             logging.getLogger(n).setLevel(level)
 
 
-def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = False) -> Any:
-    """The model, loaded into exactly the profile's device_map, ready for generate.
+def load_model(
+    profile: Profile, source: ModelSource, trust_remote_code: bool = False, checkpoint: Checkpoint | None = None
+) -> Any:
+    """The model, loaded into exactly the profile's device_map, ready for generate. `checkpoint`: read_checkpoint of
+    the source's directory when the caller has it already (else it is read here).
 
     First everything that can be checked without loading: the checkpoint's names and shapes against the model
     built as AutoModelForCausalLM on the meta device and tied (renamed and fused as transformers will load them),
@@ -200,7 +203,7 @@ def load_model(profile: Profile, source: ModelSource, trust_remote_code: bool = 
     """
     if source.directory is None:
         raise BadInput(f"{source.name}: a built-in config has no weights; pass --model DIR with the checkpoint")
-    checkpoint = read_checkpoint(source.directory)
+    checkpoint = checkpoint or read_checkpoint(source.directory)
     model = build_empty_model(source, profile.dtype, trust_remote_code, profile.attn_implementation)
     mismatch = key_mismatch(model, checkpoint)
     if mismatch:
