@@ -80,6 +80,16 @@ def _decode(raw: bytes) -> Any:
         return None
 
 
+def _parse_journal(data: bytes) -> tuple[dict[str, Any] | None, list[Any], int]:
+    """(header, decoded answer lines, length of the complete lines) of a journal's bytes. The header is None when
+    the first line is not this version's journal header; an undecodable answer line is None."""
+    lines, end = _complete_lines(data)
+    header = _decode(lines[0]) if lines else None
+    if not (isinstance(header, dict) and header.get("oneke_run_journal") == JOURNAL_FORMAT):
+        header = None
+    return header, [_decode(raw) for raw in lines[1:]], end
+
+
 def read_output(path: Path) -> list[dict[str, Any]]:
     """The lines of an existing output, after checking every complete line is one this tool writes.
 
@@ -194,11 +204,9 @@ class RunOutput:
         data = _read_or_none(peer)
         if data is None:
             return []
-        lines, _ = _complete_lines(data)
-        header = _decode(lines[0]) if lines else None
-        if not (isinstance(header, dict) and header.get("oneke_run_journal") == JOURNAL_FORMAT):
+        header, answers, _ = _parse_journal(data)
+        if header is None:
             raise BadInput(f"{peer}: not a journal of this oneke-run version, so it is left as is: move it away")
-        answers = [_decode(raw) for raw in lines[1:]]
         return [line for line in answers if is_prompt_line(line)]
 
     def _check_paths(self) -> None:
@@ -292,14 +300,12 @@ class RunOutput:
         """(header, answer lines, length of the complete lines, file size) of a journal; BadInput, touching
         nothing, if it is not one."""
         data = _read_fd(fd, self.journal)
-        lines, end = _complete_lines(data)
-        header = _decode(lines[0]) if lines else None
-        if not (isinstance(header, dict) and header.get("oneke_run_journal") == JOURNAL_FORMAT):
+        header, answers, end = _parse_journal(data)
+        if header is None:
             raise BadInput(
                 f"{self.journal}: not a journal of this oneke-run version, so it is left as is: move it away to "
                 f"run with --output {self.output}"
             )
-        answers = [_decode(raw) for raw in lines[1:]]
         bad = next((n for n, line in enumerate(answers, 2) if not is_prompt_line(line)), None)
         if bad is not None:
             raise BadInput(f"{self.journal}, line {bad}: not an answer line of oneke-run; it is left as is")
