@@ -29,7 +29,7 @@ from typing import Any
 
 from oneke_plan import jsonfile, oneke
 from oneke_plan.errors import BadInput
-from oneke_plan.files import os_error
+from oneke_plan.files import os_error, write_all
 from oneke_plan.limits import MAX_INPUT_BYTES, MAX_JSON_BYTES
 from oneke_plan.sizes import format_bytes
 
@@ -421,11 +421,8 @@ class OutputWriter:
         self.write_line(error_line(record, reason))
 
     def write_line(self, line: dict[str, Any]) -> None:
-        data = encode_line(line)
         try:
-            while data:
-                data = data[os.write(self._fd, data) :]
-            os.fsync(self._fd)
+            write_all(self._fd, encode_line(line))
         except OSError as e:
             raise os_error(
                 self.name, "be written", e, "the answers before this one are kept: rerun with --resume"

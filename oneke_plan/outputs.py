@@ -37,7 +37,7 @@ from oneke_plan.extract import (
     is_answered,
     refuse_same_file,
 )
-from oneke_plan.files import fsync_dir, os_error, replaceable_stat, same_file, write_atomic
+from oneke_plan.files import fsync_dir, os_error, replaceable_stat, same_file, write_all, write_atomic
 
 JOURNAL_FORMAT = 1
 MODES = ("new", "resume", "overwrite")
@@ -233,7 +233,7 @@ class RunOutput:
                 folder, "create the run's journal in this folder", exc, "choose another --output folder"
             ) from None
         try:
-            _write_all(fd, encode_line(header))
+            write_all(fd, encode_line(header))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             try:
                 os.link(tmp, self.journal)
@@ -431,16 +431,10 @@ def merged_line(task: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- small helpers
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
-    os.fsync(fd)
-
-
 def _create_locked(path: Path, header: dict[str, Any]) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o666)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    _write_all(fd, encode_line(header))
+    write_all(fd, encode_line(header))
     return fd
 
 
