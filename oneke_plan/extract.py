@@ -238,11 +238,12 @@ def read_raw(
             skipped.append(number)
             continue
         extra = _raw_extra(obj, task, folder, gold)
+        record_id = text_id(text)
         for index, chunk in enumerate(asked):
             records.append(
                 PromptRecord(
                     key=f"{number}:{index}",
-                    id=text_id(text),
+                    id=record_id,
                     task=task,
                     instruction=oneke.make_instruction(task, chunk, text, lang, example),
                     extra=dict(extra),
