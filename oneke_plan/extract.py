@@ -66,9 +66,14 @@ class PromptRecord:
 
     @property
     def group(self) -> tuple[str, str]:
-        """The record this prompt belongs to as DeepKE's evaluator groups lines: `source` ('None' if absent) and
-        id, as strings."""
-        return str(self.extra.get("source", "None")), str(self.id)
+        """The record this prompt belongs to (evaluator_group)."""
+        return evaluator_group(self.extra, self.id)
+
+
+def evaluator_group(fields: dict[str, Any], record_id: Any) -> tuple[str, str]:
+    """The record a line belongs to as DeepKE's evaluator groups lines: its `source` field ('None' if absent) and
+    its id, as strings."""
+    return str(fields.get("source", "None")), str(record_id)
 
 
 def text_id(text: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 from oneke_plan import jsonfile, oneke
 from oneke_plan.errors import BadInput
-from oneke_plan.extract import read_json_objects
+from oneke_plan.extract import evaluator_group, read_json_objects
 
 NAN = "NAN"
 KG_EMPTY = ("无", "nan")
@@ -134,7 +134,7 @@ def score_file(path: str | os.PathLike[str], task: str | None = None) -> dict[st
             continue
         line_task = task or _line_task(line, where)
         score = scores.setdefault(line_task, TaskScore(line_task))
-        group = (str(line.get("source", "None")), str(_need(line, "id", where)))
+        group = evaluator_group(line, _need(line, "id", where))
         record = score.records.get(group)
         if record is None:
             record = score.records[group] = Record(gold_items(line_task, _label(line, where), where))
