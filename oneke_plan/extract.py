@@ -186,13 +186,19 @@ def _parse_instruction(value: Any, where: str) -> dict[str, Any]:
     return instruction
 
 
+def known_task(value: Any, where: str) -> str:
+    """`value` (a line's `task` field, or --task) in upper case, if OneKE has that task; BadInput naming `where`
+    otherwise."""
+    try:
+        return oneke.check_task(str(value).upper())
+    except oneke.PromptError as e:
+        raise BadInput(f"{where}: {e}") from None
+
+
 def _task_of(obj: dict[str, Any], instruction: dict[str, Any], where: str) -> str:
     """The line's `task` field if any (DeepKE's newer converter writes it), else the task its text is for."""
     if "task" in obj:
-        task = str(obj["task"]).upper()
-        if task not in oneke.TASKS:
-            raise BadInput(f"{where}: unknown task {obj['task']!r}: use one of {', '.join(oneke.TASKS)}")
-        return task
+        return known_task(obj["task"], where)
     detected = oneke.detect_task(instruction["instruction"], instruction["schema"])
     if detected is None:
         raise BadInput(
