@@ -29,7 +29,7 @@ from typing import Any
 
 from oneke_plan import jsonfile, oneke
 from oneke_plan.errors import BadInput
-from oneke_plan.files import os_error
+from oneke_plan.files import os_error, write_all
 from oneke_plan.limits import MAX_INPUT_BYTES, MAX_JSON_BYTES
 from oneke_plan.sizes import format_bytes
 
@@ -66,9 +66,14 @@ class PromptRecord:
 
     @property
     def group(self) -> tuple[str, str]:
-        """The record this prompt belongs to as DeepKE's evaluator groups lines: `source` ('None' if absent) and
-        id, as strings."""
-        return str(self.extra.get("source", "None")), str(self.id)
+        """The record this prompt belongs to (evaluator_group)."""
+        return evaluator_group(self.extra, self.id)
+
+
+def evaluator_group(fields: dict[str, Any], record_id: Any) -> tuple[str, str]:
+    """The record a line belongs to as DeepKE's evaluator groups lines: its `source` field ('None' if absent) and
+    its id, as strings."""
+    return str(fields.get("source", "None")), str(record_id)
 
 
 def text_id(text: str) -> str:
@@ -181,13 +186,19 @@ def _parse_instruction(value: Any, where: str) -> dict[str, Any]:
     return instruction
 
 
+def known_task(value: Any, where: str) -> str:
+    """`value` (a line's `task` field, or --task) in upper case, if OneKE has that task; BadInput naming `where`
+    otherwise."""
+    try:
+        return oneke.check_task(str(value).upper())
+    except oneke.PromptError as e:
+        raise BadInput(f"{where}: {e}") from None
+
+
 def _task_of(obj: dict[str, Any], instruction: dict[str, Any], where: str) -> str:
     """The line's `task` field if any (DeepKE's newer converter writes it), else the task its text is for."""
     if "task" in obj:
-        task = str(obj["task"]).upper()
-        if task not in oneke.TASKS:
-            raise BadInput(f"{where}: unknown task {obj['task']!r}: use one of {', '.join(oneke.TASKS)}")
-        return task
+        return known_task(obj["task"], where)
     detected = oneke.detect_task(instruction["instruction"], instruction["schema"])
     if detected is None:
         raise BadInput(
@@ -238,11 +249,12 @@ def read_raw(
             skipped.append(number)
             continue
         extra = _raw_extra(obj, task, folder, gold)
+        record_id = text_id(text)
         for index, chunk in enumerate(asked):
             records.append(
                 PromptRecord(
                     key=f"{number}:{index}",
-                    id=text_id(text),
+                    id=record_id,
                     task=task,
                     instruction=oneke.make_instruction(task, chunk, text, lang, example),
                     extra=dict(extra),
@@ -421,11 +433,8 @@ class OutputWriter:
         self.write_line(error_line(record, reason))
 
     def write_line(self, line: dict[str, Any]) -> None:
-        data = encode_line(line)
         try:
-            while data:
-                data = data[os.write(self._fd, data) :]
-            os.fsync(self._fd)
+            write_all(self._fd, encode_line(line))
         except OSError as e:
             raise os_error(
                 self.name, "be written", e, "the answers before this one are kept: rerun with --resume"

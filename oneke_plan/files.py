@@ -86,6 +86,14 @@ def same_file(before: os.stat_result | None, path: str | os.PathLike[str]) -> bo
     return before is not None and (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the open file `fd` (os.write may write less than asked) and fsync it, so it is on
+    disk when this returns; an OSError is the caller's to word."""
+    while data:
+        data = data[os.write(fd, data) :]
+    os.fsync(fd)
+
+
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """Make a rename or unlink in `folder` durable (where the filesystem allows opening folders)."""
     try:

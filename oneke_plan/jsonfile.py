@@ -20,7 +20,7 @@ from typing import Any
 
 from oneke_plan.errors import BadInput
 from oneke_plan.files import os_error
-from oneke_plan.limits import MAX_JSON_BYTES, MAX_NESTING
+from oneke_plan.limits import MAX_JSON_BYTES, MAX_NESTING, is_valid_unicode
 from oneke_plan.sizes import format_bytes
 
 # A JSON string (escapes included) or a bracket: strings are skipped whole, so brackets inside them do not count.
@@ -50,7 +50,7 @@ def loads(text: str, max_depth: int = MAX_NESTING) -> Any:
         raise JsonLimitError(
             f"a number with more than {limit} digits, which no field needs", text, match.start() if match else 0
         ) from None
-    if _SURROGATE_ESCAPE.search(text) is not None and not _encodable(value):
+    if _SURROGATE_ESCAPE.search(text) is not None and not is_valid_unicode(json.dumps(value, ensure_ascii=False)):
         raise JsonLimitError(
             "a lone surrogate escape (\\ud800-\\udfff without its pair), which is not valid Unicode text",
             text,
@@ -71,14 +71,6 @@ def _check_depth(text: str, max_depth: int) -> None:
                 raise JsonLimitError(f"nested deeper than {max_depth} levels", text, match.start())
         elif char in "]}":
             depth -= 1
-
-
-def _encodable(value: Any) -> bool:
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _lone_surrogate_at(text: str) -> int:

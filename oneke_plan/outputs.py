@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,7 @@ from oneke_plan.extract import (
     is_answered,
     refuse_same_file,
 )
-from oneke_plan.files import fsync_dir, os_error, replaceable_stat, same_file, write_atomic
+from oneke_plan.files import fsync_dir, os_error, replaceable_stat, same_file, write_all, write_atomic
 
 JOURNAL_FORMAT = 1
 MODES = ("new", "resume", "overwrite")
@@ -77,6 +78,16 @@ def _decode(raw: bytes) -> Any:
         return jsonfile.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
+
+
+def _parse_journal(data: bytes) -> tuple[dict[str, Any] | None, list[Any], int]:
+    """(header, decoded answer lines, length of the complete lines) of a journal's bytes. The header is None when
+    the first line is not this version's journal header; an undecodable answer line is None."""
+    lines, end = _complete_lines(data)
+    header = _decode(lines[0]) if lines else None
+    if not (isinstance(header, dict) and header.get("oneke_run_journal") == JOURNAL_FORMAT):
+        header = None
+    return header, [_decode(raw) for raw in lines[1:]], end
 
 
 def read_output(path: Path) -> list[dict[str, Any]]:
@@ -123,14 +134,12 @@ class RunOutput:
         self.output = Path(output)
         self.input_path = Path(input_path) if input_path is not None else None  # None: records not from a file
         self.mode = mode
-        self.rank, self.world_size = rank, world_size
         self.journal = journal_path(self.output, rank, world_size)
         self.done: dict[str, dict[str, Any]] = {}
         self.writer: OutputWriter | None = None
         self._fd: int | None = None
         self._created = False
         self._output_stat: os.stat_result | None = None
-        self._keep_output_lines = True
         self._header_bytes = 0
         self._prepared = False
 
@@ -148,17 +157,17 @@ class RunOutput:
         if not self._prepared:
             self.prepare()
         self._lock()
-        existing = self._read_journal()
-        peers = self.peer_journals()
-        if self.mode == "resume" and self._keep_output_lines and self._output_stat is not None:
-            for line in read_output(self.output):
-                if is_prompt_line(line):
-                    self.done[line["key"]] = line
+        header, existing = self._read_journal()
         if self.mode == "resume":
-            for peer in peers:
+            # An interrupted --overwrite's journal: the old OUT is to be replaced, its answers are not kept.
+            if header.get("mode") != "overwrite" and self._output_stat is not None:
+                for line in read_output(self.output):
+                    if is_prompt_line(line):
+                        self.done[line["key"]] = line
+            for peer in self.peer_journals():
                 for line in self._peer_answers(peer):
                     self.done.setdefault(line["key"], line)
-        for line in existing or []:
+        for line in existing:
             self.done[line["key"]] = line  # the journal is newer than OUT; later lines win
         _check_same_input(self.done, records, self.output)
         assert self._fd is not None
@@ -195,11 +204,9 @@ class RunOutput:
         data = _read_or_none(peer)
         if data is None:
             return []
-        lines, _ = _complete_lines(data)
-        header = _decode(lines[0]) if lines else None
-        if not (isinstance(header, dict) and header.get("oneke_run_journal") == JOURNAL_FORMAT):
+        header, answers, _ = _parse_journal(data)
+        if header is None:
             raise BadInput(f"{peer}: not a journal of this oneke-run version, so it is left as is: move it away")
-        answers = [_decode(raw) for raw in lines[1:]]
         return [line for line in answers if is_prompt_line(line)]
 
     def _check_paths(self) -> None:
@@ -226,7 +233,7 @@ class RunOutput:
                 folder, "create the run's journal in this folder", exc, "choose another --output folder"
             ) from None
         try:
-            _write_all(fd, encode_line(header))
+            write_all(fd, encode_line(header))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             try:
                 os.link(tmp, self.journal)
@@ -270,11 +277,11 @@ class RunOutput:
             raise BadInput(f"--output {self.output}: another oneke-run just finished with it; run this again")
         return fd
 
-    def _read_journal(self) -> list[dict[str, Any]] | None:
-        """The answer lines of a journal an earlier run left (None if this run created it), once it is validated
-        as one; a partial last line (the kill came mid-write) is then cut off."""
+    def _read_journal(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(header, answer lines) of a journal an earlier run left (({}, []) if this run created it), once it is
+        validated as one; a partial last line (the kill came mid-write) is then cut off."""
         if self._created:
-            return None
+            return {}, []
         assert self._fd is not None
         header, answers, end, size = self._validated_journal(self._fd)
         if self.mode == "new":
@@ -282,26 +289,23 @@ class RunOutput:
                 f"--output {self.output}: an interrupted run left {len(answers)} answers in {self.journal}: pass "
                 "--resume to continue it, or --overwrite to start over"
             )
-        self._keep_output_lines = header.get("mode") != "overwrite"
         if end < size:
             try:
                 os.ftruncate(self._fd, end)
             except OSError as exc:
                 raise os_error(self.journal, "be repaired (cut its partial last line)", exc) from None
-        return answers
+        return header, answers
 
     def _validated_journal(self, fd: int) -> tuple[dict[str, Any], list[dict[str, Any]], int, int]:
         """(header, answer lines, length of the complete lines, file size) of a journal; BadInput, touching
         nothing, if it is not one."""
         data = _read_fd(fd, self.journal)
-        lines, end = _complete_lines(data)
-        header = _decode(lines[0]) if lines else None
-        if not (isinstance(header, dict) and header.get("oneke_run_journal") == JOURNAL_FORMAT):
+        header, answers, end = _parse_journal(data)
+        if header is None:
             raise BadInput(
                 f"{self.journal}: not a journal of this oneke-run version, so it is left as is: move it away to "
                 f"run with --output {self.output}"
             )
-        answers = [_decode(raw) for raw in lines[1:]]
         bad = next((n for n, line in enumerate(answers, 2) if not is_prompt_line(line)), None)
         if bad is not None:
             raise BadInput(f"{self.journal}, line {bad}: not an answer line of oneke-run; it is left as is")
@@ -427,16 +431,10 @@ def merged_line(task: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- small helpers
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
-    os.fsync(fd)
-
-
 def _create_locked(path: Path, header: dict[str, Any]) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o666)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    _write_all(fd, encode_line(header))
+    write_all(fd, encode_line(header))
     return fd
 
 
@@ -464,8 +462,6 @@ def _read_or_none(path: Path) -> bytes | None:
 def _remove_finished_journal(path: Path) -> None:
     """Remove another worker's journal once its answers are in OUT: only a regular single-link file nobody holds
     the lock of (a run still writing it keeps it, and says so)."""
-    import stat
-
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:

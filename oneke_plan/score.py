@@ -28,7 +28,7 @@ from typing import Any
 
 from oneke_plan import jsonfile, oneke
 from oneke_plan.errors import BadInput
-from oneke_plan.extract import read_json_objects
+from oneke_plan.extract import evaluator_group, known_task, read_json_objects
 
 NAN = "NAN"
 KG_EMPTY = ("无", "nan")
@@ -126,7 +126,7 @@ class TaskScore:
 def score_file(path: str | os.PathLike[str], task: str | None = None) -> dict[str, TaskScore]:
     """Scores of every task in an answer file; BadInput naming the line for anything that cannot be scored."""
     if task is not None:
-        task = _known_task(task.upper(), "--task")
+        task = known_task(task, "--task")
     scores: dict[str, TaskScore] = {}
     for number, line in read_json_objects(path):
         where = f"{path}, line {number}"
@@ -134,7 +134,7 @@ def score_file(path: str | os.PathLike[str], task: str | None = None) -> dict[st
             continue
         line_task = task or _line_task(line, where)
         score = scores.setdefault(line_task, TaskScore(line_task))
-        group = (str(line.get("source", "None")), str(_need(line, "id", where)))
+        group = evaluator_group(line, _need(line, "id", where))
         record = score.records.get(group)
         if record is None:
             record = score.records[group] = Record(gold_items(line_task, _label(line, where), where))
@@ -154,15 +154,9 @@ def _need(line: dict[str, Any], name: str, where: str) -> Any:
     return line[name]
 
 
-def _known_task(task: str, where: str) -> str:
-    if task not in oneke.TASKS:
-        raise BadInput(f"{where}: unknown task {task!r}: use one of {', '.join(oneke.TASKS)}")
-    return task
-
-
 def _line_task(line: dict[str, Any], where: str) -> str:
     if isinstance(line.get("task"), str):
-        return _known_task(line["task"].upper(), where)
+        return known_task(line["task"], where)
     try:
         instruction = jsonfile.loads(line["instruction"])
         detected = oneke.detect_task(instruction["instruction"], instruction.get("schema"))

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from oneke_plan.errors import BadInput
+from oneke_plan.files import os_error
 from oneke_plan.jsonfile import read_bounded
 from oneke_plan.limits import MAX_NESTING, MAX_YAML_BYTES, is_valid_unicode
 
@@ -85,11 +86,11 @@ def read_yaml(path: Path, what: str, remedy: str) -> Any:
     except FileNotFoundError:
         raise BadInput(f"{path}: {what} not found; {remedy}") from None
     except OSError as exc:
-        raise BadInput(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        raise os_error(path, "be read", exc, remedy) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadInput(f"{path}: cannot be read as UTF-8 text ({exc.reason})") from None
+        raise BadInput(f"{path}: cannot be read as UTF-8 text ({exc.reason}); {remedy}") from None
     try:
         return loads(text)
     except _Refused as exc:
