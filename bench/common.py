@@ -194,17 +194,14 @@ def machine_line() -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] | None = None) -> str:
-    """A plain-text table; numeric columns right-aligned (all but the first by default)."""
+    """oneke-plan's own table layout (cli/common.format_table) with a dashed rule under the header; numeric columns
+    right-aligned (all but the first by default)."""
+    from oneke_plan.cli.common import format_table
+
     cells = [[str(c) for c in row] for row in rows]
-    if right is None:
-        right = range(1, len(header))
-    widths = [max(len(str(r[i])) for r in [list(header), *cells]) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        return "  ".join(padded).rstrip()
-
-    return "\n".join([line(list(header)), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+    widths = [max(len(r[i]) for r in [list(header), *cells]) for i in range(len(header))]
+    right = range(1, len(header)) if right is None else right
+    return format_table(list(header), [["-" * w for w in widths], *cells], right=right)
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
