@@ -220,12 +220,14 @@ def smoke_grid(args: argparse.Namespace) -> Grid:
 
 # -- the record ----------------------------------------------------------------------------------------------------
 class Recorder:
-    """The data file and the summary table, rewritten (atomically) after every record: a run stopped at any point
-    keeps everything it measured. Refuses to replace files it did not write."""
+    """The data file and the summary table, rewritten (atomically, oneke_plan.files.write_atomic) after every record:
+    a run stopped at any point keeps everything it measured. Replaces only what it found at the start (main checked
+    that this script wrote it: foreign_file) or wrote itself; a file another program put there meanwhile is kept."""
 
     def __init__(self, out_dir: Path, header: dict[str, Any]):
         self.data_path = out_dir / DATA_NAME
         self.table_path = out_dir / TABLE_NAME
+        self._stats = {path: _lstat(path) for path in (self.data_path, self.table_path)}  # what each write replaces
         self.data: dict[str, Any] = {"format": FORMAT, **header, "status": "running", "loads": [], "runs": [],
                                      "throughput": [], "split": [], "skipped": [], "errors": []}
         self.flush()
@@ -250,8 +252,12 @@ class Recorder:
         self.flush()
 
     def flush(self) -> None:
-        _write_atomic(self.data_path, json.dumps(self.data, indent=1, ensure_ascii=False) + "\n")
-        _write_atomic(self.table_path, summary(self.data))
+        from oneke_plan.files import write_atomic
+
+        for path, text in ((self.data_path, json.dumps(self.data, indent=1, ensure_ascii=False) + "\n"),
+                           (self.table_path, summary(self.data))):
+            write_atomic(path, [text.encode("utf-8")], expected=self._stats[path])
+            self._stats[path] = os.lstat(path)
 
 
 def foreign_file(out_dir: Path) -> Path | None:
@@ -272,16 +278,11 @@ def _written_here(path: Path) -> bool:
     return FORMAT.encode() in head or head.startswith(b"# GPU calibration")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _lstat(path: Path) -> os.stat_result | None:
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 
 def _now() -> str:
