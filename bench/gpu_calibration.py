@@ -534,16 +534,18 @@ def tokenizer_size(path: Path) -> int:
 
 
 # -- planning ------------------------------------------------------------------------------------------------------
-def card_inventory(card: Card, probe: Probe, index: int = 0) -> Any:
+def card_inventory(probe: Probe, *cards: Card) -> Any:
+    """Emulated cards as GPUs 0, 1, ... (the real GPU's compute capability), no CPU memory."""
     from oneke_plan.inventory import Gpu, Inventory
 
     cc = getattr(probe, "compute_capability", None)
-    return Inventory((Gpu(index, f"{card.label} (emulated)", card.total_bytes, card.total_bytes, cc),), 0)
+    return Inventory(tuple(Gpu(i, f"{c.label} (emulated)", c.total_bytes, c.total_bytes, cc)
+                           for i, c in enumerate(cards)), 0)
 
 
 def unbounded_inventory(probe: Probe) -> Any:
     """One GPU larger than any workload here: its plan's GPU 0 estimate is what a workload needs, fits or not."""
-    return card_inventory(Card("unbounded", 1 << 50), probe)
+    return card_inventory(probe, Card("unbounded", 1 << 50))
 
 
 def cpu_inventory() -> Any:
@@ -555,7 +557,7 @@ def cpu_inventory() -> Any:
 
 def target_inventory(probe: Probe) -> Any:
     """The device the runs execute on: the real GPU 0 (its total), or the CPU (--cpu-smoke)."""
-    return card_inventory(Card("GPU 0", probe.total_bytes), probe) if probe.cuda else cpu_inventory()
+    return card_inventory(probe, Card("GPU 0", probe.total_bytes)) if probe.cuda else cpu_inventory()
 
 
 def settings_for(grid: Grid, quant: str, context: int, batch: int) -> Any:
@@ -600,7 +602,7 @@ def plan_cells(planner: Any, grid: Grid, quant: str, probe: Probe) -> list[Cell]
                 cells.append(Cell(card, context, 0, note=f"context {context} is outside 1 + new tokens .. {limit}"))
                 continue
             settings = settings_for(grid, quant, context, 1)
-            best = planner.largest(card_inventory(card, probe), settings, "batch_size")
+            best = planner.largest(card_inventory(probe, card), settings, "batch_size")
             cell = Cell(card, context, best)
             alone = needed(planner, settings, probe)
             if alone["weights_bytes"] + alone["reserve_bytes"] > card.total_bytes:
@@ -899,7 +901,7 @@ def calibrate(planner: Any, source: Any, shape: str, quant: str, grid: Grid, pro
                     rec.skip(label, "time budget spent")
                     continue
                 settings = settings_for(grid, quant, cell.context, batch)
-                fits = planner.plan(card_inventory(cell.card, probe), settings).fits
+                fits = planner.plan(card_inventory(probe, cell.card), settings).fits
                 record = run_record(shape, quant, cell.card, cell.context, batch, role, "generate", settings,
                                     needed(planner, settings, probe), fits)
                 record["largest_batch"] = cell.largest_batch
@@ -936,7 +938,7 @@ def calibrate(planner: Any, source: Any, shape: str, quant: str, grid: Grid, pro
     elif budget.spent():
         line["oneke_run"] = {"unavailable": "time budget spent"}
     else:
-        inventory = card_inventory(headline.card, probe) if probe.cuda else target_inventory(probe)
+        inventory = card_inventory(probe, headline.card) if probe.cuda else target_inventory(probe)
         profile = planner.plan_profile(inventory, settings).profile
         record = run_record(shape, quant, headline.card, headline.context, batch, HEADLINE, "oneke-run", settings,
                             needed(planner, settings, probe), True)
@@ -1005,12 +1007,9 @@ def split_check(planner: Any, source: Any, spec: SplitSpec, grid: Grid, probe: P
 
     from oneke_plan.errors import DoesNotFit
     from oneke_plan.fit import device_owner
-    from oneke_plan.inventory import Gpu, Inventory
     from oneke_plan.loader import load_model
 
-    cc = getattr(probe, "compute_capability", None)
-    inventory = Inventory(tuple(Gpu(i, f"{c.label} (emulated)", c.total_bytes, c.total_bytes, cc)
-                                for i, c in enumerate(spec.cards)), 0)
+    inventory = card_inventory(probe, *spec.cards)
     settings = settings_for(replace(grid, new_tokens=min(grid.new_tokens, SPLIT_NEW_TOKENS, spec.context - 1)),
                             spec.quant, spec.context, spec.batch)
     label = f"split {spec.shape}/{spec.quant}/{'+'.join(c.label for c in spec.cards)}"
