@@ -476,9 +476,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 def shape_dims(shape: str) -> dict[str, int]:
-    """The LLaMA dims of a shape: OneKE's from oneke_plan/data/oneke_config.json, the others from SHAPES."""
+    """The LLaMA dims of a shape: OneKE's from oneke-plan's built-in config (model_source), the others from SHAPES."""
     if shape == "oneke":
-        config = json.loads((ROOT / "oneke_plan" / "data" / "oneke_config.json").read_text(encoding="utf-8"))
+        from oneke_plan.model_source import resolve_model
+
+        config = resolve_model("oneke").config
         return {key: int(config[key]) for key in ONEKE_KEYS}
     if shape not in SHAPES:
         raise SystemExit(_bad_input(f"--shapes: unknown shape {shape!r}; known: oneke, {', '.join(SHAPES)}"))
