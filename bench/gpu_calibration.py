@@ -502,15 +502,13 @@ def build_checkpoint(shape: str, out: Path, device: Any, seed: int) -> Path:
         llama_config_dict,
         llama_weight_shapes,
         write_checkpoint,
+        write_config_files,
     )
 
     dims = shape_dims(shape)
     out.mkdir(parents=True, exist_ok=True)
     config = llama_config_dict(**dims, tie_word_embeddings=False, dtype=torch.bfloat16)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    ids = {name: SPECIAL_TOKENS.index(token) for name, token in (("bos", "<s>"), ("eos", EOS_TOKEN), ("pad", "<unk>"))}
-    generation = {f"{name}_token_id": value for name, value in ids.items()} | {"do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    write_config_files(config, out)
     build_tokenizer(out, model_max_length=dims["max_position_embeddings"])
     generator = torch.Generator(device=device).manual_seed(seed)
     state = {}
@@ -520,7 +518,7 @@ def build_checkpoint(shape: str, out: Path, device: Any, seed: int) -> Path:
         else:
             drawn = torch.randn(size, generator=generator, device=device, dtype=torch.float32).mul_(0.02)
             if name == "lm_head.weight":
-                drawn[ids["eos"]] = 0
+                drawn[SPECIAL_TOKENS.index(EOS_TOKEN)] = 0
             tensor = drawn.to(torch.bfloat16).cpu()
             del drawn
         state[name] = tensor
