@@ -527,12 +527,6 @@ def build_checkpoint(shape: str, out: Path, device: Any, seed: int) -> Path:
     return out
 
 
-def tokenizer_size(path: Path) -> int:
-    from transformers import AutoTokenizer
-
-    return len(AutoTokenizer.from_pretrained(str(path)))
-
-
 # -- planning ------------------------------------------------------------------------------------------------------
 def card_inventory(probe: Probe, *cards: Card) -> Any:
     """Emulated cards as GPUs 0, 1, ... (the real GPU's compute capability), no CPU memory."""
@@ -797,16 +791,14 @@ def converted_lines(tokenizer: Any, length: int, count: int) -> tuple[list[str],
 SUMMARY = re.compile(r"(\d+) prompts answered .*?, (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\)")
 
 
-def run_oneke_run(source: Any, profile: Any, probe: Probe, cap: int | None, folder: Path) -> dict[str, Any]:
-    """oneke-run itself, in-process (`oneke_plan.cli.run.main`), on prompts of exactly the profile's workload: its
-    exit code, the tokens and tokens/s its summary line reports, and the GPU peaks of the whole call (load
-    included)."""
-    from transformers import AutoTokenizer
-
+def run_oneke_run(source: Any, tokenizer: Any, profile: Any, probe: Probe, cap: int | None,
+                  folder: Path) -> dict[str, Any]:
+    """oneke-run itself, in-process (`oneke_plan.cli.run.main`), on prompts of exactly the profile's workload (sized
+    with `tokenizer`, the model's): its exit code, the tokens and tokens/s its summary line reports, and the GPU
+    peaks of the whole call (load included)."""
     from oneke_plan.cli.run import main as oneke_run
 
     work = profile.workload
-    tokenizer = AutoTokenizer.from_pretrained(str(source.directory))
     lines, lengths = converted_lines(tokenizer, work["max_input_tokens"], work["batch_size"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "input.json").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -865,8 +857,9 @@ def checks(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrate(planner: Any, source: Any, shape: str, quant: str, grid: Grid, probe: Probe, rec: Recorder,
-              budget: Budget, folder: Path, vocab: int) -> None:
+              budget: Budget, folder: Path, tokenizer: Any) -> None:
     """Every cell of one shape and quantization on one loaded model, then oneke-run and the throughput line."""
+    vocab = len(tokenizer)
     from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu
 
     what = f"{shape}/{quant}"
@@ -943,7 +936,7 @@ def calibrate(planner: Any, source: Any, shape: str, quant: str, grid: Grid, pro
         record = run_record(shape, quant, headline.card, headline.context, batch, HEADLINE, "oneke-run", settings,
                             needed(planner, settings, probe), True)
         try:
-            record["measured"] = run_oneke_run(source, profile, probe, probe.set_card(headline.card),
+            record["measured"] = run_oneke_run(source, tokenizer, profile, probe, probe.set_card(headline.card),
                                                folder / f"oneke-run-{shape}-{quant}")
             record["checks"] = checks(record)
             rec.add("runs", record)
@@ -1302,6 +1295,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_shape(shape: str, grid: Grid, probe: Probe, rec: Recorder, budget: Budget, workdir: Path, keep: bool) -> None:
     """Build the shape's checkpoint, calibrate each quantization, run the split if it is this shape's."""
+    from transformers import AutoTokenizer
+
     from oneke_plan.model_source import resolve_model
     from oneke_plan.planner import Planner
 
@@ -1319,10 +1314,10 @@ def run_shape(shape: str, grid: Grid, probe: Probe, rec: Recorder, budget: Budge
     try:
         source = resolve_model(str(path))
         planner = Planner(source)
-        vocab = tokenizer_size(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))  # once: every quantization's oneke-run sizes with it
         for quant in grid.quants:
             try:
-                calibrate(planner, source, shape, quant, grid, probe, rec, budget, workdir, vocab)
+                calibrate(planner, source, shape, quant, grid, probe, rec, budget, workdir, tokenizer)
             except Exception as exc:  # noqa: BLE001 - the next quantization may still run
                 rec.error(f"{shape}/{quant}", exc)
                 release_memory()
@@ -1331,7 +1326,7 @@ def run_shape(shape: str, grid: Grid, probe: Probe, rec: Recorder, budget: Budge
                 rec.skip(f"split {shape}", "time budget spent")
             else:
                 try:
-                    split_check(planner, source, grid.split, grid, probe, rec, vocab)
+                    split_check(planner, source, grid.split, grid, probe, rec, len(tokenizer))
                 except Exception as exc:  # noqa: BLE001
                     rec.error(f"split {shape}", exc)
                     release_memory()
