@@ -1171,10 +1171,13 @@ def _round_up(value: int, unit: int) -> int:
 
 def derive_main(path: Path) -> int:
     """--derive-defaults: print what the data file says DEFAULT_GPU_RESERVE_BYTES should be; change nothing."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return _bad_input(f"{path}: cannot be read as JSON ({exc}); give a file this script wrote")
+    from oneke_plan.errors import BadInput
+    from oneke_plan.jsonfile import read_json_file
+
+    try:  # oneke_plan's bounded reader: a huge, deeply nested or non-UTF-8 file is one line too
+        data = read_json_file(path, "give the gpu-calibration.json a GPU run of this script wrote")
+    except BadInput as exc:
+        return _bad_input(str(exc))
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return _bad_input(f"{path}: not a data file of this script (format {FORMAT!r} expected)")
     try:
