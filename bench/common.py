@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: public model configs, the machine line, tables, timing, checkpoints.
+"""Helpers shared by the benchmark scripts: public model configs, the machine line, tables, checkpoints, storages.
 
 Every benchmark runs from a fresh clone with `python bench/NAME.py` (the package installed, e.g. `pip install -e .`).
 Random checkpoints are built with tools/tiny_checkpoint.py into a cache directory (default:
@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,32 +201,6 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[
     return format_table(list(header), [["-" * w for w in widths], *cells], right=right)
 
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
-    """Median wall time of `fn` over `repeats` calls (after `warmup` untimed calls), and all the times."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
-
-
-def run_process(args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
-    """Run a command to completion (output captured), raise on failure, return its wall time in seconds."""
-    start = time.perf_counter()
-    result = subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=cwd)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return elapsed
-
-
-def python_cmd() -> list[str]:
-    return [sys.executable]
-
-
 def cache_dir() -> Path:
     root = Path(os.environ.get("ONEKE_BENCH_CACHE") or Path(tempfile.gettempdir()) / "oneke-plan-bench")
     root.mkdir(parents=True, exist_ok=True)
@@ -263,21 +234,6 @@ def parameter_count(path: Path) -> int:
     from tiny_checkpoint import checkpoint_num_parameters
 
     return checkpoint_num_parameters(path)
-
-
-def deepke_records(task: str = "RE") -> list[Any]:
-    """The DeepKE test prompts shipped in examples/deepke/<task>/test.json (RE: 72 prompts)."""
-    from oneke_plan.extract import read_converted
-
-    return read_converted(ROOT / "examples" / "deepke" / task / "test.json")
-
-
-def pct(x: float) -> str:
-    return f"{x:.1%}"
-
-
-def gib(n: int | float) -> str:
-    return f"{n / GiB:.2f}"
 
 
 def storage_bytes(tensors) -> int:
