@@ -275,3 +275,17 @@ def storage_bytes_by_device(tensors) -> dict[Any, int]:
         device = t.device.index if t.device.type == "cuda" else t.device.type
         totals[device] = totals.get(device, 0) + storage.nbytes()
     return totals
+
+
+def cache_tensors(cache: Any, layers: set[int] | None = None) -> list[Any]:
+    """The key/value tensors of the cache generate returned, of the decoder layers `layers` indexes (default all):
+    transformers 5's .layers, 4.x's key_cache/value_cache, or legacy tuples."""
+    if cache is None:
+        return []
+    if hasattr(cache, "layers"):
+        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+    elif hasattr(cache, "key_cache"):
+        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
+    else:
+        pairs = [tuple(layer) for layer in cache]
+    return [t for i, pair in enumerate(pairs) if layers is None or i in layers for t in pair if t is not None]

@@ -63,7 +63,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, GiB, MiB, machine_line, model_tensors, quiet_libraries, storage_bytes_by_device, table
+from common import (
+    ROOT,
+    GiB,
+    MiB,
+    cache_tensors,
+    machine_line,
+    model_tensors,
+    quiet_libraries,
+    storage_bytes_by_device,
+    table,
+)
 
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing (the GPU machine has no pip access)
 
@@ -669,20 +679,6 @@ def batch_inputs(batch: int, length: int, vocab: int, seed: int, pad: int) -> tu
         ids[-1, 0] = pad
         mask[-1, 0] = 0
     return ids, mask
-
-
-def cache_tensors(cache: Any, layers: set[int] | None = None) -> list[Any]:
-    """The key/value tensors of the cache generate returned, of the decoder layers `layers` indexes (default all):
-    transformers 5's .layers, 4.x's key_cache/value_cache, or legacy tuples."""
-    if cache is None:
-        return []
-    if hasattr(cache, "layers"):
-        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
-    elif hasattr(cache, "key_cache"):
-        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
-    else:
-        pairs = [tuple(layer) for layer in cache]
-    return [t for i, pair in enumerate(pairs) if layers is None or i in layers for t in pair if t is not None]
 
 
 def run_generate(model: Any, settings: Any, probe: Probe, cap: int | None, vocab: int, seed: int,
