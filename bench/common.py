@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: public model configs, the machine line, tables, timing, checkpoints.
+"""Helpers shared by the benchmark scripts: public model configs, the machine line, tables, checkpoints, storages.
 
 Every benchmark runs from a fresh clone with `python bench/NAME.py` (the package installed, e.g. `pip install -e .`).
 Random checkpoints are built with tools/tiny_checkpoint.py into a cache directory (default:
@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,43 +191,14 @@ def machine_line() -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] | None = None) -> str:
-    """A plain-text table; numeric columns right-aligned (all but the first by default)."""
+    """oneke-plan's own table layout (cli/common.format_table) with a dashed rule under the header; numeric columns
+    right-aligned (all but the first by default)."""
+    from oneke_plan.cli.common import format_table
+
     cells = [[str(c) for c in row] for row in rows]
-    if right is None:
-        right = range(1, len(header))
-    widths = [max(len(str(r[i])) for r in [list(header), *cells]) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        return "  ".join(padded).rstrip()
-
-    return "\n".join([line(list(header)), line(["-" * w for w in widths]), *(line(r) for r in cells)])
-
-
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
-    """Median wall time of `fn` over `repeats` calls (after `warmup` untimed calls), and all the times."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
-
-
-def run_process(args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
-    """Run a command to completion (output captured), raise on failure, return its wall time in seconds."""
-    start = time.perf_counter()
-    result = subprocess.run(list(args), capture_output=True, text=True, env=env, cwd=cwd)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return elapsed
-
-
-def python_cmd() -> list[str]:
-    return [sys.executable]
+    widths = [max(len(r[i]) for r in [list(header), *cells]) for i in range(len(header))]
+    right = range(1, len(header)) if right is None else right
+    return format_table(list(header), [["-" * w for w in widths], *cells], right=right)
 
 
 def cache_dir() -> Path:
@@ -266,21 +234,6 @@ def parameter_count(path: Path) -> int:
     from tiny_checkpoint import checkpoint_num_parameters
 
     return checkpoint_num_parameters(path)
-
-
-def deepke_records(task: str = "RE") -> list[Any]:
-    """The DeepKE test prompts shipped in examples/deepke/<task>/test.json (RE: 72 prompts)."""
-    from oneke_plan.extract import read_converted
-
-    return read_converted(ROOT / "examples" / "deepke" / task / "test.json")
-
-
-def pct(x: float) -> str:
-    return f"{x:.1%}"
-
-
-def gib(n: int | float) -> str:
-    return f"{n / GiB:.2f}"
 
 
 def storage_bytes(tensors) -> int:
@@ -322,3 +275,17 @@ def storage_bytes_by_device(tensors) -> dict[Any, int]:
         device = t.device.index if t.device.type == "cuda" else t.device.type
         totals[device] = totals.get(device, 0) + storage.nbytes()
     return totals
+
+
+def cache_tensors(cache: Any, layers: set[int] | None = None) -> list[Any]:
+    """The key/value tensors of the cache generate returned, of the decoder layers `layers` indexes (default all):
+    transformers 5's .layers, 4.x's key_cache/value_cache, or legacy tuples."""
+    if cache is None:
+        return []
+    if hasattr(cache, "layers"):
+        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+    elif hasattr(cache, "key_cache"):
+        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
+    else:
+        pairs = [tuple(layer) for layer in cache]
+    return [t for i, pair in enumerate(pairs) if layers is None or i in layers for t in pair if t is not None]

@@ -63,7 +63,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, GiB, MiB, machine_line, model_tensors, quiet_libraries, storage_bytes_by_device, table
+from common import (
+    ROOT,
+    GiB,
+    MiB,
+    cache_tensors,
+    machine_line,
+    model_tensors,
+    quiet_libraries,
+    storage_bytes_by_device,
+    table,
+)
 
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing (the GPU machine has no pip access)
 
@@ -220,12 +230,14 @@ def smoke_grid(args: argparse.Namespace) -> Grid:
 
 # -- the record ----------------------------------------------------------------------------------------------------
 class Recorder:
-    """The data file and the summary table, rewritten (atomically) after every record: a run stopped at any point
-    keeps everything it measured. Refuses to replace files it did not write."""
+    """The data file and the summary table, rewritten (atomically, oneke_plan.files.write_atomic) after every record:
+    a run stopped at any point keeps everything it measured. Replaces only what it found at the start (main checked
+    that this script wrote it: foreign_file) or wrote itself; a file another program put there meanwhile is kept."""
 
     def __init__(self, out_dir: Path, header: dict[str, Any]):
         self.data_path = out_dir / DATA_NAME
         self.table_path = out_dir / TABLE_NAME
+        self._stats = {path: _lstat(path) for path in (self.data_path, self.table_path)}  # what each write replaces
         self.data: dict[str, Any] = {"format": FORMAT, **header, "status": "running", "loads": [], "runs": [],
                                      "throughput": [], "split": [], "skipped": [], "errors": []}
         self.flush()
@@ -250,8 +262,12 @@ class Recorder:
         self.flush()
 
     def flush(self) -> None:
-        _write_atomic(self.data_path, json.dumps(self.data, indent=1, ensure_ascii=False) + "\n")
-        _write_atomic(self.table_path, summary(self.data))
+        from oneke_plan.files import write_atomic
+
+        for path, text in ((self.data_path, json.dumps(self.data, indent=1, ensure_ascii=False) + "\n"),
+                           (self.table_path, summary(self.data))):
+            write_atomic(path, [text.encode("utf-8")], expected=self._stats[path])
+            self._stats[path] = os.lstat(path)
 
 
 def foreign_file(out_dir: Path) -> Path | None:
@@ -272,16 +288,11 @@ def _written_here(path: Path) -> bool:
     return FORMAT.encode() in head or head.startswith(b"# GPU calibration")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _lstat(path: Path) -> os.stat_result | None:
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
 
 
 def _now() -> str:
@@ -475,9 +486,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 def shape_dims(shape: str) -> dict[str, int]:
-    """The LLaMA dims of a shape: OneKE's from oneke_plan/data/oneke_config.json, the others from SHAPES."""
+    """The LLaMA dims of a shape: OneKE's from oneke-plan's built-in config (model_source), the others from SHAPES."""
     if shape == "oneke":
-        config = json.loads((ROOT / "oneke_plan" / "data" / "oneke_config.json").read_text(encoding="utf-8"))
+        from oneke_plan.model_source import resolve_model
+
+        config = resolve_model("oneke").config
         return {key: int(config[key]) for key in ONEKE_KEYS}
     if shape not in SHAPES:
         raise SystemExit(_bad_input(f"--shapes: unknown shape {shape!r}; known: oneke, {', '.join(SHAPES)}"))
@@ -499,15 +512,13 @@ def build_checkpoint(shape: str, out: Path, device: Any, seed: int) -> Path:
         llama_config_dict,
         llama_weight_shapes,
         write_checkpoint,
+        write_config_files,
     )
 
     dims = shape_dims(shape)
     out.mkdir(parents=True, exist_ok=True)
     config = llama_config_dict(**dims, tie_word_embeddings=False, dtype=torch.bfloat16)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    ids = {name: SPECIAL_TOKENS.index(token) for name, token in (("bos", "<s>"), ("eos", EOS_TOKEN), ("pad", "<unk>"))}
-    generation = {f"{name}_token_id": value for name, value in ids.items()} | {"do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    write_config_files(config, out)
     build_tokenizer(out, model_max_length=dims["max_position_embeddings"])
     generator = torch.Generator(device=device).manual_seed(seed)
     state = {}
@@ -517,7 +528,7 @@ def build_checkpoint(shape: str, out: Path, device: Any, seed: int) -> Path:
         else:
             drawn = torch.randn(size, generator=generator, device=device, dtype=torch.float32).mul_(0.02)
             if name == "lm_head.weight":
-                drawn[ids["eos"]] = 0
+                drawn[SPECIAL_TOKENS.index(EOS_TOKEN)] = 0
             tensor = drawn.to(torch.bfloat16).cpu()
             del drawn
         state[name] = tensor
@@ -526,23 +537,19 @@ def build_checkpoint(shape: str, out: Path, device: Any, seed: int) -> Path:
     return out
 
 
-def tokenizer_size(path: Path) -> int:
-    from transformers import AutoTokenizer
-
-    return len(AutoTokenizer.from_pretrained(str(path)))
-
-
 # -- planning ------------------------------------------------------------------------------------------------------
-def card_inventory(card: Card, probe: Probe, index: int = 0) -> Any:
+def card_inventory(probe: Probe, *cards: Card) -> Any:
+    """Emulated cards as GPUs 0, 1, ... (the real GPU's compute capability), no CPU memory."""
     from oneke_plan.inventory import Gpu, Inventory
 
     cc = getattr(probe, "compute_capability", None)
-    return Inventory((Gpu(index, f"{card.label} (emulated)", card.total_bytes, card.total_bytes, cc),), 0)
+    return Inventory(tuple(Gpu(i, f"{c.label} (emulated)", c.total_bytes, c.total_bytes, cc)
+                           for i, c in enumerate(cards)), 0)
 
 
 def unbounded_inventory(probe: Probe) -> Any:
     """One GPU larger than any workload here: its plan's GPU 0 estimate is what a workload needs, fits or not."""
-    return card_inventory(Card("unbounded", 1 << 50), probe)
+    return card_inventory(probe, Card("unbounded", 1 << 50))
 
 
 def cpu_inventory() -> Any:
@@ -554,7 +561,7 @@ def cpu_inventory() -> Any:
 
 def target_inventory(probe: Probe) -> Any:
     """The device the runs execute on: the real GPU 0 (its total), or the CPU (--cpu-smoke)."""
-    return card_inventory(Card("GPU 0", probe.total_bytes), probe) if probe.cuda else cpu_inventory()
+    return card_inventory(probe, Card("GPU 0", probe.total_bytes)) if probe.cuda else cpu_inventory()
 
 
 def settings_for(grid: Grid, quant: str, context: int, batch: int) -> Any:
@@ -599,7 +606,7 @@ def plan_cells(planner: Any, grid: Grid, quant: str, probe: Probe) -> list[Cell]
                 cells.append(Cell(card, context, 0, note=f"context {context} is outside 1 + new tokens .. {limit}"))
                 continue
             settings = settings_for(grid, quant, context, 1)
-            best = planner.largest(card_inventory(card, probe), settings, "batch_size")
+            best = planner.largest(card_inventory(probe, card), settings, "batch_size")
             cell = Cell(card, context, best)
             alone = needed(planner, settings, probe)
             if alone["weights_bytes"] + alone["reserve_bytes"] > card.total_bytes:
@@ -672,20 +679,6 @@ def batch_inputs(batch: int, length: int, vocab: int, seed: int, pad: int) -> tu
         ids[-1, 0] = pad
         mask[-1, 0] = 0
     return ids, mask
-
-
-def cache_tensors(cache: Any, layers: set[int] | None = None) -> list[Any]:
-    """The key/value tensors of the cache generate returned, of the decoder layers `layers` indexes (default all):
-    transformers 5's .layers, 4.x's key_cache/value_cache, or legacy tuples."""
-    if cache is None:
-        return []
-    if hasattr(cache, "layers"):
-        pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
-    elif hasattr(cache, "key_cache"):
-        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
-    else:
-        pairs = [tuple(layer) for layer in cache]
-    return [t for i, pair in enumerate(pairs) if layers is None or i in layers for t in pair if t is not None]
 
 
 def run_generate(model: Any, settings: Any, probe: Probe, cap: int | None, vocab: int, seed: int,
@@ -794,16 +787,14 @@ def converted_lines(tokenizer: Any, length: int, count: int) -> tuple[list[str],
 SUMMARY = re.compile(r"(\d+) prompts answered .*?, (\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\)")
 
 
-def run_oneke_run(source: Any, profile: Any, probe: Probe, cap: int | None, folder: Path) -> dict[str, Any]:
-    """oneke-run itself, in-process (`oneke_plan.cli.run.main`), on prompts of exactly the profile's workload: its
-    exit code, the tokens and tokens/s its summary line reports, and the GPU peaks of the whole call (load
-    included)."""
-    from transformers import AutoTokenizer
-
+def run_oneke_run(source: Any, tokenizer: Any, profile: Any, probe: Probe, cap: int | None,
+                  folder: Path) -> dict[str, Any]:
+    """oneke-run itself, in-process (`oneke_plan.cli.run.main`), on prompts of exactly the profile's workload (sized
+    with `tokenizer`, the model's): its exit code, the tokens and tokens/s its summary line reports, and the GPU
+    peaks of the whole call (load included)."""
     from oneke_plan.cli.run import main as oneke_run
 
     work = profile.workload
-    tokenizer = AutoTokenizer.from_pretrained(str(source.directory))
     lines, lengths = converted_lines(tokenizer, work["max_input_tokens"], work["batch_size"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "input.json").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -862,8 +853,9 @@ def checks(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrate(planner: Any, source: Any, shape: str, quant: str, grid: Grid, probe: Probe, rec: Recorder,
-              budget: Budget, folder: Path, vocab: int) -> None:
+              budget: Budget, folder: Path, tokenizer: Any) -> None:
     """Every cell of one shape and quantization on one loaded model, then oneke-run and the throughput line."""
+    vocab = len(tokenizer)
     from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu
 
     what = f"{shape}/{quant}"
@@ -898,7 +890,7 @@ def calibrate(planner: Any, source: Any, shape: str, quant: str, grid: Grid, pro
                     rec.skip(label, "time budget spent")
                     continue
                 settings = settings_for(grid, quant, cell.context, batch)
-                fits = planner.plan(card_inventory(cell.card, probe), settings).fits
+                fits = planner.plan(card_inventory(probe, cell.card), settings).fits
                 record = run_record(shape, quant, cell.card, cell.context, batch, role, "generate", settings,
                                     needed(planner, settings, probe), fits)
                 record["largest_batch"] = cell.largest_batch
@@ -935,12 +927,12 @@ def calibrate(planner: Any, source: Any, shape: str, quant: str, grid: Grid, pro
     elif budget.spent():
         line["oneke_run"] = {"unavailable": "time budget spent"}
     else:
-        inventory = card_inventory(headline.card, probe) if probe.cuda else target_inventory(probe)
+        inventory = card_inventory(probe, headline.card) if probe.cuda else target_inventory(probe)
         profile = planner.plan_profile(inventory, settings).profile
         record = run_record(shape, quant, headline.card, headline.context, batch, HEADLINE, "oneke-run", settings,
                             needed(planner, settings, probe), True)
         try:
-            record["measured"] = run_oneke_run(source, profile, probe, probe.set_card(headline.card),
+            record["measured"] = run_oneke_run(source, tokenizer, profile, probe, probe.set_card(headline.card),
                                                folder / f"oneke-run-{shape}-{quant}")
             record["checks"] = checks(record)
             rec.add("runs", record)
@@ -1004,12 +996,9 @@ def split_check(planner: Any, source: Any, spec: SplitSpec, grid: Grid, probe: P
 
     from oneke_plan.errors import DoesNotFit
     from oneke_plan.fit import device_owner
-    from oneke_plan.inventory import Gpu, Inventory
     from oneke_plan.loader import load_model
 
-    cc = getattr(probe, "compute_capability", None)
-    inventory = Inventory(tuple(Gpu(i, f"{c.label} (emulated)", c.total_bytes, c.total_bytes, cc)
-                                for i, c in enumerate(spec.cards)), 0)
+    inventory = card_inventory(probe, *spec.cards)
     settings = settings_for(replace(grid, new_tokens=min(grid.new_tokens, SPLIT_NEW_TOKENS, spec.context - 1)),
                             spec.quant, spec.context, spec.batch)
     label = f"split {spec.shape}/{spec.quant}/{'+'.join(c.label for c in spec.cards)}"
@@ -1178,10 +1167,13 @@ def _round_up(value: int, unit: int) -> int:
 
 def derive_main(path: Path) -> int:
     """--derive-defaults: print what the data file says DEFAULT_GPU_RESERVE_BYTES should be; change nothing."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return _bad_input(f"{path}: cannot be read as JSON ({exc}); give a file this script wrote")
+    from oneke_plan.errors import BadInput
+    from oneke_plan.jsonfile import read_json_file
+
+    try:  # oneke_plan's bounded reader: a huge, deeply nested or non-UTF-8 file is one line too
+        data = read_json_file(path, "give the gpu-calibration.json a GPU run of this script wrote")
+    except BadInput as exc:
+        return _bad_input(str(exc))
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return _bad_input(f"{path}: not a data file of this script (format {FORMAT!r} expected)")
     try:
@@ -1302,6 +1294,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_shape(shape: str, grid: Grid, probe: Probe, rec: Recorder, budget: Budget, workdir: Path, keep: bool) -> None:
     """Build the shape's checkpoint, calibrate each quantization, run the split if it is this shape's."""
+    from transformers import AutoTokenizer
+
     from oneke_plan.model_source import resolve_model
     from oneke_plan.planner import Planner
 
@@ -1319,10 +1313,10 @@ def run_shape(shape: str, grid: Grid, probe: Probe, rec: Recorder, budget: Budge
     try:
         source = resolve_model(str(path))
         planner = Planner(source)
-        vocab = tokenizer_size(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))  # once: every quantization's oneke-run sizes with it
         for quant in grid.quants:
             try:
-                calibrate(planner, source, shape, quant, grid, probe, rec, budget, workdir, vocab)
+                calibrate(planner, source, shape, quant, grid, probe, rec, budget, workdir, tokenizer)
             except Exception as exc:  # noqa: BLE001 - the next quantization may still run
                 rec.error(f"{shape}/{quant}", exc)
                 release_memory()
@@ -1331,7 +1325,7 @@ def run_shape(shape: str, grid: Grid, probe: Probe, rec: Recorder, budget: Budge
                 rec.skip(f"split {shape}", "time budget spent")
             else:
                 try:
-                    split_check(planner, source, grid.split, grid, probe, rec, vocab)
+                    split_check(planner, source, grid.split, grid, probe, rec, len(tokenizer))
                 except Exception as exc:  # noqa: BLE001
                     rec.error(f"split {shape}", exc)
                     release_memory()

@@ -25,7 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import bench_checkpoint, machine_line, model_tensors, parameter_count, quiet_libraries, storage_bytes, table
+from common import (
+    bench_checkpoint,
+    cache_tensors,
+    machine_line,
+    model_tensors,
+    parameter_count,
+    quiet_libraries,
+    storage_bytes,
+    table,
+)
 
 KV_WORKLOADS = [(256, 32, 1), (512, 32, 4)]  # (input tokens, new tokens, batch)
 
@@ -127,7 +136,7 @@ def kv_rows() -> list[list[str]]:
                                      min_new_tokens=n_new, do_sample=False, return_dict_in_generate=True,
                                      pad_token_id=0)
             cache = out.past_key_values
-            tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+            tensors = cache_tensors(cache)
             got = storage_bytes(tensors)
             held = tensors[0].shape[-2]
             want_held = want * held // (n_in + n_new)

@@ -294,6 +294,13 @@ def llama_weight_shapes(config: Mapping[str, object]) -> list[tuple[str, tuple[i
     return shapes
 
 
+def write_config_files(config: Mapping[str, object], out_dir: str | Path) -> None:
+    """config.json (``config``, e.g. llama_config_dict's) and generation_config.json (greedy) in ``out_dir``."""
+    out = Path(out_dir)
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", _generation_config_dict())
+
+
 def random_llama_state_dict(
     config: Mapping[str, object], dtype: torch.dtype, seed: int, std: float = 0.02
 ) -> dict[str, torch.Tensor]:
@@ -422,8 +429,7 @@ def build_tiny_llama(
         dtype=dtype,
         max_position_embeddings=max_position_embeddings,
     )
-    _write_json(out / "config.json", config)
-    _write_json(out / "generation_config.json", _generation_config_dict())
+    write_config_files(config, out)
     write_checkpoint(random_llama_state_dict(config, dtype, seed), out, shards)
     save_tokenizer(tok, out, model_max_length=max_position_embeddings)
     return out
