@@ -41,13 +41,13 @@ KV_WORKLOADS = [(256, 32, 1), (512, 32, 4)]  # (input tokens, new tokens, batch)
 
 def predicted(path: Path, mode: str, workload) -> tuple[int, int, int]:
     """(weights, kv, workspace) the planner charges for the whole model on one device."""
-    from oneke_plan.fit import Slot, block_costs, estimate
+    from oneke_plan.fit import Slot, estimate
     from oneke_plan.memory import Quantization
     from oneke_plan.model_source import resolve_model
-    from oneke_plan.planner import Planner
+    from oneke_plan.planner import Planner, PlanSettings
 
     planner = Planner(resolve_model(str(path)))
-    costs = block_costs(planner.layout, "bfloat16", Quantization(mode), workload)
+    costs = planner.block_costs(PlanSettings(workload, quant=Quantization(mode)), "bfloat16")
     slot = Slot("cpu", "CPU", None, 0)
     est = estimate({c.name: "cpu" for c in costs}, costs, [slot])["cpu"]
     return est.weights_bytes, est.kv_cache_bytes, est.workspace_bytes

@@ -119,15 +119,16 @@ def exact_fits(costs, slots) -> bool:
     return search(0, 0)
 
 
-def exact_largest_context(layout, dtype, quant, workload, sizes) -> int:
-    from oneke_plan.fit import block_costs
-    from oneke_plan.planner import bisect_largest
+def exact_largest_context(planner, dtype, quant, workload, sizes) -> int:
+    """The largest max_input_tokens some contiguous split places, blocks priced as the planner prices them."""
+    from oneke_plan.planner import PlanSettings, bisect_largest
 
     slots = gpu_slots(sizes)
-    high = (layout.max_position_embeddings or 1 << 20) - workload.max_new_tokens
+    high = (planner.layout.max_position_embeddings or 1 << 20) - workload.max_new_tokens
 
     def fits(ctx: int) -> bool:
-        return exact_fits(block_costs(layout, dtype, quant, replace(workload, max_input_tokens=ctx)), slots)
+        settings = PlanSettings(replace(workload, max_input_tokens=ctx), quant=quant)
+        return exact_fits(planner.block_costs(settings, dtype), slots)
 
     return bisect_largest(fits, high)
 
@@ -242,7 +243,7 @@ def main() -> int:
                         for g in gpus
                     )
                     ours = planner.largest(inventory, settings, "max_input_tokens")
-                    best = exact_largest_context(planner.layout, plan.dtype, quant, workload, sizes)
+                    best = exact_largest_context(planner, plan.dtype, quant, workload, sizes)
                     ratio = 1.0 if best == 0 and ours == 0 else (ours / best if best else float("inf"))
                     rec = {
                         "model": model_name,

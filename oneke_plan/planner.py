@@ -285,16 +285,8 @@ class Planner:
         slots = make_slots(inventory, settings.reserve_bytes, settings.cpu_reserve_bytes)
         if not slots:
             raise BadInput("no device to plan for: no GPU was given or detected and --cpu-memory is 0")
-        memory = self.measured(dtype, settings.eager_attention, settings.workload, layout)
+        costs = self.block_costs(settings, dtype)
         log += self.measurer(dtype, settings.eager_attention).log
-        quantizable = self.quantizable(dtype) if settings.quant.mode != "none" else None
-        if quantizable is not None and not quantizable:
-            raise BadInput(
-                f"--quantize {settings.quant.mode}: transformers' bitsandbytes integration quantizes no layer of "
-                f"{layout.architecture} (it converts nn.Linear and Conv1D modules only), so it would load unchanged; "
-                "plan without --quantize"
-            )
-        costs = block_costs(layout, settings.quant, settings.workload, memory, quantizable)
         layer = next((c for c in costs if c.kind == "layer"), None)
         if layer is not None:
             log.append(
@@ -310,6 +302,20 @@ class Planner:
         return Plan(
             settings, dtype, attn, slots, costs, placement, layout, log + placement.log + _offload_note(placement)
         )
+
+    def block_costs(self, settings: PlanSettings, dtype: str) -> list[BlockCost]:
+        """Every block of the model built at `dtype`, priced for the settings as plan() places them: weights for the
+        quantization, and the state and transient peak measured for the workload."""
+        layout = self.build(dtype, settings.eager_attention)[1]
+        memory = self.measured(dtype, settings.eager_attention, settings.workload, layout)
+        quantizable = self.quantizable(dtype) if settings.quant.mode != "none" else None
+        if quantizable is not None and not quantizable:
+            raise BadInput(
+                f"--quantize {settings.quant.mode}: transformers' bitsandbytes integration quantizes no layer of "
+                f"{layout.architecture} (it converts nn.Linear and Conv1D modules only), so it would load unchanged; "
+                "plan without --quantize"
+            )
+        return block_costs(layout, settings.quant, settings.workload, memory, quantizable)
 
     def measured(self, dtype: str, eager_attention: bool, workload: Workload, layout: ModelLayout) -> MeasuredMemory:
         """Per block, the state and transient peak the model's forward was measured to hold for the workload."""
