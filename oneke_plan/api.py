@@ -144,7 +144,7 @@ def plan(
     """
     from oneke_plan.inventory import build_inventory
     from oneke_plan.model_source import resolve_model
-    from oneke_plan.planner import Planner, PlanSettings
+    from oneke_plan.planner import Planner, PlanSettings, check_positive, check_replica_counts
     from oneke_plan.profile import write_atomic
 
     report = report or Report()
@@ -182,10 +182,12 @@ def plan(
         reserve_bytes=reserve_bytes,
         eager_attention=eager_attention,
     )
+    # Bad numbers are refused before the model's config is read (that imports transformers: about a second).
+    check_positive(settings.workload)
+    replica_count = _replica_count(replicas)
+    check_replica_counts(replica_count, nodes)
     planner = Planner(source, trust_remote_code=trust_remote_code)
-    result = planner.plan_profile(
-        inventory, settings, solve.replace("-", "_") if solve else None, _replica_count(replicas), nodes
-    )
+    result = planner.plan_profile(inventory, settings, solve.replace("-", "_") if solve else None, replica_count, nodes)
     if target is not None:
         write_atomic(target, result.profile.to_yaml(), replaced)
     return result

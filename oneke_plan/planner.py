@@ -86,6 +86,19 @@ class PlanSettings:
     eager_attention: bool = False
 
 
+def check_positive(workload: Workload) -> None:
+    """Token counts and batch size are positive (needs no model: callers check this before building one)."""
+    for name in ("max_input_tokens", "max_new_tokens", "batch_size"):
+        if getattr(workload, name) <= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(workload, name)}")
+
+
+def check_replica_counts(count: int | str, nodes: int) -> None:
+    """--replicas and --nodes are positive (or --replicas auto); needs no model."""
+    if nodes < 1 or (count != "auto" and int(count) < 1):
+        raise BadInput("--replicas and --nodes must be positive (or --replicas auto)")
+
+
 @dataclass
 class Plan:
     settings: PlanSettings
@@ -262,9 +275,7 @@ class Planner:
 
     # -- steps 2-4 ---------------------------------------------------------------------------------------------
     def check_workload(self, workload: Workload) -> None:
-        for name in ("max_input_tokens", "max_new_tokens", "batch_size"):
-            if getattr(workload, name) <= 0:
-                raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(workload, name)}")
+        check_positive(workload)
         limit = max_positions(self.config)  # from the config: a build at another dtype than the plan's is not needed
         if limit and workload.sequence_tokens > limit:
             raise BadInput(
@@ -515,8 +526,7 @@ class Planner:
     def _plan_replicas(
         self, inventory: Inventory, settings: PlanSettings, solve: str | None, count: int | str, nodes: int
     ) -> PlanResult:
-        if nodes < 1 or (count != "auto" and int(count) < 1):
-            raise BadInput("--replicas and --nodes must be positive (or --replicas auto)")
+        check_replica_counts(count, nodes)
         if inventory.gpus and (inventory.cpu_bytes or inventory.offload_dir):
             raise BadInput(
                 "--replicas: each replica must fit on its own GPUs; CPU or disk offload (--cpu-memory, "

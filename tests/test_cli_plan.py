@@ -363,3 +363,18 @@ def test_o_on_a_full_disk_is_one_line_and_keeps_the_old_profile(
     code, _, err = run(capsys, "oneke", "--gpu", "48GiB", "-o", out)
     assert_one_line_error(code, err, str(out), "No space left on device")
     assert out.read_bytes() == old and sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "machine.yaml"]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--replicas", "x"], ["--replicas", "0"], ["--nodes", "0"], ["--max-input-tokens", "0"], ["--batch-size", "0"]],
+)
+def test_bad_numbers_are_refused_before_transformers_loads(flags: list[str]) -> None:
+    """A wrong number is one line and exit 2 at once: the model's config (and with it transformers, about a second
+    of imports) is not read first."""
+    code = "import sys; from oneke_plan.cli.plan import main; rc = main(sys.argv[1:]); "
+    code += "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'accelerate'}))"
+    argv = [sys.executable, "-c", code, "oneke", "--gpu", "24GiB", *flags]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.stdout.strip() == "2 []", (done.stdout, done.stderr)
+    assert len(done.stderr.strip().splitlines()) == 1 and "oneke-plan: error: --" in done.stderr
