@@ -3,8 +3,8 @@
 One random LLaMA checkpoint (0.55B parameters, bf16, 1.1 GB; bench/common.py CHECKPOINTS), a CPU profile planned by
 oneke-plan for it, and three ways to get its weights into memory, each timed in this process (page cache warm:
 one untimed run of each first; median of --repeats):
-  ours          oneke_plan.loader.load_model(profile, source)   (key check, meta init, load_checkpoint_in_model,
-                tie, dispatch_model)
+  ours          oneke_plan.loader.load_model(profile, source)   (the checkpoint's names and shapes against the
+                model built on meta, then from_pretrained with the profile's device_map)
   transformers  AutoModelForCausalLM.from_pretrained(dir, device_map=<the profile's device_map>, dtype=bfloat16)
   limit         safetensors.torch.load_file(<each weights file>)  (the same bytes into CPU tensors, no model)
 After each load every weight is read once (a sum over each tensor), so a lazily memory-mapped tensor is paid for
