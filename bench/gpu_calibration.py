@@ -1231,6 +1231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from oneke_plan.errors import BadInput
+
     args = build_parser().parse_args(argv)
     if args.derive_defaults:
         return derive_main(args.derive_defaults)
@@ -1269,6 +1271,14 @@ def main(argv: list[str] | None = None) -> int:
         "unavailable": {} if cuda else dict.fromkeys((*GPU_FIELDS, *LOAD_GPU_FIELDS), NO_GPU),
         "settings": _settings_record(grid),
     }
+    try:
+        return record_grid(args, grid, probe, header)
+    except BadInput as exc:  # the data file or the table could not be written (a full disk, a read-only folder)
+        return _bad_input(str(exc))
+
+
+def record_grid(args: argparse.Namespace, grid: Grid, probe: Probe, header: dict[str, Any]) -> int:
+    """The grid's runs, recorded as they come; the work folder is removed (unless --keep) whatever happens."""
     rec = Recorder(args.out, header)
     budget = Budget(grid.time_budget_s)
     workdir = Path(tempfile.mkdtemp(prefix="gpu-calibration-", dir=args.workdir))
@@ -1284,9 +1294,11 @@ def main(argv: list[str] | None = None) -> int:
         status = "interrupted"
         raise
     finally:
-        rec.finish(status)
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            rec.finish(status)
+        finally:
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
     print(f"wrote {rec.data_path} and {rec.table_path} ({budget.elapsed():.0f} s, {status}, "
           f"{len(rec.data['errors'])} errors)", file=sys.stderr)
     return 1 if rec.data["errors"] else 0

@@ -197,3 +197,11 @@ def test_derived_reserve_by_hand() -> None:
     assert derived.workspace_ratio == (pytest.approx(100 / 200), pytest.approx(100 / 50))
     with pytest.raises(ValueError, match="no GPU peak"):
         gpu_calibration.derive_defaults({"runs": [run(1, 2, 1, 1, 1, oom=True)], "split": []})
+
+
+def test_an_out_folder_it_cannot_write_is_one_line(read_only_tmpfs: Path, tmp_path: Path) -> None:
+    """The data file cannot be written (a read-only mount: even root cannot create a file there): exit 2 with the
+    path, not a traceback."""
+    done = run_script("--cpu-smoke", "--out", str(read_only_tmpfs), "--workdir", str(tmp_path))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and str(read_only_tmpfs) in done.stderr.strip().splitlines()[-1]
