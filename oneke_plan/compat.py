@@ -32,6 +32,22 @@ def dtype_kw(dtype: Any) -> dict[str, Any]:
     return {dtype_kwarg(): dtype}
 
 
+def tokenizer_libraries(tokenizer_config: dict[str, Any]) -> tuple[str, ...]:
+    """The Python packages this transformers needs to load a tokenizer shipped as SentencePiece's tokenizer.model
+    alone (no tokenizer.json), given its tokenizer_config.json.
+
+    5.x always converts tokenizer.model into the tokenizers library's form, reading it through sentencepiece's
+    protobuf schema. 4.x loads the slow tokenizer the config asks for (`use_fast: false`, OneKE's) with
+    sentencepiece alone when `legacy` is true; the fast one, or `legacy: false`, needs protobuf too."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) >= Version("5"):
+        return ("sentencepiece", "protobuf")
+    slow_legacy = tokenizer_config.get("use_fast") is False and tokenizer_config.get("legacy", True) is not False
+    return ("sentencepiece",) if slow_legacy else ("sentencepiece", "protobuf")
+
+
 TRANSFORMERS_BNB_CPU = "4.53"  # before it, transformers runs bitsandbytes on the CPU only with Intel's IPEX
 
 

@@ -23,7 +23,13 @@ from typing import Any
 
 from oneke_plan import jsonfile
 from oneke_plan.checkpoint import Checkpoint, explain_mismatch, key_mismatch, read_checkpoint
-from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, dtype_kwarg, offload_writes_weights
+from oneke_plan.compat import (
+    TRANSFORMERS_BNB_CPU,
+    bnb_quantizes_on_cpu,
+    dtype_kwarg,
+    offload_writes_weights,
+    tokenizer_libraries,
+)
 from oneke_plan.errors import BadInput, DoesNotFit
 from oneke_plan.files import os_error
 from oneke_plan.fit import device_owner, stays_quantized
@@ -108,12 +114,23 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
         model_map = source.config.get("auto_map")
         if isinstance(model_map, dict) and "AutoTokenizer" in model_map:
             _refuse_tokenizer_code(directory / "config.json", {"AutoTokenizer": model_map["AutoTokenizer"]})
+    _check_tokenizer_libraries(directory, tokenizer_config)
+    # 4.x picks the slow or fast class from this argument only, not from the config; OneKE's config asks for the
+    # slow SentencePiece LlamaTokenizer (`use_fast: false`), the route its authors load it by. 5.x has one class.
+    use_fast = tokenizer_config.get("use_fast") is not False
     try:
         with _quiet():
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(directory), trust_remote_code=trust_remote_code, use_fast=use_fast
+            )
             ids = tokenizer("[INST] test [/INST]", add_special_tokens=True)["input_ids"]
     except Exception as exc:  # transformers, tokenizers and sentencepiece each raise their own kinds
         first = next((line.strip().rstrip(":") for line in str(exc).splitlines() if line.strip()), "")
+        if isinstance(exc, ImportError) or "pip install" in str(exc):
+            raise BadInput(
+                f"{directory}: the tokenizer needs a Python package that is not installed ({type(exc).__name__}: "
+                f"{first}); install it, then run again"
+            ) from None
         raise BadInput(
             f"{directory}: the tokenizer cannot be loaded ({type(exc).__name__}: {first}); its files (tokenizer.json "
             "or tokenizer.model, and tokenizer_config.json) are missing or damaged: copy them again from the model's "
@@ -122,6 +139,24 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     if not ids:
         raise BadInput(f"{directory}: the tokenizer turns text into no tokens; {damaged}")
     return tokenizer
+
+
+def _check_tokenizer_libraries(directory: Path, tokenizer_config: dict[str, Any]) -> None:
+    """A tokenizer shipped as SentencePiece's tokenizer.model alone (OneKE's release) loads only with the packages
+    compat.tokenizer_libraries names: refuse in one line naming them, before transformers fails in a way that
+    reads like damaged files (5.x, lacking them, tries tiktoken and says that is required)."""
+    if (directory / "tokenizer.json").is_file() or not (directory / "tokenizer.model").is_file():
+        return
+    from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+    installed = {"sentencepiece": is_sentencepiece_available(), "protobuf": is_protobuf_available()}
+    missing = [name for name in tokenizer_libraries(tokenizer_config) if not installed[name]]
+    if missing:
+        raise BadInput(
+            f"{directory}: the tokenizer is SentencePiece's tokenizer.model (no tokenizer.json), and loading it needs "
+            f"{' and '.join(missing)}, not installed here: pip install {' '.join(missing)} (oneke-plan's own "
+            "install brings them); the files themselves are fine"
+        )
 
 
 def _refuse_tokenizer_code(path: Path, auto_map: Any) -> None:

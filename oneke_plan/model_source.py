@@ -96,7 +96,8 @@ def resolve_model(name: str) -> ModelSource:
             return ModelSource(name, "hub-cache", snapshot, read_config(snapshot / "config.json"))
         raise BadInput(
             f"{name}: not a directory and not in the local Hugging Face cache ({_hub_cache_dir()}); "
-            f"download it first (huggingface-cli download {name}) or give a local directory"
+            f"download it first (hf download {name}; huggingface-cli download {name} before huggingface_hub 1.0) "
+            "or give a local directory"
         )
     raise BadInput(
         f"{name}: no such directory; give a model directory or a cached repo id "

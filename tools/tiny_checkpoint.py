@@ -33,6 +33,9 @@ __all__ = [
     "UNK_TOKEN",
     "PAD_TOKEN",
     "build_tokenizer",
+    "save_sentencepiece_tokenizer",
+    "sentencepiece_vocab_size",
+    "train_sentencepiece",
     "build_tiny_llama",
     "checkpoint_num_parameters",
     "default_corpus",
@@ -184,6 +187,77 @@ def build_tokenizer(
 ) -> None:
     """Train the tiny tokenizer (see :func:`train_tokenizer`) and save it where AutoTokenizer finds it."""
     save_tokenizer(train_tokenizer(texts, vocab_size), out_dir, model_max_length)
+
+
+def train_sentencepiece(texts: Iterable[str] | None = None, vocab_size: int = 2048) -> bytes:
+    """A SentencePiece BPE model (the bytes of a tokenizer.model) trained by sentencepiece's own trainer, laid out
+    like LLaMA-2's and OneKE's: <unk> 0, <s> 1, </s> 2, no pad piece, byte fallback, digits split, a dummy prefix.
+
+    One thread and a fixed corpus give the same bytes every time. ``vocab_size`` is an upper bound: a small corpus
+    runs out of merges first (``hard_vocab_limit`` off). Rare characters (the last 0.05%, as for Chinese LLaMA's
+    vocabulary) are left to byte fallback, so that DeepKE's thousands of Chinese characters fit a small vocabulary.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts if texts is not None else default_corpus())),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        character_coverage=0.9995,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def save_sentencepiece_tokenizer(model: bytes, out_dir: str | Path, model_max_length: int = 2048) -> None:
+    """Write the tokenizer the way OneKE (a Chinese-Alpaca-2 derivative) releases it: tokenizer.model,
+    tokenizer_config.json asking for the slow LlamaTokenizer in legacy mode, special_tokens_map.json, and no
+    tokenizer.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model)
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "LlamaTokenizer",
+            "legacy": True,
+            "use_fast": False,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": BOS_TOKEN,
+            "eos_token": EOS_TOKEN,
+            "unk_token": UNK_TOKEN,
+            "pad_token": None,
+            "clean_up_tokenization_spaces": False,
+            "sp_model_kwargs": {},
+            "model_max_length": model_max_length,
+        },
+    )
+    special_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": UNK_TOKEN}
+    _write_json(out / "special_tokens_map.json", special_map)
+
+
+def sentencepiece_vocab_size(model: bytes) -> int:
+    """The number of pieces of a SentencePiece model, as sentencepiece itself counts them."""
+    import sentencepiece as spm
+
+    return int(spm.SentencePieceProcessor(model_proto=model).get_piece_size())
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -399,8 +473,12 @@ def build_tiny_llama(
     shards: int = 1,
     max_position_embeddings: int = 2048,
     texts: Iterable[str] | None = None,
+    tokenizer: str = "bpe",
 ) -> Path:
     """Build a complete tiny LLaMA checkpoint in ``out_dir`` and return its path.
+
+    ``tokenizer``: "bpe" writes a byte-level BPE tokenizer.json; "sentencepiece" a SentencePiece tokenizer.model
+    alone, in OneKE's release layout (see :func:`save_sentencepiece_tokenizer`).
 
     Writes config.json, generation_config.json, the safetensors weights (sharded with an index when
     ``shards`` > 1) and the tokenizer. ``num_key_value_heads`` below ``num_attention_heads`` gives GQA.
@@ -412,8 +490,14 @@ def build_tiny_llama(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(texts)
-    tok_len = tok.get_vocab_size(with_added_tokens=True)
+    if tokenizer not in ("bpe", "sentencepiece"):
+        raise ValueError(f"tokenizer must be 'bpe' or 'sentencepiece', not {tokenizer!r}")
+    if tokenizer == "sentencepiece":
+        sp_model = train_sentencepiece(texts)
+        tok_len = sentencepiece_vocab_size(sp_model)
+    else:
+        tok = train_tokenizer(texts)
+        tok_len = tok.get_vocab_size(with_added_tokens=True)
     if vocab_size is None:
         vocab_size = tok_len
     elif vocab_size < tok_len:
@@ -431,7 +515,10 @@ def build_tiny_llama(
     )
     write_config_files(config, out)
     write_checkpoint(random_llama_state_dict(config, dtype, seed), out, shards)
-    save_tokenizer(tok, out, model_max_length=max_position_embeddings)
+    if tokenizer == "sentencepiece":
+        save_sentencepiece_tokenizer(sp_model, out, model_max_length=max_position_embeddings)
+    else:
+        save_tokenizer(tok, out, model_max_length=max_position_embeddings)
     return out
 
 
@@ -454,6 +541,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1, help="number of safetensors files")
     parser.add_argument("--max-positions", type=int, default=2048, help="max_position_embeddings")
+    parser.add_argument(
+        "--tokenizer",
+        choices=["bpe", "sentencepiece"],
+        default="bpe",
+        help="bpe: a byte-level tokenizer.json; sentencepiece: tokenizer.model alone, as OneKE is released",
+    )
     return parser.parse_args(argv)
 
 
@@ -473,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         shards=args.shards,
         max_position_embeddings=args.max_positions,
+        tokenizer=args.tokenizer,
     )
     print(path)
     print(f"parameters: {checkpoint_num_parameters(path):,}")
