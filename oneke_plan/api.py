@@ -40,6 +40,7 @@ from oneke_plan.errors import BadInput, Interrupted, interrupted_by
 from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, QuantMode, Workload
 from oneke_plan.profile import Profile, read_profile
 from oneke_plan.sizes import SizeError, parse_size
+from oneke_plan.templates import TEMPLATES, check_tokenizer, default_template
 
 if TYPE_CHECKING:
     from oneke_plan.extract import OutputWriter, PromptRecord
@@ -119,6 +120,7 @@ def plan(
     reserve: str | int = DEFAULT_GPU_RESERVE_BYTES,
     strategy: str = "fill",
     eager_attention: bool = False,
+    template: str | None = None,
     solve: str | None = None,
     replicas: int | str = 1,
     nodes: int = 1,
@@ -134,9 +136,10 @@ def plan(
     device order) or `inventory_file` (YAML), else the GPUs detected here; `cpu_memory` (bytes or a size string) is
     host memory the model may use for offloaded weights; `offload_dir` enables disk offload. The workload: tokens
     per prompt and per answer, prompts per batch. `reserve`: per-GPU bytes kept for the CUDA context. `solve`:
-    "max_input_tokens" or "batch_size" to plan for the largest that fits. `replicas`: copies of the model (a
-    number, or "auto"), on `nodes` identical nodes. `output`: write the profile there (a file oneke-plan wrote, or
-    any regular file with `overwrite`; never a file of the model's directory).
+    "max_input_tokens" or "batch_size" to plan for the largest that fits. `template`: the chat template the
+    profile records for oneke-run's prompts (templates.TEMPLATES), by default the one the model's config implies.
+    `replicas`: copies of the model (a number, or "auto"), on `nodes` identical nodes. `output`: write the profile
+    there (a file oneke-plan wrote, or any regular file with `overwrite`; never a file of the model's directory).
 
     Returns the PlanResult: `profile` (the Profile oneke-run applies), `plan` (blocks, costs, placement, the log),
     what solving found, and, when the plan offloads, what would fit on the GPUs alone. Raises DoesNotFit (saying
@@ -154,6 +157,7 @@ def plan(
         ("--quant-type", quant_type, QUANT_TYPES),
         ("--strategy", strategy, STRATEGIES),
         ("--solve", solve.replace("_", "-") if solve else None, (None, *SOLVE_FOR)),
+        ("--template", template, (None, *TEMPLATES)),
     ):
         _one_of(flag, value, allowed)
     source = resolve_model(str(model))
@@ -188,6 +192,8 @@ def plan(
     check_replica_counts(replica_count, nodes)
     planner = Planner(source, trust_remote_code=trust_remote_code)
     result = planner.plan_profile(inventory, settings, solve.replace("-", "_") if solve else None, replica_count, nodes)
+    chosen, why = (template, "--template") if template else default_template(source.config)
+    result = replace(result, profile=replace(result.profile, template=chosen), template_reason=why)
     if target is not None:
         write_atomic(target, result.profile.to_yaml(), replaced)
     return result
@@ -344,6 +350,7 @@ def _load_checked(profile: Profile, source: ModelSource, trust_remote_code: bool
     from oneke_plan.loader import check_before_load, check_finite_outputs, load_model
 
     tokenizer = check_before_load(profile, source, trust_remote_code=trust_remote_code)
+    check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before any weight is read
     checkpoint = read_checkpoint(source.directory) if source.directory else None
     model = load_model(profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint)
     stored = checkpoint.dtypes if checkpoint else None
@@ -444,9 +451,10 @@ def _runner(
     from oneke_plan.generation import GreedyGenerator
     from oneke_plan.runner import Runner
 
-    generator = GreedyGenerator(model, tokenizer, max_new_tokens, model_dir=model_dir)
+    stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(model_dir or "the tokenizer"))
+    generator = GreedyGenerator(model, tokenizer, max_new_tokens, model_dir=model_dir, stop_ids=stop_ids)
     max_input = profile.workload["max_input_tokens"]
-    return Runner(generator, tokenizer, writer, batch_size, max_input, progress=progress)
+    return Runner(generator, tokenizer, writer, batch_size, max_input, progress=progress, template=profile.template)
 
 
 class Extraction:
@@ -613,6 +621,7 @@ def run(
     offload_dir: str | None = None,
     force: bool = False,
     progress: bool = False,
+    template: str | None = None,
     trust_remote_code: bool = False,
     report: Report | None = None,
 ) -> RunSummary:
@@ -633,6 +642,7 @@ def run(
     profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
     batch = _planned("--batch-size", batch_size, profile.workload["batch_size"])
     max_new = _planned("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
+    profile = _with_template(profile, template, report)
     source = _model_source(profile, model, trust_remote_code)
     profile = replace(profile, offload_dir=_offload_folder(profile.offload_dir, offload_dir))
     mode = _output_mode(resume, overwrite)
@@ -667,6 +677,15 @@ def run(
         parts = group.gather(mine)
     memory = gpu_memory(profile) if mine is not None else []
     return RunSummary(Path(output), len(records), worker, parts, memory)
+
+
+def _with_template(profile: Profile, template: str | None, report: Report) -> Profile:
+    """The profile with `template` (oneke-run's --template) for its prompts instead of the one it records."""
+    if template is None or template == profile.template:
+        return profile
+    _one_of("--template", template, tuple(TEMPLATES))
+    report.note(f"--template {template}: prompts use it instead of the profile's {profile.template}")
+    return replace(profile, template=template)
 
 
 def _answer(

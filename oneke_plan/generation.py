@@ -313,11 +313,13 @@ class GreedyGenerator:
         prefix_reuse: bool = True,
         refill_fraction: float = 0.25,
         split_tokens: int = 64,
+        stop_ids: Sequence[int] = (),
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.eos = eos_token_ids(model, tokenizer, model_dir)
+        # a chat template's stop words (Qwen's <|im_end|>, LLaMA-3's <|eot_id|>) end an answer as EOS does
+        self.eos = list(dict.fromkeys([*eos_token_ids(model, tokenizer, model_dir), *stop_ids]))
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
         self.device = input_device(model)

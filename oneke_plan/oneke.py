@@ -24,11 +24,12 @@ from typing import Any, TypeAlias
 
 from oneke_plan import jsonfile
 from oneke_plan.limits import MAX_JSON_BYTES
+from oneke_plan.templates import ONEKE_SYSTEM, ONEKE_TEMPLATE, TEMPLATES
 
 TASKS: tuple[str, ...] = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
 LANGS: tuple[str, ...] = ("zh", "en")
 
-SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
+SYSTEM_PROMPT = ONEKE_SYSTEM
 """The `default_system` of DeepKE's `llama2_zh` template, which OneKE was fine-tuned with."""
 
 INSTRUCTIONS: dict[str, dict[str, str]] = {
@@ -206,13 +207,14 @@ def _is_spo_schema(schema: Any) -> bool:
 # ---------------------------------------------------------------- prompt building
 
 
-def chat_prompt(instruction_json: str) -> str:
-    """Wrap the user turn in DeepKE's `llama2_zh` template (system folded into the first `[INST]`).
+def chat_prompt(instruction_json: str, template_name: str = ONEKE_TEMPLATE) -> str:
+    """Wrap the user turn in a DeepKE chat template (templates.py), by default OneKE's `llama2_zh` (system folded
+    into the first `[INST]`).
 
     The BOS `<s>` is not included: the LLaMA tokenizer adds it. Public examples differ in the spacing around
     `[/INST]`; this is the `llama2_zh` form (README "Prompt format").
     """
-    return f"[INST] <<SYS>>\n{SYSTEM_PROMPT}\n<</SYS>>\n\n{instruction_json} [/INST]"
+    return TEMPLATES[template_name].render(instruction_json)
 
 
 def make_instruction(task: str, schema_chunk: Schema, text: str, lang: str, example: list[Any] | None = None) -> str:

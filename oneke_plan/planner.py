@@ -126,6 +126,7 @@ class PlanResult:
     gpu_only_options: list[str] | None = None
     replicas: list[Plan] = field(default_factory=list)  # with --replicas: every copy's plan (`plan` is the first)
     unused_gpus: list[int] = field(default_factory=list)  # GPUs no replica needs
+    template_reason: str = ""  # why the profile's chat template is the one it is, in words
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Public contract (docs/profile-format.md): `format_version`, `device_map`, `devices` (each with `id` and
 `total_bytes`), `estimate.<device id>` (weights_bytes, kv_cache_bytes, workspace_bytes, reserve_bytes, total_bytes),
 `quantization.mode` (none, 8bit, 4bit), `workload` (max_input_tokens, max_new_tokens, batch_size), `dtype` and
-`attn_implementation` (what oneke-run loads the model with). A profile of several replicas (format 2) has, instead
+`attn_implementation` (what oneke-run loads the model with), `template` (the chat template prompts are wrapped
+in). A profile of several replicas (format 2) has, instead
 of the first three, a `replicas` list, each with its own `devices`, `device_map` and `estimate`, and `nodes`.
 Read with yaml.safe_load only: a profile is data and can never make code run.
 """
@@ -21,6 +22,7 @@ import yaml
 from oneke_plan import files
 from oneke_plan.errors import BadInput
 from oneke_plan.memory import DTYPE_BYTES, QUANT_MODES
+from oneke_plan.templates import ONEKE_TEMPLATE, TEMPLATES
 from oneke_plan.yamlfile import read_yaml
 
 FORMAT_VERSION = 1  # one model copy
@@ -60,6 +62,7 @@ class Profile:
     strategy: str = "fill"
     offload_dir: str | None = None
     attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION
+    template: str = ONEKE_TEMPLATE  # what profiles written before the key existed were run with
     format_version: int = FORMAT_VERSION
     created_by: str = ""
     notes: list[str] = field(default_factory=list)
@@ -68,7 +71,8 @@ class Profile:
 
     def to_yaml(self) -> str:
         data = asdict(self)
-        keys = ["format_version", "created_by", "model", "dtype", "attn_implementation", "quantization", "workload"]
+        keys = ["format_version", "created_by", "model", "dtype", "attn_implementation", "template", "quantization"]
+        keys += ["workload"]
         keys += ["strategy", "offload_dir"]
         keys += ["nodes", "replicas"] if self.replicas else ["devices", "device_map", "estimate"]
         ordered = {key: data[key] for key in [*keys, "notes"]}
@@ -174,6 +178,9 @@ def read_profile(path: Path) -> Profile:
     attn = data.get("attn_implementation", DEFAULT_ATTN_IMPLEMENTATION)
     if attn not in ATTN_IMPLEMENTATIONS:
         raise BadInput(f"{where}: attn_implementation {attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    template = data.get("template", ONEKE_TEMPLATE)
+    if template not in TEMPLATES:
+        raise BadInput(f"{where}: template {template!r} is not one of {', '.join(TEMPLATES)}")
     replicas: list[Replica] = []
     nodes = 1
     if version == REPLICAS_FORMAT_VERSION:
@@ -207,6 +214,7 @@ def read_profile(path: Path) -> Profile:
         strategy=str(data.get("strategy", "fill")),
         offload_dir=str(offload_dir) if offload_dir is not None else None,
         attn_implementation=attn,
+        template=template,
         format_version=version,
         created_by=str(data.get("created_by", "")),
         notes=list(data.get("notes") or []),

@@ -31,9 +31,12 @@ class RunStats:
     seconds: float = 0.0
 
 
-def encode_prompts(tokenizer: Any, records: Sequence[PromptRecord]) -> list[Encoded]:
-    """Token ids of each record's full chat prompt, BOS included (the tokenizer adds it, as in training)."""
-    texts = [oneke.chat_prompt(record.instruction) for record in records]
+def encode_prompts(
+    tokenizer: Any, records: Sequence[PromptRecord], template: str = oneke.ONEKE_TEMPLATE
+) -> list[Encoded]:
+    """Token ids of each record's full chat prompt in `template`, BOS included where the model has one (the
+    tokenizer adds it, as in training)."""
+    texts = [oneke.chat_prompt(record.instruction, template) for record in records]
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
     return [Encoded(i, list(row)) for i, row in enumerate(ids)]
 
@@ -81,9 +84,11 @@ class Runner:
         batch_size: int,
         max_input_tokens: int,
         progress: bool = True,
+        template: str = oneke.ONEKE_TEMPLATE,
     ):
         self.decoder: Decoder = BatchDecoder(decoder) if callable(decoder) else decoder
         self.tokenizer = tokenizer
+        self.template = template
         self.writer = writer
         self.batch_size = batch_size
         self.max_input_tokens = max_input_tokens
@@ -102,7 +107,7 @@ class Runner:
         from tqdm import tqdm
 
         start = time.perf_counter()
-        encoded = encode_prompts(self.tokenizer, records)
+        encoded = encode_prompts(self.tokenizer, records, self.template)
         fitting = []
         for item in encoded:
             if len(item.ids) > self.max_input_tokens:

@@ -89,8 +89,10 @@ def test_planned_loaded_and_run_like_generate(
     inventory = tmp_path / "cpu.yaml"
     inventory.write_text("gpus: []\ncpu_memory: 16GiB\n")
     profile = tmp_path / "profile.yaml"
+    # llama2_zh: the prompts above (Mixtral's and Qwen's own templates would need their special tokens)
     planned = plan_main([str(model_dir), "--inventory", str(inventory), "--max-input-tokens", "600", "--max-new-tokens",
-                         str(MAX_NEW), "--batch-size", "4", "--dtype", "float32", "-o", str(profile)])  # fmt: skip
+                         str(MAX_NEW), "--batch-size", "4", "--dtype", "float32", "--template", "llama2_zh",
+                         "-o", str(profile)])  # fmt: skip
     if planned == 2 and TRANSFORMERS_4 and "cannot price" in capsys.readouterr().err:
         # transformers 4.x forwards of MoE routing (nonzero) and some others read tensor values no meta run has:
         # the plan refuses in one line (exit 2), as documented in README's "Which models"

@@ -14,6 +14,7 @@ from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, fo
 from oneke_plan.errors import BadInput
 from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
 from oneke_plan.sizes import format_bytes
+from oneke_plan.templates import ONEKE_TEMPLATE, TEMPLATES
 
 EPILOG = """\
 examples:
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--quant-type", choices=api.QUANT_TYPES, default="nf4", help="4-bit data type")
     model.add_argument("--no-double-quant", action="store_true", help="4-bit: keep absmax scales in fp32")
+    model.add_argument(
+        "--template",
+        choices=list(TEMPLATES),
+        metavar="NAME",
+        help="the DeepKE chat template oneke-run wraps prompts in, recorded in the profile: "
+        f"{', '.join(TEMPLATES)} (default: the model's; OneKE's is {ONEKE_TEMPLATE})",
+    )
     model.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -211,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         reserve=args.reserve,
         strategy=args.strategy,
         eager_attention=args.eager_attention,
+        template=args.template,
         solve=args.solve,
         replicas=args.replicas,
         nodes=args.nodes,
@@ -237,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
         f"new) tokens",
         file=sys.stderr,
     )
+    print(f"prompt template: {profile.template} ({result.template_reason})", file=sys.stderr)
     print(summary_table(result.replicas or [plan], profile), file=sys.stderr)
     if result.replicas:
         copies = profile.replica_count * profile.nodes

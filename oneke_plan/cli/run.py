@@ -16,6 +16,7 @@ from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, fo
 from oneke_plan.errors import BadInput
 from oneke_plan.profile import Profile
 from oneke_plan.sizes import format_bytes
+from oneke_plan.templates import TEMPLATES
 from oneke_plan.workers import Worker
 
 EPILOG = """\
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("generation (defaults: the profile's workload)")
     gen.add_argument("--batch-size", type=int, metavar="N", help="prompts per batch (at most the planned batch)")
     gen.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length (at most the planned one)")
+    gen.add_argument(
+        "--template",
+        choices=list(TEMPLATES),
+        metavar="NAME",
+        help="the DeepKE chat template around each prompt (default: the profile's; see oneke-plan --template)",
+    )
     run = p.add_argument_group("run")
     run.add_argument(
         "--resume",
@@ -153,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         offload_dir=args.offload_dir,
         force=args.force,
         progress=not args.no_progress,
+        template=args.template,
         trust_remote_code=args.trust_remote_code,
         report=RunReport("oneke-run"),
     )
