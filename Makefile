@@ -30,8 +30,9 @@ demo: install
 	@mkdir -p $(OUT)
 	@echo "== 1. Plan OneKE (13B, bf16) for a 24 GiB + 12 GiB machine: no weights, no GPU, no network needed"
 	$(BIN)/oneke-plan oneke --gpu 24GiB --gpu 12GiB --cpu-memory 0 -o $(OUT)/oneke-24gib+12gib.yaml
-	@echo "== 2. Build a tiny random LLaMA checkpoint (its answers mean nothing: it only exercises the pipeline)"
-	$(BIN)/python tools/tiny_checkpoint.py $(OUT)/tiny-model
+	@echo "== 2. Build a tiny random LLaMA checkpoint laid out as OneKE is released: 3 safetensors shards, a SentencePiece"
+	@echo "      tokenizer.model and no tokenizer.json (its answers mean nothing: it only exercises the pipeline)"
+	$(BIN)/python tools/tiny_checkpoint.py $(OUT)/tiny-model --tokenizer sentencepiece --shards 3
 	@echo "== 3. Plan it for this machine, then run extraction over every DeepKE sample file"
 	$(BIN)/oneke-plan $(OUT)/tiny-model --max-input-tokens 1024 --max-new-tokens 48 --batch-size 8 -o $(OUT)/tiny-cpu.yaml
 	@for task in $(TASKS); do \

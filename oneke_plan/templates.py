@@ -190,7 +190,11 @@ def default_template(config: dict[str, Any]) -> tuple[str, str]:
         return _BAICHUAN_BY_VOCAB[vocab], f"a Baichuan with a {vocab:,}-token vocabulary"
     if model_type in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[model_type], f"model_type {model_type}"
-    return ONEKE_TEMPLATE, f"OneKE's; DeepKE names no template for model_type {model_type or '?'}: --template sets one"
+    if model_type == "llama":
+        why = "a LLaMA whose vocabulary is none of LLaMA-2's, OneKE's or LLaMA-3's"
+    else:
+        why = f"DeepKE names no template for model_type {model_type or '?'}"
+    return ONEKE_TEMPLATE, f"OneKE's; {why}: --template sets another"
 
 
 def check_tokenizer(tmpl: Template, tokenizer: Any, where: str) -> list[int]:
