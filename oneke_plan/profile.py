@@ -179,7 +179,7 @@ def read_profile(path: Path) -> Profile:
     if attn not in ATTN_IMPLEMENTATIONS:
         raise BadInput(f"{where}: attn_implementation {attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
     template = data.get("template", ONEKE_TEMPLATE)
-    if template not in TEMPLATES:
+    if not isinstance(template, str) or template not in TEMPLATES:  # a list or a mapping is no dict key
         raise BadInput(f"{where}: template {template!r} is not one of {', '.join(TEMPLATES)}")
     replicas: list[Replica] = []
     nodes = 1

@@ -18,6 +18,7 @@ from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.extract import read_converted
 from oneke_plan.model_source import resolve_model
+from oneke_plan.profile import read_profile
 from oneke_plan.runner import encode_prompts
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -102,20 +103,25 @@ def test_the_profile_records_the_template(tiny_model_dir: Path, tmp_path: Path) 
     assert yaml.safe_load(profile.read_text())["template"] == "llama2_zh"
 
 
+@pytest.mark.parametrize("value", ["nonsense", ["qwen"], {"name": "qwen"}])
 def test_a_profile_without_template_runs_onekes_and_a_bad_one_is_one_line(
-    tiny_model_dir: Path, tmp_path: Path, deepke_dir: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model_dir: Path, tmp_path: Path, deepke_dir: Path, capsys: pytest.CaptureFixture[str], value: object
 ) -> None:
     profile = tmp_path / "p.yaml"
     assert plan_main([str(tiny_model_dir), "--max-new-tokens", "2", "-o", str(profile)]) == 0
     data = yaml.safe_load(profile.read_text())
-    data["template"] = "nonsense"
+    del data["template"]
+    old = tmp_path / "old.yaml"  # as written before the key existed
+    old.write_text(yaml.safe_dump(data, allow_unicode=True))
+    assert read_profile(old).template == "llama2_zh"
+    data["template"] = value  # a list or a mapping is no dict key: it once escaped as an internal error (exit 1)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data, allow_unicode=True))
     args = ["--input", str(deepke_dir / "NER" / "test.json"), "--no-progress"]
     capsys.readouterr()
     assert run_main(["--profile", str(bad), "--output", str(tmp_path / "a.jsonl"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "template 'nonsense' is not one of" in err[0]
+    assert len(err) == 1 and f"template {value!r} is not one of" in err[0], err
 
 
 def authors_qwen_ids(tokenizer, instruction: str) -> list[int]:  # type: ignore[no-untyped-def]
