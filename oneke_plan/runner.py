@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from oneke_plan import oneke
 from oneke_plan.extract import OutputWriter, PromptRecord, answer_line, error_line
 from oneke_plan.generation import Encoded, length_batches
+from oneke_plan.templates import TEMPLATES
 
 
 @dataclass
@@ -34,11 +35,39 @@ class RunStats:
 def encode_prompts(
     tokenizer: Any, records: Sequence[PromptRecord], template: str = oneke.ONEKE_TEMPLATE
 ) -> list[Encoded]:
-    """Token ids of each record's full chat prompt in `template`, BOS included where the model has one (the
-    tokenizer adds it, as in training)."""
-    texts = [oneke.chat_prompt(record.instruction, template) for record in records]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
-    return [Encoded(i, list(row)) for i, row in enumerate(ids)]
+    """Token ids of each record's full chat prompt in `template`, as the model was trained on them.
+
+    A prompt of one text part (OneKE's llama2_zh, with the system block folded into [INST]) is that text as the
+    tokenizer encodes it, BOS included where the model has one. A prompt of several parts is laid out as the
+    authors' encoder does it: BOS where the tokenizer has one and adds it, then each part on its own, a text
+    encoded without special tokens, a special token by its id. Encoding the joined text instead would differ: a
+    SentencePiece tokenizer starts every text it encodes at a word boundary (tests/test_sentencepiece.py).
+    """
+    tmpl = TEMPLATES[template]
+    parts = [tmpl.parts(record.instruction) for record in records]
+    if all(len(p) == 1 and isinstance(p[0], str) for p in parts):
+        texts = [str(p[0]) for p in parts]
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        return [Encoded(i, list(row)) for i, row in enumerate(ids)]
+    head = _added_bos(tokenizer)
+    texts = [part for p in parts for part in p if isinstance(part, str)]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    special = {text: tokenizer.convert_tokens_to_ids(text) for text in tmpl.special_tokens()}
+    out = []
+    for i, prompt in enumerate(parts):
+        row = list(head)
+        for part in prompt:
+            row += list(next(encoded)) if isinstance(part, str) else [special[part.text]]
+        out.append(Encoded(i, row))
+    return out
+
+
+def _added_bos(tokenizer: Any) -> list[int]:
+    """[BOS] if the tokenizer starts what it encodes with it, else []: asked of the tokenizer itself, as the
+    one-part route lets it decide (its add_bos_token attribute is not set the same way on every version)."""
+    bos = tokenizer.bos_token_id
+    first = tokenizer("a", add_special_tokens=True)["input_ids"][:1]
+    return [bos] if bos is not None and first == [bos] else []
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

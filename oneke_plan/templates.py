@@ -9,9 +9,10 @@ tokens. A first turn is laid out as the authors' encoder lays it out:
 - the others: prefix, then the separator, then the user turn; an empty prefix (a template whose system prompt is
   empty) drops the separator too.
 
-`render` gives that text, special tokens written as their text; the tokenizer adds BOS where the model has one, as
-in training. One deliberate difference: the authors fill placeholders with str.replace on the filled-in text, so a
-query containing the literal text `{{idx}}` would be rewritten; here each placeholder is filled once, in place.
+`render` gives that text, special tokens written as their text; `parts` the pieces the authors' encoder tokenizes
+one by one (runner.encode_prompts does the same), BOS where the tokenizer adds one, as in training. One deliberate
+difference: the authors fill placeholders with str.replace on the filled-in text, so a query containing the literal
+text `{{idx}}` would be rewritten; here each placeholder is filled once, in place.
 Pure data and string functions: no torch, no transformers.
 """
 

@@ -95,6 +95,32 @@ def test_ids_of_every_deepke_prompt_are_sentencepieces_own(sp_model_dir: Path) -
     assert sum(map(len, expected)) < 0.5 * sum(len(written_out_prompt(r.instruction).encode()) for r in records)
 
 
+def test_templates_of_several_parts_encode_each_part_as_the_authors_do(sp_model_dir: Path) -> None:
+    """DeepKE's encoder encodes a template's prefix, separator and user turn each on its own; sentencepiece starts
+    every text with a word boundary, so the joined text would be other ids than the models were trained on."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model_dir / "tokenizer.model"))
+    tokenizer = load_tokenizer(resolve_model(str(sp_model_dir)))
+    records = extract.read_converted(DEEPKE_DIR / "NER" / "test.json")
+    alpaca = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    chat = (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions."
+    )
+    segments = {  # the authors' parts, written out from their template.py
+        "alpaca": lambda q: [alpaca, "\n\n", f"### Instruction:\n{q}\n\n### Response:\n"],
+        "default": lambda q: [chat, "\n", f"Human: {q}\nAssistant:"],
+        "vicuna": lambda q: [chat, f"USER: {q} ASSISTANT:"],
+    }
+    for name, parts in segments.items():
+        got = [item.ids for item in encode_prompts(tokenizer, records, name)]
+        expected = [[sp.bos_id(), *(i for part in parts(r.instruction) for i in sp.encode(part))] for r in records]
+        assert got == expected, name
+        joined = [[sp.bos_id(), *sp.encode("".join(parts(r.instruction)))] for r in records]
+        assert joined != expected, name  # the seams matter: this test can tell the two routes apart
+
+
 def hide_packages_script(packages: list[str], code: str) -> str:
     """A child Python in which `packages` are not installed, as far as importing and transformers can tell."""
     return (
