@@ -165,8 +165,7 @@ _BY_MODEL_TYPE = {
     "qwen3_moe": "qwen",
     "mistral": "mistral",
     "mixtral": "mistral",
-    "chatglm": "chatglm3",
-    "glm": "chatglm3",
+    "chatglm": "chatglm3",  # THUDM's remote-code ChatGLM; transformers' own "glm" (GLM-4) has no DeepKE template
 }
 _LLAMA_BY_VOCAB = {32000: "llama2", 55296: "llama2_zh", 128256: "llama3"}  # LLaMA-2, Chinese-Alpaca-2/OneKE, LLaMA-3
 _BAICHUAN_BY_VOCAB = {64000: "baichuan", 125696: "baichuan2"}

@@ -93,6 +93,9 @@ def test_default_template_follows_the_model(config: str, expected: str) -> None:
 def test_a_model_of_no_known_family_gets_onekes_template_said_so() -> None:
     name, why = templates.default_template({"model_type": "gpt2", "vocab_size": 50257})
     assert name == "llama2_zh" and "--template" in why
+    # transformers' own "glm" is GLM-4, whose chat format is not ChatGLM3's and for which DeepKE defines none
+    name, why = templates.default_template({"model_type": "glm", "vocab_size": 151552})
+    assert name == "llama2_zh" and "--template" in why
 
 
 def test_the_profile_records_the_template(tiny_model_dir: Path, tmp_path: Path) -> None:
