@@ -68,6 +68,20 @@ def test_every_template_is_the_authors_string() -> None:
         assert templates.TEMPLATES[name].render(Q) == expected, name
 
 
+# The authors' stop_words (template.py); every other template has none and ends at the model's EOS.
+AUTHORS_STOP_WORDS = {
+    "llama3": ("<|eot_id|>",),
+    "llama3_zh": ("<|eot_id|>",),
+    "qwen": ("<|im_end|>",),
+    "chatglm3": ("<|user|>", "<|observation|>"),
+}
+
+
+def test_every_template_stops_at_the_authors_stop_words() -> None:
+    for name, tmpl in templates.TEMPLATES.items():
+        assert tmpl.stop_words == AUTHORS_STOP_WORDS.get(name, ()), name
+
+
 def test_placeholder_text_inside_the_query_is_left_alone() -> None:
     query = "{{system}} {{idx}} {{query}}"
     assert templates.TEMPLATES["chatglm2"].render(query) == f"[gMASK]sop\n\n[Round 1]\n\n问：{query}\n\n答："
