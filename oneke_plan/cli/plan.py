@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--quant-type", choices=api.QUANT_TYPES, default="nf4", help="4-bit data type")
     model.add_argument("--no-double-quant", action="store_true", help="4-bit: keep absmax scales in fp32")
     model.add_argument(
+        "--adapter",
+        type=Path,
+        metavar="DIR",
+        help="a LoRA adapter (peft's adapter_config.json + adapter_model.safetensors) for oneke-run to apply: merged "
+        "on load in 16-bit, kept unmerged with --quantize; its memory is counted and it is fingerprinted (needs "
+        "peft: pip install 'oneke-plan[lora]')",
+    )
+    model.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow code shipped with the model to run (off by default; OneKE does not need it)",
@@ -215,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         nodes=args.nodes,
         trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
         output=args.output,
         overwrite=args.overwrite,
         report=PrintedReport("oneke-plan"),
