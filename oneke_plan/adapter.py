@@ -243,7 +243,20 @@ def attach_meta(model: Any, adapter: Adapter) -> Any:
     with warnings.catch_warnings():  # peft notes that the meta model's name is not base_model_name_or_path
         warnings.simplefilter("ignore")
         wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=True)
-    return wrapped.base_model.model
+    inner = wrapped.base_model.model
+    built = {name.rsplit(".lora_A.", 1)[0] for name in lora_parameters(inner) if ".lora_A." in name}
+    stored = set(adapter.modules)
+    if built != stored:  # peft would leave layers at their initial values, or ignore stored tensors, silently
+        where = adapter.directory / ADAPTER_CONFIG
+        extra, missing = sorted(built - stored), sorted(stored - built)
+        raise BadInput(
+            f"{where}: target_modules make peft wrap "
+            + (f"{len(extra)} layers the file has no tensors for (e.g. {extra[0]})" if extra else "")
+            + (" and " if extra and missing else "")
+            + (f"not wrap {len(missing)} layers the file has tensors for (e.g. {missing[0]})" if missing else "")
+            + f"; the config and {ADAPTER_WEIGHTS} do not belong together: {_remedy(adapter.directory)}"
+        )
+    return inner
 
 
 def lora_parameters(model: Any) -> dict[str, Any]:

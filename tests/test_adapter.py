@@ -281,8 +281,24 @@ def test_what_is_not_a_plain_lora_adapter_is_one_line_and_exit_2(
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
     assert "DoRA" in plan_with(dora)
+    for targets, says in ((["k_proj", *TARGETS], "4 layers the file has no tensors for"),
+                          (TARGETS[:-1], "not wrap 4 layers the file has tensors for")):  # fmt: skip
+        (dora / "adapter_config.json").write_text(json.dumps(config | {"target_modules": targets}))
+        assert says in plan_with(dora)
     (dora / "adapter_config.json").write_text(json.dumps(config))
     (dora / ADAPTER_WEIGHTS).write_bytes((dora / ADAPTER_WEIGHTS).read_bytes()[:-100])
     assert "not a complete safetensors file" in plan_with(dora)
     (dora / ADAPTER_WEIGHTS).unlink()
     assert "adapter_model.safetensors: missing" in plan_with(dora)
+
+
+def test_api_load_applies_the_profiles_adapter(lora: dict[str, Path], cpu_inventory: Path, tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    assert _plan(lora["base"], profile, cpu_inventory, "--adapter", str(lora["adapter"])) == 0
+    model, tokenizer = api.load(profile)  # the adapter: the profile's
+    reference = AutoModelForCausalLM.from_pretrained(lora["merged"], **dtype_kw(torch.float32)).eval()
+    ids = torch.tensor([tokenizer("[INST] 抽取实体 [/INST]")["input_ids"]])
+    with torch.inference_mode():
+        got, expected = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert not any("lora_" in name for name, _ in model.named_parameters())  # merged: plain Linear layers again
+    torch.testing.assert_close(got, expected)
