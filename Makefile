@@ -21,7 +21,7 @@ TASKS = NER RE EE EET EEA KG SPO
 $(BIN)/oneke-plan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[dev,lora]'
 	touch $@
 
 install: $(BIN)/oneke-plan

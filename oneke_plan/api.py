@@ -43,6 +43,7 @@ from oneke_plan.sizes import SizeError, parse_size
 from oneke_plan.templates import TEMPLATES, check_tokenizer, default_template
 
 if TYPE_CHECKING:
+    from oneke_plan.adapter import Adapter
     from oneke_plan.extract import OutputWriter, PromptRecord
     from oneke_plan.model_source import ModelSource
     from oneke_plan.outputs import RunOutput
@@ -125,6 +126,7 @@ def plan(
     replicas: int | str = 1,
     nodes: int = 1,
     trust_remote_code: bool = False,
+    adapter: PathLike | None = None,
     output: PathLike | None = None,
     overwrite: bool = False,
     report: Report | None = None,
@@ -138,8 +140,11 @@ def plan(
     per prompt and per answer, prompts per batch. `reserve`: per-GPU bytes kept for the CUDA context. `solve`:
     "max_input_tokens" or "batch_size" to plan for the largest that fits. `template`: the chat template the
     profile records for oneke-run's prompts (templates.TEMPLATES), by default the one the model's config implies.
-    `replicas`: copies of the model (a number, or "auto"), on `nodes` identical nodes. `output`: write the profile
-    there (a file oneke-plan wrote, or any regular file with `overwrite`; never a file of the model's directory).
+    `replicas`: copies of the model (a number, or "auto"), on `nodes` identical nodes. `adapter`: a LoRA adapter
+    folder (peft's adapter_config.json and adapter_model.safetensors) oneke-run will apply: merged on load in
+    16-bit, kept unmerged with `quantize`; its memory is counted and it is fingerprinted in the profile
+    (DoesNotFit for an adapter of another base). `output`: write the profile there (a file oneke-plan wrote, or any
+    regular file with `overwrite`; never a file of the model's directory).
 
     Returns the PlanResult: `profile` (the Profile oneke-run applies), `plan` (blocks, costs, placement, the log),
     what solving found, and, when the plan offloads, what would fit on the GPUs alone. Raises DoesNotFit (saying
@@ -161,6 +166,7 @@ def plan(
     ):
         _one_of(flag, value, allowed)
     source = resolve_model(str(model))
+    found = _read_adapter(adapter) if adapter is not None else None
     target = Path(output) if output is not None else None
     replaced = _profile_target(target, overwrite, source.directory) if target is not None else None
     reserve_bytes = _size("--reserve", reserve)
@@ -190,13 +196,33 @@ def plan(
     check_positive(settings.workload)
     replica_count = _replica_count(replicas)
     check_replica_counts(replica_count, nodes)
-    planner = Planner(source, trust_remote_code=trust_remote_code)
+    planner = Planner(source, trust_remote_code=trust_remote_code, adapter=found)
     result = planner.plan_profile(inventory, settings, solve.replace("-", "_") if solve else None, replica_count, nodes)
     chosen, why = (template, "--template") if template else default_template(source.config)
     result = replace(result, profile=replace(result.profile, template=chosen), template_reason=why)
     if target is not None:
         write_atomic(target, result.profile.to_yaml(), replaced)
     return result
+
+
+def _read_adapter(directory: PathLike) -> Adapter:
+    """The adapter folder, read and fingerprinted, once peft is known to be there (BadInput otherwise)."""
+    from oneke_plan.adapter import read_adapter, require_peft
+
+    require_peft()
+    return read_adapter(Path(directory))
+
+
+def _run_adapter(profile: Profile, adapter: PathLike | None) -> Adapter | None:
+    """The adapter oneke-run applies: `adapter`, else the one the profile was planned with; it must be that one
+    (adapter.check_recorded: DoesNotFit)."""
+    from oneke_plan.adapter import check_recorded
+
+    if adapter is None and profile.adapter is None:
+        return None
+    found = _read_adapter(adapter if adapter is not None else profile.adapter["path"])  # type: ignore[index]
+    check_recorded(found, profile.adapter)
+    return found
 
 
 def _one_of(flag: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -258,6 +284,7 @@ def load(
     offload_dir: str | None = None,
     force: bool = False,
     trust_remote_code: bool = False,
+    adapter: PathLike | None = None,
     report: Report | None = None,
 ) -> tuple[Any, Any]:
     """Load a model exactly as `profile` (a Profile, or a profile file) places it; returns (model, tokenizer).
@@ -268,16 +295,19 @@ def load(
     checkpoint's tensor names are the model's; then the load, the weights per device (Report.weights_loaded), and
     one forward pass whose logits must be finite (else BadInput). Under torchrun, this worker's replica is loaded.
     `offload_dir` confirms a folder for disk-offloaded weights other than a new one inside the current folder.
+    `adapter`: the LoRA adapter folder (default: the profile's, when it was planned with one), which must be the
+    one planned with (DoesNotFit otherwise) and match the model's layers.
     """
     from oneke_plan.workers import Worker
 
     report = report or Report()
     profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
     source = _model_source(profile, model, trust_remote_code)
+    found = _run_adapter(profile, adapter)
     profile = replace(profile, offload_dir=_offload_folder(profile.offload_dir, offload_dir))
     profile = _workers_profile(profile, Worker.from_env())
     _check_machine(profile, source, force, report)
-    return _load_checked(profile, source, trust_remote_code, report)
+    return _load_checked(profile, source, trust_remote_code, report, found)
 
 
 def _model_source(profile: Profile, model: PathLike | None, trust_remote_code: bool) -> ModelSource:
@@ -342,9 +372,11 @@ def _check_machine(profile: Profile, source: ModelSource, force: bool, report: R
         report.note(f"warning (--force): {problem}")
 
 
-def _load_checked(profile: Profile, source: ModelSource, trust_remote_code: bool, report: Report) -> tuple[Any, Any]:
-    """Everything cheap first (device_map, offload folder, tokenizer), then load, report the weights per device,
-    and check the model computes finite numbers."""
+def _load_checked(
+    profile: Profile, source: ModelSource, trust_remote_code: bool, report: Report, adapter: Adapter | None = None
+) -> tuple[Any, Any]:
+    """Everything cheap first (device_map, offload folder, tokenizer), then load (with the adapter), report the
+    weights per device, and check the model computes finite numbers."""
     from oneke_plan.checkpoint import read_checkpoint
     from oneke_plan.loaded_weights import measured_weight_bytes
     from oneke_plan.loader import check_before_load, check_finite_outputs, load_model
@@ -352,7 +384,7 @@ def _load_checked(profile: Profile, source: ModelSource, trust_remote_code: bool
     tokenizer = check_before_load(profile, source, trust_remote_code=trust_remote_code)
     check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before any weight is read
     checkpoint = read_checkpoint(source.directory) if source.directory else None
-    model = load_model(profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint)
+    model = load_model(profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint, adapter=adapter)
     stored = checkpoint.dtypes if checkpoint else None
     report.weights_loaded(
         profile, measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
@@ -623,6 +655,7 @@ def run(
     progress: bool = False,
     template: str | None = None,
     trust_remote_code: bool = False,
+    adapter: PathLike | None = None,
     report: Report | None = None,
 ) -> RunSummary:
     """oneke-run: each parameter is one of its flags (load, read_records and extract say what they do).
@@ -644,6 +677,7 @@ def run(
     max_new = _planned("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
     profile = _with_template(profile, template, report)
     source = _model_source(profile, model, trust_remote_code)
+    found = _run_adapter(profile, adapter)
     profile = replace(profile, offload_dir=_offload_folder(profile.offload_dir, offload_dir))
     mode = _output_mode(resume, overwrite)
     records = read_records(input, task, schema, lang, chunk_size, example, report)
@@ -658,7 +692,8 @@ def run(
             group.barrier()
         try:
             mine = _answer(
-                profile, source, records, files, worker, batch, max_new, force, trust_remote_code, progress, report
+                profile, source, found, records, files, worker, batch, max_new, force, trust_remote_code, progress,
+                report,
             )
             if worker.distributed:
                 if worker.rank != 0:
@@ -691,6 +726,7 @@ def _with_template(profile: Profile, template: str | None, report: Report) -> Pr
 def _answer(
     profile: Profile,
     source: ModelSource,
+    adapter: Adapter | None,
     records: list[PromptRecord],
     files: RunOutput,
     worker: Worker,
@@ -711,7 +747,7 @@ def _answer(
             what = f"; {files.output} rewritten in input order with the journal's answers" if rewritten else ""
             report.note(f"nothing to do: all {len(records)} prompts are answered{what}")
         return None
-    model, tokenizer = _load_checked(profile, source, trust_remote_code, report)
+    model, tokenizer = _load_checked(profile, source, trust_remote_code, report, adapter)
     assert files.writer is not None
     runner = _runner(model, tokenizer, profile, files.writer, batch_size, max_new_tokens, progress, source.directory)
     return runner.run(pending), len(pending)

@@ -46,6 +46,10 @@ class BlockCost:
     quant_scratch_bytes: int
     tied_to: str | None
     prefill_state_bytes: int = 0
+    # A LoRA adapter merged on load (adapter.py): its tensors in this block while they exist, before the merge, and
+    # the largest transient of merging one of its layers. Load-time memory: the weights are the base's after it.
+    adapter_load_bytes: int = 0
+    merge_scratch_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,9 @@ def estimate(
     """Per-device bytes of a placement. KV cache = the state of the blocks run there after the prefill or at the
     last step, whichever is more (the two are not summed block by block: a sliding window's cache is largest after
     the prefill, a full one at the end). Workspace = largest activation + logits + largest quantization scratch
-    + (on the main GPU) a staging copy of the largest offloaded block."""
+    + (on the main GPU) a staging copy of the largest offloaded block. With a LoRA adapter merged on load, the
+    device's load peak (weights + the adapter's tensors there + the largest merge transient) is covered too: the
+    workspace is raised where that peak is above what inference holds beside the weights."""
     weights: dict[DeviceId, int] = {}
     kv: dict[DeviceId, int] = {}
     prefill_kv: dict[DeviceId, int] = {}
@@ -228,6 +234,8 @@ def estimate(
     logits: dict[DeviceId, int] = {}
     scratch: dict[DeviceId, int] = {}
     staging: dict[DeviceId, int] = {}
+    adapter_load: dict[DeviceId, int] = {}
+    merge_scratch: dict[DeviceId, int] = {}
     main = main_device(assignment, slots)
     for cost in costs:
         if cost.name not in assignment:
@@ -245,6 +253,9 @@ def estimate(
             scratch[run] = max(scratch.get(run, 0), cost.quant_scratch_bytes)
         if home != run:
             staging[run] = max(staging.get(run, 0), stored)
+        if cost.adapter_load_bytes:
+            adapter_load[home] = adapter_load.get(home, 0) + cost.adapter_load_bytes
+            merge_scratch[home] = max(merge_scratch.get(home, 0), cost.merge_scratch_bytes)
     used = set(weights) | set(kv) | set(activation)
     result = {}
     for slot in slots:
@@ -255,6 +266,8 @@ def estimate(
         )
         reserve = slot.reserve_bytes if slot.id != "disk" else 0
         state = max(kv.get(slot.id, 0), prefill_kv.get(slot.id, 0))
+        load_peak = adapter_load.get(slot.id, 0) + merge_scratch.get(slot.id, 0)
+        workspace = max(workspace, load_peak - state)
         result[slot.id] = DeviceEstimate(weights.get(slot.id, 0), state, workspace, reserve)
     return result
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan import jsonfile
+from oneke_plan.adapter import Adapter, check_base, load_onto
 from oneke_plan.checkpoint import Checkpoint, explain_mismatch, key_mismatch, read_checkpoint
 from oneke_plan.compat import (
     TRANSFORMERS_BNB_CPU,
@@ -224,7 +225,11 @@ def _quiet() -> Any:
 
 
 def load_model(
-    profile: Profile, source: ModelSource, trust_remote_code: bool = False, checkpoint: Checkpoint | None = None
+    profile: Profile,
+    source: ModelSource,
+    trust_remote_code: bool = False,
+    checkpoint: Checkpoint | None = None,
+    adapter: Adapter | None = None,
 ) -> Any:
     """The model, loaded into exactly the profile's device_map, ready for generate. `checkpoint`: read_checkpoint of
     the source's directory when the caller has it already (else it is read here).
@@ -234,7 +239,9 @@ def load_model(
     the device_map against its modules, the GPUs it names, the room for what disk offload writes. Then
     transformers' own from_pretrained with the profile's device_map, dtype and attention implementation (and a
     bitsandbytes config for 8/4-bit, which quantizes each Linear as it is loaded; bitsandbytes runs on the CPU
-    too): it renames and fuses weights, ties them, offloads to CPU and disk, and dispatches.
+    too): it renames and fuses weights, ties them, offloads to CPU and disk, and dispatches. With a LoRA
+    `adapter`, its layers are checked against the model's before anything is loaded (DoesNotFit for another base's),
+    and peft applies it after the load: merged into the weights (profile adapter.on_load "merged") or not.
     """
     if source.directory is None:
         raise BadInput(f"{source.name}: a built-in config has no weights; pass --model DIR with the checkpoint")
@@ -243,6 +250,8 @@ def load_model(
     mismatch = key_mismatch(model, checkpoint)
     if mismatch:
         raise BadInput(explain_mismatch(mismatch, checkpoint.path))
+    if adapter is not None:
+        check_base(adapter, model)
     _check_device_map_modules(model, profile)
     check_gpus_present(profile, source)
     if profile.offload_dir and "disk" in profile.device_map.values() and offload_writes_weights(checkpoint.pickled):
@@ -251,7 +260,11 @@ def load_model(
     device_map = dict(profile.device_map)
     offload = profile.offload_dir
     try:
-        return _load_weights(profile, source, device_map, offload, trust_remote_code)
+        loaded = _load_weights(profile, source, device_map, offload, trust_remote_code)
+        if adapter is None:
+            return loaded
+        with _quiet():
+            return load_onto(loaded, adapter, merge=(profile.adapter or {}).get("on_load") == "merged")
     except OSError as exc:  # a full or read-only offload folder, an unreadable shard: the path, not a traceback
         where = exc.filename or (offload if offload and "disk" in device_map.values() else checkpoint.path)
         raise os_error(where, "be used while loading the weights", exc, "free space or fix permissions there") from None

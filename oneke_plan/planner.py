@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from oneke_plan import __version__
+from oneke_plan.adapter import Adapter
 from oneke_plan.blocks import ModelLayout
 from oneke_plan.checkpoint import checkpoint_dtype
 from oneke_plan.compat import measures_on_meta
@@ -203,7 +204,7 @@ def make_slots(inventory: Inventory, reserve_bytes: int, cpu_reserve_bytes: int)
 
 # Measurements are a pure function of the model's config, dtype, attention and the library versions: kept for
 # the life of the process, so that every Planner of the same model (tests, benchmarks, a notebook) measures once.
-_MEASURERS: dict[tuple[str, str, bool, bool], Measurer] = {}
+_MEASURERS: dict[tuple[str, str, bool, bool, str | None], Measurer] = {}
 _QUANTIZABLE: dict[tuple[str, str, bool], dict[str, tuple[int, int]]] = {}
 
 
@@ -211,13 +212,19 @@ class Planner:
     """Holds one model's config, meta builds (one per dtype and attention implementation) and measurements, so
     that re-planning (suggestions, solving) costs arithmetic only."""
 
-    def __init__(self, source: ModelSource, trust_remote_code: bool = False):
+    def __init__(self, source: ModelSource, trust_remote_code: bool = False, adapter: Adapter | None = None):
         self.source = source
         self.trust_remote_code = trust_remote_code
         self.config = load_config(source, trust_remote_code)
         self.model_dtype = model_dtype(self.config, source)
         self._builds: dict[tuple[str, bool], tuple[Any, ModelLayout]] = {}
         self._key = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        self.adapter = adapter
+        self._adapter_bytes: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+        if adapter is not None:
+            from oneke_plan.adapter import check_base
+
+            check_base(adapter, self.model)  # exit 3 for an adapter of another base, before anything is planned
 
     def build(self, dtype: str, eager_attention: bool = False) -> tuple[Any, ModelLayout]:
         """The meta model and its layout at `dtype` (buffers keep the dtype the model's code gives them at that
@@ -233,19 +240,23 @@ class Planner:
             self._builds[key] = (model, read_layout(model, self.config, dtype))
         return self._builds[key]
 
-    def measurer(self, dtype: str, eager_attention: bool = False) -> Measurer:
-        """What the model's own forward holds, per block, measured on the meta device at `dtype`."""
-        key = (self._key, dtype, eager_attention, self.trust_remote_code)
+    def measurer(self, dtype: str, eager_attention: bool = False, unmerged_adapter: bool = False) -> Measurer:
+        """What the model's own forward holds, per block, measured on the meta device at `dtype`; with
+        `unmerged_adapter`, the forward of the model with the adapter's LoRA layers, as peft builds them."""
+        adapter = self.adapter if unmerged_adapter else None
+        key = (self._key, dtype, eager_attention, self.trust_remote_code, adapter.fingerprint if adapter else None)
         if key not in _MEASURERS:
             model, layout = self.build(dtype, eager_attention)
             layers = [b.name for b in layout.blocks if b.kind == "layer"]
             attn = "eager" if eager_attention else None
             fake = not measures_on_meta()
-            if fake:
-                model = build_meta_model(copy.deepcopy(self.config), dtype, self.trust_remote_code, attn, fake=True)
+            if fake or adapter is not None:  # a build of its own: peft changes the model it wraps
+                model = build_meta_model(copy.deepcopy(self.config), dtype, self.trust_remote_code, attn, fake=fake)
+            with_adapter = _with_adapter(adapter)
+            model = with_adapter(model)
 
             def two_layers() -> tuple[Any, list[str], list[str]]:
-                small = two_layer_copy(self.config, model, layers, dtype, attn, fake=fake)
+                small = with_adapter(two_layer_copy(self.config, model, layers, dtype, attn, fake=fake))
                 small_layout = read_layout(small, self.config, dtype)
                 small_layers = [b.name for b in small_layout.blocks if b.kind == "layer"]
                 return small, [b.name for b in small_layout.blocks], small_layers
@@ -298,7 +309,9 @@ class Planner:
         if not slots:
             raise BadInput("no device to plan for: no GPU was given or detected and --cpu-memory is 0")
         costs = self.block_costs(settings, dtype)
-        log += self.measurer(dtype, settings.eager_attention).log
+        unmerged = self.adapter is not None and not merges_on_load(settings.quant)
+        log += self.measurer(dtype, settings.eager_attention, unmerged).log
+        log += self.adapter_notes(settings, dtype, layout)
         layer = next((c for c in costs if c.kind == "layer"), None)
         if layer is not None:
             log.append(
@@ -315,11 +328,37 @@ class Planner:
             settings, dtype, attn, slots, costs, placement, layout, log + placement.log + _offload_note(placement)
         )
 
+    def adapter_notes(self, settings: PlanSettings, dtype: str, layout: ModelLayout) -> list[str]:
+        """What the plan does with the adapter and what it counts (the profile's notes keep these lines)."""
+        if self.adapter is None:
+            return []
+        resident, scratch = self.adapter_bytes(dtype, layout)
+        adapter = self.adapter
+        head = (
+            f"adapter: LoRA r={adapter.r}, {len(adapter.modules)} layers, {format_bytes(adapter.file_tensor_bytes)} "
+            f"of tensors in {adapter.directory.name}/adapter_model.safetensors, {format_bytes(sum(resident.values()))} "
+            "as peft loads them (its default autocast keeps 16-bit LoRA weights in float32)"
+        )
+        if merges_on_load(settings.quant):
+            return [
+                f"{head}; merged into the weights on load (peft merge_and_unload), so the weights are the base "
+                "model's size and inference runs as without it; the adapter's tensors and the largest merge "
+                f"transient ({format_bytes(max(scratch.values(), default=0))}) are counted as load-time memory on "
+                "the devices of the layers they wrap"
+            ]
+        return [
+            f"{head}; kept unmerged ({settings.quant.mode}: merging into quantized weights would requantize them, "
+            "losing precision): its tensors are counted with the weights of the layers they wrap, and the LoRA "
+            "forward's intermediates are measured with the model's forward on the meta device"
+        ]
+
     def block_costs(self, settings: PlanSettings, dtype: str) -> list[BlockCost]:
         """Every block of the model built at `dtype`, priced for the settings as plan() places them: weights for the
-        quantization, and the state and transient peak measured for the workload."""
+        quantization, and the state and transient peak measured for the workload; and the adapter's tensors, with
+        the weights when it stays unmerged (8/4-bit), as load-time memory when it is merged on load (16-bit)."""
         layout = self.build(dtype, settings.eager_attention)[1]
-        memory = self.measured(dtype, settings.eager_attention, settings.workload, layout)
+        unmerged = self.adapter is not None and not merges_on_load(settings.quant)
+        memory = self.measured(dtype, settings.eager_attention, settings.workload, layout, unmerged)
         quantizable = self.quantizable(dtype) if settings.quant.mode != "none" else None
         if quantizable is not None and not quantizable:
             raise BadInput(
@@ -327,11 +366,51 @@ class Planner:
                 f"{layout.architecture} (it converts nn.Linear and Conv1D modules only), so it would load unchanged; "
                 "plan without --quantize"
             )
-        return block_costs(layout, settings.quant, settings.workload, memory, quantizable)
+        costs = block_costs(layout, settings.quant, settings.workload, memory, quantizable)
+        if self.adapter is None:
+            return costs
+        resident, scratch = self.adapter_bytes(dtype, layout)
+        if unmerged:
+            return [
+                replace(c, weights_bytes=c.weights_bytes + resident.get(c.name, 0),
+                        unquantized_weights_bytes=c.unquantized_weights_bytes + resident.get(c.name, 0))
+                for c in costs
+            ]  # fmt: skip
+        return [
+            replace(c, adapter_load_bytes=resident.get(c.name, 0), merge_scratch_bytes=scratch.get(c.name, 0))
+            for c in costs
+        ]
 
-    def measured(self, dtype: str, eager_attention: bool, workload: Workload, layout: ModelLayout) -> MeasuredMemory:
+    def adapter_bytes(self, dtype: str, layout: ModelLayout) -> tuple[dict[str, int], dict[str, int]]:
+        """Per block: the bytes of the adapter's LoRA tensors as peft builds them onto the model at `dtype` (on
+        meta: peft's own dtype rule), and the largest transient of merging one of its layers, by hand from peft's
+        get_delta_weight (`lora_B @ lora_A`, then that times the scaling: two out x in matrices of the LoRA dtype,
+        added in place to the weight)."""
+        assert self.adapter is not None
+        if dtype not in self._adapter_bytes:
+            from oneke_plan.adapter import attach_meta, lora_parameters
+
+            meta = build_meta_model(copy.deepcopy(self.config), dtype, self.trust_remote_code)
+            model = attach_meta(meta, self.adapter)
+            names = [b.name for b in layout.blocks]
+            resident: dict[str, int] = {}
+            scratch: dict[str, int] = {}
+            for name, param in lora_parameters(model).items():
+                block = max((b for b in names if b == "" or name.startswith(b + ".")), key=len)
+                resident[block] = resident.get(block, 0) + param.numel() * param.element_size()
+                if ".lora_A." in name:
+                    module = name.rsplit(".lora_A.", 1)[0].removesuffix(".base_layer")
+                    pair = self.adapter.modules[module]
+                    merge = 2 * pair["lora_B"][0] * pair["lora_A"][1] * param.element_size()
+                    scratch[block] = max(scratch.get(block, 0), merge)
+            self._adapter_bytes[dtype] = (resident, scratch)
+        return self._adapter_bytes[dtype]
+
+    def measured(
+        self, dtype: str, eager_attention: bool, workload: Workload, layout: ModelLayout, unmerged_adapter: bool = False
+    ) -> MeasuredMemory:
         """Per block, the state and transient peak the model's forward was measured to hold for the workload."""
-        measurer = self.measurer(dtype, eager_attention)
+        measurer = self.measurer(dtype, eager_attention, unmerged_adapter)
         try:
             memory = measurer.block_memory(workload.batch_size, workload.max_input_tokens, workload.sequence_tokens)
         except MeasureError as exc:
@@ -622,6 +701,13 @@ class Planner:
         if not plan.fits:
             raise DoesNotFit(self.does_not_fit_message(plan, inventory))
         device_map = self.device_map(plan)
+        devices_used = set(device_map.values())
+        if self.adapter is not None and ("disk" in devices_used or ("cpu" in devices_used and len(devices_used) > 1)):
+            raise BadInput(
+                f"--adapter: the plan offloads weights ({', '.join(sorted(map(str, devices_used)))}), and peft builds "
+                "LoRA layers on the device of the layer they wrap, which accelerate's offload keeps empty; plan "
+                "without offload (--quantize 4bit, a shorter context, more GPU memory)"
+            )
         devices = []
         used = [s for s in plan.slots if s.is_gpu or s.id in plan.placement.estimates]
         for slot in used:
@@ -660,8 +746,24 @@ class Planner:
             strategy=plan.settings.strategy,
             offload_dir=inventory.offload_dir if "disk" in device_map.values() else None,
             created_by=f"oneke-plan {__version__}",
-            notes=[line for line in plan.log if line.startswith("warning")],
+            notes=[line for line in plan.log if line.startswith(("warning", "adapter:"))],
+            adapter=self.adapter.record(merges_on_load(plan.settings.quant)) if self.adapter else None,
         )
+
+
+def merges_on_load(quant: Quantization) -> bool:
+    """A LoRA adapter is merged into 16-bit weights on load; with 8/4-bit weights it stays unmerged (merging would
+    requantize them)."""
+    return quant.mode == "none"
+
+
+def _with_adapter(adapter: Adapter | None) -> Callable[[Any], Any]:
+    """model -> the model with the adapter's LoRA layers built by peft (on meta), or the model itself."""
+    if adapter is None:
+        return lambda model: model
+    from oneke_plan.adapter import attach_meta
+
+    return lambda model: attach_meta(model, adapter)
 
 
 def _offloaded_bytes(placement: Placement) -> tuple[int, int, int]:

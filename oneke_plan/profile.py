@@ -4,8 +4,8 @@ Public contract (docs/profile-format.md): `format_version`, `device_map`, `devic
 `total_bytes`), `estimate.<device id>` (weights_bytes, kv_cache_bytes, workspace_bytes, reserve_bytes, total_bytes),
 `quantization.mode` (none, 8bit, 4bit), `workload` (max_input_tokens, max_new_tokens, batch_size), `dtype` and
 `attn_implementation` (what oneke-run loads the model with), `template` (the chat template prompts are wrapped
-in). A profile of several replicas (format 2) has, instead
-of the first three, a `replicas` list, each with its own `devices`, `device_map` and `estimate`, and `nodes`.
+in), and `adapter` when planned with a LoRA adapter. A profile of several replicas (format 2) has, instead of the
+first three, a `replicas` list, each with its own `devices`, `device_map` and `estimate`, and `nodes`.
 Read with yaml.safe_load only: a profile is data and can never make code run.
 """
 
@@ -68,11 +68,13 @@ class Profile:
     notes: list[str] = field(default_factory=list)
     replicas: list[Replica] = field(default_factory=list)  # format 2: every copy (devices & co. are the first's)
     nodes: int = 1  # format 2: the same replicas on this many identical nodes
+    adapter: dict[str, Any] | None = None  # a LoRA adapter (adapter.Adapter.record): path, fingerprint, on_load, ...
 
     def to_yaml(self) -> str:
         data = asdict(self)
         keys = ["format_version", "created_by", "model", "dtype", "attn_implementation", "template", "quantization"]
         keys += ["workload"]
+        keys += ["adapter"] if self.adapter is not None else []  # absent without one: older readers see no change
         keys += ["strategy", "offload_dir"]
         keys += ["nodes", "replicas"] if self.replicas else ["devices", "device_map", "estimate"]
         ordered = {key: data[key] for key in [*keys, "notes"]}
@@ -200,6 +202,19 @@ def read_profile(path: Path) -> Profile:
     devices, device_map, estimate = first.devices, first.device_map, first.estimate
     if not isinstance(data.get("notes") or [], list):
         raise BadInput(f"{where}: notes must be a list of strings")
+    adapter = data.get("adapter")
+    if adapter is not None:
+        if not isinstance(adapter, dict):
+            raise BadInput(f"{where}: adapter must be a mapping (path, fingerprint, on_load); re-create the profile")
+        for key in ("path", "fingerprint"):
+            if not isinstance(adapter.get(key), str):
+                raise BadInput(f"{where}: adapter.{key} must be a string; re-create the profile with oneke-plan")
+        merged = "merged" if quant["mode"] == "none" else "unmerged"  # what oneke-plan plans: planner.merges_on_load
+        if adapter.get("on_load") != merged:
+            raise BadInput(
+                f"{where}: adapter.on_load is {adapter.get('on_load')!r}, but a {quant['mode']} profile's adapter is "
+                f"{merged}; re-create the profile with oneke-plan"
+            )
     offload_dir = data.get("offload_dir")
     if any("disk" in r.device_map.values() for r in replicas or [first]) and not offload_dir:
         raise BadInput(f"{where}: device_map offloads to disk but offload_dir is not set")
@@ -220,6 +235,7 @@ def read_profile(path: Path) -> Profile:
         notes=list(data.get("notes") or []),
         replicas=replicas,
         nodes=nodes,
+        adapter=adapter,
     )
 
 

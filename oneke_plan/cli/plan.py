@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{', '.join(TEMPLATES)} (default: the model's; OneKE's is {ONEKE_TEMPLATE})",
     )
     model.add_argument(
+        "--adapter",
+        type=Path,
+        metavar="DIR",
+        help="a LoRA adapter (peft's adapter_config.json + adapter_model.safetensors) for oneke-run to apply: merged "
+        "on load in 16-bit, kept unmerged with --quantize; its memory is counted and it is fingerprinted (needs "
+        "peft: pip install 'oneke-plan[lora]')",
+    )
+    model.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="allow code shipped with the model to run (off by default; OneKE does not need it)",
@@ -224,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         nodes=args.nodes,
         trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
         output=args.output,
         overwrite=args.overwrite,
         report=PrintedReport("oneke-plan"),

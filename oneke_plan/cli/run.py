@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the profile's model source, when it is a directory)",
     )
     p.add_argument(
+        "--adapter",
+        type=Path,
+        metavar="DIR",
+        help="the LoRA adapter the profile was planned with (default: the profile's adapter path); another one, "
+        "changed files or another base model's adapter are refused before loading (exit 3)",
+    )
+    p.add_argument(
         "--input",
         type=Path,
         required=True,
@@ -162,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         template=args.template,
         trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
         report=RunReport("oneke-run"),
     )
     _report(summary)
