@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oneke_plan.blocks import BlockInfo, ModelLayout
+from oneke_plan.catalog import find_card
 from oneke_plan.fit import OFFLOAD_DEVICES, DeviceEstimate, DeviceId, Slot, execution_device, main_device
 from oneke_plan.inventory import Inventory
 from oneke_plan.memory import DISK_BYTES_PER_SECOND, PCIE_BYTES_PER_SECOND, Workload
@@ -196,12 +197,15 @@ def predict(
         flops_prefill = prefill_flops.get(slot.id, 0) if computes else 0
         decode_s = _seconds(read, flops_decode, device_rates, bound="bandwidth")
         prefill_s = _seconds(weights_read, flops_prefill, device_rates, bound="flops" if computes else "bandwidth")
+        missing = []
         if decode_s is None and (read or flops_decode):
-            unknown.append(
-                f"{slot.name}: memory bandwidth unknown, so the decode speed is; {device_rates.missing_hint}"
-            )
+            missing.append(("memory bandwidth", "decode", f"--bandwidth {slot.id}=GB/s"))
         if prefill_s is None and (flops_prefill or weights_read):
-            unknown.append(f"{slot.name}: no matmul throughput known, so no prefill speed: {_flops_hint(slot)}")
+            missing.append(("matmul throughput", "prefill", f"--tflops {slot.id}=TFLOPS"))
+        if missing:
+            rates_text, speeds, flags = (" and ".join(parts) for parts in zip(*missing, strict=True))
+            unknown.append(f"{slot.name}: {rates_text} not known, so no {speeds} speed: {device_rates.missing_hint} "
+                           f"{' '.join(f for _, _, f in missing)}")  # fmt: skip
         devices.append(
             DeviceSpeed(
                 slot.id, slot.name, read, flops_decode, flops_prefill, weights_read, device_rates, decode_s, prefill_s
@@ -232,10 +236,6 @@ def _seconds(read_bytes: int, flops: int, rates: DeviceRates, bound: str) -> flo
     return max(terms)
 
 
-def _flops_hint(slot: Slot) -> str:
-    return f"pass --tflops {slot.id}=TFLOPS (its dense 16-bit matmul peak, or what you measured)"
-
-
 def rates_of(inventory: Inventory) -> dict[DeviceId, DeviceRates]:
     """Each device's rates as the machine gives them: a GPU's from the catalog, an inventory file or the command
     line; the CPU's only from the command line (nothing here guesses a host's bandwidth)."""
@@ -245,7 +245,9 @@ def rates_of(inventory: Inventory) -> dict[DeviceId, DeviceRates]:
             g.flops_per_second,
             g.bandwidth_source,
             g.flops_source,
-            f"name the card (e.g. --gpu 'RTX 3090') or pass --bandwidth {g.index}=GB/s",
+            f"the catalog has no vendor figure for the {g.name}: pass"
+            if find_card(g.name)
+            else "name the card (e.g. --gpu 'RTX 3090': the catalog's vendor figures) or pass",
         )
         for g in inventory.gpus
     }
@@ -254,7 +256,7 @@ def rates_of(inventory: Inventory) -> dict[DeviceId, DeviceRates]:
         inventory.cpu_flops_per_second,
         "--bandwidth cpu=..." if inventory.cpu_bandwidth_bytes_per_second else "",
         "--tflops cpu=..." if inventory.cpu_flops_per_second else "",
-        "pass --bandwidth cpu=GB/s (what this machine's memory reads; bench/speed_prediction.py measures it)",
+        "pass what this machine measures (bench/speed_prediction.py):",
     )
     return rates
 
