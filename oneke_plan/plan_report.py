@@ -73,18 +73,22 @@ def _layer_span(plan: Plan, device_id: int | str) -> tuple[int, int] | None:
 
 
 def bar(row: DeviceRow, width: int = BAR_WIDTH) -> str:
-    """The device's memory as `width` characters, each term in proportion to what the plan may use (cumulative
-    rounding: the characters of all terms add up to the rounded total). '-' for a device without a bound."""
+    """The device's memory as `width` characters, each term in proportion to what the plan may use, rounded by
+    largest remainder (the characters add up to the rounded total, and a term never takes a larger one's place);
+    '-' for a device without a bound."""
     capacity = row.capacity_bytes
     if not capacity:
         return "-"
-    chars, done, used = [], 0, 0
-    for term in TERMS:
-        used += row.estimate.get(term, 0)
-        end = min(width, round(used * width / capacity))
-        chars.append(BAR_CHARS[term] * (end - done))
-        done = max(done, end)
-    return "[" + "".join(chars) + "." * (width - done) + "]"
+    values = [row.estimate.get(term, 0) for term in TERMS]
+    scale = width / max(capacity, sum(values))
+    shares = [v * scale for v in values]
+    counts = [int(share) for share in shares]
+    wanted = min(width, round(sum(shares)))
+    by_remainder = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
+    for i in by_remainder[: max(wanted - sum(counts), 0)]:
+        counts[i] += 1
+    used = "".join(BAR_CHARS[term] * n for term, n in zip(TERMS, counts, strict=True))
+    return "[" + used + "." * (width - len(used)) + "]"
 
 
 def speed_lines(speed: dict[str, Any] | None, batch_size: int, context: int) -> list[str]:

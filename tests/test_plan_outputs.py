@@ -200,13 +200,20 @@ def test_plot_replaces_only_its_own_picture(capsys: pytest.CaptureFixture[str], 
 
 # -- the terminal bar ----------------------------------------------------------------------------------------------
 def test_bar_by_hand() -> None:
-    """16 characters for 16 GiB: 8 of weights, 4 of KV cache, 1/4 GiB of workspace (rounds away), 2 of reserve."""
+    """16 characters for 16 GiB: 8 of weights, 4 of KV cache, 1/4 GiB of workspace (rounds away), 2 of reserve;
+    a small term does not take a larger one's character (largest remainder)."""
     device = ProfileDevice(0, "GPU 0", 16 * GiB, 16 * GiB)
     estimate = {"weights_bytes": 8 * GiB, "kv_cache_bytes": 4 * GiB, "workspace_bytes": GiB // 4,
                 "reserve_bytes": 2 * GiB, "total_bytes": 14 * GiB + GiB // 4}  # fmt: skip
     assert bar(DeviceRow(0, device, estimate, (0, 3))) == "[WWWWWWWWKKKKrr..]"
-    full = {**estimate, "weights_bytes": 11 * GiB}
-    assert bar(DeviceRow(0, device, full, None)) == "[WWWWWWWWWWWKKKKr]"  # never wider than 16
+    full = {**estimate, "weights_bytes": 11 * GiB}  # 17.25 GiB on 16: scaled to the whole, never wider than 16
+    assert bar(DeviceRow(0, device, full, None)) == "[WWWWWWWWWWKKKKrr]"
+    # 24 GiB: 4.66 GiB of weights (3.11 characters), KV 0.55 (0.37), workspace 0.24 (0.16), reserve 1 (0.67):
+    # 4.3 characters round to 4, and the fourth goes to the reserve, not to the workspace
+    card = ProfileDevice(1, "GPU 1", 24 * GiB, 24 * GiB)
+    small = {"weights_bytes": 5_007_104_512, "kv_cache_bytes": 587_202_560, "workspace_bytes": 256_843_264,
+             "reserve_bytes": GiB, "total_bytes": 6_924_892_160}  # fmt: skip
+    assert bar(DeviceRow(0, card, small, (33, 39))) == "[WWWr............]"
     unbounded = ProfileDevice("disk", "disk", None, None)
     assert bar(DeviceRow(0, unbounded, estimate, None)) == "-"
 
