@@ -65,6 +65,7 @@ __all__ = [
     "extract",
     "load",
     "plan",
+    "plan_document",
     "read_profile",
     "read_records",
     "run",
@@ -118,7 +119,9 @@ def plan(
     quantize: str = "none",
     quant_type: str = "nf4",
     double_quant: bool = True,
-    reserve: str | int = DEFAULT_GPU_RESERVE_BYTES,
+    reserve: str | int | Sequence[str | int] | None = None,
+    bandwidth: str | float | Sequence[str | float] | None = None,
+    tflops: str | float | Sequence[str | float] | None = None,
     strategy: str = "fill",
     eager_attention: bool = False,
     template: str | None = None,
@@ -128,6 +131,7 @@ def plan(
     trust_remote_code: bool = False,
     adapter: PathLike | None = None,
     output: PathLike | None = None,
+    plot: PathLike | None = None,
     overwrite: bool = False,
     report: Report | None = None,
 ) -> PlanResult:
@@ -137,23 +141,29 @@ def plan(
     Face cache. The machine: `gpus` (each a size such as "24GiB", a card name such as "RTX 3090", or NAME:SIZE, in
     device order) or `inventory_file` (YAML), else the GPUs detected here; `cpu_memory` (bytes or a size string) is
     host memory the model may use for offloaded weights; `offload_dir` enables disk offload. The workload: tokens
-    per prompt and per answer, prompts per batch. `reserve`: per-GPU bytes kept for the CUDA context. `solve`:
-    "max_input_tokens" or "batch_size" to plan for the largest that fits. `template`: the chat template the
-    profile records for oneke-run's prompts (templates.TEMPLATES), by default the one the model's config implies.
-    `replicas`: copies of the model (a number, or "auto"), on `nodes` identical nodes. `adapter`: a LoRA adapter
-    folder (peft's adapter_config.json and adapter_model.safetensors) oneke-run will apply: merged on load in
-    16-bit, kept unmerged with `quantize`; its memory is counted and it is fingerprinted in the profile
-    (DoesNotFit for an adapter of another base). `output`: write the profile there (a file oneke-plan wrote, or any
-    regular file with `overwrite`; never a file of the model's directory).
+    per prompt and per answer, prompts per batch. `reserve`: bytes each GPU keeps for the CUDA context, one value
+    for every GPU ("2GiB") and/or per device ("1=3GiB", "cpu=4GiB"), as a value or a list of them (default 1 GiB
+    a GPU, 2 GiB for the CPU). `bandwidth` (GB/s) and `tflops` (dense 16-bit TFLOPS) give the speed prediction
+    the rates the catalog does not know, in the same forms ("cpu=19.5"). `solve`: "max_input_tokens" or
+    "batch_size" to plan for the largest that fits. `template`: the chat template the profile records for
+    oneke-run's prompts (templates.TEMPLATES), by default the one the model's config implies. `replicas`: copies
+    of the model (a number, or "auto"), on `nodes` identical nodes. `adapter`: a LoRA adapter folder (peft's
+    adapter_config.json and adapter_model.safetensors) oneke-run will apply: merged on load in 16-bit, kept
+    unmerged with `quantize`; its memory is counted and it is fingerprinted in the profile (DoesNotFit for an
+    adapter of another base). `output`: write the profile there (a file oneke-plan wrote, or any regular file with
+    `overwrite`; never a file of the model's directory); `plot`: write the per-device picture there as SVG (same
+    rules).
 
     Returns the PlanResult: `profile` (the Profile oneke-run applies), `plan` (blocks, costs, placement, the log),
     what solving found, and, when the plan offloads, what would fit on the GPUs alone. Raises DoesNotFit (saying
     what would fit) or BadInput.
     """
-    from oneke_plan.inventory import build_inventory
+    from oneke_plan.catalog import GB_PER_S, TFLOPS
+    from oneke_plan.inventory import apply_device_values, build_inventory, parse_device_values, parse_rate
     from oneke_plan.model_source import resolve_model
+    from oneke_plan.plan_report import drawn_by_oneke_plan, plot_svg
     from oneke_plan.planner import Planner, PlanSettings, check_positive, check_replica_counts
-    from oneke_plan.profile import write_atomic
+    from oneke_plan.profile import write_atomic, written_by_oneke_plan
 
     report = report or Report()
     for flag, value, allowed in (
@@ -168,14 +178,29 @@ def plan(
     source = resolve_model(str(model))
     found = _read_adapter(adapter) if adapter is not None else None
     target = Path(output) if output is not None else None
-    replaced = _profile_target(target, overwrite, source.directory) if target is not None else None
-    reserve_bytes = _size("--reserve", reserve)
+    picture = Path(plot) if plot is not None else None
+    if picture is not None and target is not None and picture.absolute() == target.absolute():
+        raise BadInput(f"--plot {picture}: is also -o's file; give the picture its own name, e.g. machine.svg")
+    replaced = replaced_plot = None
+    if target is not None:
+        replaced = _output_target(target, "-o", overwrite, source.directory, written_by_oneke_plan, "a profile")
+    if picture is not None:
+        replaced_plot = _output_target(picture, "--plot", overwrite, source.directory, drawn_by_oneke_plan, "a picture")
+    reserves = parse_device_values("--reserve", _listed(reserve), lambda v, where: _size(where, v))
+    bandwidths = parse_device_values(
+        "--bandwidth", _listed(bandwidth), lambda v, where: parse_rate(v, GB_PER_S, where, "GB/s")
+    )
+    throughputs = parse_device_values(
+        "--tflops", _listed(tflops), lambda v, where: parse_rate(v, TFLOPS, where, "TFLOPS")
+    )
+    reserve_bytes = DEFAULT_GPU_RESERVE_BYTES if reserves.every_gpu is None else reserves.every_gpu
     inventory = build_inventory(
         list(gpus) if gpus else None,
         Path(inventory_file) if inventory_file is not None else None,
         cpu_memory,
         offload_dir,
     )
+    inventory = apply_device_values(inventory, reserves, bandwidths, throughputs)
     if inventory.source == "detected" and not inventory.gpus:
         import torch
 
@@ -202,6 +227,8 @@ def plan(
     result = replace(result, profile=replace(result.profile, template=chosen), template_reason=why)
     if target is not None:
         write_atomic(target, result.profile.to_yaml(), replaced)
+    if picture is not None:
+        write_atomic(picture, plot_svg(result), replaced_plot)
     return result
 
 
@@ -223,6 +250,21 @@ def _run_adapter(profile: Profile, adapter: PathLike | None) -> Adapter | None:
     found = _read_adapter(adapter if adapter is not None else profile.adapter["path"])  # type: ignore[index]
     check_recorded(found, profile.adapter)
     return found
+
+
+def plan_document(result: PlanResult) -> dict[str, Any]:
+    """`oneke-plan --format json`'s document: the profile's content and the summary's figures (docs/profile-format.md,
+    "JSON output"), plain JSON types."""
+    from oneke_plan.plan_report import plan_document as document
+
+    return document(result)
+
+
+def _listed(value: Any) -> list[Any]:
+    """A flag that may be given once or repeated: None -> [], one value -> [value], a list as it is."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _one_of(flag: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -248,27 +290,30 @@ def _replica_count(replicas: int | str) -> int | str:
         raise BadInput(f"--replicas {replicas!r}: give a number of replicas, or auto") from None
 
 
-def _profile_target(path: Path, overwrite: bool, model_dir: Path | None) -> os.stat_result | None:
-    """Check `-o PATH` before planning; return what it is now (None: absent) for the write to confirm.
+def _output_target(
+    path: Path, flag: str, overwrite: bool, model_dir: Path | None, ours: Callable[[Path], bool], what: str
+) -> os.stat_result | None:
+    """Check an output path (`-o`, `--plot`) before planning; return what it is now (None: absent) for the write
+    to confirm.
 
-    Replaced only if it is a regular single-link file (oneke_plan.files) and a profile oneke-plan wrote, or
+    Replaced only if it is a regular single-link file (oneke_plan.files) and `ours` (a `what` oneke-plan wrote), or
     --overwrite says so; a file of the model's own directory never.
     """
     from oneke_plan.files import replaceable_stat
-    from oneke_plan.profile import written_by_oneke_plan
 
     if path.is_dir():
-        raise BadInput(f"-o {path}: is a folder; give a file name such as {path}/machine.yaml")
-    existing = replaceable_stat(path, "-o")
+        suffix = ".svg" if flag == "--plot" else ".yaml"
+        raise BadInput(f"{flag} {path}: is a folder; give a file name such as {path}/machine{suffix}")
+    existing = replaceable_stat(path, flag)
     if existing is None:
         return None
     if model_dir is not None and Path(model_dir).resolve() in path.resolve().parents:
         raise BadInput(
-            f"-o {path}: is a file of the model {model_dir}; oneke-plan never replaces it: choose another path"
+            f"{flag} {path}: is a file of the model {model_dir}; oneke-plan never replaces it: choose another path"
         )
-    if not overwrite and not written_by_oneke_plan(path):
+    if not overwrite and not ours(path):
         raise BadInput(
-            f"-o {path}: exists and is not a profile written by oneke-plan; choose another path, or pass --overwrite "
+            f"{flag} {path}: exists and is not {what} written by oneke-plan; choose another path, or pass --overwrite "
             "to replace it"
         )
     return existing

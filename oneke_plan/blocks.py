@@ -44,3 +44,5 @@ class ModelLayout:
     attention: AttentionShape | None  # for the analytic cross-check (docs/memory-model.md); None if not LLaMA-like
     no_split_module_classes: tuple[str, ...]
     blocks: tuple[BlockInfo, ...]
+    input_embeddings: str | None = None  # the block of the input embeddings (a lookup: decoding reads B rows of it)
+    output_embeddings_numel: int = 0  # elements of the lm_head's weight (tied or not): its matmul's parameters

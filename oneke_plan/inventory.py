@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from oneke_plan.catalog import card_names, find_card
+from oneke_plan.catalog import GB_PER_S, TFLOPS, CardSpec, card_names, find_card
 from oneke_plan.errors import BadInput
 from oneke_plan.sizes import SizeError, parse_size
 from oneke_plan.yamlfile import read_yaml
@@ -27,6 +28,11 @@ class Gpu:
     total_bytes: int
     free_bytes: int  # what the planner may use; equals total for a described card
     compute_capability: tuple[int, int] | None
+    reserve_bytes: int | None = None  # this card's runtime reserve; None: the plan's default (--reserve SIZE)
+    bandwidth_bytes_per_second: int | None = None  # memory bandwidth (catalog or user); None: unknown
+    flops_per_second: int | None = None  # dense 16-bit tensor throughput (catalog or user); None: unknown
+    bandwidth_source: str = ""  # where the bandwidth figure comes from
+    flops_source: str = ""  # where the throughput figure comes from
 
     @property
     def capability_text(self) -> str | None:
@@ -48,6 +54,9 @@ class Inventory:
     disk_bytes: int | None = None  # free space in offload_dir
     source: str = "described"  # "detected", "described" or the inventory file's path
     notes: tuple[str, ...] = field(default=())
+    cpu_bandwidth_bytes_per_second: int | None = None  # host memory bandwidth, when the user gives it
+    cpu_flops_per_second: int | None = None  # host matmul throughput, when the user gives it
+    cpu_reserve_bytes: int | None = None  # host memory the process needs besides weights; None: the default
 
     @property
     def device_ids(self) -> list[DeviceId]:
@@ -81,7 +90,11 @@ def detect_gpus() -> tuple[Gpu, ...]:
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
-        gpus.append(Gpu(index, props.name, int(total), int(free), (props.major, props.minor)))
+        gpu = Gpu(index, props.name, int(total), int(free), (props.major, props.minor))
+        card = find_card(props.name)  # the driver's name ("NVIDIA GeForce RTX 3090"): its vendor speed figures
+        if card is not None:
+            gpu = with_catalog_rates(gpu, card)
+        gpus.append(gpu)
     return tuple(gpus)
 
 
@@ -90,7 +103,7 @@ def parse_gpu_spec(spec: str, index: int) -> Gpu:
     text = spec.strip()
     card = find_card(text)
     if card is not None:
-        return Gpu(index, card.name, card.total_bytes, card.total_bytes, card.compute_capability)
+        return catalog_gpu(index, card, card.total_bytes)
     name, has_name, size_text = text.rpartition(":")
     base = find_card(name) if has_name else None
     if has_name and base is None:
@@ -108,8 +121,129 @@ def parse_gpu_spec(spec: str, index: int) -> Gpu:
     if total == 0:
         raise BadInput(f"--gpu {spec!r}: a GPU with 0 bytes holds nothing; give its memory, e.g. 24GiB")
     if base is not None:
-        return Gpu(index, base.name, total, total, base.compute_capability)
+        return catalog_gpu(index, base, total)
     return Gpu(index, f"GPU {index}", total, total, None)
+
+
+def catalog_gpu(index: int, card: CardSpec, total: int) -> Gpu:
+    """A GPU known to the catalog: its compute capability and vendor speed figures (memory may be overridden)."""
+    return with_catalog_rates(Gpu(index, card.name, total, total, card.compute_capability), card)
+
+
+def with_catalog_rates(gpu: Gpu, card: CardSpec) -> Gpu:
+    """`gpu` with the catalog's bandwidth and throughput for `card`, each with its source (None stays unknown)."""
+    source = f"catalog ({card.source})"
+    return replace(
+        gpu,
+        bandwidth_bytes_per_second=card.bandwidth_bytes_per_second,
+        flops_per_second=card.flops_per_second,
+        bandwidth_source=source if card.bandwidth_bytes_per_second else "",
+        flops_source=source if card.flops_per_second else "",
+    )
+
+
+def _card_settings(gpu: Gpu, entry: dict[str, Any], where: str) -> Gpu:
+    """An inventory entry's own reserve, bandwidth (GB/s) and throughput (TFLOPS), when it gives them."""
+    if "reserve" in entry:
+        gpu = replace(gpu, reserve_bytes=_size_field(entry["reserve"], where + ".reserve"))
+    if "bandwidth" in entry:
+        rate = parse_rate(entry["bandwidth"], GB_PER_S, f"{where}.bandwidth", "GB/s")
+        gpu = replace(gpu, bandwidth_bytes_per_second=rate, bandwidth_source=f"{where}.bandwidth")
+    if "tflops" in entry:
+        rate = parse_rate(entry["tflops"], TFLOPS, f"{where}.tflops", "TFLOPS")
+        gpu = replace(gpu, flops_per_second=rate, flops_source=f"{where}.tflops")
+    return gpu
+
+
+def parse_rate(value: Any, unit: int, where: str, unit_name: str) -> int:
+    """A positive number of `unit_name` (e.g. 936 GB/s) -> an int per second (bytes or FLOP)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (0 < number < 1e9):  # also refuses nan and inf
+        raise BadInput(f"{where}: {value!r} is not a positive number of {unit_name}, e.g. 936")
+    return int(number * unit)
+
+
+@dataclass(frozen=True)
+class DeviceValues:
+    """A flag given as `VALUE` (every GPU) and/or `DEVICE=VALUE` (one GPU, or `cpu`), repeatable."""
+
+    every_gpu: int | None = None
+    per_device: tuple[tuple[DeviceId, int], ...] = ()
+
+    def get(self, device: DeviceId) -> int | None:
+        """The value for `device`: its own, else (for a GPU) the every-GPU one, else None."""
+        own = dict(self.per_device).get(device)
+        return own if own is not None else self.every_gpu if isinstance(device, int) else None
+
+
+def parse_device_values(flag: str, values: Sequence[str | int], parse: Callable[[Any, str], int]) -> DeviceValues:
+    """`--reserve 2GiB --reserve 1=3GiB --reserve cpu=4GiB`: one value for every GPU, then per device. `parse`
+    turns one value into an int (BadInput naming where); a device given twice is refused."""
+    every: int | None = None
+    per_device: dict[DeviceId, int] = {}
+    for value in values:
+        text = str(value).strip()
+        device_text, has_device, amount = text.rpartition("=")
+        where = f"{flag} {text}"
+        if not has_device:
+            if every is not None:
+                raise BadInput(f"{where}: {flag} for every GPU is given twice; give it once (or DEVICE=VALUE)")
+            every = parse(value if isinstance(value, int) else amount, where)
+            continue
+        device: DeviceId
+        if device_text.strip().isdigit():
+            device = int(device_text)
+        elif device_text.strip().lower() == "cpu":
+            device = "cpu"
+        else:
+            raise BadInput(f"{where}: {device_text!r} is not a GPU index or cpu; write e.g. {flag} 1=VALUE")
+        if device in per_device:
+            raise BadInput(f"{where}: device {device} is given twice")
+        per_device[device] = parse(amount, where)
+    return DeviceValues(every, tuple(per_device.items()))
+
+
+def apply_device_values(
+    inventory: Inventory,
+    reserve: DeviceValues = DeviceValues(),
+    bandwidth: DeviceValues = DeviceValues(),
+    flops: DeviceValues = DeviceValues(),
+) -> Inventory:
+    """The machine with the command line's per-device settings: a GPU's own (`1=...`) wins over the every-GPU
+    value, and both win over the inventory file's and the catalog's (the command line wins, as with
+    --offload-dir). A GPU index the machine does not have is refused."""
+    indexes = {g.index for g in inventory.gpus}
+    for flag, values in (("--reserve", reserve), ("--bandwidth", bandwidth), ("--tflops", flops)):
+        for device, _ in values.per_device:
+            if isinstance(device, int) and device not in indexes:
+                have = ", ".join(map(str, sorted(indexes))) or "none"
+                raise BadInput(f"{flag} {device}=...: there is no GPU {device} (GPUs planned for: {have})")
+
+    def source(values: DeviceValues, device: int, flag: str) -> str:
+        return f"{flag} {device}=..." if device in dict(values.per_device) else flag
+
+    gpus = []
+    for gpu in inventory.gpus:
+        i = gpu.index
+        if reserve.get(i) is not None:
+            gpu = replace(gpu, reserve_bytes=reserve.get(i))
+        if bandwidth.get(i) is not None:
+            gpu = replace(
+                gpu, bandwidth_bytes_per_second=bandwidth.get(i), bandwidth_source=source(bandwidth, i, "--bandwidth")
+            )
+        if flops.get(i) is not None:
+            gpu = replace(gpu, flops_per_second=flops.get(i), flops_source=source(flops, i, "--tflops"))
+        gpus.append(gpu)
+    return replace(
+        inventory,
+        gpus=tuple(gpus),
+        cpu_reserve_bytes=reserve.get("cpu") if reserve.get("cpu") is not None else inventory.cpu_reserve_bytes,
+        cpu_bandwidth_bytes_per_second=bandwidth.get("cpu") or inventory.cpu_bandwidth_bytes_per_second,
+        cpu_flops_per_second=flops.get("cpu") or inventory.cpu_flops_per_second,
+    )
 
 
 def _size_field(value: Any, where: str) -> int:
@@ -149,7 +283,8 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
                 cc = (major, minor)
             except ValueError:
                 raise BadInput(f"{where}.compute_capability: write it as MAJOR.MINOR, e.g. 8.6") from None
-        gpus.append(Gpu(i, name or (card.name if card else f"GPU {i}"), total, total, cc))
+        gpu = catalog_gpu(i, card, total) if card else Gpu(i, name or f"GPU {i}", total, total, None)
+        gpus.append(_card_settings(replace(gpu, compute_capability=cc), entry, where))
     cpu = _size_field(data["cpu_memory"], f"{path}: cpu_memory") if "cpu_memory" in data else None
     offload = data.get("offload_dir")
     return tuple(gpus), cpu, (str(offload) if offload is not None else None)

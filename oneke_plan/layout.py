@@ -335,6 +335,11 @@ def read_layout(model: Any, config: Any, dtype: str) -> ModelLayout:
     no_split = layer_classes(model)
     output = model.get_output_embeddings()
     output_name = next((n for n, m in model.named_modules() if m is output), None)
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a model that does not say: its embeddings count as read
+        embeddings = None
+    input_name = next((n for n, m in model.named_modules() if m is embeddings), None) if embeddings else None
     tied_groups = find_tied_parameters(model)
     loaded_bytes = loaded_dtype_bytes(model, dtype)
 
@@ -373,4 +378,6 @@ def read_layout(model: Any, config: Any, dtype: str) -> ModelLayout:
         attention=attention,
         no_split_module_classes=no_split,
         blocks=tuple(blocks),
+        input_embeddings=input_name if any(b.name == input_name for b in blocks) else None,
+        output_embeddings_numel=int(weight.numel()) if weight is not None else 0,
     )

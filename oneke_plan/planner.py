@@ -70,6 +70,7 @@ from oneke_plan.profile import (
 )
 from oneke_plan.replicas import GroupFits, most_replicas, split_into
 from oneke_plan.sizes import format_bytes
+from oneke_plan.speed import SpeedPrediction, combined, predict, rates_of
 
 MAX_SOLVED_BATCH = 4096
 
@@ -193,10 +194,16 @@ def resolve_dtype(requested: str, model: ModelDtype, inventory: Inventory) -> tu
 
 
 def make_slots(inventory: Inventory, reserve_bytes: int, cpu_reserve_bytes: int) -> list[Slot]:
-    """Devices in fill order: GPUs, then CPU (when it may hold weights), then disk (when an offload dir is set)."""
-    slots = [Slot(g.index, f"GPU {g.index}", g.free_bytes, reserve_bytes) for g in inventory.gpus]
+    """Devices in fill order: GPUs, then CPU (when it may hold weights), then disk (when an offload dir is set).
+    Each GPU keeps its own reserve when the machine gives one (--reserve INDEX=SIZE, an inventory file's card),
+    else `reserve_bytes`; the CPU likewise (--reserve cpu=SIZE), else `cpu_reserve_bytes`."""
+    slots = [
+        Slot(g.index, f"GPU {g.index}", g.free_bytes, reserve_bytes if g.reserve_bytes is None else g.reserve_bytes)
+        for g in inventory.gpus
+    ]
     if inventory.cpu_bytes > 0 or not inventory.gpus:
-        slots.append(Slot("cpu", "CPU", inventory.cpu_bytes, cpu_reserve_bytes))
+        cpu_reserve = cpu_reserve_bytes if inventory.cpu_reserve_bytes is None else inventory.cpu_reserve_bytes
+        slots.append(Slot("cpu", "CPU", inventory.cpu_bytes, cpu_reserve))
     if inventory.offload_dir is not None:
         slots.append(Slot("disk", "disk", inventory.disk_bytes, 0))
     return slots
@@ -587,7 +594,7 @@ class Planner:
         by_index = {g.index: g for g in inventory.gpus}
         fits = GroupFits(
             lambda group: self.plan(self.replica_inventory(inventory, group), settings).fits,
-            lambda i: (by_index[i].free_bytes, by_index[i].compute_capability),
+            lambda i: (by_index[i].free_bytes, str(by_index[i].reserve_bytes), by_index[i].compute_capability),
         )
         indexes = [g.index for g in inventory.gpus]
         size = lambda i: by_index[i].free_bytes  # noqa: E731
@@ -640,7 +647,14 @@ class Planner:
             self.profile(p, self.replica_inventory(inventory, g, copies)) for p, g in zip(plans, groups, strict=True)
         ]
         first = profiles[0]
-        first.replicas = [Replica(p.devices, p.device_map, p.estimate) for p in profiles]
+        first.replicas = [Replica(p.devices, p.device_map, p.estimate, p.speed) for p in profiles]
+        first.speed = combined(
+            [
+                predict_speed(p, self.replica_inventory(inventory, g, copies))
+                for p, g in zip(plans, groups, strict=True)
+            ],
+            nodes,
+        )
         first.nodes = nodes
         first.format_version = REPLICAS_FORMAT_VERSION
         used = {i for g in groups for i in g}
@@ -715,7 +729,8 @@ class Planner:
             total = gpu.total_bytes if gpu else slot.capacity_bytes
             cc = gpu.capability_text if gpu else None
             name = gpu.name if gpu else slot.name
-            devices.append(ProfileDevice(slot.id, name, total, slot.capacity_bytes, cc))
+            reserve = slot.reserve_bytes if slot.id != "disk" else 0
+            devices.append(ProfileDevice(slot.id, name, total, slot.capacity_bytes, cc, reserve))
         estimate = {}
         for slot in used:
             est = plan.placement.estimates.get(slot.id, DeviceEstimate())
@@ -748,7 +763,16 @@ class Planner:
             created_by=f"oneke-plan {__version__}",
             notes=[line for line in plan.log if line.startswith(("warning", "adapter:"))],
             adapter=self.adapter.record(merges_on_load(plan.settings.quant)) if self.adapter else None,
+            speed=predict_speed(plan, inventory).to_dict(),
         )
+
+
+def predict_speed(plan: Plan, inventory: Inventory) -> SpeedPrediction:
+    """The plan's decode and prefill speed from each device's bandwidth and throughput (speed.py)."""
+    placement = plan.placement
+    return predict(
+        plan.layout, placement.assignment, placement.estimates, plan.slots, plan.settings.workload, rates_of(inventory)
+    )
 
 
 def merges_on_load(quant: Quantization) -> bool:

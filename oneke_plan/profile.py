@@ -39,6 +39,7 @@ class ProfileDevice:
     total_bytes: int | None
     usable_bytes: int | None = None  # what the plan was allowed to use (free memory when detected)
     compute_capability: str | None = None
+    reserve_bytes: int | None = None  # the reserve this device was planned with (None: a profile from before)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Replica:
     devices: list[ProfileDevice]
     device_map: dict[str, int | str]
     estimate: dict[int | str, dict[str, int]]
+    speed: dict[str, Any] | None = None  # this copy's speed prediction (speed.SpeedPrediction.to_dict)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Profile:
     replicas: list[Replica] = field(default_factory=list)  # format 2: every copy (devices & co. are the first's)
     nodes: int = 1  # format 2: the same replicas on this many identical nodes
     adapter: dict[str, Any] | None = None  # a LoRA adapter (adapter.Adapter.record): path, fingerprint, on_load, ...
+    speed: dict[str, Any] | None = None  # the speed prediction (format 2: every copy together); None: from before
 
     def to_yaml(self) -> str:
         data = asdict(self)
@@ -77,7 +80,7 @@ class Profile:
         keys += ["adapter"] if self.adapter is not None else []  # absent without one: older readers see no change
         keys += ["strategy", "offload_dir"]
         keys += ["nodes", "replicas"] if self.replicas else ["devices", "device_map", "estimate"]
-        ordered = {key: data[key] for key in [*keys, "notes"]}
+        ordered = {key: data[key] for key in [*keys, "speed", "notes"]}
         return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, width=120)
 
     def gpu_ids(self) -> list[int]:
@@ -100,6 +103,7 @@ class Profile:
             devices=chosen.devices,
             device_map=chosen.device_map,
             estimate=chosen.estimate,
+            speed=chosen.speed,
             replicas=[],
             nodes=1,
             format_version=FORMAT_VERSION,
@@ -236,7 +240,16 @@ def read_profile(path: Path) -> Profile:
         replicas=replicas,
         nodes=nodes,
         adapter=adapter,
+        speed=_speed(data, where),
     )
+
+
+def _speed(data: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """The informational `speed` key: a mapping when present (profiles from before it existed have none)."""
+    speed = data.get("speed")
+    if speed is not None and not isinstance(speed, dict):
+        raise BadInput(f"{where}: speed must be a mapping (oneke-plan's prediction); re-create the profile")
+    return speed
 
 
 def _read_replica(data: dict[str, Any], where: str) -> Replica:
@@ -252,6 +265,7 @@ def _read_replica(data: dict[str, Any], where: str) -> Replica:
                 total_bytes=_bytes_or_none(entry.get("total_bytes"), f"{where}: devices[{i}].total_bytes"),
                 usable_bytes=_bytes_or_none(entry.get("usable_bytes"), f"{where}: devices[{i}].usable_bytes"),
                 compute_capability=entry.get("compute_capability"),
+                reserve_bytes=_bytes_or_none(entry.get("reserve_bytes"), f"{where}: devices[{i}].reserve_bytes"),
             )
         )
     device_map = _need(data, "device_map", dict, where)
@@ -272,4 +286,4 @@ def _read_replica(data: dict[str, Any], where: str) -> Replica:
             raise BadInput(f"{where}: estimate.{device} must map {', '.join(ESTIMATE_KEYS)} to byte counts")
         for key, value in counts.items():
             _bytes_or_none(value, f"{where}: estimate.{device}.{key}")
-    return Replica(devices, device_map, estimate)
+    return Replica(devices, device_map, estimate, _speed(data, where))

@@ -53,5 +53,30 @@ def test_memory_accuracy_predicts_the_weights_transformers_loads(tiny_model_dir:
     assert kv > 0 and workspace > 0
 
 
+def test_speed_prediction_reads_the_weights_transformers_loads_and_decodes(tiny_model_dir: Path) -> None:
+    """speed_prediction's route on the tiny model: its plan's bytes per decoding step are the loaded float32
+    weights without the embedding table (transformers' own load) plus the KV cache by hand; the probes measure
+    something; oneke-run's decoder, run as the benchmark runs it, counts its steps."""
+    speed_prediction = bench_module("speed_prediction")
+    assert speed_prediction.read_bandwidth(16 * 2**20, 1) > 0 and speed_prediction.matmul_throughput(64, 1) > 0
+    prompt, new = 12, 5
+    result = speed_prediction.predicted(tiny_model_dir, prompt, new, 10e9, 1e11)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), **dtype_kw(torch.float32))
+    config = model.config
+    weights = sum(storage_bytes_by_owner(model, [""]).values())
+    embedding = model.get_input_embeddings().weight.numel() * 4
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_key_value_heads * head_dim * 4 * (prompt + new) * config.num_hidden_layers  # batch 1
+    speed = result.profile.speed
+    assert speed["devices"]["cpu"]["decode_read_bytes"] == weights - embedding + kv
+    assert speed["decode_tokens_per_second"] == pytest.approx(10e9 / (weights - embedding + kv), rel=1e-5)
+    from oneke_plan import api
+
+    loaded, tokenizer = api.load(result.profile, tiny_model_dir)
+    with torch.inference_mode():
+        prefill_s, decode_s, steps = speed_prediction.measured(loaded, tokenizer, [1, 5, 6, 7, 8], 3)
+    assert prefill_s > 0 and 1 <= steps <= 3 and decode_s >= 0
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))

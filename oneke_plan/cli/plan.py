@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oneke_plan import __version__, api
 from oneke_plan.api import DEFAULT_WORKLOAD
 from oneke_plan.catalog import card_names
 from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, format_table, run_main, wants_debug
 from oneke_plan.errors import BadInput
-from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
+from oneke_plan.memory import DEFAULT_CPU_RESERVE_BYTES, DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
+from oneke_plan.plan_report import BAR_LEGEND, bar, device_rows, speed_lines
 from oneke_plan.sizes import format_bytes
 from oneke_plan.templates import ONEKE_TEMPLATE, TEMPLATES
+
+if TYPE_CHECKING:
+    from oneke_plan.planner import PlanResult
 
 EPILOG = """\
 examples:
@@ -67,9 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     machine.add_argument("--offload-dir", metavar="DIR", help="enable disk offload into DIR")
     machine.add_argument(
         "--reserve",
-        metavar="SIZE",
-        default=format_bytes(DEFAULT_GPU_RESERVE_BYTES).replace(" ", ""),
-        help="per-GPU runtime reserve for the CUDA context and allocator slack (default: %(default)s)",
+        action="append",
+        metavar="[DEVICE=]SIZE",
+        help="runtime reserve for the CUDA context and allocator slack: SIZE for every GPU, INDEX=SIZE for one "
+        f"(cpu=SIZE for the host); repeatable (default: {format_bytes(DEFAULT_GPU_RESERVE_BYTES).replace(' ', '')} "
+        f"a GPU, {format_bytes(DEFAULT_CPU_RESERVE_BYTES).replace(' ', '')} for the CPU)",
+    )
+    machine.add_argument(
+        "--bandwidth",
+        action="append",
+        metavar="[DEVICE=]GB/s",
+        help="memory bandwidth for the speed prediction, in GB/s: for every GPU, or INDEX=GB/s, cpu=GB/s; "
+        "default: the catalog's vendor figure for a named card, else unknown",
+    )
+    machine.add_argument(
+        "--tflops",
+        action="append",
+        metavar="[DEVICE=]TFLOPS",
+        help="dense 16-bit matmul throughput for the prefill prediction, in TFLOPS, as --bandwidth",
     )
     model = p.add_argument_group("model")
     model.add_argument(
@@ -150,13 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas",
         default="1",
         metavar="N|auto",
-        help="split the GPUs into N groups, each holding a whole copy of the model; auto = as many as fit "
-        "(default: 1)",
+        help="split the GPUs into N groups, each holding a whole copy of the model; auto = as many as fit (default: 1)",
     )
     scale.add_argument(
         "--nodes", type=int, default=1, metavar="N", help="the same replicas on N identical nodes (default: 1)"
     )
     out.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the profile here (default: stdout)")
+    out.add_argument(
+        "--format",
+        choices=("yaml", "json"),
+        default="yaml",
+        help="stdout: the YAML profile (default, when there is no -o), or json: one JSON document with the "
+        "profile and the summary's figures (docs/profile-format.md); -o still writes YAML",
+    )
+    out.add_argument("--plot", type=Path, metavar="FILE.svg", help="draw each device's memory as an SVG picture")
     out.add_argument(
         "--overwrite",
         action="store_true",
@@ -174,35 +202,32 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
-def summary_table(plans, profile) -> str:  # type: ignore[no-untyped-def]
-    """One row per device of each replica (a `replica` column when there are several)."""
-    several = len(plans) > 1
-    rows = []
-    for index, plan in enumerate(plans):
-        copy = profile.replica(index) if several else profile
-        layers = [c.name for c in plan.costs if c.kind == "layer"]
-        for device in copy.devices:
-            est = copy.estimate[device.id]
-            mine = [i for i, name in enumerate(layers) if plan.placement.assignment.get(name) == device.id]
-            span = "-" if not mine else f"{mine[0]}-{mine[-1]}" if len(mine) > 1 else str(mine[0])
-            total = format_bytes(device.total_bytes) if device.total_bytes is not None else "unbounded"
-            label = device_label(device.id)
-            row = [
-                str(label),
-                device.name if device.name != label else "",
-                f"{format_bytes(est['total_bytes'])} / {total}",
-                format_bytes(est["weights_bytes"]),
-                format_bytes(est["kv_cache_bytes"]),
-                format_bytes(est["workspace_bytes"]),
-                format_bytes(est["reserve_bytes"]),
-                span,
-            ]
-            rows.append([str(index), *row] if several else row)
-    header = ["device", "name", "used / total", "weights", "KV cache", "workspace", "reserve", "layers"]
+def summary_table(result: PlanResult) -> str:
+    """One row per device of each replica (a `replica` column when there are several), with a compact bar."""
+    rows = device_rows(result)
+    several = len({r.replica for r in rows}) > 1
+    lines = []
+    for row in rows:
+        device, est = row.device, row.estimate
+        total = format_bytes(device.total_bytes) if device.total_bytes is not None else "unbounded"
+        label = device_label(device.id)
+        cells = [
+            str(label),
+            device.name if device.name != label else "",
+            f"{format_bytes(est['total_bytes'])} / {total}",
+            format_bytes(est["weights_bytes"]),
+            format_bytes(est["kv_cache_bytes"]),
+            format_bytes(est["workspace_bytes"]),
+            format_bytes(est["reserve_bytes"]),
+            row.layers_text,
+            bar(row),
+        ]
+        lines.append([str(row.replica), *cells] if several else cells)
+    header = ["device", "name", "used / total", "weights", "KV cache", "workspace", "reserve", "layers", "use"]
     right: tuple[int, ...] = (2, 3, 4, 5, 6)
     if several:
         header, right = ["replica", *header], tuple(i + 1 for i in right)
-    return format_table(header, rows, right=right)
+    return format_table(header, lines, right=right)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
         quant_type=args.quant_type,
         double_quant=not args.no_double_quant,
         reserve=args.reserve,
+        bandwidth=args.bandwidth,
+        tflops=args.tflops,
         strategy=args.strategy,
         eager_attention=args.eager_attention,
         template=args.template,
@@ -234,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         adapter=args.adapter,
         output=args.output,
+        plot=args.plot,
         overwrite=args.overwrite,
         report=PrintedReport("oneke-plan"),
     )
@@ -244,7 +272,9 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         for line in plan.log:
             print(f"  {line}", file=sys.stderr)
-    if args.output is None:
+    if args.format == "json":
+        sys.stdout.write(json.dumps(api.plan_document(result), indent=2, ensure_ascii=False) + "\n")
+    elif args.output is None:
         sys.stdout.write(profile.to_yaml())
     layout = plan.layout
     quant = settings.quant.mode if settings.quant.mode != "none" else "no quantization"
@@ -256,7 +286,10 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(f"prompt template: {profile.template} ({result.template_reason})", file=sys.stderr)
-    print(summary_table(result.replicas or [plan], profile), file=sys.stderr)
+    print(summary_table(result), file=sys.stderr)
+    print(BAR_LEGEND, file=sys.stderr)
+    for line in speed_lines(profile.speed, w.batch_size, w.sequence_tokens):
+        print(line, file=sys.stderr)
     if result.replicas:
         copies = profile.replica_count * profile.nodes
         where = f" on each of {profile.nodes} nodes" if profile.nodes > 1 else ""
@@ -277,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {line}", file=sys.stderr)
     if args.output is not None:
         print(f"profile written to {args.output}", file=sys.stderr)
+    if args.plot is not None:
+        print(f"picture drawn to {args.plot}", file=sys.stderr)
     return 0
 
 
