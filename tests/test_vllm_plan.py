@@ -1,16 +1,20 @@
 """The vLLM translation of a profile (oneke_plan.vllm_plan): pure arithmetic, no vLLM needed. Expectations are
-computed here by hand from OneKE's config (40 layers, 40 heads of 128, bf16), not read back from the code."""
+computed here by hand from OneKE's config (40 layers, 40 heads of 128, bf16), not read back from the code. Then
+what the CLIs do with it where vLLM is not installed: oneke-plan's serve line, oneke-run's refusals (exit 2)."""
 
 from __future__ import annotations
 
 import shlex
 from dataclasses import replace
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 
+from oneke_plan.cli.plan import main as plan_main
+from oneke_plan.cli.run import main as run_main
 from oneke_plan.errors import BadInput
-from oneke_plan.profile import read_profile
+from oneke_plan.profile import ProfileDevice, read_profile
 from oneke_plan.vllm_plan import layer_devices, vllm_settings
 
 PROFILES = Path(__file__).parent.parent / "profiles"
@@ -124,3 +128,54 @@ def test_layer_devices_reads_the_map_as_accelerate_does() -> None:
         layer_devices({"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1}, 2)
     mapped = {"transformer.wte": 0, "transformer.h.0": 0, "transformer.h.1": 1, "transformer.ln_f": 1, "lm_head": 1}
     assert layer_devices(mapped, 2) == [0, 1]
+
+
+# -- the CLIs, without vLLM ----------------------------------------------------------------------------------------
+def _tiny_cpu_profile(model_dir: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    inventory = out.with_suffix(".inventory.yaml")
+    inventory.write_text("gpus: []\ncpu_memory: 16GiB\n")
+    argv = [str(model_dir), "--inventory", str(inventory), "--dtype", "float32", "--max-input-tokens", "600"]
+    assert plan_main([*argv, "--max-new-tokens", "4", "--batch-size", "2", "-o", str(out)]) == 0
+    capsys.readouterr()  # what oneke-plan printed
+    return out
+
+
+def test_oneke_plan_prints_the_serve_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert plan_main(["oneke", "--gpu", "24GiB", "--gpu", "12GiB", "--cpu-memory", "0", "--engine", "vllm"]) == 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "vllm serve" in line).split()
+    assert line[:4] == ["CUDA_VISIBLE_DEVICES=0,1", "VLLM_PP_LAYER_PARTITION=33,7", "vllm", "serve"]
+    assert "--kv-cache-memory-bytes" in line and "temperature 0" in err
+    assert plan_main(["oneke", "--gpu", "24GiB", "--gpu", "12GiB", "--cpu-memory", "0"]) == 0
+    assert "vllm serve" not in capsys.readouterr().err  # only with --engine vllm
+
+
+def test_oneke_run_refuses_what_vllm_cannot_express_before_anything(
+    tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profile = read_profile(_tiny_cpu_profile(tiny_model_dir, tmp_path / "cpu.yaml", capsys))
+    on_disk = replace(
+        profile,
+        devices=[*profile.devices, ProfileDevice("disk", "disk", None)],
+        device_map={"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "lm_head": "cpu"},
+        offload_dir="offload",
+    )
+    (tmp_path / "disk.yaml").write_text(on_disk.to_yaml())
+    argv = ["--profile", str(tmp_path / "disk.yaml"), "--input", str(deepke_dir / "NER" / "test.json")]
+    argv += ["--output", str(tmp_path / "out.jsonl"), "--no-progress", "--engine", "vllm"]
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk" in err[0] and "--engine hf" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu.inventory.yaml", "cpu.yaml", "disk.yaml"]
+
+
+@pytest.mark.skipif(find_spec("vllm") is not None, reason="checks a machine without vLLM")
+def test_oneke_run_engine_vllm_without_vllm_is_one_line(
+    tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profile = _tiny_cpu_profile(tiny_model_dir, tmp_path / "cpu.yaml", capsys)
+    argv = ["--profile", str(profile), "--input", str(deepke_dir / "NER" / "test.json")]
+    assert run_main([*argv, "--output", str(tmp_path / "out.jsonl"), "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not installed" in err[0] and "oneke-plan[vllm" in err[0] and "--engine hf" in err[0]
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.journal").exists()
