@@ -185,7 +185,7 @@ def main() -> int:
     lengths = sorted(map(len, prompts))
     which = f"the first {per_file} of each of the" if per_file else "all"
     print(f"checkpoint {args.checkpoint}: {parameter_count(directory) / 1e6:.0f}M parameters, float32; {len(prompts)} "
-          f"prompts ({which} DeepKE test files of {args.tasks}), {lengths[0]}-{lengths[-1]} tokens (median "
+          f"prompts ({which} DeepKE test files: {args.tasks}), {lengths[0]}-{lengths[-1]} tokens (median "
           f"{statistics.median(lengths):.0f}); max_new_tokens {max_new}; batch {batch}; EOS ids {eos}; torch threads "
           f"{torch.get_num_threads()}\n")  # fmt: skip
     if args.engines:
