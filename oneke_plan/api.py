@@ -41,6 +41,7 @@ from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantizati
 from oneke_plan.profile import Profile, read_profile
 from oneke_plan.sizes import SizeError, parse_size
 from oneke_plan.templates import TEMPLATES, check_tokenizer, default_template
+from oneke_plan.vllm_plan import ENGINES
 
 if TYPE_CHECKING:
     from oneke_plan.adapter import Adapter
@@ -48,12 +49,13 @@ if TYPE_CHECKING:
     from oneke_plan.model_source import ModelSource
     from oneke_plan.outputs import RunOutput
     from oneke_plan.planner import PlanResult
-    from oneke_plan.runner import Runner, RunStats
+    from oneke_plan.runner import Decoder, Runner, RunStats
     from oneke_plan.workers import Worker
 
 __all__ = [
     "DEFAULT_WORKLOAD",
     "DTYPES",
+    "ENGINES",
     "LANGUAGES",
     "QUANT_TYPES",
     "SOLVE_FOR",
@@ -514,24 +516,24 @@ def _output_mode(resume: bool, overwrite: bool) -> str:
 
 
 def _runner(
-    model: Any,
-    tokenizer: Any,
-    profile: Profile,
-    writer: OutputWriter | None,
-    batch_size: int,
-    max_new_tokens: int,
-    progress: bool,
-    model_dir: Path | None,
+    decoder: Decoder, tokenizer: Any, profile: Profile, writer: OutputWriter | None, batch_size: int, progress: bool
 ) -> Runner:
-    """oneke-run's decoding: greedy, continuous batches of at most `batch_size` prompts, prompts longer than the
-    profile's max_input_tokens reported (never cut), out of memory retried with smaller batches."""
-    from oneke_plan.generation import GreedyGenerator
+    """oneke-run's extraction around an engine's decoder: continuous batches of at most `batch_size` prompts,
+    prompts longer than the profile's max_input_tokens reported (never cut), out of memory retried with smaller
+    batches."""
     from oneke_plan.runner import Runner
 
-    stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(model_dir or "the tokenizer"))
-    generator = GreedyGenerator(model, tokenizer, max_new_tokens, model_dir=model_dir, stop_ids=stop_ids)
     max_input = profile.workload["max_input_tokens"]
-    return Runner(generator, tokenizer, writer, batch_size, max_input, progress=progress, template=profile.template)
+    return Runner(decoder, tokenizer, writer, batch_size, max_input, progress=progress, template=profile.template)
+
+
+def _hf_decoder(model: Any, tokenizer: Any, profile: Profile, max_new_tokens: int, model_dir: Path | None) -> Decoder:
+    """The hf engine: greedy decoding of the loaded model with shared prefixes and continuous batching, ending
+    answers at the model's EOS and the profile's template's stop words."""
+    from oneke_plan.generation import GreedyGenerator
+
+    stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(model_dir or "the tokenizer"))
+    return GreedyGenerator(model, tokenizer, max_new_tokens, model_dir=model_dir, stop_ids=stop_ids)
 
 
 class Extraction:
@@ -622,7 +624,8 @@ def extract(
     model_dir = Path(name) if name and Path(name).is_dir() else None
 
     def make_runner(writer: OutputWriter | None) -> Runner:
-        return _runner(model, tokenizer, profile, writer, batch, max_new, progress, model_dir)
+        decoder = _hf_decoder(model, tokenizer, profile, max_new, model_dir)
+        return _runner(decoder, tokenizer, profile, writer, batch, progress)
 
     return Extraction(records, make_runner, files)
 
@@ -701,9 +704,15 @@ def run(
     template: str | None = None,
     trust_remote_code: bool = False,
     adapter: PathLike | None = None,
+    engine: str = "hf",
     report: Report | None = None,
 ) -> RunSummary:
     """oneke-run: each parameter is one of its flags (load, read_records and extract say what they do).
+
+    `engine`: who generates. "hf" (the default) loads the model as the profile places it and decodes with
+    oneke-run's own decoder; "vllm" starts vLLM's offline engine with the profile translated for it
+    (oneke_plan.vllm_plan: dtype, context, batch, KV bytes, 4-bit, pipeline stages), refusing in one line what
+    vLLM cannot express. Prompts, output lines, journal, resume and workers are the same for both.
 
     The order is oneke-run's: everything about the input and the output is checked, and the output locked, before
     the machine check and the load (minutes), and a run whose prompts are all answered loads nothing. Under
@@ -713,10 +722,12 @@ def run(
     the interpreter's teardown can still abort a finished worker in torch's gloo threads: oneke-run therefore ends
     with os._exit under torchrun (cli/run.py), and a script that calls run under torchrun may want to do the same.
     """
+    from oneke_plan.engines import check_engine
     from oneke_plan.outputs import RunOutput
     from oneke_plan.workers import Group, Worker
 
     report = report or Report()
+    _one_of("--engine", engine, ENGINES)
     profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
     batch = _planned("--batch-size", batch_size, profile.workload["batch_size"])
     max_new = _planned("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
@@ -728,6 +739,7 @@ def run(
     records = read_records(input, task, schema, lang, chunk_size, example, report)
     worker = Worker.from_env()
     profile = _workers_profile(profile, worker)
+    check_engine(engine, profile, source)
     if worker.restarts and mode == "new":
         mode = "resume"  # torchrun restarted the workers after one failed: each continues its part
     with Group(worker) as group:
@@ -738,6 +750,7 @@ def run(
         try:
             mine = _answer(
                 profile, source, found, records, files, worker, batch, max_new, force, trust_remote_code, progress,
+                engine,
                 report,
             )
             if worker.distributed:
@@ -755,7 +768,8 @@ def run(
         finally:
             files.close()
         parts = group.gather(mine)
-    memory = gpu_memory(profile) if mine is not None else []
+    # vLLM allocates in its own processes: this one's torch peak would say nothing about them
+    memory = gpu_memory(profile) if mine is not None and engine == "hf" else []
     return RunSummary(Path(output), len(records), worker, parts, memory)
 
 
@@ -780,10 +794,12 @@ def _answer(
     force: bool,
     trust_remote_code: bool,
     progress: bool,
+    engine: str,
     report: Report,
 ) -> tuple[RunStats, int] | None:
-    """Lock the output and find the prompts left, check the machine, then load (load's checks) and answer them.
-    Returns the run's statistics and how many prompts were pending, or None when every prompt was answered."""
+    """Lock the output and find the prompts left, check the machine, then start the engine (for hf, load's checks
+    and load) and answer them. Returns the run's statistics and how many prompts were pending, or None when every
+    prompt was answered."""
     pending = files.start(records, lambda record: worker.mine(record.key))
     _check_machine(profile, source, force, report)
     if not pending:
@@ -792,10 +808,18 @@ def _answer(
             what = f"; {files.output} rewritten in input order with the journal's answers" if rewritten else ""
             report.note(f"nothing to do: all {len(records)} prompts are answered{what}")
         return None
-    model, tokenizer = _load_checked(profile, source, trust_remote_code, report, adapter)
     assert files.writer is not None
-    runner = _runner(model, tokenizer, profile, files.writer, batch_size, max_new_tokens, progress, source.directory)
-    return runner.run(pending), len(pending)
+    if engine == "vllm":
+        from oneke_plan.engines import vllm_decoder
+
+        vllm, tokenizer = vllm_decoder(profile, source, batch_size, max_new_tokens, trust_remote_code, report.note)
+        try:
+            return _runner(vllm, tokenizer, profile, files.writer, batch_size, progress).run(pending), len(pending)
+        finally:
+            vllm.close()
+    model, tokenizer = _load_checked(profile, source, trust_remote_code, report, adapter)
+    decoder = _hf_decoder(model, tokenizer, profile, max_new_tokens, source.directory)
+    return _runner(decoder, tokenizer, profile, files.writer, batch_size, progress).run(pending), len(pending)
 
 
 def gpu_memory(profile: Profile) -> list[GpuMemory]:

@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="let -o replace an existing file that is not a profile written by oneke-plan (never a model's file, "
         "a device, a FIFO or a link)",
     )
+    out.add_argument(
+        "--engine",
+        choices=api.ENGINES,
+        default="hf",
+        help="vllm: also print the equivalent `vllm serve` command line and environment (default: %(default)s)",
+    )
     out.add_argument("-v", "--verbose", action="store_true", help="explain each planning step on stderr")
     out.add_argument("--list-cards", action="store_true", help="print the built-in GPU catalog and exit")
     out.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -308,11 +314,34 @@ def run(args: argparse.Namespace) -> int:
         print("on the GPUs alone, these fit:" if options else "nothing tried fits on the GPUs alone", file=sys.stderr)
         for line in options:
             print(f"  {line}", file=sys.stderr)
+    if args.engine == "vllm":
+        print(vllm_lines(profile, plan.layout.num_layers), file=sys.stderr)
     if args.output is not None:
         print(f"profile written to {args.output}", file=sys.stderr)
     if args.plot is not None:
         print(f"picture drawn to {args.plot}", file=sys.stderr)
     return 0
+
+
+def vllm_lines(profile, num_layers: int) -> str:  # type: ignore[no-untyped-def]
+    """The plan as `vllm serve` runs it, one command per replica (or why vLLM cannot run it: oneke-run's hf engine
+    can, so the plan stands)."""
+    from oneke_plan.vllm_plan import vllm_settings
+
+    source = profile.model.get("source")
+    model = "zjunlp/OneKE" if source == "oneke" else str(source)
+    lines = ["vLLM (the same plan: send requests with temperature 0, greedy as oneke-run):"]
+    for index in range(profile.replica_count):
+        copy = profile.replica(index)
+        where = f"  replica {index}: " if profile.replica_count > 1 else "  "
+        try:
+            settings = vllm_settings(copy, model, num_layers)
+        except BadInput as exc:
+            lines.append(f"{where}{exc}")
+            continue
+        lines.append(where + settings.serve_command())
+        lines += [f"    ({note})" for note in settings.notes]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

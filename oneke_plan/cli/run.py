@@ -29,6 +29,8 @@ examples:
             --task NER --schema '["人物", "地理位置", "组织机构"]' --lang zh
   # continue an interrupted run, and retry prompts that failed (too long, out of memory) after re-planning:
   oneke-run --profile P.yaml --model /models/OneKE --input IN --output OUT --resume
+  # the same run on vLLM (pip install 'oneke-plan[vllm]'), the profile translated for it:
+  oneke-run --profile P.yaml --model /models/OneKE --input IN --output OUT --engine vllm
   # score the answers against the input's labels:
   oneke-score OUT
 
@@ -81,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         help='few-shot items added to every prompt (zh only, as the authors publish): [{"input": ..., "output": ...}]',
     )
     gen = p.add_argument_group("generation (defaults: the profile's workload)")
+    gen.add_argument(
+        "--engine",
+        choices=api.ENGINES,
+        default="hf",
+        help="who generates: hf (default: the model loaded as planned, oneke-run's decoder) or vllm (vLLM's engine "
+        "with the plan translated for it; needs pip install 'oneke-plan[vllm]'); both decode greedily",
+    )
     gen.add_argument("--batch-size", type=int, metavar="N", help="prompts per batch (at most the planned batch)")
     gen.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length (at most the planned one)")
     gen.add_argument(
@@ -170,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         template=args.template,
         trust_remote_code=args.trust_remote_code,
         adapter=args.adapter,
+        engine=args.engine,
         report=RunReport("oneke-run"),
     )
     _report(summary)
@@ -207,6 +217,7 @@ def _report(summary: RunSummary) -> None:
 def main(argv: list[str] | None = None) -> int:
     for name in ("accelerate", "transformers", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # --engine vllm: dozens of INFO and WARNING lines
     parser = build_parser()
     args = parser.parse_args(argv)
     code = run_main("oneke-run", lambda: run(args), args.debug or wants_debug(argv))
