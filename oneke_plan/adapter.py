@@ -234,6 +234,12 @@ def lora_config(adapter: Adapter) -> Any:
     return peft.LoraConfig(**{k: v for k, v in adapter.config.items() if k in known and k != "peft_type"})
 
 
+def lora_module(parameter: str) -> str:
+    """The module a LoRA parameter's lora_A wraps, by peft's naming: `...q_proj.lora_A.default.weight` ->
+    `...q_proj`."""
+    return parameter.rsplit(".lora_A.", 1)[0]
+
+
 def attach_meta(model: Any, adapter: Adapter) -> Any:
     """`model` (on meta) with the adapter's LoRA layers, built by peft as PeftModel.from_pretrained builds them
     (adapter dtype autocast as its default does); returns the transformers model inside, whose module names are the
@@ -244,7 +250,7 @@ def attach_meta(model: Any, adapter: Adapter) -> Any:
         warnings.simplefilter("ignore")
         wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=True)
     inner = wrapped.base_model.model
-    built = {name.rsplit(".lora_A.", 1)[0] for name in lora_parameters(inner) if ".lora_A." in name}
+    built = {lora_module(name) for name in lora_parameters(inner) if ".lora_A." in name}
     stored = set(adapter.modules)
     if built != stored:  # peft would leave layers at their initial values, or ignore stored tensors, silently
         where = adapter.directory / ADAPTER_CONFIG

@@ -59,6 +59,12 @@ class Quantization:
 NO_QUANTIZATION = Quantization()
 
 
+def merges_on_load(mode: str) -> bool:
+    """A LoRA adapter is merged into 16-bit weights on load; with 8/4-bit weights (quantization `mode`) it stays
+    unmerged (merging would requantize them)."""
+    return mode == "none"
+
+
 @dataclass(frozen=True)
 class Workload:
     """What one generate call must hold: a batch of prompts up to max_input_tokens, each growing by max_new_tokens."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from oneke_plan import __version__
-from oneke_plan.adapter import Adapter
+from oneke_plan.adapter import Adapter, attach_meta, check_base, lora_module, lora_parameters
 from oneke_plan.blocks import ModelLayout
 from oneke_plan.checkpoint import checkpoint_dtype
 from oneke_plan.compat import measures_on_meta
@@ -57,6 +57,7 @@ from oneke_plan.memory import (
     Quantization,
     Workload,
     decode_step_seconds,
+    merges_on_load,
     offload_slowdown,
 )
 from oneke_plan.model_source import ModelSource
@@ -228,9 +229,8 @@ class Planner:
         self._key = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
         self.adapter = adapter
         self._adapter_bytes: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+        self._adapted: dict[tuple[str, str | None, bool], Any] = {}
         if adapter is not None:
-            from oneke_plan.adapter import check_base
-
             check_base(adapter, self.model)  # exit 3 for an adapter of another base, before anything is planned
 
     def build(self, dtype: str, eager_attention: bool = False) -> tuple[Any, ModelLayout]:
@@ -247,6 +247,20 @@ class Planner:
             self._builds[key] = (model, read_layout(model, self.config, dtype))
         return self._builds[key]
 
+    def unmerged_adapter(self, quant: Quantization) -> bool:
+        """Whether the plan runs the adapter's LoRA layers unmerged (8/4-bit weights)."""
+        return self.adapter is not None and not merges_on_load(quant.mode)
+
+    def adapted_build(self, dtype: str, attn: str | None = None, fake: bool = False) -> Any:
+        """The meta model at `dtype` with the adapter's LoRA layers as peft builds them: one build per dtype,
+        attention and build kind, shared by the measurer and adapter_bytes."""
+        assert self.adapter is not None
+        key = (dtype, attn, fake)
+        if key not in self._adapted:
+            model = build_meta_model(copy.deepcopy(self.config), dtype, self.trust_remote_code, attn, fake=fake)
+            self._adapted[key] = attach_meta(model, self.adapter)
+        return self._adapted[key]
+
     def measurer(self, dtype: str, eager_attention: bool = False, unmerged_adapter: bool = False) -> Measurer:
         """What the model's own forward holds, per block, measured on the meta device at `dtype`; with
         `unmerged_adapter`, the forward of the model with the adapter's LoRA layers, as peft builds them."""
@@ -257,13 +271,14 @@ class Planner:
             layers = [b.name for b in layout.blocks if b.kind == "layer"]
             attn = "eager" if eager_attention else None
             fake = not measures_on_meta()
-            if fake or adapter is not None:  # a build of its own: peft changes the model it wraps
+            if adapter is not None:  # a build of its own: peft changes the model it wraps
+                model = self.adapted_build(dtype, attn, fake)
+            elif fake:
                 model = build_meta_model(copy.deepcopy(self.config), dtype, self.trust_remote_code, attn, fake=fake)
-            with_adapter = _with_adapter(adapter)
-            model = with_adapter(model)
 
             def two_layers() -> tuple[Any, list[str], list[str]]:
-                small = with_adapter(two_layer_copy(self.config, model, layers, dtype, attn, fake=fake))
+                small = two_layer_copy(self.config, model, layers, dtype, attn, fake=fake)
+                small = attach_meta(small, adapter) if adapter is not None else small
                 small_layout = read_layout(small, self.config, dtype)
                 small_layers = [b.name for b in small_layout.blocks if b.kind == "layer"]
                 return small, [b.name for b in small_layout.blocks], small_layers
@@ -316,7 +331,7 @@ class Planner:
         if not slots:
             raise BadInput("no device to plan for: no GPU was given or detected and --cpu-memory is 0")
         costs = self.block_costs(settings, dtype)
-        unmerged = self.adapter is not None and not merges_on_load(settings.quant)
+        unmerged = self.unmerged_adapter(settings.quant)
         log += self.measurer(dtype, settings.eager_attention, unmerged).log
         log += self.adapter_notes(settings, dtype, layout)
         layer = next((c for c in costs if c.kind == "layer"), None)
@@ -346,7 +361,7 @@ class Planner:
             f"of tensors in {adapter.directory.name}/adapter_model.safetensors, {format_bytes(sum(resident.values()))} "
             "as peft loads them (its default autocast keeps 16-bit LoRA weights in float32)"
         )
-        if merges_on_load(settings.quant):
+        if merges_on_load(settings.quant.mode):
             return [
                 f"{head}; merged into the weights on load (peft merge_and_unload), so the weights are the base "
                 "model's size and inference runs as without it; the adapter's tensors and the largest merge "
@@ -364,7 +379,7 @@ class Planner:
         quantization, and the state and transient peak measured for the workload; and the adapter's tensors, with
         the weights when it stays unmerged (8/4-bit), as load-time memory when it is merged on load (16-bit)."""
         layout = self.build(dtype, settings.eager_attention)[1]
-        unmerged = self.adapter is not None and not merges_on_load(settings.quant)
+        unmerged = self.unmerged_adapter(settings.quant)
         memory = self.measured(dtype, settings.eager_attention, settings.workload, layout, unmerged)
         quantizable = self.quantizable(dtype) if settings.quant.mode != "none" else None
         if quantizable is not None and not quantizable:
@@ -395,19 +410,16 @@ class Planner:
         added in place to the weight)."""
         assert self.adapter is not None
         if dtype not in self._adapter_bytes:
-            from oneke_plan.adapter import attach_meta, lora_parameters
-
-            meta = build_meta_model(copy.deepcopy(self.config), dtype, self.trust_remote_code)
-            model = attach_meta(meta, self.adapter)
+            model = self.adapted_build(dtype)
             names = [b.name for b in layout.blocks]
+            modules = self.adapter.modules
             resident: dict[str, int] = {}
             scratch: dict[str, int] = {}
             for name, param in lora_parameters(model).items():
                 block = max((b for b in names if b == "" or name.startswith(b + ".")), key=len)
                 resident[block] = resident.get(block, 0) + param.numel() * param.element_size()
                 if ".lora_A." in name:
-                    module = name.rsplit(".lora_A.", 1)[0].removesuffix(".base_layer")
-                    pair = self.adapter.modules[module]
+                    pair = modules[lora_module(name)]
                     merge = 2 * pair["lora_B"][0] * pair["lora_A"][1] * param.element_size()
                     scratch[block] = max(scratch.get(block, 0), merge)
             self._adapter_bytes[dtype] = (resident, scratch)
@@ -762,7 +774,7 @@ class Planner:
             offload_dir=inventory.offload_dir if "disk" in device_map.values() else None,
             created_by=f"oneke-plan {__version__}",
             notes=[line for line in plan.log if line.startswith(("warning", "adapter:"))],
-            adapter=self.adapter.record(merges_on_load(plan.settings.quant)) if self.adapter else None,
+            adapter=self.adapter.record(merges_on_load(plan.settings.quant.mode)) if self.adapter else None,
             speed=predict_speed(plan, inventory).to_dict(),
         )
 
@@ -773,21 +785,6 @@ def predict_speed(plan: Plan, inventory: Inventory) -> SpeedPrediction:
     return predict(
         plan.layout, placement.assignment, placement.estimates, plan.slots, plan.settings.workload, rates_of(inventory)
     )
-
-
-def merges_on_load(quant: Quantization) -> bool:
-    """A LoRA adapter is merged into 16-bit weights on load; with 8/4-bit weights it stays unmerged (merging would
-    requantize them)."""
-    return quant.mode == "none"
-
-
-def _with_adapter(adapter: Adapter | None) -> Callable[[Any], Any]:
-    """model -> the model with the adapter's LoRA layers built by peft (on meta), or the model itself."""
-    if adapter is None:
-        return lambda model: model
-    from oneke_plan.adapter import attach_meta
-
-    return lambda model: attach_meta(model, adapter)
 
 
 def _offloaded_bytes(placement: Placement) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ import yaml
 
 from oneke_plan import files
 from oneke_plan.errors import BadInput
-from oneke_plan.memory import DTYPE_BYTES, QUANT_MODES
+from oneke_plan.memory import DTYPE_BYTES, QUANT_MODES, merges_on_load
 from oneke_plan.templates import ONEKE_TEMPLATE, TEMPLATES
 from oneke_plan.yamlfile import read_yaml
 
@@ -213,7 +213,7 @@ def read_profile(path: Path) -> Profile:
         for key in ("path", "fingerprint"):
             if not isinstance(adapter.get(key), str):
                 raise BadInput(f"{where}: adapter.{key} must be a string; re-create the profile with oneke-plan")
-        merged = "merged" if quant["mode"] == "none" else "unmerged"  # what oneke-plan plans: planner.merges_on_load
+        merged = "merged" if merges_on_load(str(quant["mode"])) else "unmerged"  # what oneke-plan plans
         if adapter.get("on_load") != merged:
             raise BadInput(
                 f"{where}: adapter.on_load is {adapter.get('on_load')!r}, but a {quant['mode']} profile's adapter is "

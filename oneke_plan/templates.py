@@ -171,13 +171,6 @@ _LLAMA_BY_VOCAB = {32000: "llama2", 55296: "llama2_zh", 128256: "llama3"}  # LLa
 _BAICHUAN_BY_VOCAB = {64000: "baichuan", 125696: "baichuan2"}
 
 
-def template(name: str) -> Template:
-    """The template called `name`, or BadInput listing the known ones."""
-    if name not in TEMPLATES:
-        raise BadInput(f"--template {name}: not a known template; choose one of {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
-
-
 def default_template(config: dict[str, Any]) -> tuple[str, str]:
     """The template a model's config implies, and why, in words: by model_type, and for LLaMA and Baichuan by
     vocabulary size (what tells LLaMA-2, OneKE's Chinese-Alpaca-2 base and LLaMA-3 apart). A model of another
