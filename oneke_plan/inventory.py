@@ -162,7 +162,8 @@ def parse_rate(value: Any, unit: int, where: str, unit_name: str) -> int:
     except (TypeError, ValueError):
         number = float("nan")
     if not (0 < number < 1e9):  # also refuses nan and inf
-        raise BadInput(f"{where}: {value!r} is not a positive number of {unit_name}, e.g. 936")
+        example = {"GB/s": 936, "TFLOPS": 71}.get(unit_name, 1)  # an RTX 3090's (catalog.py)
+        raise BadInput(f"{where}: {value!r} is not a positive number of {unit_name}, e.g. {example}")
     return int(number * unit)
 
 

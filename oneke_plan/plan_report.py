@@ -165,11 +165,7 @@ def plan_document(result: PlanResult) -> dict[str, Any]:
 
 def profile_data(profile: Profile) -> dict[str, Any]:
     """The profile's content as the YAML file has it (the same keys, in the same order)."""
-    import yaml
-
-    data = yaml.safe_load(profile.to_yaml())
-    assert isinstance(data, dict)
-    return data
+    return profile.to_data()
 
 
 # -- SVG -------------------------------------------------------------------------------------------------------

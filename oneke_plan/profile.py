@@ -73,14 +73,18 @@ class Profile:
     adapter: dict[str, Any] | None = None  # a LoRA adapter (adapter.Adapter.record): path, fingerprint, on_load, ...
     speed: dict[str, Any] | None = None  # the speed prediction (format 2: every copy together); None: from before
 
-    def to_yaml(self) -> str:
+    def to_data(self) -> dict[str, Any]:
+        """The profile's content as its YAML file holds it: the same keys, in the same order."""
         data = asdict(self)
         keys = ["format_version", "created_by", "model", "dtype", "attn_implementation", "template", "quantization"]
         keys += ["workload"]
         keys += ["adapter"] if self.adapter is not None else []  # absent without one: older readers see no change
         keys += ["strategy", "offload_dir"]
         keys += ["nodes", "replicas"] if self.replicas else ["devices", "device_map", "estimate"]
-        ordered = {key: data[key] for key in [*keys, "speed", "notes"]}
+        return {key: data[key] for key in [*keys, "speed", "notes"]}
+
+    def to_yaml(self) -> str:
+        ordered = self.to_data()
         return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, width=120)
 
     def gpu_ids(self) -> list[int]:

@@ -34,7 +34,15 @@ from typing import Any
 
 from oneke_plan.blocks import BlockInfo, ModelLayout
 from oneke_plan.catalog import find_card
-from oneke_plan.fit import OFFLOAD_DEVICES, DeviceEstimate, DeviceId, Slot, execution_device, main_device
+from oneke_plan.fit import (
+    OFFLOAD_DEVICES,
+    DeviceEstimate,
+    DeviceId,
+    Slot,
+    block_weights_bytes,
+    execution_device,
+    main_device,
+)
 from oneke_plan.inventory import Inventory
 from oneke_plan.memory import DISK_BYTES_PER_SECOND, PCIE_BYTES_PER_SECOND, Workload
 
@@ -133,10 +141,6 @@ def _matmul_parameters(block: BlockInfo) -> int:
     return sum(t.numel for t in block.tensors if t.is_float and not t.is_buffer)
 
 
-def _block_bytes(block: BlockInfo) -> int:
-    return sum(t.numel * t.dtype_bytes for t in block.tensors)
-
-
 def predict(
     layout: ModelLayout,
     assignment: Mapping[str, DeviceId],
@@ -163,7 +167,7 @@ def predict(
         run = execution_device(home, main)
         if block.name == layout.input_embeddings:
             if not tied_embeddings:
-                unread[home] = unread.get(home, 0) + _block_bytes(block)
+                unread[home] = unread.get(home, 0) + block_weights_bytes(block)
             continue  # a lookup, no matmul (the tied lm_head's matmul is counted with the lm_head)
         if block.kind == "lm_head":
             params = layout.output_embeddings_numel or _matmul_parameters(block)

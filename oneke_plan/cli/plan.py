@@ -15,6 +15,7 @@ from oneke_plan.catalog import card_names
 from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, format_table, run_main, wants_debug
 from oneke_plan.errors import BadInput
 from oneke_plan.memory import DEFAULT_CPU_RESERVE_BYTES, DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
+from oneke_plan.model_source import ONEKE_REPO_ID
 from oneke_plan.plan_report import BAR_LEGEND, bar, device_rows, speed_lines
 from oneke_plan.sizes import format_bytes
 from oneke_plan.templates import ONEKE_TEMPLATE, TEMPLATES
@@ -329,7 +330,7 @@ def vllm_lines(profile, num_layers: int) -> str:  # type: ignore[no-untyped-def]
     from oneke_plan.vllm_plan import vllm_settings
 
     source = profile.model.get("source")
-    model = "zjunlp/OneKE" if source == "oneke" else str(source)
+    model = ONEKE_REPO_ID if source == "oneke" else str(source)
     lines = ["vLLM (the same plan: send requests with temperature 0, greedy as oneke-run):"]
     for index in range(profile.replica_count):
         copy = profile.replica(index)
