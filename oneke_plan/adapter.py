@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan import jsonfile
-from oneke_plan.checkpoint import _safetensors_header
+from oneke_plan.checkpoint import safetensors_entries
 from oneke_plan.errors import BadInput, DoesNotFit
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -109,10 +109,7 @@ def read_adapter(directory: Path) -> Adapter:
         pickled = " (adapter_model.bin, a pickle, is not read: save it again with safe_serialization)"
         raise BadInput(f"{weights}: missing{pickled if (directory / 'adapter_model.bin').exists() else ''}")
     try:
-        header, meta = _safetensors_header(weights)
-        end = max((v["data_offsets"][1] for v in meta.values()), default=0)
-        if 8 + header + end > weights.stat().st_size:
-            raise ValueError("file shorter than its header says")
+        meta = safetensors_entries(weights)
         tensors = {name: _tensor(name, entry) for name, entry in meta.items()}
     except BadInput:
         raise

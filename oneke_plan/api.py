@@ -185,9 +185,13 @@ def plan(
         raise BadInput(f"--plot {picture}: is also -o's file; give the picture its own name, e.g. machine.svg")
     replaced = replaced_plot = None
     if target is not None:
-        replaced = _output_target(target, "-o", overwrite, source.directory, written_by_oneke_plan, "a profile")
+        replaced = _output_target(
+            target, "-o", overwrite, source.directory, written_by_oneke_plan, "a profile", ".yaml"
+        )
     if picture is not None:
-        replaced_plot = _output_target(picture, "--plot", overwrite, source.directory, drawn_by_oneke_plan, "a picture")
+        replaced_plot = _output_target(
+            picture, "--plot", overwrite, source.directory, drawn_by_oneke_plan, "a picture", ".svg"
+        )
     reserves = parse_device_values("--reserve", _listed(reserve), lambda v, where: _size(where, v))
     bandwidths = parse_device_values(
         "--bandwidth", _listed(bandwidth), lambda v, where: parse_rate(v, GB_PER_S, where, "GB/s")
@@ -293,18 +297,23 @@ def _replica_count(replicas: int | str) -> int | str:
 
 
 def _output_target(
-    path: Path, flag: str, overwrite: bool, model_dir: Path | None, ours: Callable[[Path], bool], what: str
+    path: Path,
+    flag: str,
+    overwrite: bool,
+    model_dir: Path | None,
+    ours: Callable[[Path], bool],
+    what: str,
+    suffix: str,
 ) -> os.stat_result | None:
     """Check an output path (`-o`, `--plot`) before planning; return what it is now (None: absent) for the write
     to confirm.
 
     Replaced only if it is a regular single-link file (oneke_plan.files) and `ours` (a `what` oneke-plan wrote), or
-    --overwrite says so; a file of the model's own directory never.
+    --overwrite says so; a file of the model's own directory never. `suffix`: the file kind's, for the example name.
     """
     from oneke_plan.files import replaceable_stat
 
     if path.is_dir():
-        suffix = ".svg" if flag == "--plot" else ".yaml"
         raise BadInput(f"{flag} {path}: is a folder; give a file name such as {path}/machine{suffix}")
     existing = replaceable_stat(path, flag)
     if existing is None:

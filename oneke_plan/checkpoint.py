@@ -53,6 +53,17 @@ def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
     return size, {k: v for k, v in meta.items() if k != "__metadata__"}
 
 
+def safetensors_entries(file: Path) -> dict[str, Any]:
+    """The tensors a safetensors file's header lists (name -> dtype, shape, data_offsets), after checking the file
+    holds all the bytes the header says. Raises ValueError (a short file, a header over 100 MB), OSError, or what
+    a damaged header raises (json, key, type errors)."""
+    header, meta = _safetensors_header(file)
+    end = max((v["data_offsets"][1] for v in meta.values()), default=0)
+    if 8 + header + end > file.stat().st_size:
+        raise ValueError("file shorter than its header says")
+    return meta
+
+
 def _safetensors_tensors(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """(name -> shape, name -> torch dtype name) of a safetensors file, from one read of its header, after
     safetensors' own reader has accepted the file."""
@@ -63,10 +74,7 @@ def _safetensors_tensors(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[s
     try:
         with safe_open(str(file), framework="pt") as handle:
             keys = set(handle.keys())
-        header, meta = _safetensors_header(file)
-        end = max((v["data_offsets"][1] for v in meta.values()), default=0)
-        if 8 + header + end > file.stat().st_size:
-            raise ValueError("file shorter than its header says")
+        meta = safetensors_entries(file)
         shapes = {key: tuple(meta[key]["shape"]) for key in keys}
     except Exception as exc:  # safetensors raises its own error types
         raise BadInput(

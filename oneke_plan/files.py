@@ -15,6 +15,7 @@ A leaf module: standard library and errors only.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterable
@@ -152,3 +153,14 @@ def write_atomic(
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def starts_with(path: str | os.PathLike[str], pattern: bytes) -> bool:
+    """Whether the file at `path` starts with the regular expression `pattern` (its first 256 bytes, read as bytes
+    and never parsed: whatever file a user names, looking costs nothing). False when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(256)
+    except OSError:
+        return False
+    return re.match(pattern, head) is not None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oneke_plan import __version__
+from oneke_plan.files import starts_with
 from oneke_plan.profile import Profile, ProfileDevice
 from oneke_plan.sizes import format_bytes
 
@@ -240,9 +241,4 @@ def plot_svg(result: PlanResult) -> str:
 
 def drawn_by_oneke_plan(path: Path) -> bool:
     """Whether `path` starts as every picture plot_svg draws does (read as bytes, never parsed)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(256)
-    except OSError:
-        return False
-    return re.match(rb'<\?xml version="1.0" encoding="UTF-8"\?>\n' + re.escape(SVG_MARK.encode()), head) is not None
+    return starts_with(path, rb'<\?xml version="1.0" encoding="UTF-8"\?>\n' + re.escape(SVG_MARK.encode()))

@@ -654,16 +654,14 @@ class Planner:
         if not groups:
             raise DoesNotFit(self._replicas_do_not_fit(inventory, settings, count))
         copies = len(groups)
-        plans = [self.plan(self.replica_inventory(inventory, g, copies), settings) for g in groups]
-        profiles = [
-            self.profile(p, self.replica_inventory(inventory, g, copies)) for p, g in zip(plans, groups, strict=True)
-        ]
+        inventories = [self.replica_inventory(inventory, g, copies) for g in groups]
+        plans = [self.plan(group_inventory, settings) for group_inventory in inventories]
+        profiles = [self.profile(p, group_inventory) for p, group_inventory in zip(plans, inventories, strict=True)]
         first = profiles[0]
         first.replicas = [Replica(p.devices, p.device_map, p.estimate, p.speed) for p in profiles]
         first.speed = combined(
             [
-                predict_speed(p, self.replica_inventory(inventory, g, copies))
-                for p, g in zip(plans, groups, strict=True)
+                predict_speed(p, group_inventory) for p, group_inventory in zip(plans, inventories, strict=True)
             ],
             nodes,
         )

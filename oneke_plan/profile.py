@@ -12,7 +12,6 @@ Read with yaml.safe_load only: a profile is data and can never make code run.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -126,13 +125,8 @@ def write_atomic(path: Path, text: str, expected: os.stat_result | None = None) 
 
 def written_by_oneke_plan(path: Path) -> bool:
     """Whether `path` starts as every profile oneke-plan writes does (to_yaml's first two keys). Checked on the
-    text, without parsing YAML: whatever file the user names, reading it here can cost nothing."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(256)
-    except OSError:
-        return False
-    return re.match(rb"format_version: \d+\ncreated_by: oneke-plan ", head) is not None
+    text, without parsing YAML (files.starts_with)."""
+    return files.starts_with(path, rb"format_version: \d+\ncreated_by: oneke-plan ")
 
 
 def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
