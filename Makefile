@@ -59,6 +59,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check oneke_plan tests bench profiles tools
 	$(BIN)/mypy oneke_plan
+	$(BIN)/lint-imports
 
 # Lint checks the code against the newest versions' type stubs (older stubs are wrong, e.g. safetensors 0.4's
 # safe_open); the tests run on both version sets.
@@ -68,10 +69,10 @@ test: $(if $(filter oldest vllm,$(VERSIONS)),install,lint)
 profiles: install
 	$(BIN)/python profiles/regenerate.py
 
-# The doc parts that show what the code prints (--help texts, plan tables, the fit log): tests/test_docs.py fails
+# The doc parts that show what the code prints (--help texts, plan tables, the fit log): tests/project/test_docs.py fails
 # when one drifts.
 docs: profiles
 	$(BIN)/python tools/gen_docs.py
 
 clean:
-	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

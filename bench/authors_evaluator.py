@@ -29,10 +29,10 @@ from common import table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from oneke_plan import oneke  # noqa: E402
-from oneke_plan.extract import read_converted  # noqa: E402
-from oneke_plan.outputs import RunOutput  # noqa: E402
-from oneke_plan.score import score_file  # noqa: E402
+from oneke_plan.extract.inputs import read_converted  # noqa: E402
+from oneke_plan.extract.outputs import RunOutput  # noqa: E402
+from oneke_plan.extract.score import score_file  # noqa: E402
+from oneke_plan.formats import oneke  # noqa: E402
 
 TASKS = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
 THEIR_KEYS = {"event": "event_", "argument": "argument_", "entity": "", "triple": ""}

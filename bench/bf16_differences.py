@@ -33,9 +33,9 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from tiny_checkpoint import build_tiny_llama
 
-    from oneke_plan.extract import read_converted
-    from oneke_plan.generation import Encoded, GreedyGenerator
-    from oneke_plan.runner import encode_prompts
+    from oneke_plan.extract.generation import Encoded, GreedyGenerator
+    from oneke_plan.extract.inputs import read_converted
+    from oneke_plan.extract.runner import encode_prompts
 
     torch.set_num_threads(1)
     print(f"machine: {machine_line()}\n")

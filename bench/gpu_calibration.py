@@ -8,7 +8,7 @@ quantization (bf16, bitsandbytes 8-bit and 4-bit), each emulated card (24, 16, 1
 1. plan with oneke-plan (`Planner`) for the emulated card: the largest batch that fits (B*), and B* + 1, the
    smallest batch it refuses;
 2. run both workloads with transformers' own batched `generate` on the model loaded by oneke-run's loader
-   (`oneke_plan.loader.load_model`; random weights built on the device, no hub): B prompts of exactly the planned
+   (`oneke_plan.load.loader.load_model`; random weights built on the device, no hub): B prompts of exactly the planned
    input length (one left-padded by a token, so the attention mask holds padding as the plan assumes), exactly
    the planned new tokens (min_new_tokens, and a zero lm_head row for EOS so that it is never the argmax);
 3. record per device the planned weights / KV cache / workspace / reserve against the measured
@@ -31,7 +31,7 @@ what it measured) and OUT/gpu-calibration.md (the summary table). `--time-budget
 that many seconds have passed; what was not reached is listed as skipped.
 
 `--cpu-smoke` runs the same code paths on the CPU with tiny shapes in well under a minute (CI runs it,
-tests/test_gpu_calibration.py): every CPU-measurable number (loaded weights, KV cache bytes, tokens) is recorded;
+tests/project/test_gpu_calibration.py): every CPU-measurable number (loaded weights, KV cache bytes, tokens) is recorded;
 every GPU-only number is null, with the reason under "unavailable". Nothing is estimated in its place.
 
 `--derive-defaults DATA.json` reads a GPU run's data file and prints the per-GPU reserve that would make every
@@ -157,7 +157,7 @@ class Grid:
 
 def parse_cards(text: str) -> tuple[Card, ...]:
     """'24GiB,16GiB' -> Cards; sizes as oneke-plan's --gpu reads them (GiB binary, GB decimal)."""
-    from oneke_plan.sizes import parse_size
+    from oneke_plan.core.sizes import parse_size
 
     return tuple(Card(part.strip(), parse_size(part.strip())) for part in text.split(",") if part.strip())
 
@@ -179,8 +179,8 @@ def parse_ints(text: str) -> tuple[int, ...]:
 
 def gpu_grid(args: argparse.Namespace) -> Grid:
     """The grid for a GPU run: the issue's shapes, quantizations and cards; flags narrow or widen it."""
-    from oneke_plan.memory import DEFAULT_GPU_RESERVE_BYTES
-    from oneke_plan.sizes import parse_size
+    from oneke_plan.core.sizes import parse_size
+    from oneke_plan.plan.memory import DEFAULT_GPU_RESERVE_BYTES
 
     new = args.new_tokens or 32
     split = parse_split(args.split, "oneke:none:24GiB+12GiB:512:1")
@@ -203,7 +203,7 @@ def gpu_grid(args: argparse.Namespace) -> Grid:
 def smoke_grid(args: argparse.Namespace) -> Grid:
     """--cpu-smoke: tiny shapes and card sizes of a few MiB (with a 1 MiB reserve), so that the planner's largest
     batch lands between 1 and the grid's largest and every code path (tightness pair, oneke-run, split) runs."""
-    from oneke_plan.sizes import parse_size
+    from oneke_plan.core.sizes import parse_size
 
     cards = parse_cards(args.cards or "3MiB,2200KiB")
     shapes = tuple((args.shapes or "tiny-gqa").split(","))
@@ -230,7 +230,7 @@ def smoke_grid(args: argparse.Namespace) -> Grid:
 
 # -- the record ----------------------------------------------------------------------------------------------------
 class Recorder:
-    """The data file and the summary table, rewritten (atomically, oneke_plan.files.write_atomic) after every record:
+    """The data file and the summary table, rewritten (atomically, oneke_plan.io.files.write_atomic) after every record:
     a run stopped at any point keeps everything it measured. Replaces only what it found at the start (main checked
     that this script wrote it: foreign_file) or wrote itself; a file another program put there meanwhile is kept."""
 
@@ -262,7 +262,7 @@ class Recorder:
         self.flush()
 
     def flush(self) -> None:
-        from oneke_plan.files import write_atomic
+        from oneke_plan.io.files import write_atomic
 
         for path, text in ((self.data_path, json.dumps(self.data, indent=1, ensure_ascii=False) + "\n"),
                            (self.table_path, summary(self.data))):
@@ -488,7 +488,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def shape_dims(shape: str) -> dict[str, int]:
     """The LLaMA dims of a shape: OneKE's from oneke-plan's built-in config (model_source), the others from SHAPES."""
     if shape == "oneke":
-        from oneke_plan.model_source import resolve_model
+        from oneke_plan.plan.model_source import resolve_model
 
         config = resolve_model("oneke").config
         return {key: int(config[key]) for key in ONEKE_KEYS}
@@ -540,7 +540,7 @@ def build_checkpoint(shape: str, out: Path, device: Any, seed: int) -> Path:
 # -- planning ------------------------------------------------------------------------------------------------------
 def card_inventory(probe: Probe, *cards: Card) -> Any:
     """Emulated cards as GPUs 0, 1, ... (the real GPU's compute capability), no CPU memory."""
-    from oneke_plan.inventory import Gpu, Inventory
+    from oneke_plan.plan.inventory import Gpu, Inventory
 
     cc = getattr(probe, "compute_capability", None)
     return Inventory(tuple(Gpu(i, f"{c.label} (emulated)", c.total_bytes, c.total_bytes, cc)
@@ -554,7 +554,7 @@ def unbounded_inventory(probe: Probe) -> Any:
 
 def cpu_inventory() -> Any:
     """The CPU alone, without a bound: plans whose profile loads the whole model into host memory."""
-    from oneke_plan.inventory import Inventory
+    from oneke_plan.plan.inventory import Inventory
 
     return Inventory((), 1 << 50)
 
@@ -565,8 +565,8 @@ def target_inventory(probe: Probe) -> Any:
 
 
 def settings_for(grid: Grid, quant: str, context: int, batch: int) -> Any:
-    from oneke_plan.memory import Quantization, Workload
-    from oneke_plan.planner import PlanSettings
+    from oneke_plan.api.planner import PlanSettings
+    from oneke_plan.plan.memory import Quantization, Workload
 
     workload = Workload(context - grid.new_tokens, grid.new_tokens, batch)
     return PlanSettings(workload, Quantization(quant), dtype="bfloat16", reserve_bytes=grid.reserve_bytes,
@@ -627,7 +627,7 @@ def plan_cells(planner: Any, grid: Grid, quant: str, probe: Probe) -> list[Cell]
 def load_shared(planner: Any, source: Any, grid: Grid, quant: str, probe: Probe) -> tuple[Any, dict[str, Any]]:
     """The model as oneke-run's loader puts it on the target device (one device, no offload), and its load
     record: planned weights against the bytes of the storages it holds, per device, and the load's GPU peaks."""
-    from oneke_plan.loader import load_model
+    from oneke_plan.load.loader import load_model
 
     probe.set_card(None)
     settings = settings_for(grid, quant, min(grid.contexts), 1)
@@ -757,7 +757,7 @@ def converted_lines(tokenizer: Any, length: int, count: int) -> tuple[list[str],
     lengths reached. Text is cut character by character from tiny_checkpoint's corpus, repeated."""
     from tiny_checkpoint import default_corpus
 
-    from oneke_plan.oneke import chat_prompt
+    from oneke_plan.formats.oneke import chat_prompt
 
     template = json.loads((ROOT / "examples" / "deepke" / "NER" / "test.json").read_text(encoding="utf-8")
                           .splitlines()[0])
@@ -856,7 +856,7 @@ def calibrate(planner: Any, source: Any, shape: str, quant: str, grid: Grid, pro
               budget: Budget, folder: Path, tokenizer: Any) -> None:
     """Every cell of one shape and quantization on one loaded model, then oneke-run and the throughput line."""
     vocab = len(tokenizer)
-    from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu
+    from oneke_plan.measure.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu
 
     what = f"{shape}/{quant}"
     if quant != "none" and importlib.util.find_spec("bitsandbytes") is None:
@@ -994,9 +994,9 @@ def split_check(planner: Any, source: Any, spec: SplitSpec, grid: Grid, probe: P
     from accelerate import dispatch_model
     from accelerate.hooks import remove_hook_from_module
 
-    from oneke_plan.errors import DoesNotFit
-    from oneke_plan.fit import device_owner
-    from oneke_plan.loader import load_model
+    from oneke_plan.core.errors import DoesNotFit
+    from oneke_plan.load.loader import load_model
+    from oneke_plan.plan.fit import device_owner
 
     inventory = card_inventory(probe, *spec.cards)
     settings = settings_for(replace(grid, new_tokens=min(grid.new_tokens, SPLIT_NEW_TOKENS, spec.context - 1)),
@@ -1054,7 +1054,7 @@ def split_check(planner: Any, source: Any, spec: SplitSpec, grid: Grid, probe: P
 
 # -- the summary ---------------------------------------------------------------------------------------------------
 def _gib(value: Any) -> str:
-    from oneke_plan.sizes import format_bytes
+    from oneke_plan.core.sizes import format_bytes
 
     return "n/a" if value is None else format_bytes(int(value))
 
@@ -1167,8 +1167,8 @@ def _round_up(value: int, unit: int) -> int:
 
 def derive_main(path: Path) -> int:
     """--derive-defaults: print what the data file says DEFAULT_GPU_RESERVE_BYTES should be; change nothing."""
-    from oneke_plan.errors import BadInput
-    from oneke_plan.jsonfile import read_json_file
+    from oneke_plan.core.errors import BadInput
+    from oneke_plan.io.jsonfile import read_json_file
 
     try:  # oneke_plan's bounded reader: a huge, deeply nested or non-UTF-8 file is one line too
         data = read_json_file(path, "give the gpu-calibration.json a GPU run of this script wrote")
@@ -1193,7 +1193,7 @@ def derive_main(path: Path) -> int:
     if derived.workspace_ratio:
         print(f"measured transient (max allocated - allocated before - KV cache) / planned workspace: "
               f"{derived.workspace_ratio[0]:.3f} .. {derived.workspace_ratio[1]:.3f}")
-    print(f"to adopt it: oneke_plan/memory.py DEFAULT_GPU_RESERVE_BYTES = {derived.reserve_bytes}  "
+    print(f"to adopt it: oneke_plan/plan/memory.py DEFAULT_GPU_RESERVE_BYTES = {derived.reserve_bytes}  "
           f"# {path.name}, {gpu.get('name')}")
     if derived.over_peak_derived[1] > 1.05:
         print("note: some estimates stay more than 5% above their peak with this reserve: the workspace or KV terms, "
@@ -1231,7 +1231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from oneke_plan.errors import BadInput
+    from oneke_plan.core.errors import BadInput
 
     args = build_parser().parse_args(argv)
     if args.derive_defaults:
@@ -1308,8 +1308,8 @@ def run_shape(shape: str, grid: Grid, probe: Probe, rec: Recorder, budget: Budge
     """Build the shape's checkpoint, calibrate each quantization, run the split if it is this shape's."""
     from transformers import AutoTokenizer
 
-    from oneke_plan.model_source import resolve_model
-    from oneke_plan.planner import Planner
+    from oneke_plan.api.planner import Planner
+    from oneke_plan.plan.model_source import resolve_model
 
     if budget.spent():
         rec.skip(shape, "time budget spent before its checkpoint was built")

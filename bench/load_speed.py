@@ -3,7 +3,7 @@
 One random LLaMA checkpoint (0.55B parameters, bf16, 1.1 GB; bench/common.py CHECKPOINTS), a CPU profile planned by
 oneke-plan for it, and three ways to get its weights into memory, each timed in this process (page cache warm:
 one untimed run of each first; median of --repeats):
-  ours          oneke_plan.loader.load_model(profile, source)   (the checkpoint's names and shapes against the
+  ours          oneke_plan.load.loader.load_model(profile, source)   (the checkpoint's names and shapes against the
                 model built on meta, then from_pretrained with the profile's device_map)
   transformers  AutoModelForCausalLM.from_pretrained(dir, device_map=<the profile's device_map>, dtype=bfloat16)
   limit         safetensors.torch.load_file(<each weights file>)  (the same bytes into CPU tensors, no model)
@@ -45,11 +45,11 @@ def main() -> int:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from oneke_plan.inventory import Inventory
-    from oneke_plan.loader import load_model
-    from oneke_plan.memory import GiB, Quantization, Workload
-    from oneke_plan.model_source import resolve_model
-    from oneke_plan.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.load.loader import load_model
+    from oneke_plan.plan.inventory import Inventory
+    from oneke_plan.plan.memory import GiB, Quantization, Workload
+    from oneke_plan.plan.model_source import resolve_model
 
     print(f"machine: {machine_line()}\n")
     path = bench_checkpoint(args.checkpoint)
@@ -76,7 +76,7 @@ def main() -> int:
     def limit():
         return [t for f in files for t in load_file(str(f)).values()]
 
-    ways = {"ours (oneke_plan.loader.load_model)": ours, "transformers from_pretrained": transformers_load,
+    ways = {"ours (oneke_plan.load.loader.load_model)": ours, "transformers from_pretrained": transformers_load,
             "limit (safetensors load_file)": limit}
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
     for fn in ways.values():  # warm the page cache and lazy imports

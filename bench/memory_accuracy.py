@@ -5,7 +5,7 @@ Checkpoints: random LLaMA checkpoints built with tools/tiny_checkpoint.py (0.13B
   distinct tensor storage the loaded model holds (parameters, buffers, and bitsandbytes' quantization state:
   SCB, absmax, code, offset, nested absmax/code). Loaded with transformers' from_pretrained(device_map="cpu",
   quantization_config=BitsAndBytesConfig(...)) (bitsandbytes quantizes on CPU), and, for comparison, with
-  oneke_plan.loader.load_model and a CPU profile written by the planner (what oneke-run does).
+  oneke_plan.load.loader.load_model and a CPU profile written by the planner (what oneke-run does).
 - KV cache: generate(min_new_tokens = max_new_tokens), then the bytes of the returned cache's key/value storages.
   The cache holds input + new - 1 positions (the last token is never fed back); the planner charges input + new.
 - workspace: torch.profiler.profile(profile_memory=True) over generate(max_new_tokens=1, use_cache=False): the
@@ -41,10 +41,10 @@ KV_WORKLOADS = [(256, 32, 1), (512, 32, 4)]  # (input tokens, new tokens, batch)
 
 def predicted(path: Path, mode: str, workload) -> tuple[int, int, int]:
     """(weights, kv, workspace) the planner charges for the whole model on one device."""
-    from oneke_plan.fit import Slot, estimate
-    from oneke_plan.memory import Quantization
-    from oneke_plan.model_source import resolve_model
-    from oneke_plan.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.plan.fit import Slot, estimate
+    from oneke_plan.plan.memory import Quantization
+    from oneke_plan.plan.model_source import resolve_model
 
     planner = Planner(resolve_model(str(path)))
     costs = planner.block_costs(PlanSettings(workload, quant=Quantization(mode)), "bfloat16")
@@ -76,11 +76,11 @@ def load_transformers(path: Path, mode: str):
 
 def load_ours(path: Path, mode: str):
     """oneke-run's path: plan for this CPU, write the profile, load_model."""
-    from oneke_plan.inventory import Inventory
-    from oneke_plan.loader import load_model
-    from oneke_plan.memory import GiB, Quantization, Workload
-    from oneke_plan.model_source import resolve_model
-    from oneke_plan.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.load.loader import load_model
+    from oneke_plan.plan.inventory import Inventory
+    from oneke_plan.plan.memory import GiB, Quantization, Workload
+    from oneke_plan.plan.model_source import resolve_model
 
     source = resolve_model(str(path))
     planner = Planner(source)
@@ -90,7 +90,7 @@ def load_ours(path: Path, mode: str):
 
 
 def weights_rows(names, modes) -> list[list[str]]:
-    from oneke_plan.memory import Workload
+    from oneke_plan.plan.memory import Workload
 
     rows = []
     for name in names:
@@ -122,7 +122,7 @@ def weights_rows(names, modes) -> list[list[str]]:
 def kv_rows() -> list[list[str]]:
     import torch
 
-    from oneke_plan.memory import Workload
+    from oneke_plan.plan.memory import Workload
 
     rows = []
     for name in ("0.13B", "0.13B-gqa"):
@@ -174,7 +174,7 @@ def workspace_rows() -> list[list[str]]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from oneke_plan.memory import Workload
+    from oneke_plan.plan.memory import Workload
 
     rows = []
     for name in ("0.13B", "0.13B-gqa"):

@@ -33,10 +33,10 @@ t = {}
 s = time.perf_counter()
 import torch, accelerate, transformers.models.llama.modeling_llama
 t['import torch+accelerate+llama modeling'] = time.perf_counter() - s; s = time.perf_counter()
-from oneke_plan.inventory import build_inventory
-from oneke_plan.memory import Quantization, Workload
-from oneke_plan.model_source import resolve_model
-from oneke_plan.planner import Planner, PlanSettings
+from oneke_plan.plan.inventory import build_inventory
+from oneke_plan.plan.memory import Quantization, Workload
+from oneke_plan.plan.model_source import resolve_model
+from oneke_plan.api.planner import Planner, PlanSettings
 t['import oneke_plan'] = time.perf_counter() - s; s = time.perf_counter()
 planner = Planner(resolve_model(sys.argv[1]))
 t['read the config (AutoConfig)'] = time.perf_counter() - s; s = time.perf_counter()
@@ -65,7 +65,7 @@ def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> float:
 
 
 WATCHED_IMPORTS = ("torch", "transformers", "accelerate", "transformers.models.llama.modeling_llama", "safetensors",
-                   "yaml", "oneke_plan", "oneke_plan.planner", "oneke_plan.cli.plan")
+                   "yaml", "oneke_plan", "oneke_plan.api.planner", "oneke_plan.cli.plan")
 
 
 def import_top(cmd_args: list[str]) -> list[tuple[str, float]]:

@@ -2,7 +2,7 @@
 
 Grid: OneKE + 5 public configs (bench/common.py) x 6 GPU inventories x bf16/8-bit/4-bit x 3 workloads.
 For each cell:
-  (a) accelerate's placement, priced with our memory model (oneke_plan.fit.estimate over our block costs):
+  (a) accelerate's placement, priced with our memory model (oneke_plan.plan.fit.estimate over our block costs):
       - sequential: accelerate.infer_auto_device_map(max_memory=card sizes) (= transformers device_map="sequential");
       - balanced: accelerate.utils.get_balanced_memory, then infer_auto_device_map (= transformers "auto").
       16-bit cells call accelerate directly. Quantized cells go through transformers' own copy of these functions
@@ -48,7 +48,7 @@ RESERVE = 1 * GiB
 
 def assignment_from_device_map(layout, device_map: dict) -> dict[str, object]:
     """accelerate's device_map (module name -> device) as our block assignment (block name -> device)."""
-    from oneke_plan.fit import device_owner
+    from oneke_plan.plan.fit import device_owner
 
     assignment = {}
     for block in layout.blocks:
@@ -60,14 +60,14 @@ def assignment_from_device_map(layout, device_map: dict) -> dict[str, object]:
 
 
 def gpu_slots(sizes: tuple[int, ...]):
-    from oneke_plan.fit import Slot
+    from oneke_plan.plan.fit import Slot
 
     return [Slot(i, f"GPU {i}", s * GiB, RESERVE) for i, s in enumerate(sizes)]
 
 
 def price(assignment, costs, sizes):
     """(status, worst used/capacity over GPUs) of a placement under our memory model."""
-    from oneke_plan.fit import Slot, estimate
+    from oneke_plan.plan.fit import Slot, estimate
 
     slots = gpu_slots(sizes)
     offloaded = any(d in ("cpu", "disk") for d in assignment.values())
@@ -88,7 +88,7 @@ def exact_fits(costs, slots) -> bool:
     (sums and maxima of non-negative terms), so once a run does not fit, longer runs from the same start are skipped.
     Memoised on (start, device), which removes repeated sub-searches but no split.
     """
-    from oneke_plan.fit import estimate
+    from oneke_plan.plan.fit import estimate
 
     seq = [c for c in costs if not c.tied_to]
     partners: dict[str, list] = {}
@@ -121,7 +121,7 @@ def exact_fits(costs, slots) -> bool:
 
 def exact_largest_context(planner, dtype, quant, workload, sizes) -> int:
     """The largest max_input_tokens some contiguous split places, blocks priced as the planner prices them."""
-    from oneke_plan.planner import PlanSettings, bisect_largest
+    from oneke_plan.api.planner import PlanSettings, bisect_largest
 
     slots = gpu_slots(sizes)
     high = (planner.layout.max_position_embeddings or 1 << 20) - workload.max_new_tokens
@@ -187,7 +187,7 @@ def _build_quantized(config, quant_mode: str, dtype: str):
     from transformers import BitsAndBytesConfig
     from transformers.quantizers import AutoHfQuantizer
 
-    from oneke_plan.layout import build_meta_model
+    from oneke_plan.measure.layout import build_meta_model
 
     torch_dtype = getattr(torch, dtype)
     if quant_mode == "8bit":
@@ -205,10 +205,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="OneKE and Llama-2-70B only")
     args = parser.parse_args()
     quiet_libraries()
-    from oneke_plan.inventory import Gpu, Inventory
-    from oneke_plan.memory import Quantization, Workload
-    from oneke_plan.model_source import ModelSource, resolve_model
-    from oneke_plan.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.plan.inventory import Gpu, Inventory
+    from oneke_plan.plan.memory import Quantization, Workload
+    from oneke_plan.plan.model_source import ModelSource, resolve_model
 
     print(f"machine: {machine_line()}\n")
     sources = {"oneke": resolve_model("oneke")}

@@ -82,7 +82,7 @@ class Quiet:
 
 def measured(model: Any, tokenizer: Any, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
     """oneke-run's decoder on one prompt at batch 1: (prefill seconds, decode seconds, decode steps)."""
-    from oneke_plan.generation import GreedyGenerator
+    from oneke_plan.extract.generation import GreedyGenerator
 
     generator = GreedyGenerator(model, tokenizer, new_tokens, prefix_reuse=False)
     generator.generate([prompt])

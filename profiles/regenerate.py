@@ -2,7 +2,7 @@
 
 Each entry is (file name, oneke-plan arguments). GPUs are described by size only (no catalog lookup) and
 `--cpu-memory 0` keeps the profiles independent of the RAM of the machine that regenerates them.
-tests/test_profiles.py re-plans each entry and fails if a checked-in file drifts from what the tool writes.
+tests/project/test_profiles.py re-plans each entry and fails if a checked-in file drifts from what the tool writes.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 from tiny_checkpoint import build_tiny_llama  # noqa: E402
 
-from oneke_plan.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu  # noqa: E402
+from oneke_plan.measure.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu  # noqa: E402
 
 # Version-specific tests (CI runs the oldest versions pyproject allows as well as the newest).
 needs_bnb_on_cpu = pytest.mark.skipif(
@@ -36,7 +36,7 @@ def transformers_meta_model(config, dtype: str = "bfloat16", attn: str | None = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from oneke_plan.compat import dtype_kw
+    from oneke_plan.measure.compat import dtype_kw
 
     key = (config.to_json_string(), dtype, attn)
     if key not in _META_MODELS:
@@ -62,7 +62,7 @@ def llama2_zh_ids(tokenizer, instruction: str) -> list[int]:  # type: ignore[no-
 
 def accelerate_device(name: str, device_map: dict):  # type: ignore[no-untyped-def]
     """The device_map entry that covers tensor or module `name`, by accelerate's own rule (the walk up the dotted
-    name that its checkpoint loading does): an independent route to oneke_plan.fit.device_owner's answer. Raises
+    name that its checkpoint loading does): an independent route to oneke_plan.plan.fit.device_owner's answer. Raises
     ValueError when no key covers `name`."""
     from accelerate.utils.modeling import _get_param_device
 

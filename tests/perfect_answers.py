@@ -1,7 +1,7 @@
 """The answer OneKE should give to one prompt, built from the record's gold label in OneKE's trained shapes
 (/work/shared/oneke/README.md "Output shapes"): for checking that perfect answers score 100 everywhere.
 
-Written from the output shapes alone, not from oneke_plan.score, so the scorer is checked against an independent
+Written from the output shapes alone, not from oneke_plan.extract.score, so the scorer is checked against an independent
 route. RE and SPO answer with subject/object, as OneKE does (IEPile), not the evaluator's head/tail.
 """
 

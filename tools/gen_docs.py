@@ -8,7 +8,7 @@ Each generated part sits between two marker lines in its Markdown file:
 
 ENVIRONMENT says what the text depends on besides this repository: the Python version for `--help` texts (argparse
 lays them out differently across versions), the transformers major version for planned numbers (profiles/ are
-written with transformers 5, see tests/test_profiles.py). tests/test_docs.py renders every part again and fails
+written with transformers 5, see tests/project/test_profiles.py). tests/project/test_docs.py renders every part again and fails
 when a file differs, where the environment is the one recorded; `python tools/gen_docs.py --check` does the same
 and lists the parts that drifted. The profile example in docs/profile-format.md is rewritten by
 `python profiles/regenerate.py` (`make profiles`, which `make docs` runs first).
@@ -156,7 +156,82 @@ def profiles_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+# -- README's module map --------------------------------------------------------------------------------------------
+MAP_WIDTH = 118  # the map's lines are wrapped to this width, continuation lines under the module's description
+MAP_INDENT = 18  # where descriptions start: two spaces, the module's name, padding
+
+
+def layers() -> list[str]:
+    """oneke_plan's layers, bottom first: pyproject's import-linter `layers` contract lists them top first."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c.get("id") == "layers"]
+    return [name.removeprefix("oneke_plan.") for name in reversed(contract["layers"])]
+
+
+def summary_sentence(path: Path) -> str:
+    """The first sentence of a module's docstring (its first paragraph when no sentence ends in it)."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    match = re.match(r"(.+?[.?!])(?=\s|$)", paragraph)
+    return match.group(1) if match else paragraph
+
+
+def _imports_within(path: Path, package: str) -> set[str]:
+    """The modules of oneke_plan.`package` that the module at `path` imports (by their names inside it)."""
+    import ast
+
+    found = set()
+    prefix = f"oneke_plan.{package}"
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module == prefix:
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(prefix + "."):
+            found.add(node.module.removeprefix(prefix + ".").split(".")[0])
+    return found
+
+
+def reading_order(folder: Path) -> list[Path]:
+    """A layer's modules, each after those of its layer it imports (ties alphabetical): the order to read them in."""
+    import graphlib
+
+    modules = {path.stem: path for path in sorted(folder.glob("*.py")) if path.name != "__init__.py"}
+    sorter = graphlib.TopologicalSorter(
+        {name: sorted(_imports_within(path, folder.name) & set(modules) - {name}) for name, path in modules.items()}
+    )
+    sorter.prepare()
+    order: list[str] = []
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready())
+        order += ready
+        sorter.done(*ready)
+    return [modules[name] for name in order]
+
+
+def _map_rows(name: str, text: str) -> list[str]:
+    import textwrap
+
+    lines = textwrap.wrap(text, MAP_WIDTH - MAP_INDENT, break_on_hyphens=False) or [""]
+    head = f"{name:<{MAP_INDENT - 2}}  " if len(name) <= MAP_INDENT - 2 else f"{name}\n{'':<{MAP_INDENT}}"
+    return [head + lines[0]] + [" " * MAP_INDENT + line for line in lines[1:]]
+
+
+def module_map() -> str:
+    """oneke_plan/ layer by layer, bottom first: each package's summary sentence, then each module's."""
+    rows = []
+    for layer in layers():
+        folder = ROOT / "oneke_plan" / layer
+        rows += _map_rows(f"{layer}/", summary_sentence(folder / "__init__.py"))
+        for path in reading_order(folder):
+            rows += _map_rows(f"  {path.stem}", summary_sentence(path))
+    return fenced("\n".join(rows) + "\n")
+
+
 PARTS = [
+    Part("README.md", "module-map", module_map, lambda: "oneke_plan/"),
     Part("README.md", "oneke-plan-summary", summary, transformers_env),
     Part("docs/memory-model.md", "oneke-plan-summary", summary, transformers_env),
     Part("profiles/README.md", "profiles-table", profiles_table, lambda: "profiles/"),

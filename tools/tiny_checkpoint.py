@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from oneke_plan.oneke import EXAMPLE_SUFFIX, INSTRUCTIONS, SYSTEM_PROMPT, TASKS
+from oneke_plan.formats.oneke import EXAMPLE_SUFFIX, INSTRUCTIONS, SYSTEM_PROMPT, TASKS
 
 __all__ = [
     "BOS_TOKEN",
@@ -61,9 +61,9 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 # The text the tokenizer learns its merges from: OneKE's system prompt and instruction texts (from
-# oneke_plan.oneke, verbatim as the authors publish them), the shapes of its schemas and answers, and a few ordinary
-# sentences. Merges learnt here make OneKE prompts a few hundred tokens long, like the real tokenizer, instead of one
-# token per byte.
+# oneke_plan.formats.oneke, verbatim as the authors publish them), the shapes of its schemas and answers, and a few
+# ordinary sentences. Merges learnt here make OneKE prompts a few hundred tokens long, like the real tokenizer,
+# instead of one token per byte.
 
 
 def _instruction_texts() -> tuple[str, ...]:
@@ -486,7 +486,7 @@ def build_tiny_llama(
     (OneKE's 55,296) do. Everything is a pure function of the arguments: same seed, same bytes.
 
     Random weights rarely pick EOS under greedy decoding (it is 1 of ~1,000 near-equal logits), so generation
-    runs several tokens; tests/test_tiny.py checks this on DeepKE prompts for the default seed.
+    runs several tokens; tests/project/test_tiny.py checks this on DeepKE prompts for the default seed.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 
 from oneke_plan.api import Report
-from oneke_plan.errors import EXIT_BAD_INPUT, Interrupted, OnekePlanError, interrupted_by
+from oneke_plan.core.errors import EXIT_BAD_INPUT, Interrupted, OnekePlanError, interrupted_by
 
 EXIT_INTERNAL = 1
 

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING
 
 from oneke_plan import __version__, api
 from oneke_plan.api import DEFAULT_WORKLOAD
-from oneke_plan.catalog import card_names
+from oneke_plan.api.report import BAR_LEGEND, bar, device_rows, speed_lines
 from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, format_table, run_main, wants_debug
-from oneke_plan.errors import BadInput
-from oneke_plan.memory import DEFAULT_CPU_RESERVE_BYTES, DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
-from oneke_plan.model_source import ONEKE_REPO_ID
-from oneke_plan.plan_report import BAR_LEGEND, bar, device_rows, speed_lines
-from oneke_plan.sizes import format_bytes
-from oneke_plan.templates import ONEKE_TEMPLATE, TEMPLATES
+from oneke_plan.core.errors import BadInput
+from oneke_plan.core.sizes import format_bytes
+from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES
+from oneke_plan.plan.catalog import card_names
+from oneke_plan.plan.memory import DEFAULT_CPU_RESERVE_BYTES, DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
+from oneke_plan.plan.model_source import ONEKE_REPO_ID
 
 if TYPE_CHECKING:
-    from oneke_plan.planner import PlanResult
+    from oneke_plan.api.planner import PlanResult
 
 EPILOG = """\
 examples:
@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
 def vllm_lines(profile, num_layers: int) -> str:  # type: ignore[no-untyped-def]
     """The plan as `vllm serve` runs it, one command per replica (or why vLLM cannot run it: oneke-run's hf engine
     can, so the plan stands)."""
-    from oneke_plan.vllm_plan import vllm_settings
+    from oneke_plan.plan.vllm_plan import vllm_settings
 
     source = profile.model.get("source")
     model = ONEKE_REPO_ID if source == "oneke" else str(source)

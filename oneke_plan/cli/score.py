@@ -71,7 +71,7 @@ def compare_table(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oneke_plan.score import compare, score_file
+    from oneke_plan.extract.score import compare, score_file
 
     scores = score_file(args.answers, args.task)
     if args.other is None:

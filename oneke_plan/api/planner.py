@@ -1,0 +1,835 @@
+"""oneke-plan's algorithm, step by step, each step saying what it decided and why.
+
+1. Build the model on the meta device and read its blocks (layout.py).
+2. Choose the dtype as transformers' `dtype="auto"` does (the config's, else the weights'), falling back to fp16
+   only where a GPU cannot run bf16.
+3. Price every block: weights for the dtype/quantization, KV cache and activations for the workload (fit.py).
+4. Place blocks on devices so that weights + KV + workspace + reserve fit each device (fit.py).
+5. Write the placement itself as the device_map (block name -> device, grouped by accelerate's clean_device_map)
+   and check that it covers every parameter and buffer on its planned device, tied weights together.
+6. If nothing fits: say by how much, and compute (not guess) what would: 8-bit, 4-bit, a shorter context, a
+   smaller batch, then CPU or disk offload.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from oneke_plan import __version__
+from oneke_plan.core.errors import BadInput, DoesNotFit
+from oneke_plan.core.sizes import format_bytes
+from oneke_plan.measure.adapter import Adapter, attach_meta, check_base, lora_module, lora_parameters
+from oneke_plan.measure.checkpoint import checkpoint_dtype
+from oneke_plan.measure.compat import measures_on_meta
+from oneke_plan.measure.forward import OUTSIDE, MeasureError, Measurer
+from oneke_plan.measure.layout import (
+    build_meta_model,
+    config_dtype,
+    load_config,
+    max_positions,
+    quantizable_linears,
+    read_layout,
+    two_layer_copy,
+)
+from oneke_plan.plan.blocks import ModelLayout
+from oneke_plan.plan.fit import (
+    OFFLOAD_DEVICES,
+    BlockCost,
+    DeviceEstimate,
+    DeviceId,
+    MeasuredMemory,
+    Placement,
+    Slot,
+    block_costs,
+    device_owner,
+    explain_refusal,
+    place,
+)
+from oneke_plan.plan.inventory import Inventory, runs_bf16
+from oneke_plan.plan.memory import (
+    DEFAULT_CPU_RESERVE_BYTES,
+    DEFAULT_GPU_RESERVE_BYTES,
+    DTYPE_BYTES,
+    Quantization,
+    Workload,
+    decode_step_seconds,
+    merges_on_load,
+    offload_slowdown,
+)
+from oneke_plan.plan.model_source import ModelSource
+from oneke_plan.plan.profile import (
+    ATTN_IMPLEMENTATIONS,
+    ESTIMATE_KEYS,
+    REPLICAS_FORMAT_VERSION,
+    Profile,
+    ProfileDevice,
+    Replica,
+)
+from oneke_plan.plan.replicas import GroupFits, most_replicas, split_into
+from oneke_plan.plan.speed import SpeedPrediction, combined, predict, rates_of
+
+MAX_SOLVED_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Everything besides the model and the machine that changes a plan."""
+
+    workload: Workload
+    quant: Quantization = Quantization()
+    dtype: str = "auto"
+    strategy: str = "fill"
+    reserve_bytes: int = DEFAULT_GPU_RESERVE_BYTES
+    cpu_reserve_bytes: int = DEFAULT_CPU_RESERVE_BYTES
+    eager_attention: bool = False
+
+
+def check_positive(workload: Workload) -> None:
+    """Token counts and batch size are positive (needs no model: callers check this before building one)."""
+    for name in ("max_input_tokens", "max_new_tokens", "batch_size"):
+        if getattr(workload, name) <= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(workload, name)}")
+
+
+def check_replica_counts(count: int | str, nodes: int) -> None:
+    """--replicas and --nodes are positive (or --replicas auto); needs no model."""
+    if nodes < 1 or (count != "auto" and int(count) < 1):
+        raise BadInput("--replicas and --nodes must be positive (or --replicas auto)")
+
+
+@dataclass
+class Plan:
+    settings: PlanSettings
+    dtype: str
+    attn_implementation: str  # what transformers runs attention with: "sdpa" or "eager" (as the build chose)
+    slots: list[Slot]
+    costs: list[BlockCost]
+    placement: Placement
+    layout: ModelLayout
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.placement.fits
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A written plan: the plan, its profile, what solving found, and (for plans that offload) what would fit on
+    the GPUs alone, each line computed by planning it."""
+
+    plan: Plan
+    profile: Profile
+    solved: str | None = None
+    gpu_only_options: list[str] | None = None
+    replicas: list[Plan] = field(default_factory=list)  # with --replicas: every copy's plan (`plan` is the first)
+    unused_gpus: list[int] = field(default_factory=list)  # GPUs no replica needs
+    template_reason: str = ""  # why the profile's chat template is the one it is, in words
+
+
+@dataclass(frozen=True)
+class ModelDtype:
+    """The dtype transformers' `from_pretrained(dtype="auto")` would load the model in, and where it came from."""
+
+    name: str | None  # e.g. "bfloat16"; None when neither the config nor the weights say
+    origin: str  # "config.json", "the checkpoint", or why it is unknown
+
+
+def model_dtype(config: Any, source: ModelSource) -> ModelDtype:
+    """transformers' rule for `dtype="auto"`: the config's `dtype` (`torch_dtype` before 4.56), else the first
+    floating-point tensor of the checkpoint (its header only), else unknown."""
+    from_config = config_dtype(config)
+    if from_config is not None:
+        return ModelDtype(from_config, "config.json")
+    if source.directory is not None:
+        from_weights = checkpoint_dtype(source.directory)
+        if from_weights is not None:
+            return ModelDtype(from_weights, "the checkpoint")
+    return ModelDtype(None, "config.json names no dtype and there are no weights to read it from")
+
+
+def resolve_dtype(requested: str, model: ModelDtype, inventory: Inventory) -> tuple[str, list[str]]:
+    """The compute dtype, and why. `auto` keeps the model's own dtype; bf16 needs compute capability >= 8.0
+    (Ampere), so older cards get fp16, with a warning."""
+    notes: list[str] = []
+    if requested != "auto":
+        if requested == "float16" and model.name == "bfloat16":
+            notes.append("warning: the model was trained in bf16; fp16 can overflow and give wrong outputs")
+        return requested, notes + [f"dtype: {requested}, as --dtype says (the model's own: {model.name})"]
+    if model.name is None:
+        raise BadInput(
+            f"--dtype auto: {model.origin}; pass --dtype bfloat16, float16 or float32 (transformers would load it "
+            "as float32)"
+        )
+    if model.name not in DTYPE_BYTES:
+        raise BadInput(
+            f"--dtype auto: the model's dtype is {model.name} (from {model.origin}), which oneke-plan does not plan "
+            "for; pass --dtype bfloat16, float16 or float32"
+        )
+    if model.name != "bfloat16":
+        return model.name, notes + [f"dtype: {model.name}, as {model.origin} says"]
+    old = [g for g in inventory.gpus if not runs_bf16(g)]
+    if old:
+        names = ", ".join(f"GPU {g.index} ({g.name}, {g.capability_text})" for g in old)
+        notes.append(
+            f"warning: {names} cannot run bf16, so float16 is used; the model was trained in bf16 and "
+            "fp16 can overflow and give wrong outputs"
+        )
+        return "float16", notes
+    unknown = [g.index for g in inventory.gpus if g.compute_capability is None]
+    if unknown:
+        notes.append(
+            f"dtype: bfloat16, as {model.origin} says, assuming GPU {', '.join(map(str, unknown))} support it "
+            "(compute capability unknown: describe the card by name, e.g. --gpu 'RTX 3090', to check)"
+        )
+    else:
+        notes.append(
+            f"dtype: bfloat16, as {model.origin} says" + (" and every GPU supports it" if inventory.gpus else "")
+        )
+    return "bfloat16", notes
+
+
+def make_slots(inventory: Inventory, reserve_bytes: int, cpu_reserve_bytes: int) -> list[Slot]:
+    """Devices in fill order: GPUs, then CPU (when it may hold weights), then disk (when an offload dir is set).
+    Each GPU keeps its own reserve when the machine gives one (--reserve INDEX=SIZE, an inventory file's card),
+    else `reserve_bytes`; the CPU likewise (--reserve cpu=SIZE), else `cpu_reserve_bytes`."""
+    slots = [
+        Slot(g.index, f"GPU {g.index}", g.free_bytes, reserve_bytes if g.reserve_bytes is None else g.reserve_bytes)
+        for g in inventory.gpus
+    ]
+    if inventory.cpu_bytes > 0 or not inventory.gpus:
+        cpu_reserve = cpu_reserve_bytes if inventory.cpu_reserve_bytes is None else inventory.cpu_reserve_bytes
+        slots.append(Slot("cpu", "CPU", inventory.cpu_bytes, cpu_reserve))
+    if inventory.offload_dir is not None:
+        slots.append(Slot("disk", "disk", inventory.disk_bytes, 0))
+    return slots
+
+
+# Measurements are a pure function of the model's config, dtype, attention and the library versions: kept for
+# the life of the process, so that every Planner of the same model (tests, benchmarks, a notebook) measures once.
+_MEASURERS: dict[tuple[str, str, bool, bool, str | None], Measurer] = {}
+_QUANTIZABLE: dict[tuple[str, str, bool], dict[str, tuple[int, int]]] = {}
+
+
+class Planner:
+    """Holds one model's config, meta builds (one per dtype and attention implementation) and measurements, so
+    that re-planning (suggestions, solving) costs arithmetic only."""
+
+    def __init__(self, source: ModelSource, trust_remote_code: bool = False, adapter: Adapter | None = None):
+        self.source = source
+        self.trust_remote_code = trust_remote_code
+        self.config = load_config(source, trust_remote_code)
+        self.model_dtype = model_dtype(self.config, source)
+        self._builds: dict[tuple[str, bool], tuple[Any, ModelLayout]] = {}
+        self._key = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        self.adapter = adapter
+        self._adapter_bytes: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+        self._adapted: dict[tuple[str, str | None, bool], Any] = {}
+        if adapter is not None:
+            check_base(adapter, self.model)  # exit 3 for an adapter of another base, before anything is planned
+
+    def build(self, dtype: str, eager_attention: bool = False) -> tuple[Any, ModelLayout]:
+        """The meta model and its layout at `dtype` (buffers keep the dtype the model's code gives them at that
+        dtype). transformers writes the dtype into the config it builds from, so each build gets its own copy."""
+        key = (dtype, eager_attention)
+        if key not in self._builds:
+            model = build_meta_model(
+                copy.deepcopy(self.config),
+                dtype,
+                self.trust_remote_code,
+                attn_implementation="eager" if eager_attention else None,
+            )
+            self._builds[key] = (model, read_layout(model, self.config, dtype))
+        return self._builds[key]
+
+    def unmerged_adapter(self, quant: Quantization) -> bool:
+        """Whether the plan runs the adapter's LoRA layers unmerged (8/4-bit weights)."""
+        return self.adapter is not None and not merges_on_load(quant.mode)
+
+    def adapted_build(self, dtype: str, attn: str | None = None, fake: bool = False) -> Any:
+        """The meta model at `dtype` with the adapter's LoRA layers as peft builds them: one build per dtype,
+        attention and build kind, shared by the measurer and adapter_bytes."""
+        assert self.adapter is not None
+        key = (dtype, attn, fake)
+        if key not in self._adapted:
+            model = build_meta_model(copy.deepcopy(self.config), dtype, self.trust_remote_code, attn, fake=fake)
+            self._adapted[key] = attach_meta(model, self.adapter)
+        return self._adapted[key]
+
+    def measurer(self, dtype: str, eager_attention: bool = False, unmerged_adapter: bool = False) -> Measurer:
+        """What the model's own forward holds, per block, measured on the meta device at `dtype`; with
+        `unmerged_adapter`, the forward of the model with the adapter's LoRA layers, as peft builds them."""
+        adapter = self.adapter if unmerged_adapter else None
+        key = (self._key, dtype, eager_attention, self.trust_remote_code, adapter.fingerprint if adapter else None)
+        if key not in _MEASURERS:
+            model, layout = self.build(dtype, eager_attention)
+            layers = [b.name for b in layout.blocks if b.kind == "layer"]
+            attn = "eager" if eager_attention else None
+            fake = not measures_on_meta()
+            if adapter is not None:  # a build of its own: peft changes the model it wraps
+                model = self.adapted_build(dtype, attn, fake)
+            elif fake:
+                model = build_meta_model(copy.deepcopy(self.config), dtype, self.trust_remote_code, attn, fake=fake)
+
+            def two_layers() -> tuple[Any, list[str], list[str]]:
+                small = two_layer_copy(self.config, model, layers, dtype, attn, fake=fake)
+                small = attach_meta(small, adapter) if adapter is not None else small
+                small_layout = read_layout(small, self.config, dtype)
+                small_layers = [b.name for b in small_layout.blocks if b.kind == "layer"]
+                return small, [b.name for b in small_layout.blocks], small_layers
+
+            limit = layout.max_position_embeddings
+            _MEASURERS[key] = Measurer(model, [b.name for b in layout.blocks], layers, two_layers, limit)
+        return _MEASURERS[key]
+
+    def quantizable(self, dtype: str) -> dict[str, tuple[int, int]]:
+        """Weights transformers' bitsandbytes integration would quantize (layout.quantizable_linears)."""
+        key = (self._key, dtype, self.trust_remote_code)
+        if key not in _QUANTIZABLE:
+            _QUANTIZABLE[key] = quantizable_linears(self.config, dtype, self.trust_remote_code)
+        return _QUANTIZABLE[key]
+
+    @property
+    def default_dtype(self) -> str:
+        return self.model_dtype.name if self.model_dtype.name in DTYPE_BYTES else "float32"  # type: ignore[return-value]
+
+    @property
+    def model(self) -> Any:
+        """The meta model at the model's own dtype (what the tests and benchmarks inspect)."""
+        return self.build(self.default_dtype)[0]
+
+    @property
+    def layout(self) -> ModelLayout:
+        return self.build(self.default_dtype)[1]
+
+    # -- steps 2-4 ---------------------------------------------------------------------------------------------
+    def check_workload(self, workload: Workload) -> None:
+        check_positive(workload)
+        limit = max_positions(self.config)  # from the config: a build at another dtype than the plan's is not needed
+        if limit and workload.sequence_tokens > limit:
+            raise BadInput(
+                f"--max-input-tokens {workload.max_input_tokens} + --max-new-tokens {workload.max_new_tokens} = "
+                f"{workload.sequence_tokens} tokens is beyond the model's max_position_embeddings ({limit}); "
+                "lower one of them"
+            )
+
+    def plan(self, inventory: Inventory, settings: PlanSettings) -> Plan:
+        self.check_workload(settings.workload)
+        dtype, log = resolve_dtype(settings.dtype, self.model_dtype, inventory)
+        model, layout = self.build(dtype, settings.eager_attention)
+        attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        if attn not in ATTN_IMPLEMENTATIONS:
+            raise BadInput(f"{layout.architecture} runs attention as {attn!r}, which oneke-plan does not plan for")
+        if attn == "eager" and not settings.eager_attention:
+            log.append(f"attention: {layout.architecture} runs eager attention (no SDPA), so its scores are counted")
+        slots = make_slots(inventory, settings.reserve_bytes, settings.cpu_reserve_bytes)
+        if not slots:
+            raise BadInput("no device to plan for: no GPU was given or detected and --cpu-memory is 0")
+        costs = self.block_costs(settings, dtype)
+        unmerged = self.unmerged_adapter(settings.quant)
+        log += self.measurer(dtype, settings.eager_attention, unmerged).log
+        log += self.adapter_notes(settings, dtype, layout)
+        layer = next((c for c in costs if c.kind == "layer"), None)
+        if layer is not None:
+            log.append(
+                f"per decoder layer: weights {format_bytes(layer.weights_bytes)}, KV cache "
+                f"{format_bytes(layer.kv_cache_bytes)} ({settings.workload.batch_size} x "
+                f"{settings.workload.sequence_tokens} tokens), "
+                f"prefill activations {format_bytes(layer.activation_bytes)}"
+            )
+        for slot in slots:
+            cap = "unbounded" if slot.capacity_bytes is None else format_bytes(slot.capacity_bytes)
+            log.append(f"{slot.name}: {cap} usable, of which reserve {format_bytes(slot.reserve_bytes)}")
+        placement = place(costs, slots, settings.strategy)
+        return Plan(
+            settings, dtype, attn, slots, costs, placement, layout, log + placement.log + _offload_note(placement)
+        )
+
+    def adapter_notes(self, settings: PlanSettings, dtype: str, layout: ModelLayout) -> list[str]:
+        """What the plan does with the adapter and what it counts (the profile's notes keep these lines)."""
+        if self.adapter is None:
+            return []
+        resident, scratch = self.adapter_bytes(dtype, layout)
+        adapter = self.adapter
+        head = (
+            f"adapter: LoRA r={adapter.r}, {len(adapter.modules)} layers, {format_bytes(adapter.file_tensor_bytes)} "
+            f"of tensors in {adapter.directory.name}/adapter_model.safetensors, {format_bytes(sum(resident.values()))} "
+            "as peft loads them (its default autocast keeps 16-bit LoRA weights in float32)"
+        )
+        if merges_on_load(settings.quant.mode):
+            return [
+                f"{head}; merged into the weights on load (peft merge_and_unload), so the weights are the base "
+                "model's size and inference runs as without it; the adapter's tensors and the largest merge "
+                f"transient ({format_bytes(max(scratch.values(), default=0))}) are counted as load-time memory on "
+                "the devices of the layers they wrap"
+            ]
+        return [
+            f"{head}; kept unmerged ({settings.quant.mode}: merging into quantized weights would requantize them, "
+            "losing precision): its tensors are counted with the weights of the layers they wrap, and the LoRA "
+            "forward's intermediates are measured with the model's forward on the meta device"
+        ]
+
+    def block_costs(self, settings: PlanSettings, dtype: str) -> list[BlockCost]:
+        """Every block of the model built at `dtype`, priced for the settings as plan() places them: weights for the
+        quantization, and the state and transient peak measured for the workload; and the adapter's tensors, with
+        the weights when it stays unmerged (8/4-bit), as load-time memory when it is merged on load (16-bit)."""
+        layout = self.build(dtype, settings.eager_attention)[1]
+        unmerged = self.unmerged_adapter(settings.quant)
+        memory = self.measured(dtype, settings.eager_attention, settings.workload, layout, unmerged)
+        quantizable = self.quantizable(dtype) if settings.quant.mode != "none" else None
+        if quantizable is not None and not quantizable:
+            raise BadInput(
+                f"--quantize {settings.quant.mode}: transformers' bitsandbytes integration quantizes no layer of "
+                f"{layout.architecture} (it converts nn.Linear and Conv1D modules only), so it would load unchanged; "
+                "plan without --quantize"
+            )
+        costs = block_costs(layout, settings.quant, settings.workload, memory, quantizable)
+        if self.adapter is None:
+            return costs
+        resident, scratch = self.adapter_bytes(dtype, layout)
+        if unmerged:
+            return [
+                replace(c, weights_bytes=c.weights_bytes + resident.get(c.name, 0),
+                        unquantized_weights_bytes=c.unquantized_weights_bytes + resident.get(c.name, 0))
+                for c in costs
+            ]  # fmt: skip
+        return [
+            replace(c, adapter_load_bytes=resident.get(c.name, 0), merge_scratch_bytes=scratch.get(c.name, 0))
+            for c in costs
+        ]
+
+    def adapter_bytes(self, dtype: str, layout: ModelLayout) -> tuple[dict[str, int], dict[str, int]]:
+        """Per block: the bytes of the adapter's LoRA tensors as peft builds them onto the model at `dtype` (on
+        meta: peft's own dtype rule), and the largest transient of merging one of its layers, by hand from peft's
+        get_delta_weight (`lora_B @ lora_A`, then that times the scaling: two out x in matrices of the LoRA dtype,
+        added in place to the weight)."""
+        assert self.adapter is not None
+        if dtype not in self._adapter_bytes:
+            model = self.adapted_build(dtype)
+            names = [b.name for b in layout.blocks]
+            modules = self.adapter.modules
+            resident: dict[str, int] = {}
+            scratch: dict[str, int] = {}
+            for name, param in lora_parameters(model).items():
+                block = max((b for b in names if b == "" or name.startswith(b + ".")), key=len)
+                resident[block] = resident.get(block, 0) + param.numel() * param.element_size()
+                if ".lora_A." in name:
+                    pair = modules[lora_module(name)]
+                    merge = 2 * pair["lora_B"][0] * pair["lora_A"][1] * param.element_size()
+                    scratch[block] = max(scratch.get(block, 0), merge)
+            self._adapter_bytes[dtype] = (resident, scratch)
+        return self._adapter_bytes[dtype]
+
+    def measured(
+        self, dtype: str, eager_attention: bool, workload: Workload, layout: ModelLayout, unmerged_adapter: bool = False
+    ) -> MeasuredMemory:
+        """Per block, the state and transient peak the model's forward was measured to hold for the workload."""
+        measurer = self.measurer(dtype, eager_attention, unmerged_adapter)
+        try:
+            memory = measurer.block_memory(workload.batch_size, workload.max_input_tokens, workload.sequence_tokens)
+        except MeasureError as exc:
+            raise BadInput(
+                f"{self.source.name}: oneke-plan cannot price {layout.architecture} honestly: it measures memory by "
+                f"running the model's own forward on the meta device, and that fails ({exc})"
+            ) from None
+        blocks = {name: m for name, m in memory.items() if name != OUTSIDE}
+        return MeasuredMemory(
+            {name: m.prefill_state_bytes for name, m in blocks.items()},
+            {name: m.decode_state_bytes for name, m in blocks.items()},
+            {name: m.peak_bytes for name, m in blocks.items()},
+            memory[OUTSIDE].prefill_state_bytes,
+            memory[OUTSIDE].decode_state_bytes,
+            memory[OUTSIDE].peak_bytes,
+        )
+
+    # -- step 5 ------------------------------------------------------------------------------------------------
+    def device_map(self, plan: Plan) -> dict[str, DeviceId]:
+        """The plan's placement as an accelerate device_map: each block's name -> its device, grouped where a whole
+        module's blocks share a device (accelerate's clean_device_map, as infer_auto_device_map writes them).
+
+        Blocks are what accelerate's own traversal yields (modules it must not split, leaves, loose parameters and
+        buffers), so every key is a module or tensor name from_pretrained and dispatch_model accept.
+        """
+        from accelerate.utils.modeling import clean_device_map
+
+        device_map = clean_device_map(
+            {block.name: plan.placement.assignment[block.name] for block in plan.layout.blocks}
+        )
+        self._check_device_map(device_map, plan)
+        return dict(device_map)
+
+    def _check_device_map(self, device_map: dict[str, DeviceId], plan: Plan) -> None:
+        """Every parameter and buffer of the meta model is covered, on the device its block was planned for, and
+        tied weights share a device: checked tensor by tensor, independently of how the map was written."""
+        from accelerate.utils import check_device_map, find_tied_parameters
+
+        model, _ = self.build(plan.dtype, plan.settings.eager_attention)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns about keys that name a tensor, not a module: those are fine
+            check_device_map(model, device_map)  # raises for a parameter or persistent buffer left without a device
+        planned = {t.name: plan.placement.assignment[b.name] for b in plan.layout.blocks for t in b.tensors}
+        for name, _tensor in [*model.named_parameters(), *model.named_buffers()]:
+            device = device_owner(name, device_map)
+            if name in planned and device != planned[name]:
+                raise RuntimeError(
+                    f"internal error: the device_map puts {name} on {device!r}, the plan on {planned[name]!r}; "
+                    "please report this with the command you ran"
+                )
+        for group in find_tied_parameters(model):
+            devices = {device_owner(name, device_map) for name in group}
+            if len(devices) > 1:
+                raise RuntimeError(f"internal error: tied weights {group} are split over {devices}; please report")
+
+    # -- step 6 ------------------------------------------------------------------------------------------------
+    def largest(self, inventory: Inventory, settings: PlanSettings, what: str) -> int:
+        """The largest max_input_tokens or batch_size that fits (0 if even 1 does not), by bisection on the
+        pure placement; nothing is loaded."""
+
+        def fits(value: int) -> bool:
+            trial = replace(settings, workload=replace(settings.workload, **{what: value}))
+            return self.plan(inventory, trial).fits
+
+        return bisect_largest(fits, self._solve_bound(settings, what))
+
+    def alternatives(self, inventory: Inventory, settings: PlanSettings) -> list[str]:
+        """What would fit instead, each line computed by planning it."""
+        lines = []
+        order = ["none", "8bit", "4bit"]
+        for mode in order[order.index(settings.quant.mode) + 1 :]:
+            trial = self.plan(inventory, replace(settings, quant=replace(settings.quant, mode=mode)))  # type: ignore[arg-type]
+            if trial.fits:
+                lines.append(f"--quantize {mode}: fits ({_peaks(trial)})")
+        context = self.largest(inventory, settings, "max_input_tokens")
+        if context >= 1:
+            lines.append(f"--max-input-tokens {context} (with batch {settings.workload.batch_size}): fits")
+        if settings.workload.batch_size > 1:
+            batch = self.largest(inventory, settings, "batch_size")
+            if batch >= 1:
+                lines.append(f"--batch-size {batch}: fits")
+        if inventory.gpus:
+            unbounded_cpu = replace(inventory, cpu_bytes=1 << 62)
+            trial = self.plan(unbounded_cpu, settings)
+            if trial.fits and "cpu" in trial.placement.estimates:
+                need = trial.placement.estimates["cpu"].total_bytes
+                if need > inventory.cpu_bytes:
+                    lines.append(
+                        f"CPU offload: --cpu-memory {format_bytes(need).replace(' ', '')} "
+                        f"(about {_slowdown(trial):.0f}x slower: weights cross PCIe at every step)"
+                    )
+        if inventory.offload_dir is None:
+            trial = self.plan(replace(inventory, offload_dir="offload", disk_bytes=None), settings)
+            if trial.fits:
+                lines.append(f"disk offload: --offload-dir DIR (about {_slowdown(trial):.0f}x slower)")
+        return lines
+
+    def gpu_only_alternatives(self, inventory: Inventory, settings: PlanSettings) -> list[str]:
+        """For a plan that offloads: what would fit on the GPUs alone (each line computed by planning it)."""
+        gpus_only = replace(inventory, cpu_bytes=0, offload_dir=None, disk_bytes=None)
+        if self.plan(gpus_only, settings).fits:
+            return ["the same workload without offload"]
+        return [line for line in self.alternatives(gpus_only, settings) if "offload" not in line]
+
+    def does_not_fit_message(self, plan: Plan, inventory: Inventory) -> str:
+        placement = plan.placement
+        left = [c for c in plan.costs if c.name in placement.unplaced]
+        left_bytes = sum(c.weights_bytes + max(c.kv_cache_bytes, c.prefill_state_bytes) for c in left)
+        lines = [
+            f"does not fit: {len(left)} blocks ({left[0].name} .. {left[-1].name}) are left over, "
+            f"{format_bytes(left_bytes)} of weights and KV cache, after every device was filled:"
+        ]
+        refusal = placement.first_refusal()
+        if refusal is not None:
+            lines.append(f"  first block that did not fit: {explain_refusal(refusal, plan.slots)}")
+        for slot in plan.slots:
+            est = placement.estimates.get(slot.id)
+            used = est.total_bytes if est else 0
+            cap = "unbounded" if slot.capacity_bytes is None else format_bytes(slot.capacity_bytes)
+            lines.append(f"  {slot.name}: {format_bytes(used)} of {cap} planned")
+        options = self.alternatives(inventory, plan.settings)
+        lines.append("what would fit:" if options else "nothing tried fits; add GPUs or memory")
+        lines += [f"  {line}" for line in options]
+        return "\n".join(lines)
+
+    # -- all steps ---------------------------------------------------------------------------------------------
+    def plan_profile(
+        self,
+        inventory: Inventory,
+        settings: PlanSettings,
+        solve: str | None = None,
+        replicas: int | str = 1,
+        nodes: int = 1,
+    ) -> PlanResult:
+        """Everything oneke-plan does between reading its flags and printing: solve for the largest
+        `max_input_tokens` or `batch_size` if asked, plan, and write the profile; with `replicas` (a number, or
+        "auto" for as many as fit) one copy of the model per group of GPUs, the same on `nodes` nodes. Raises
+        DoesNotFit (with what would fit) or BadInput; never anything else for a model it could build."""
+        if replicas != 1 or nodes != 1:
+            return self._plan_replicas(inventory, settings, solve, replicas, nodes)
+        solved = None
+        self.check_workload(replace(settings.workload, **{solve: 1}) if solve else settings.workload)
+        if solve:
+            best = self.largest(inventory, settings, solve)
+            if best == 0:
+                plan = self.plan(inventory, replace(settings, workload=replace(settings.workload, **{solve: 1})))
+                raise DoesNotFit(
+                    f"--solve {solve.replace('_', '-')}: even 1 does not fit.\n"
+                    + self.does_not_fit_message(plan, inventory)
+                )
+            settings = replace(settings, workload=replace(settings.workload, **{solve: best}))
+            solved = f"the largest {solve} that fits is {best}"
+        plan = self.plan(inventory, settings)
+        if solve:
+            plan.log.append(self._why_not_more(inventory, settings, solve))
+        profile = self.profile(plan, inventory)  # raises DoesNotFit with what would fit
+        gpu_only = None
+        if inventory.gpus and {"cpu", "disk"} & set(profile.device_map.values()):
+            gpu_only = self.gpu_only_alternatives(inventory, settings)
+        return PlanResult(plan, profile, solved, gpu_only)
+
+    # -- replicas ----------------------------------------------------------------------------------------------
+    def replica_groups(self, inventory: Inventory, settings: PlanSettings, count: int | str) -> list[list[int]]:
+        """GPU groups that each hold a whole copy for the workload: `count` of them using every GPU, or with
+        "auto" as many as can be found (replicas.py: exhaustive up to 8 GPUs). [] if not even one; [[]] * count for
+        a machine without GPUs, whose CPU memory the copies share evenly."""
+        if not inventory.gpus:
+
+            def copies_fit(copies: int) -> bool:
+                return self.plan(self.replica_inventory(inventory, [], copies), settings).fits
+
+            copies = bisect_largest(copies_fit, 64) if count == "auto" else int(count) * copies_fit(int(count))
+            return [[] for _ in range(copies)]
+        by_index = {g.index: g for g in inventory.gpus}
+        fits = GroupFits(
+            lambda group: self.plan(self.replica_inventory(inventory, group), settings).fits,
+            lambda i: (by_index[i].free_bytes, str(by_index[i].reserve_bytes), by_index[i].compute_capability),
+        )
+        indexes = [g.index for g in inventory.gpus]
+        size = lambda i: by_index[i].free_bytes  # noqa: E731
+        if count == "auto":
+            return most_replicas(indexes, fits, size)
+        return split_into(indexes, int(count), fits, size) or []
+
+    @staticmethod
+    def replica_inventory(inventory: Inventory, group: Sequence[int], copies: int = 1) -> Inventory:
+        """The machine as one replica sees it: its GPUs (their indexes kept), no offload; without GPUs, its share
+        of the CPU memory."""
+        gpus = tuple(g for g in inventory.gpus if g.index in group)
+        cpu = 0 if gpus else inventory.cpu_bytes // copies
+        return replace(inventory, gpus=gpus, cpu_bytes=cpu, offload_dir=None, disk_bytes=None)
+
+    def _plan_replicas(
+        self, inventory: Inventory, settings: PlanSettings, solve: str | None, count: int | str, nodes: int
+    ) -> PlanResult:
+        check_replica_counts(count, nodes)
+        if inventory.gpus and (inventory.cpu_bytes or inventory.offload_dir):
+            raise BadInput(
+                "--replicas: each replica must fit on its own GPUs; CPU or disk offload (--cpu-memory, "
+                "--offload-dir) is not shared between replicas: drop them, or plan one replica"
+            )
+        if solve and count == "auto":
+            raise BadInput("--solve with --replicas: give the number of replicas to solve for, not auto")
+        self.check_workload(replace(settings.workload, **{solve: 1}) if solve else settings.workload)
+        solved = None
+        if solve:
+
+            def fits(value: int) -> bool:
+                trial = replace(settings, workload=replace(settings.workload, **{solve: value}))
+                return bool(self.replica_groups(inventory, trial, count))
+
+            best = bisect_largest(fits, self._solve_bound(settings, solve))
+            if best == 0:
+                at_one = replace(settings, workload=replace(settings.workload, **{solve: 1}))
+                raise DoesNotFit(
+                    f"--solve {solve.replace('_', '-')}: even 1 does not fit {count} replicas.\n"
+                    + self._replicas_do_not_fit(inventory, at_one, count)
+                )
+            settings = replace(settings, workload=replace(settings.workload, **{solve: best}))
+            solved = f"the largest {solve} that fits {count} replicas is {best}"
+        groups = self.replica_groups(inventory, settings, count)
+        if not groups:
+            raise DoesNotFit(self._replicas_do_not_fit(inventory, settings, count))
+        copies = len(groups)
+        inventories = [self.replica_inventory(inventory, g, copies) for g in groups]
+        plans = [self.plan(group_inventory, settings) for group_inventory in inventories]
+        profiles = [self.profile(p, group_inventory) for p, group_inventory in zip(plans, inventories, strict=True)]
+        first = profiles[0]
+        first.replicas = [Replica(p.devices, p.device_map, p.estimate, p.speed) for p in profiles]
+        first.speed = combined(
+            [
+                predict_speed(p, group_inventory) for p, group_inventory in zip(plans, inventories, strict=True)
+            ],
+            nodes,
+        )
+        first.nodes = nodes
+        first.format_version = REPLICAS_FORMAT_VERSION
+        used = {i for g in groups for i in g}
+        unused = [g.index for g in inventory.gpus if g.index not in used]
+        return PlanResult(plans[0], first, solved, None, plans, unused)
+
+    def _why_not_more(self, inventory: Inventory, settings: PlanSettings, what: str) -> str:
+        """Why --solve stopped where it did: what the next value's plan could not place, or the bound it hit."""
+        value = getattr(settings.workload, what)
+        flag = f"--{what.replace('_', '-')}"
+        if value >= self._solve_bound(settings, what):
+            return f"solve: {flag} {value}, the most this model's positions (or the search) allow"
+        more = self.plan(inventory, replace(settings, workload=replace(settings.workload, **{what: value + 1})))
+        refusal = more.placement.first_refusal()
+        why = explain_refusal(refusal, more.slots) if refusal is not None else "it does not fit"
+        return f"solve: {flag} {value} fits; at {value + 1}, {why}"
+
+    def _solve_bound(self, settings: PlanSettings, what: str) -> int:
+        """The most --solve tries for `what`: the prompt tokens the model's positions leave beside max_new_tokens,
+        or MAX_SOLVED_BATCH prompts."""
+        if what == "max_input_tokens":
+            return (max_positions(self.config) or 1 << 20) - settings.workload.max_new_tokens
+        return MAX_SOLVED_BATCH
+
+    def _replicas_do_not_fit(self, inventory: Inventory, settings: PlanSettings, count: int | str) -> str:
+        """Why the replicas do not fit, and what would (each line computed)."""
+        most = len(self.replica_groups(inventory, settings, "auto"))
+        wanted = "one replica" if count == "auto" else f"{count} replicas"
+        lines = [f"does not fit: {wanted} of the model need more than these GPUs hold (at most {most} fit)"]
+        options = []
+        if most >= 1 and count != "auto":
+            options.append(f"--replicas {most}: fits")
+        order = ["none", "8bit", "4bit"]
+        most_so_far = most
+        for mode in order[order.index(settings.quant.mode) + 1 :]:
+            trial = replace(settings, quant=replace(settings.quant, mode=mode))  # type: ignore[arg-type]
+            most_quantized = len(self.replica_groups(inventory, trial, "auto"))
+            if most_quantized >= (1 if count == "auto" else int(count)):
+                options.append(f"--quantize {mode}: {wanted} fit")
+            elif most_quantized > most_so_far:  # fewer copies than asked, but more than a smaller step: say how many
+                options.append(f"--replicas {most_quantized} --quantize {mode}: fits")
+            most_so_far = max(most_so_far, most_quantized)
+        for what in ("max_input_tokens", "batch_size"):
+
+            def fits(value: int, what: str = what) -> bool:
+                trial = replace(settings, workload=replace(settings.workload, **{what: value}))
+                return bool(self.replica_groups(inventory, trial, 1 if count == "auto" else count))
+
+            best = bisect_largest(fits, min(self._solve_bound(settings, what), getattr(settings.workload, what) - 1))
+            if best >= 1:
+                options.append(f"--{what.replace('_', '-')} {best}: {wanted} fit")
+        lines.append("what would fit:" if options else "nothing tried fits; add GPUs or memory")
+        lines += [f"  {line}" for line in options]
+        return "\n".join(lines)
+
+    # -- the profile -------------------------------------------------------------------------------------------
+    def profile(self, plan: Plan, inventory: Inventory) -> Profile:
+        if not plan.fits:
+            raise DoesNotFit(self.does_not_fit_message(plan, inventory))
+        device_map = self.device_map(plan)
+        devices_used = set(device_map.values())
+        if self.adapter is not None and ("disk" in devices_used or ("cpu" in devices_used and len(devices_used) > 1)):
+            raise BadInput(
+                f"--adapter: the plan offloads weights ({', '.join(sorted(map(str, devices_used)))}), and peft builds "
+                "LoRA layers on the device of the layer they wrap, which accelerate's offload keeps empty; plan "
+                "without offload (--quantize 4bit, a shorter context, more GPU memory)"
+            )
+        devices = []
+        used = [s for s in plan.slots if s.is_gpu or s.id in plan.placement.estimates]
+        for slot in used:
+            gpu = next((g for g in inventory.gpus if g.index == slot.id), None)
+            total = gpu.total_bytes if gpu else slot.capacity_bytes
+            cc = gpu.capability_text if gpu else None
+            name = gpu.name if gpu else slot.name
+            reserve = slot.reserve_bytes if slot.id != "disk" else 0
+            devices.append(ProfileDevice(slot.id, name, total, slot.capacity_bytes, cc, reserve))
+        estimate = {}
+        for slot in used:
+            est = plan.placement.estimates.get(slot.id, DeviceEstimate())
+            estimate[slot.id] = {key: getattr(est, key) for key in ESTIMATE_KEYS}
+        quant: dict[str, Any] = {"mode": plan.settings.quant.mode}
+        if plan.settings.quant.mode == "4bit":
+            quant.update(quant_type=plan.settings.quant.quant_type, double_quant=plan.settings.quant.double_quant)
+        workload = plan.settings.workload
+        return Profile(
+            model={
+                "source": self.source.name,
+                "architecture": plan.layout.architecture,
+                "model_type": plan.layout.model_type,
+                "parameter_count": plan.layout.parameter_count,
+                "config_fingerprint": self.source.fingerprint,
+            },
+            dtype=plan.dtype,
+            attn_implementation=plan.attn_implementation,
+            quantization=quant,
+            workload={
+                "max_input_tokens": workload.max_input_tokens,
+                "max_new_tokens": workload.max_new_tokens,
+                "batch_size": workload.batch_size,
+            },
+            devices=devices,
+            device_map=device_map,
+            estimate=estimate,
+            strategy=plan.settings.strategy,
+            offload_dir=inventory.offload_dir if "disk" in device_map.values() else None,
+            created_by=f"oneke-plan {__version__}",
+            notes=[line for line in plan.log if line.startswith(("warning", "adapter:"))],
+            adapter=self.adapter.record(merges_on_load(plan.settings.quant.mode)) if self.adapter else None,
+            speed=predict_speed(plan, inventory).to_dict(),
+        )
+
+
+def predict_speed(plan: Plan, inventory: Inventory) -> SpeedPrediction:
+    """The plan's decode and prefill speed from each device's bandwidth and throughput (speed.py)."""
+    placement = plan.placement
+    return predict(
+        plan.layout, placement.assignment, placement.estimates, plan.slots, plan.settings.workload, rates_of(inventory)
+    )
+
+
+def _offloaded_bytes(placement: Placement) -> tuple[int, int, int]:
+    """Weights bytes on GPUs, on the CPU and on disk."""
+    est = placement.estimates
+    gpu_bytes = sum(e.weights_bytes for d, e in est.items() if d not in OFFLOAD_DEVICES)
+    cpu_bytes, disk_bytes = (est[d].weights_bytes if d in est else 0 for d in OFFLOAD_DEVICES)
+    return gpu_bytes, cpu_bytes, disk_bytes
+
+
+def _slowdown(plan: Plan) -> float:
+    return offload_slowdown(*_offloaded_bytes(plan.placement))
+
+
+def _offload_note(placement: Placement) -> list[str]:
+    """A warning when a plan with GPUs keeps weights on the CPU or disk: how much, and how much slower it decodes."""
+    gpu_bytes, cpu_bytes, disk_bytes = _offloaded_bytes(placement)
+    if not placement.fits or not gpu_bytes or not (cpu_bytes or disk_bytes):
+        return []
+    where = " and ".join(
+        f"{format_bytes(n)} on {d}" for d, n in zip(("the CPU", "disk"), (cpu_bytes, disk_bytes), strict=True) if n
+    )
+    seconds = decode_step_seconds(gpu_bytes, cpu_bytes, disk_bytes)
+    return [
+        f"warning: offload: {where} are copied to the GPU at every decoding step, so each new token takes at least "
+        f"{seconds:.2f} s: about {offload_slowdown(gpu_bytes, cpu_bytes, disk_bytes):.0f}x slower than with every "
+        "weight on a GPU (assuming PCIe 4.0 x16 at 25 GB/s, NVMe at 3 GB/s, GPU memory at 900 GB/s)"
+    ]
+
+
+def bisect_largest(fits: Callable[[int], bool], high: int) -> int:
+    """Largest x in [1, high] with fits(x), given fits is monotone (True then False); 0 if fits(1) is False."""
+    if high < 1 or not fits(1):
+        return 0
+    low = 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def _peaks(plan: Plan) -> str:
+    """'GPU 0 11.61 GiB of 12.00 GiB, CPU 3.20 GiB of 22.00 GiB' for the devices a plan uses."""
+    parts = []
+    for slot in plan.slots:
+        est = plan.placement.estimates.get(slot.id)
+        if est is not None:
+            cap = format_bytes(slot.capacity_bytes) if slot.capacity_bytes is not None else "unbounded"
+            parts.append(f"{slot.name} {format_bytes(est.total_bytes)} of {cap}")
+    return ", ".join(parts)

@@ -1,0 +1,244 @@
+"""What a plan says, in three forms: the summary's rows (with a compact bar per device), the JSON document of
+`oneke-plan --format json`, and the SVG picture of `--plot`. Plain text and plain data: no plotting library.
+
+Every figure comes from the profile (what oneke-run applies) and the plan's placement (which layers went where), so
+the three forms and the YAML profile cannot disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from oneke_plan import __version__
+from oneke_plan.core.sizes import format_bytes
+from oneke_plan.io.files import starts_with
+from oneke_plan.plan.profile import Profile, ProfileDevice
+
+if TYPE_CHECKING:  # the planner imports the measuring code; the picture and the summary only read its results
+    from oneke_plan.api.planner import Plan, PlanResult
+
+JSON_VERSION = 1  # bumped when a key of the JSON document changes meaning (docs/profile-format.md)
+TERMS = ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes")
+TERM_NAMES = {"weights_bytes": "weights", "kv_cache_bytes": "KV cache", "workspace_bytes": "workspace",
+              "reserve_bytes": "reserve"}  # fmt: skip
+BAR_CHARS = {"weights_bytes": "W", "kv_cache_bytes": "K", "workspace_bytes": "x", "reserve_bytes": "r"}
+BAR_LEGEND = "bar: W weights, K KV cache, x workspace, r reserve, . free (of the memory the plan may use)"
+BAR_WIDTH = 16
+SVG_MARK = "<!-- drawn by oneke-plan: the memory of each device of a plan -->"  # no "--" inside: XML forbids it
+SVG_COLOURS = {"weights_bytes": "#4C72B0", "kv_cache_bytes": "#DD8452", "workspace_bytes": "#55A868",
+               "reserve_bytes": "#8C8C8C"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One device of one model copy, as the summary, the JSON document and the picture show it."""
+
+    replica: int
+    device: ProfileDevice
+    estimate: dict[str, int]
+    layers: tuple[int, int] | None  # the first and last decoder layer stored there (from 0); None: none
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        """What the plan may fill: the usable memory (free memory when detected), else the total."""
+        return self.device.usable_bytes if self.device.usable_bytes is not None else self.device.total_bytes
+
+    @property
+    def layers_text(self) -> str:
+        if self.layers is None:
+            return "-"
+        first, last = self.layers
+        return str(first) if first == last else f"{first}-{last}"
+
+
+def device_rows(result: PlanResult) -> list[DeviceRow]:
+    """Every device of every copy of the model, in profile order."""
+    plans = result.replicas or [result.plan]
+    several = len(plans) > 1
+    rows = []
+    for index, plan in enumerate(plans):
+        copy = result.profile.replica(index) if several else result.profile
+        for device in copy.devices:
+            rows.append(DeviceRow(index, device, dict(copy.estimate[device.id]), _layer_span(plan, device.id)))
+    return rows
+
+
+def _layer_span(plan: Plan, device_id: int | str) -> tuple[int, int] | None:
+    layers = [c.name for c in plan.costs if c.kind == "layer"]
+    mine = [i for i, name in enumerate(layers) if plan.placement.assignment.get(name) == device_id]
+    return (mine[0], mine[-1]) if mine else None
+
+
+def bar(row: DeviceRow, width: int = BAR_WIDTH) -> str:
+    """The device's memory as `width` characters, each term in proportion to what the plan may use, rounded by
+    largest remainder (the characters add up to the rounded total, and a term never takes a larger one's place);
+    '-' for a device without a bound."""
+    capacity = row.capacity_bytes
+    if not capacity:
+        return "-"
+    values = [row.estimate.get(term, 0) for term in TERMS]
+    scale = width / max(capacity, sum(values))
+    shares = [v * scale for v in values]
+    counts = [int(share) for share in shares]
+    wanted = min(width, round(sum(shares)))
+    by_remainder = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
+    for i in by_remainder[: max(wanted - sum(counts), 0)]:
+        counts[i] += 1
+    used = "".join(BAR_CHARS[term] * n for term, n in zip(TERMS, counts, strict=True))
+    return "[" + used + "." * (width - len(used)) + "]"
+
+
+def speed_lines(speed: dict[str, Any] | None, batch_size: int, context: int) -> list[str]:
+    """The summary's speed: decode and prefill tokens/s and records per hour, or why a figure is unknown."""
+    if not speed:
+        return []
+    known = []
+    if speed.get("decode_tokens_per_second") is not None:
+        known.append(f"decode {speed['decode_tokens_per_second']:,.1f} tokens/s (batch {batch_size}, at {context} "
+                     "tokens of context)")  # fmt: skip
+    if speed.get("prefill_tokens_per_second") is not None:
+        known.append(f"prefill {speed['prefill_tokens_per_second']:,.0f} tokens/s")
+    if speed.get("records_per_hour") is not None:
+        known.append(f"{speed['records_per_hour']:,.0f} records/hour")
+    copies = speed.get("copies")
+    whose = f" ({copies} copies together)" if copies else ""
+    lines = []
+    if known:
+        lines.append(f"speed{whose}, at most (vendor or given peaks: docs/memory-model.md): " + ", ".join(known))
+    lines += [f"speed unknown: {line}" for line in speed.get("unknown", [])]
+    return lines
+
+
+# -- JSON ------------------------------------------------------------------------------------------------------
+def plan_document(result: PlanResult) -> dict[str, Any]:
+    """The JSON document: `profile` (exactly the YAML profile's content) and `summary` (its figures per device,
+    the speed, what solving found). Keys are documented in docs/profile-format.md, "JSON output"."""
+    profile = result.profile
+    plan = result.plan
+    quant = profile.quantization["mode"]
+    devices = []
+    for row in device_rows(result):
+        used = row.estimate["total_bytes"]
+        capacity = row.capacity_bytes
+        devices.append(
+            {
+                "replica": row.replica,
+                "id": row.device.id,
+                "name": row.device.name,
+                "total_bytes": row.device.total_bytes,
+                "usable_bytes": capacity,
+                "used_bytes": used,
+                **{term: row.estimate[term] for term in TERMS},
+                "free_bytes": None if capacity is None else capacity - used,
+                "layers": None if row.layers is None else list(row.layers),
+            }
+        )
+    speed = profile.speed or {}
+    return {
+        "oneke_plan_json": JSON_VERSION,
+        "created_by": f"oneke-plan {__version__}",
+        "profile": profile_data(profile),
+        "summary": {
+            "model": profile.model["source"],
+            "architecture": plan.layout.architecture,
+            "parameter_count": plan.layout.parameter_count,
+            "dtype": profile.dtype,
+            "quantization": quant,
+            "workload": dict(profile.workload),
+            "replicas": profile.replica_count,
+            "nodes": profile.nodes,
+            "devices": devices,
+            "speed": {
+                key: speed.get(key)
+                for key in ("decode_tokens_per_second", "prefill_tokens_per_second", "records_per_hour")
+            }
+            | {"unknown": list(speed.get("unknown", []))},
+            "solved": result.solved,
+            "unused_gpus": list(result.unused_gpus),
+            "gpu_only_options": result.gpu_only_options,
+            "notes": list(profile.notes),
+        },
+    }
+
+
+def profile_data(profile: Profile) -> dict[str, Any]:
+    """The profile's content as the YAML file has it (the same keys, in the same order)."""
+    return profile.to_data()
+
+
+# -- SVG -------------------------------------------------------------------------------------------------------
+def plot_svg(result: PlanResult) -> str:
+    """Per device, its four terms stacked from the bottom against the memory the plan may use (an outlined box):
+    heights in proportion to bytes, one scale for every device (the largest capacity fills the chart). Every box
+    carries its figure as `data-bytes` (and `data-term`, `data-device`), so a reader can check the picture."""
+    from xml.sax.saxutils import escape  # only when a picture is asked for: it imports urllib (16 ms of start-up)
+
+    rows = device_rows(result)
+    several = len({r.replica for r in rows}) > 1
+    chart, top, left, column = 260.0, 70.0, 70.0, 130.0
+    scale_bytes = max((r.capacity_bytes or r.estimate["total_bytes"] for r in rows), default=1) or 1
+    width = int(left + column * len(rows) + 180)
+    height = int(top + chart + 80)
+    w = result.profile.workload
+    title = (f"{result.profile.model['source']}: {result.profile.dtype}, quantization "
+             f"{result.profile.quantization['mode']}, batch {w['batch_size']} x ({w['max_input_tokens']} in + "
+             f"{w['max_new_tokens']} new) tokens")  # fmt: skip
+    out = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        SVG_MARK,
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f"<title>{escape(title)}</title>",
+        f'<text x="{left}" y="24" font-size="14">{escape(title)}</text>',
+        f'<text x="{left}" y="44" fill="#555">memory per device: one scale, {format_bytes(scale_bytes)} '
+        "= the full height</text>",
+    ]
+    base = top + chart
+    for i, row in enumerate(rows):
+        x = left + column * i + 20
+        label = (f"r{row.replica} " if several else "") + (
+            row.device.id if isinstance(row.device.id, str) else f"GPU {row.device.id}"
+        )
+        device = escape(str(row.device.id))
+        capacity = row.capacity_bytes
+        if capacity:
+            h = capacity * chart / scale_bytes
+            out.append(
+                f'<rect class="capacity" data-device="{device}" data-bytes="{capacity}" x="{x:.3f}" '
+                f'y="{base - h:.3f}" width="60" height="{h:.3f}" fill="none" stroke="#222" stroke-dasharray="4 2"/>'
+            )
+        y = base
+        for term in TERMS:
+            value = row.estimate.get(term, 0)
+            h = value * chart / scale_bytes
+            y -= h
+            out.append(
+                f'<rect class="term" data-device="{device}" data-term="{term}" data-bytes="{value}" x="{x:.3f}" '
+                f'y="{y:.3f}" width="60" height="{h:.3f}" fill="{SVG_COLOURS[term]}">'
+                f"<title>{escape(label)} {TERM_NAMES[term]}: {format_bytes(value)}</title></rect>"
+            )
+        total = "unbounded" if capacity is None else format_bytes(capacity)
+        used = format_bytes(row.estimate["total_bytes"])
+        out.append(f'<text x="{x:.3f}" y="{base + 18:.3f}">{escape(label)}</text>')
+        if row.device.name and row.device.name != label:
+            out.append(f'<text x="{x:.3f}" y="{base + 34:.3f}" fill="#555">{escape(row.device.name)}</text>')
+        out.append(f'<text x="{x:.3f}" y="{base + 50:.3f}" fill="#555">{escape(used)} / {escape(total)}</text>')
+    legend_x = left + column * len(rows) + 10
+    for j, term in enumerate(TERMS):
+        y = top + 20 * j
+        out.append(f'<rect x="{legend_x}" y="{y}" width="12" height="12" fill="{SVG_COLOURS[term]}"/>')
+        out.append(f'<text x="{legend_x + 18}" y="{y + 11}">{TERM_NAMES[term]}</text>')
+    y = top + 20 * len(TERMS)
+    out.append(f'<rect x="{legend_x}" y="{y}" width="12" height="12" fill="none" stroke="#222" '
+               'stroke-dasharray="4 2"/>')  # fmt: skip
+    out.append(f'<text x="{legend_x + 18}" y="{y + 11}">memory the plan may use</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def drawn_by_oneke_plan(path: Path) -> bool:
+    """Whether `path` starts as every picture plot_svg draws does (read as bytes, never parsed)."""
+    return starts_with(path, rb'<\?xml version="1.0" encoding="UTF-8"\?>\n' + re.escape(SVG_MARK.encode()))

@@ -1,0 +1,453 @@
+"""Reading extraction inputs into prompts, and the JSON lines that carry each answer.
+
+Two input forms:
+- the authors' converted files (DeepKE InstructKGC `convert_func.py --split test`, like
+  examples/deepke/*/test.json): one prompt per line, `{"id", "instruction", "label"?, "task"?, "source"?}`,
+  the instruction already a JSON string, which is passed to the model unchanged;
+- raw text lines `{"text", ...}` plus a schema, converted as the authors' converter converts them: one prompt per
+  schema chunk, the id the SHA-256 of the text, `source` the input's folder name, gold labels as `label`.
+
+Answer lines keep the input's fields and add (docs/output-format.md):
+- `output`: what DeepKE's evaluator scores: the answer as JSON text, RE/SPO items renamed to its `head`/`tail`,
+  or the model's text as it is when that is not a JSON answer; "" when the prompt was not answered;
+- `raw_output`: the model's text, verbatim;
+- `parsed` (the answer as JSON, as in `output`) or `parse_error` (why the text is not an answer);
+- `error` instead, when the prompt was not answered (too long for the plan, out of memory): --resume retries it;
+- `key`: the prompt's place in the input (line number; `line:chunk` for raw input).
+
+Standard library only (no torch): writing and resuming the files is oneke_plan.extract.outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oneke_plan.core.errors import BadInput
+from oneke_plan.core.sizes import format_bytes
+from oneke_plan.formats import oneke
+from oneke_plan.io import jsonfile
+from oneke_plan.io.files import os_error, write_all
+from oneke_plan.io.limits import MAX_INPUT_BYTES, MAX_JSON_BYTES
+
+ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
+"""Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
+
+GOLD_FIELDS = {
+    "NER": "entity",
+    "RE": "relation",
+    "SPO": "relation",
+    "KG": "relation",
+    "EE": "event",
+    "EET": "event",
+    "EEA": "event",
+}
+"""Where DeepKE's raw sample.json keeps the gold annotations; its converter writes them, JSON-encoded,
+as `label` (see examples/deepke/*/test.json), which is what its evaluator scores against."""
+
+
+@dataclass
+class PromptRecord:
+    """One prompt: what the model reads, and what goes back into its output line.
+
+    `key` identifies the prompt within its input file (line number, plus chunk number for raw input), so it
+    is the same on every run over the same file: resume matches lines to prompts by it.
+    """
+
+    key: str
+    id: Any
+    task: str
+    instruction: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """The record this prompt belongs to (evaluator_group)."""
+        return evaluator_group(self.extra, self.id)
+
+
+def evaluator_group(fields: dict[str, Any], record_id: Any) -> tuple[str, str]:
+    """The record a line belongs to as DeepKE's evaluator groups lines: its `source` field ('None' if absent) and
+    its id, as strings."""
+    return str(fields.get("source", "None")), str(record_id)
+
+
+def text_id(text: str) -> str:
+    """The authors' id for a raw text: the SHA-256 of its UTF-8 bytes, in hex (convert_func's `stable_hash`)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- reading lines
+
+
+def _read_lines(path: str | os.PathLike[str], allow_empty: bool = False) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of a UTF-8 file; BadInput if unreadable, empty, or larger than
+    limits.MAX_INPUT_BYTES."""
+    try:
+        data = jsonfile.read_bounded(Path(path), MAX_INPUT_BYTES, "split it into parts and run each")
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file: check the input path") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read it ({e.strerror}): check the path and its permissions") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise BadInput(f"{path}, line {line}: not UTF-8 text ({e.reason}): save the file as UTF-8") from None
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks on.
+    lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not lines and not allow_empty:
+        raise BadInput(f"{path}: the file is empty: give one JSON object per line")
+    return lines
+
+
+def _json_object(path: str | os.PathLike[str], number: int, line: str) -> dict[str, Any]:
+    """The JSON object on one input line; BadInput naming the line otherwise."""
+    if len(line) > MAX_JSON_BYTES:
+        raise BadInput(
+            f"{path}, line {number}: longer than {format_bytes(MAX_JSON_BYTES)}, far beyond any prompt a model reads: "
+            "fix or remove the line"
+        )
+    try:
+        value = jsonfile.loads(line)
+    except jsonfile.JsonLimitError as e:
+        raise BadInput(f"{path}, line {number}: {e.msg} (column {e.colno}): fix or remove the line") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(
+            f"{path}, line {number}: not JSON ({e.msg}, column {e.colno}): each line must be one JSON object"
+        ) from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{path}, line {number}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_json_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; BadInput naming the line otherwise."""
+    return [(number, _json_object(path, number, line)) for number, line in _read_lines(path, allow_empty=True)]
+
+
+def _where(path: str | os.PathLike[str], number: int) -> str:
+    return f"{path}, line {number}"
+
+
+# ---------------------------------------------------------------- converted input
+
+
+def read_converted(path: str | os.PathLike[str]) -> list[PromptRecord]:
+    """Prompts from the authors' converted file: one per line, its instruction string used as is."""
+    records = []
+    for number, line in _read_lines(path):
+        obj = _json_object(path, number, line)
+        where = _where(path, number)
+        for name in ("id", "instruction"):
+            if name not in obj:
+                raise BadInput(
+                    f"{where}: missing field {name!r}: converted lines need 'id' and 'instruction' "
+                    "(like DeepKE's test.json); for plain text lines use a schema and the raw reader"
+                )
+        instruction = _parse_instruction(obj["instruction"], where)
+        extra = {k: v for k, v in obj.items() if k not in ("id", "instruction", *ANSWER_FIELDS)}
+        records.append(
+            PromptRecord(
+                key=str(number),
+                id=obj["id"],
+                task=_task_of(obj, instruction, where),
+                instruction=obj["instruction"],
+                extra=extra,
+                text=instruction["input"],
+            )
+        )
+    return records
+
+
+def _parse_instruction(value: Any, where: str) -> dict[str, Any]:
+    """The decoded instruction JSON string, checked for the keys OneKE reads."""
+    if not isinstance(value, str):
+        raise BadInput(
+            f"{where}: 'instruction' must be a string holding JSON (as json.dumps writes it), "
+            f"not {type(value).__name__}"
+        )
+    try:
+        instruction = jsonfile.loads(value)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{where}: 'instruction' is not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(instruction, dict):
+        raise BadInput(f"{where}: 'instruction' must encode a JSON object with instruction, schema, input")
+    missing = [k for k in ("instruction", "schema", "input") if k not in instruction]
+    if missing:
+        raise BadInput(f"{where}: 'instruction' lacks {', '.join(missing)}: it needs instruction, schema, input")
+    for name in ("instruction", "input"):
+        if not isinstance(instruction[name], str):
+            raise BadInput(f"{where}: the instruction's {name!r} must be a string")
+    return instruction
+
+
+def known_task(value: Any, where: str) -> str:
+    """`value` (a line's `task` field, or --task) in upper case, if OneKE has that task; BadInput naming `where`
+    otherwise."""
+    try:
+        return oneke.check_task(str(value).upper())
+    except oneke.PromptError as e:
+        raise BadInput(f"{where}: {e}") from None
+
+
+def _task_of(obj: dict[str, Any], instruction: dict[str, Any], where: str) -> str:
+    """The line's `task` field if any (DeepKE's newer converter writes it), else the task its text is for."""
+    if "task" in obj:
+        return known_task(obj["task"], where)
+    detected = oneke.detect_task(instruction["instruction"], instruction["schema"])
+    if detected is None:
+        raise BadInput(
+            f"{where}: the instruction text is none of OneKE's published ones, so the task is unknown: "
+            f"add a 'task' field ({', '.join(oneke.TASKS)})"
+        )
+    return detected[0]
+
+
+# ---------------------------------------------------------------- raw input
+
+
+def read_raw(
+    path: str | os.PathLike[str],
+    task: str,
+    schema: oneke.Schema,
+    lang: str,
+    chunk_size: int | None = None,
+    example: list[Any] | None = None,
+    notes: list[str] | None = None,
+) -> list[PromptRecord]:
+    """Prompts for plain text lines `{"text", ...}`, as the authors' `convert_func.py --split test` builds them.
+
+    One prompt per schema chunk, all sharing the text's id (its SHA-256, whatever id the line has: the line's own
+    `id` is kept as `input_id`) and `source` (the line's, else the input's folder name, as the authors take it).
+    EEA asks only about each record's own gold events (their triggers are known): a line needs `event`, and a
+    line whose `event` list is empty is skipped, as the authors skip it (a note is appended to `notes`). Gold
+    annotations in DeepKE's raw form (`entity`/`relation`/`event`) become the `label` string, repeats removed as
+    the authors remove them. `example` (few-shot items) goes into every prompt.
+    """
+    try:
+        checked = oneke.check_schema(task, schema)
+        chunks = oneke.split_schema(task, checked, chunk_size)
+        oneke.make_instruction(task, chunks[0], "", lang, example)  # an unknown language or few-shot form fails here
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    # A folder name that is not UTF-8 arrives with surrogate escapes, which no output line could hold.
+    folder = Path(os.path.abspath(path)).parent.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    records: list[PromptRecord] = []
+    skipped: list[int] = []
+    for number, line in _read_lines(path):
+        obj = _json_object(path, number, line)
+        where = _where(path, number)
+        text = _raw_text(obj, where)
+        gold = _raw_gold(obj, task, where)
+        asked = _eea_chunks(checked, gold, chunk_size, where) if task == "EEA" else chunks
+        if not asked:
+            skipped.append(number)
+            continue
+        extra = _raw_extra(obj, task, folder, gold)
+        record_id = text_id(text)
+        for index, chunk in enumerate(asked):
+            records.append(
+                PromptRecord(
+                    key=f"{number}:{index}",
+                    id=record_id,
+                    task=task,
+                    instruction=oneke.make_instruction(task, chunk, text, lang, example),
+                    extra=dict(extra),
+                    text=text,
+                )
+            )
+    if skipped and notes is not None:
+        shown = ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else "")
+        notes.append(
+            f"{len(skipped)} lines of {path} have no events and were skipped (EEA asks only about a record's own "
+            f"events, as the authors do): lines {shown}"
+        )
+    return records
+
+
+def _raw_text(obj: dict[str, Any], where: str) -> str:
+    if "text" not in obj:
+        raise BadInput(f"{where}: missing field 'text': raw lines are {{\"text\", ...}}")
+    text = obj["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise BadInput(f"{where}: 'text' must be a non-empty string: fix or remove the line")
+    return text
+
+
+def _raw_gold(obj: dict[str, Any], task: str, where: str) -> list[Any] | None:
+    """The line's gold annotations (DeepKE's raw `entity`/`relation`/`event` list), None if it has none."""
+    name = GOLD_FIELDS[task]
+    if name not in obj:
+        if task == "EEA":
+            raise BadInput(
+                f"{where}: EEA asks about a record's known events, but the line has no 'event' list "
+                '([{"event_type", "event_trigger", "arguments"}]); to find events in plain text use --task EE'
+            )
+        return None
+    gold = obj[name]
+    if not isinstance(gold, list) or not all(isinstance(item, dict) for item in gold):
+        raise BadInput(f"{where}: '{name}' must be a list of objects, as in DeepKE's sample.json")
+    return gold
+
+
+def _eea_chunks(schema: oneke.Schema, events: list[Any] | None, chunk_size: int | None, where: str) -> list[Any]:
+    """The schema chunks of one EEA record: its own event types (first-seen order) with their schema arguments.
+
+    The authors' EEAProcesser.get_schemas: `{"event_type", "arguments"}` per distinct gold event type.
+    """
+    roles = {item["event_type"]: item["arguments"] for item in schema if isinstance(item, dict)}
+    asked: list[dict[str, Any]] = []
+    for event in events or []:
+        event_type = event.get("event_type")
+        if not isinstance(event_type, str):
+            raise BadInput(f"{where}: each event needs an 'event_type' string")
+        if event_type not in roles:
+            raise BadInput(f"{where}: event type {event_type!r} is not in the schema: add it with its arguments")
+        if all(item["event_type"] != event_type for item in asked):
+            asked.append({"event_type": event_type, "arguments": roles[event_type]})
+    return oneke.split_schema("EEA", asked, chunk_size) if asked else []
+
+
+def _raw_extra(obj: dict[str, Any], task: str, folder: str, gold: list[Any] | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"task": task, "source": obj.get("source", folder)}
+    if "id" in obj:
+        extra["input_id"] = obj["id"]
+    skip = {"id", "text", "source", GOLD_FIELDS[task], *ANSWER_FIELDS}
+    extra.update({k: v for k, v in obj.items() if k not in skip})
+    if "label" not in extra and gold is not None:
+        extra["label"] = json.dumps(oneke.unique_labels(task, gold), ensure_ascii=False)
+    return extra
+
+
+def read_example(spec: str) -> list[Any]:
+    """Few-shot items for --example: inline JSON or a JSON file, a list of {"input": text, "output": answer}."""
+    origin = "--example"
+    text = spec
+    if not spec.lstrip().startswith("["):
+        origin = f"--example file {spec}"
+        try:
+            text = jsonfile.read_bounded(Path(spec), MAX_JSON_BYTES, "give a JSON list").decode("utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"{origin}: cannot be read as UTF-8 text ({e}): give a JSON list or a file") from None
+    try:
+        items = jsonfile.loads(text)
+    except jsonfile.JsonLimitError as e:
+        raise BadInput(f"{origin}: {e.msg} (line {e.lineno} column {e.colno})") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{origin}: not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    good = (
+        isinstance(items, list)
+        and items
+        and all(isinstance(item, dict) and isinstance(item.get("input"), str) and "output" in item for item in items)
+    )
+    if not good:
+        raise BadInput(f'{origin}: give a non-empty JSON list of {{"input": text, "output": answer}} items')
+    return items
+
+
+# ---------------------------------------------------------------- answer lines
+
+
+def refuse_same_file(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]) -> None:
+    """BadInput if the output would overwrite the input (appending answers to the file being read)."""
+    same = os.path.realpath(input_path) == os.path.realpath(output_path)
+    if not same and os.path.exists(input_path) and os.path.exists(output_path):
+        same = os.path.samefile(input_path, output_path)
+    if same:
+        raise BadInput(f"{output_path}: the output is the input file: choose another output path")
+
+
+def _base_line(record: PromptRecord) -> dict[str, Any]:
+    return {"id": record.id, "instruction": record.instruction, **record.extra}
+
+
+def answer_line(record: PromptRecord, raw_text: str, parsed: Any, parse_error: str | None) -> dict[str, Any]:
+    """The line of an answered prompt (field meanings: the module docstring)."""
+    line = _base_line(record)
+    if parse_error is None:
+        answer = oneke.head_tail_answer(record.task, parsed)
+        line["output"] = json.dumps(answer, ensure_ascii=False)
+        line["parsed"] = answer
+    else:
+        line["output"] = raw_text
+        line["parse_error"] = parse_error
+    line["raw_output"] = raw_text
+    line["key"] = record.key
+    return line
+
+
+def error_line(record: PromptRecord, reason: str) -> dict[str, Any]:
+    """The line of a prompt that was not answered (too long, out of memory): --resume runs it again."""
+    line = _base_line(record)
+    line["output"] = ""
+    line["error"] = reason
+    line["key"] = record.key
+    return line
+
+
+def is_answered(line: dict[str, Any]) -> bool:
+    """Whether a prompt line holds the model's answer (good JSON or not), rather than a reason it got none.
+
+    Lines written before `error` existed (no `raw_output`) marked failures with an empty `output`.
+    """
+    if "error" in line:
+        return False
+    return "raw_output" in line or line.get("output") != ""
+
+
+def encode_line(line: dict[str, Any]) -> bytes:
+    """One JSON line, UTF-8, newline-terminated (non-ASCII kept as is, as the authors write their files)."""
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class OutputWriter:
+    """Appends one JSON line per prompt, fsync'd before the next prompt starts, so a crash loses no answer.
+
+    Writes to a path (opened for appending) or to an open file descriptor (not closed here). Every line written
+    is kept in `written` (key -> line) for whoever assembles the final output.
+    """
+
+    def __init__(self, target: str | os.PathLike[str] | int, name: str | None = None) -> None:
+        self.name = name or str(target)
+        self._owned = not isinstance(target, int)
+        self.written: dict[str, dict[str, Any]] = {}
+        if isinstance(target, int):
+            self._fd = target
+            return
+        try:
+            self._fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        except OSError as e:
+            raise BadInput(f"{target}: cannot open the output for writing ({e.strerror})") from None
+
+    def write(self, record: PromptRecord, output_text: str, parsed: Any, error: str | None) -> None:
+        """Write an answered prompt's line (`error` here is the parse error, None when the answer parsed)."""
+        self.write_line(answer_line(record, output_text, parsed, error))
+
+    def fail(self, record: PromptRecord, reason: str) -> None:
+        """Write the line of a prompt that got no answer, with the reason."""
+        self.write_line(error_line(record, reason))
+
+    def write_line(self, line: dict[str, Any]) -> None:
+        try:
+            write_all(self._fd, encode_line(line))
+        except OSError as e:
+            raise os_error(
+                self.name, "be written", e, "the answers before this one are kept: rerun with --resume"
+            ) from None
+        self.written[str(line["key"])] = line
+
+    def close(self) -> None:
+        if self._owned:
+            os.close(self._fd)
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

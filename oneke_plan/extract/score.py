@@ -1,0 +1,310 @@
+"""Precision, recall and F1 of OneKE answers against gold labels, per task (docs/scoring.md).
+
+Reads answer files as DeepKE's evaluator (InstructKGC `ie2instruction/eval_func.py`) reads them: lines grouped
+into records by `source` + `id`, the record's gold `label` from its first line, the predictions of all its lines'
+`output` texts joined; a gold item is matched at most once, a repeated prediction counts twice (their "normal"
+match mode). Merged lines (`"merged": true`, written by oneke-run) are skipped: their chunks are already counted.
+
+What is matched, per task (the authors' rule where their evaluator has a working one):
+- NER: (entity, type).  RE and SPO: (head, relation, tail), `subject`/`object` read as head/tail; SPO's types
+  are not compared (the answer keys only the predicate).  KG: (entity, attribute, value), one per value, values
+  '无' and 'NaN' skipped as the authors' extracter skips them; gold (head, relation, tail).
+- EE: event (type, trigger) and argument (type, argument, role), "NAN" arguments skipped.
+- EET: event (trigger, type).
+- EEA: argument (type, argument, role) as the authors; event (type, trigger) against the gold triggers (the
+  authors' evaluator compares with an empty trigger, so answers in OneKE's trained shape would score 0).
+
+P, R and F1 are percentages rounded to 2 decimals; F1 = 2*tp / (pred + gold). None where undefined (nothing
+predicted, or no gold item). Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from oneke_plan.core.errors import BadInput
+from oneke_plan.extract.inputs import evaluator_group, known_task, read_json_objects
+from oneke_plan.formats import oneke
+from oneke_plan.io import jsonfile
+
+NAN = "NAN"
+KG_EMPTY = ("无", "nan")
+PARTS: dict[str, tuple[str, ...]] = {
+    "NER": ("entity",),
+    "RE": ("triple",),
+    "SPO": ("triple",),
+    "KG": ("triple",),
+    "EE": ("event", "argument"),
+    "EET": ("event",),
+    "EEA": ("event", "argument"),
+}
+"""What is scored for each task, in table order."""
+
+Item = tuple[str, ...]
+
+
+@dataclass
+class Counts:
+    """Matched, predicted and gold items of one part (e.g. NER entities) over all records."""
+
+    tp: int = 0
+    pred: int = 0
+    gold: int = 0
+
+    def add(self, gold: list[Item], pred: list[Item]) -> None:
+        """One record: each gold item matches at most one equal prediction."""
+        self.tp += sum((Counter(gold) & Counter(pred)).values())
+        self.pred += len(pred)
+        self.gold += len(gold)
+
+    @property
+    def precision(self) -> float | None:
+        return _percent(self.tp, self.pred)
+
+    @property
+    def recall(self) -> float | None:
+        return _percent(self.tp, self.gold)
+
+    @property
+    def f1(self) -> float | None:
+        return _percent(2 * self.tp, self.pred + self.gold)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "tp": self.tp,
+            "pred": self.pred,
+            "gold": self.gold,
+        }
+
+
+def _percent(part: int, whole: int) -> float | None:
+    return round(100 * part / whole, 2) if whole else None
+
+
+@dataclass
+class Record:
+    """One scored record: its gold items and predicted items per part."""
+
+    gold: dict[str, list[Item]]
+    pred: dict[str, list[Item]] = field(default_factory=dict)
+
+
+@dataclass
+class TaskScore:
+    """One task's scores in one file."""
+
+    task: str
+    records: dict[tuple[str, str], Record] = field(default_factory=dict)
+    errors: int = 0  # outputs that are not a JSON object (the authors' evaluator's "错误数")
+    unanswered: int = 0  # prompts oneke-run could not answer (lines with `error`; counted in errors too)
+
+    def counts(self) -> dict[str, Counts]:
+        totals = {part: Counts() for part in PARTS[self.task]}
+        for record in self.records.values():
+            for part, counts in totals.items():
+                counts.add(record.gold[part], record.pred.get(part, []))
+        return totals
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "records": len(self.records),
+            "errors": self.errors,
+            "unanswered": self.unanswered,
+            "parts": {part: counts.summary() for part, counts in self.counts().items()},
+        }
+
+
+# ---------------------------------------------------------------- reading a file
+
+
+def score_file(path: str | os.PathLike[str], task: str | None = None) -> dict[str, TaskScore]:
+    """Scores of every task in an answer file; BadInput naming the line for anything that cannot be scored."""
+    if task is not None:
+        task = known_task(task, "--task")
+    scores: dict[str, TaskScore] = {}
+    for number, line in read_json_objects(path):
+        where = f"{path}, line {number}"
+        if line.get("merged") is True:
+            continue
+        line_task = task or _line_task(line, where)
+        score = scores.setdefault(line_task, TaskScore(line_task))
+        group = evaluator_group(line, _need(line, "id", where))
+        record = score.records.get(group)
+        if record is None:
+            record = score.records[group] = Record(gold_items(line_task, _label(line, where), where))
+        ok, items = predicted_items(line_task, _need(line, "output", where))
+        score.errors += not ok
+        score.unanswered += "error" in line
+        for part, found in items.items():
+            record.pred.setdefault(part, []).extend(found)
+    if not scores:
+        raise BadInput(f"{path}: no answer lines to score")
+    return scores
+
+
+def _need(line: dict[str, Any], name: str, where: str) -> Any:
+    if name not in line:
+        raise BadInput(f"{where}: no {name!r} field: not an answer line (oneke-run's, or DeepKE's inference output)")
+    return line[name]
+
+
+def _line_task(line: dict[str, Any], where: str) -> str:
+    if isinstance(line.get("task"), str):
+        return known_task(line["task"], where)
+    try:
+        instruction = jsonfile.loads(line["instruction"])
+        detected = oneke.detect_task(instruction["instruction"], instruction.get("schema"))
+    except (KeyError, TypeError, ValueError):
+        detected = None
+    if detected is None:
+        raise BadInput(f"{where}: cannot tell the task (no 'task' field, no known instruction): pass --task")
+    return detected[0]
+
+
+def _label(line: dict[str, Any], where: str) -> list[Any]:
+    label = _need(line, "label", where)
+    try:
+        gold = jsonfile.loads(label) if isinstance(label, str) else None
+    except ValueError:
+        gold = None
+    if not isinstance(gold, list) or not all(isinstance(item, dict) for item in gold):
+        raise BadInput(f"{where}: 'label' must be a JSON string holding a list of objects, as DeepKE's converter has")
+    return gold
+
+
+# ---------------------------------------------------------------- gold and predicted items
+
+
+def gold_items(task: str, label: list[dict[str, Any]], where: str = "label") -> dict[str, list[Item]]:
+    """The gold items of one record, per part (the authors' `convert_kg`, with EEA's real triggers)."""
+    try:
+        if task == "NER":
+            return {"entity": [(g["entity"], g["entity_type"]) for g in label]}
+        if task in ("RE", "SPO", "KG"):
+            return {"triple": [(g["head"], g["relation"], g["tail"]) for g in label]}
+        if task == "EET":
+            return {"event": [(g["event_trigger"], g["event_type"]) for g in label]}
+        return {
+            "event": [(g["event_type"], g["event_trigger"]) for g in label],
+            "argument": [(g["event_type"], a["argument"], a["role"]) for g in label for a in g["arguments"]],
+        }
+    except (KeyError, TypeError) as exc:
+        raise BadInput(f"{where}: a {task} gold label lacks {exc}: it is not in DeepKE's {task} label shape") from None
+
+
+def predicted_items(task: str, output: Any) -> tuple[bool, dict[str, list[Item]]]:
+    """(whether the output is a JSON object, its items per part), as the authors' extracters read answers."""
+    answer = output
+    if isinstance(output, str):
+        try:
+            answer = jsonfile.loads(output)
+        except ValueError:
+            return False, {}
+    if not isinstance(answer, dict):
+        return False, {}
+    if task == "NER":
+        return True, {"entity": [(v, k) for k, v in _strings_by_key(answer)]}
+    if task == "EET":
+        return True, {"event": [(v, k) for k, v in _strings_by_key(answer)]}
+    if task in ("RE", "SPO"):
+        return True, {"triple": _pairs(answer)}
+    if task == "KG":
+        return True, {"triple": _kg_triples(answer)}
+    return True, _events(answer)
+
+
+def _strings_by_key(answer: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k, v) for k, values in answer.items() if isinstance(values, list) for v in values if isinstance(v, str)]
+
+
+def _pairs(answer: dict[str, Any]) -> list[Item]:
+    triples: list[Item] = []
+    for relation, items in answer.items():
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict):
+                continue
+            head = item.get("head", item.get("subject", ""))
+            tail = item.get("tail", item.get("object", ""))
+            if isinstance(head, str) and isinstance(tail, str):
+                triples.append((head, relation, tail))
+    return triples
+
+
+def _kg_triples(answer: dict[str, Any]) -> list[Item]:
+    triples: list[Item] = []
+    for entities in answer.values():
+        for entity, attributes in entities.items() if isinstance(entities, dict) else []:
+            for attribute, value in attributes.items() if isinstance(attributes, dict) else []:
+                for v in value if isinstance(value, list) else [value]:
+                    if isinstance(v, str) and v.lower() not in KG_EMPTY:
+                        triples.append((entity, attribute, v))
+    return triples
+
+
+def _events(answer: dict[str, Any]) -> dict[str, list[Item]]:
+    events: list[Item] = []
+    arguments: list[Item] = []
+    for event_type, found in answer.items():
+        for event in found if isinstance(found, list) else []:
+            if not isinstance(event, dict) or not isinstance(event.get("trigger", ""), str):
+                continue
+            events.append((event_type, event.get("trigger", "")))
+            roles = event.get("arguments", {})
+            for role, value in roles.items() if isinstance(roles, dict) else []:
+                for v in value if isinstance(value, list) else [value]:
+                    if v != NAN:
+                        arguments.append((event_type, _text(v), role))
+    return {"event": events, "argument": arguments}
+
+
+def _text(value: Any) -> str:
+    """An argument value as text: strings as they are, anything else as its JSON (it never equals a gold string)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- two runs side by side
+
+
+def compare(a: dict[str, TaskScore], b: dict[str, TaskScore], a_name: str, b_name: str) -> dict[str, Any]:
+    """Per task and part: both scores, the F1 change (B - A) and how many records' predictions differ.
+
+    The files must be answers to the same input: the same tasks and records (BadInput otherwise).
+    """
+    if a.keys() != b.keys():
+        raise BadInput(f"{a_name} has tasks {sorted(a)}, {b_name} has {sorted(b)}: compare runs of the same input")
+    tasks: dict[str, Any] = {}
+    for task, score_a in a.items():
+        score_b = b[task]
+        if score_a.records.keys() != score_b.records.keys():
+            only = next(iter(score_a.records.keys() ^ score_b.records.keys()))
+            raise BadInput(
+                f"{task}: record {only[1]!r} (source {only[0]!r}) is in only one of {a_name} and {b_name}: "
+                "compare runs of the same input"
+            )
+        counts_a, counts_b = score_a.counts(), score_b.counts()
+        parts = {}
+        for part in PARTS[task]:
+            differ = sum(
+                Counter(score_a.records[key].pred.get(part, [])) != Counter(score_b.records[key].pred.get(part, []))
+                for key in score_a.records
+            )
+            f1_a, f1_b = counts_a[part].f1, counts_b[part].f1
+            parts[part] = {
+                "a": counts_a[part].summary(),
+                "b": counts_b[part].summary(),
+                "f1_change": None if f1_a is None or f1_b is None else round(f1_b - f1_a, 2),
+                "records_differ": differ,
+            }
+        tasks[task] = {
+            "records": len(score_a.records),
+            "errors": {"a": score_a.errors, "b": score_b.errors},
+            "parts": parts,
+        }
+    return {"a": a_name, "b": b_name, "tasks": tasks}

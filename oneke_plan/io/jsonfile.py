@@ -1,0 +1,120 @@
+"""The one JSON reader for data users hand us: config.json, tokenizer files, input lines, schemas, few-shot
+examples, checkpoint and offload indexes, answer files.
+
+json.loads alone fails in ways that are no JSONDecodeError: 20,000 nested brackets raise RecursionError, an integer
+of 5,000 digits a plain ValueError, and a lone surrogate escape ("\\ud800", valid JSON) parses into a string that
+cannot be written anywhere later. `loads` bounds the nesting (oneke_plan.io.limits) before parsing and raises only
+json.JSONDecodeError (JsonLimitError for what breaks a bound), with the line and column, so every caller's
+existing one-line message covers these cases too. `read_json_file` adds the file's size bound and turns every
+failure into one BadInput naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from oneke_plan.core.errors import BadInput
+from oneke_plan.core.sizes import format_bytes
+from oneke_plan.io.files import os_error
+from oneke_plan.io.limits import MAX_JSON_BYTES, MAX_NESTING, is_valid_unicode
+
+# A JSON string (escapes included) or a bracket: strings are skipped whole, so brackets inside them do not count.
+_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|[\]}]')
+# A \u escape of a surrogate, preceded by any run of backslashes (an odd run makes it an escape).
+_SURROGATE_ESCAPE = re.compile(r"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_LONG_NUMBER = re.compile(r"\d{1000,}")
+
+
+class JsonLimitError(json.JSONDecodeError):
+    """A JSON text that breaks one of our bounds (nesting, number length, valid Unicode) rather than the syntax."""
+
+
+def loads(text: str, max_depth: int = MAX_NESTING) -> Any:
+    """json.loads(text), refusing nesting deeper than `max_depth`, integers too long for Python, and lone
+    surrogate escapes. Raises only json.JSONDecodeError (JsonLimitError for those three)."""
+    _check_depth(text, max_depth)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:  # the depth is checked above; only a caller already deep in its own stack gets here
+        raise JsonLimitError("nested too deeply to read", text, 0) from None
+    except ValueError:  # Python's bound on integer digits (sys.get_int_max_str_digits)
+        match = _LONG_NUMBER.search(text)
+        limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+        raise JsonLimitError(
+            f"a number with more than {limit} digits, which no field needs", text, match.start() if match else 0
+        ) from None
+    if _SURROGATE_ESCAPE.search(text) is not None and not is_valid_unicode(json.dumps(value, ensure_ascii=False)):
+        raise JsonLimitError(
+            "a lone surrogate escape (\\ud800-\\udfff without its pair), which is not valid Unicode text",
+            text,
+            _lone_surrogate_at(text),
+        )
+    return value
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    if text.count("[") + text.count("{") <= max_depth:  # cannot be deeper: skip the scan (most lines)
+        return
+    depth = 0
+    for match in _TOKENS.finditer(text):
+        char = match.group()
+        if char in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise JsonLimitError(f"nested deeper than {max_depth} levels", text, match.start())
+        elif char in "]}":
+            depth -= 1
+
+
+def _lone_surrogate_at(text: str) -> int:
+    """Where the first unpaired surrogate escape starts in `text` (0 if none is found)."""
+    high: tuple[int, int] | None = None  # (start, end) of a high-surrogate escape waiting for its low half
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        if len(match.group(1)) % 2 == 0:  # an escaped backslash, then a plain 'u'
+            continue
+        start = match.end(1) - 1
+        is_high = int(match.group(2), 16) < 0xDC00
+        if high is not None:
+            if not is_high and high[1] == start:
+                high = None
+                continue
+            return high[0]
+        if not is_high:
+            return start
+        high = (start, match.end())
+    return high[0] if high is not None else 0
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes:
+    """The bytes of `path`, read up to `limit` (a pipe or /dev/zero is read no further); BadInput beyond it."""
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise BadInput(f"{path}: larger than {format_bytes(limit)}, more than any file of its kind; {remedy}")
+    return data
+
+
+def read_json_file(path: str | os.PathLike[str], remedy: str, encoding: str = "utf-8") -> Any:
+    """The JSON value in the file `path`; every failure is one BadInput naming the file (and line), and `remedy`."""
+    path = Path(path)
+    try:
+        text = read_bounded(path, MAX_JSON_BYTES, remedy).decode(encoding)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: not found; {remedy}") from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{path}: not UTF-8 text ({exc.reason}); {remedy}") from None
+    except OSError as exc:
+        raise os_error(path, "be read", exc, remedy) from None
+    try:
+        return loads(text)
+    except JsonLimitError as exc:
+        raise BadInput(f"{path}:{exc.lineno}: {exc.msg} (column {exc.colno}); {remedy}") from None
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); {remedy}") from None
