@@ -33,7 +33,8 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from tiny_checkpoint import build_tiny_llama
 
-    from oneke_plan.extract.generation import Encoded, GreedyGenerator
+    from oneke_plan.extract.batching import Encoded
+    from oneke_plan.extract.generation import GreedyGenerator
     from oneke_plan.extract.inputs import read_converted
     from oneke_plan.extract.runner import encode_prompts
 

@@ -31,8 +31,8 @@ what it measured) and OUT/gpu-calibration.md (the summary table). `--time-budget
 that many seconds have passed; what was not reached is listed as skipped.
 
 `--cpu-smoke` runs the same code paths on the CPU with tiny shapes in well under a minute (CI runs it,
-tests/project/test_gpu_calibration.py): every CPU-measurable number (loaded weights, KV cache bytes, tokens) is recorded;
-every GPU-only number is null, with the reason under "unavailable". Nothing is estimated in its place.
+tests/project/test_gpu_calibration.py): every CPU-measurable number (loaded weights, KV cache bytes, tokens) is
+recorded; every GPU-only number is null, with the reason under "unavailable". Nothing is estimated in its place.
 
 `--derive-defaults DATA.json` reads a GPU run's data file and prints the per-GPU reserve that would make every
 estimate cover its measured peak (per card size as well), the margin that leaves, and the workspace measured

@@ -8,9 +8,9 @@ Each generated part sits between two marker lines in its Markdown file:
 
 ENVIRONMENT says what the text depends on besides this repository: the Python version for `--help` texts (argparse
 lays them out differently across versions), the transformers major version for planned numbers (profiles/ are
-written with transformers 5, see tests/project/test_profiles.py). tests/project/test_docs.py renders every part again and fails
-when a file differs, where the environment is the one recorded; `python tools/gen_docs.py --check` does the same
-and lists the parts that drifted. The profile example in docs/profile-format.md is rewritten by
+written with transformers 5, see tests/project/test_profiles.py). tests/project/test_docs.py renders every part
+again and fails when a file differs, where the environment is the one recorded; `python tools/gen_docs.py --check`
+does the same and lists the parts that drifted. The profile example in docs/profile-format.md is rewritten by
 `python profiles/regenerate.py` (`make profiles`, which `make docs` runs first).
 """
 

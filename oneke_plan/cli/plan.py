@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from oneke_plan import __version__, api
 from oneke_plan.api import DEFAULT_WORKLOAD
-from oneke_plan.api.report import BAR_LEGEND, bar, device_rows, speed_lines
+from oneke_plan.api.plan_report import BAR_LEGEND, bar, device_rows, speed_lines
 from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, format_table, run_main, wants_debug
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
-from oneke_plan.extract.generation import Encoded
+from oneke_plan.extract.batching import Encoded
 from oneke_plan.formats.templates import TEMPLATES, check_tokenizer
 from oneke_plan.plan.model_source import ModelSource
 from oneke_plan.plan.profile import Profile

@@ -23,25 +23,36 @@ max_input_tokens + max_new_tokens - 1 positions wide (leading columns that are p
 rows leave, and finished rows leave before others join), on each layer's own device. No prefix is kept apart: a
 computed prefix lives only as the views the joining rows' forward concatenates, and each layer's goes once that
 layer has run, so what the batch holds never exceeds batch_size rows.
+
+Which prompts go together (length batches, prefix groups, prefill runs) is batching.py's; making, reading and
+merging caches across transformers versions is kv_cache.py's; this module is the decoding loop over them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oneke_plan.extract.batching import Encoded, PrefixGroup, length_batches, prefix_groups, similar_lengths
+from oneke_plan.extract.kv_cache import (
+    cache_layers,
+    can_shrink,
+    copy_rows,
+    filled_cache,
+    is_plain_kv_cache,
+    kv_pairs,
+    new_cache,
+    pairs_bytes,
+    release_layer,
+    set_kv_pairs,
+    shrink,
+    supports_standard_cache,
+    uses_sliding_window,
+)
 from oneke_plan.load.loader import input_device
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A prompt's token ids (BOS included), and its position in the caller's list."""
-
-    index: int
-    ids: list[int]
 
 
 @dataclass
@@ -85,80 +96,6 @@ def eos_token_ids(model: Any, tokenizer: Any, directory: str | Path | None = Non
     return ids
 
 
-# ---------------------------------------------------------------------------------------------- batching plans
-
-
-def length_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[Encoded]]:
-    """Batches of prompts of similar length (longest first, so an out-of-memory shows up at once)."""
-    ordered = sorted(encoded, key=lambda e: (-len(e.ids), e.index))
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
-MAX_SPLIT_DEPTH = 64
-
-
-@dataclass
-class PrefixGroup:
-    """Prompts that share their first `prefix_length` tokens (0: no shared prefix worth computing apart)."""
-
-    prefix_length: int
-    members: list[Encoded] = field(default_factory=list)
-
-
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def prefix_groups(prompts: Sequence[Encoded]) -> list[PrefixGroup]:
-    """Group prompts so that computing each group's shared prefix once saves the most prefill tokens.
-
-    Prompts sorted by their ids put those with long common prefixes side by side; a run of them shares the
-    smallest common length between neighbours. A run is split where that minimum is (into runs that share more)
-    when the parts save more tokens than the whole: a group of n prompts sharing p tokens saves (n - 1) * p. The
-    prefix always leaves at least one token of each prompt to prefill. Prompts in no group worth it go in one
-    group of prefix 0. Groups come longest prompt first, members longest first.
-    """
-    order = sorted(prompts, key=lambda e: (e.ids, e.index))
-    common = [_common_length(order[i].ids, order[i + 1].ids) for i in range(len(order) - 1)]
-
-    def best(lo: int, hi: int, depth: int) -> tuple[int, list[tuple[int, int, int]]]:
-        """(tokens saved, [(prefix, lo, hi)]) for order[lo:hi], hi - lo >= 2."""
-        low = min(common[lo : hi - 1])
-        shared = min(low, min(len(order[i].ids) for i in range(lo, hi)) - 1)
-        whole = (hi - lo - 1) * shared
-        if depth >= MAX_SPLIT_DEPTH:  # prompts nested in each other hundreds deep: stop refining, never recurse out
-            return whole, [(shared, lo, hi)]
-        cuts = [i + 1 for i in range(lo, hi - 1) if common[i] == low]
-        saved, runs = 0, []
-        for start, end in zip([lo, *cuts], [*cuts, hi], strict=True):
-            if end - start >= 2:
-                part_saved, part_runs = best(start, end, depth + 1)
-                saved += part_saved
-                runs += part_runs
-        if saved > whole:
-            return saved, runs
-        return whole, [(shared, lo, hi)]
-
-    groups: list[PrefixGroup] = []
-    grouped: set[int] = set()
-    if len(order) >= 2:
-        for shared, lo, hi in best(0, len(order), 0)[1]:
-            if shared > 0:
-                groups.append(PrefixGroup(shared, list(order[lo:hi])))
-                grouped.update(range(lo, hi))
-    loose = [order[i] for i in range(len(order)) if i not in grouped]
-    if loose:
-        groups.append(PrefixGroup(0, loose))
-    for group in groups:
-        group.members.sort(key=lambda e: (-len(e.ids), e.index))
-    groups.sort(key=lambda g: (-len(g.members[0].ids), g.members[0].index))
-    return groups
-
-
 # ---------------------------------------------------------------------------------------------- the model's API
 
 
@@ -172,112 +109,6 @@ def _forward_names(model: Any) -> tuple[dict[str, int], str, set[str]]:
     params = inspect.signature(model.forward).parameters
     last_only = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
     return last_only, "cache" if "cache" in params else "past_key_values", set(params)
-
-
-def _new_cache(model: Any) -> Any:
-    """The cache generate would make: a DynamicCache laid out by the model's config (sliding, linear, hybrid)."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # transformers 4.x takes no config
-        return DynamicCache()
-
-
-def _uses_sliding_window(config: Any) -> bool:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None)
-    return bool(window) and getattr(text, "use_sliding_window", True) is not False
-
-
-def _supports_standard_cache(model: Any) -> bool:
-    """False for the few models transformers itself gives no DynamicCache (its own test, where it has one)."""
-    test = getattr(model, "_supports_default_dynamic_cache", None)
-    return bool(test()) if callable(test) else True
-
-
-# Layer types whose reorder_cache selects every state they hold (keys/values, conv and recurrent states, indexer
-# keys), so finished rows can leave through it. A sliding layer's cumulative length is one number for all rows.
-SHRINKABLE_LAYERS = frozenset(
-    {
-        "DynamicLayer",
-        "DynamicSlidingWindowLayer",
-        "DynamicIndexedLayer",
-        "LinearAttentionLayer",
-        "LinearAttentionAndFullAttentionLayer",
-        "LinearAttentionAndSlidingWindowAttentionLayer",
-        "DummyLayer",
-    }
-)
-
-
-def _cache_layers(cache: Any) -> list[Any] | None:
-    return getattr(cache, "layers", None) if hasattr(cache, "layers") else None
-
-
-def is_plain_kv_cache(cache: Any) -> bool:
-    """Whether every layer holds plain full-attention keys and values, [batch, heads, positions, head_dim], that
-    grow by one position per token: the cache prefix reuse and merging rows need."""
-    layers = _cache_layers(cache)
-    if layers is None:
-        return type(cache).__name__ == "DynamicCache" and hasattr(cache, "key_cache")  # transformers 4.x
-    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
-
-
-def can_shrink(cache: Any) -> bool:
-    """Whether finished rows can leave this cache through its own methods (see SHRINKABLE_LAYERS)."""
-    layers = _cache_layers(cache)
-    if layers is None:
-        return is_plain_kv_cache(cache)
-    return all(type(layer).__name__ in SHRINKABLE_LAYERS for layer in layers)
-
-
-def _shrink(cache: Any, rows: Any) -> None:
-    """Keep only `rows` (a LongTensor of batch indices) in the cache, each layer on its own device."""
-    layers = _cache_layers(cache)
-    if layers is None:  # transformers 4.x DynamicCache
-        for i, keys in enumerate(cache.key_cache):
-            cache.key_cache[i] = keys.index_select(0, rows.to(keys.device))
-            cache.value_cache[i] = cache.value_cache[i].index_select(0, rows.to(keys.device))
-        return
-    cache.reorder_cache(rows)
-
-
-def _kv_pairs(cache: Any) -> list[tuple[Any, Any]]:
-    """(keys, values) of every layer of a plain KV cache."""
-    layers = _cache_layers(cache)
-    if layers is None:
-        return list(zip(cache.key_cache, cache.value_cache, strict=True))
-    return [(layer.keys, layer.values) for layer in layers]
-
-
-def _filled_cache(model: Any, pairs: Sequence[tuple[Any, Any]]) -> Any:
-    """A new plain KV cache holding `pairs` as they are (views allowed: the next forward concatenates them)."""
-    cache = _new_cache(model)
-    layers = _cache_layers(cache)
-    for i, (keys, values) in enumerate(pairs):
-        if layers is None:
-            cache.key_cache.append(keys)
-            cache.value_cache.append(values)
-            if i == 0 and hasattr(cache, "_seen_tokens"):
-                cache._seen_tokens = keys.shape[-2]
-        else:
-            layers[i].lazy_initialization(keys, values)
-            layers[i].keys, layers[i].values = keys, values
-    return cache
-
-
-def _set_kv_pairs(cache: Any, pairs: Sequence[tuple[Any, Any]]) -> None:
-    layers = _cache_layers(cache)
-    for i, (keys, values) in enumerate(pairs):
-        if layers is None:
-            cache.key_cache[i], cache.value_cache[i] = keys, values
-        else:
-            layers[i].keys, layers[i].values = keys, values
-
-
-def _pairs_bytes(pairs: Sequence[tuple[Any, Any]]) -> int:
-    return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)
 
 
 # ---------------------------------------------------------------------------------------------- the decoder
@@ -359,10 +190,10 @@ class GreedyGenerator:
         """'continuous' (prefix reuse and continuous batching), 'batches' (length-sorted batches through our
         loop) or 'generate' (transformers' generate, for models without a standard cache or mask)."""
         needed = {"attention_mask", "position_ids", self.cache_name}
-        if not _supports_standard_cache(self.model) or not needed <= self.forward_params:
+        if not supports_standard_cache(self.model) or not needed <= self.forward_params:
             return "generate"
-        cache = _new_cache(self.model)
-        if _cache_layers(cache) is None and _uses_sliding_window(self.model.config):
+        cache = new_cache(self.model)
+        if cache_layers(cache) is None and uses_sliding_window(self.model.config):
             # transformers 4.x keeps full KV and applies windows by cache slot, which padding inside a row would
             # shift (and its hybrid models bring their own caches): leave those to generate
             return "generate"
@@ -391,7 +222,7 @@ class GreedyGenerator:
 
     def _note_cache(self, cache: Any, extra: int = 0) -> None:
         if is_plain_kv_cache(cache):
-            held = _pairs_bytes(_kv_pairs(cache)) + extra
+            held = pairs_bytes(kv_pairs(cache)) + extra
             self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, held)
 
     # -- continuous batching with prefix reuse ---------------------------------------------------------------------
@@ -465,7 +296,7 @@ class GreedyGenerator:
                     self.stats.prefixes_reused += 1
                     return [
                         (k[row : row + 1, :, first:end], v[row : row + 1, :, first:end])
-                        for k, v in _kv_pairs(running.cache)
+                        for k, v in kv_pairs(running.cache)
                     ]
         return self._prefix_cache(ids, running)
 
@@ -474,16 +305,16 @@ class GreedyGenerator:
         import torch
 
         start = time.perf_counter()
-        cache = _new_cache(self.model)
+        cache = new_cache(self.model)
         row = torch.tensor([ids], dtype=torch.long)
         self._forward(row, torch.ones_like(row), torch.arange(len(ids))[None, :], cache)
-        pairs = _kv_pairs(cache)
+        pairs = kv_pairs(cache)
         self.stats.prefill_seconds += time.perf_counter() - start
         self.stats.prefill_tokens += len(ids)
         self.stats.prefix_tokens += len(ids)
         self.stats.prefixes_computed += 1
-        held = 0 if running is None else _pairs_bytes(_kv_pairs(running.cache))
-        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, held + _pairs_bytes(pairs))
+        held = 0 if running is None else pairs_bytes(kv_pairs(running.cache))
+        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, held + pairs_bytes(pairs))
         return pairs
 
     def _join(
@@ -499,20 +330,20 @@ class GreedyGenerator:
 
         New rows are laid out [prefix][padding][rest]: the prefix KV is a view (the forward's concatenation makes
         each row's copy, layer by layer), the rest is left-padded to the longest rest. Rests of very different
-        lengths are prefilled in separate forwards (`_similar_lengths`), whose rows are all merged with one copy;
+        lengths are prefilled in separate forwards (`similar_lengths`), whose rows are all merged with one copy;
         later forwards take the prefix from the first one's rows. This holds the only reference to a computed
         prefix, so each layer's is freed once that layer has run in the first forward.
         """
         start = time.perf_counter()
-        held = 0 if running is None else _pairs_bytes(_kv_pairs(running.cache))
+        held = 0 if running is None else pairs_bytes(kv_pairs(running.cache))
         parts: list[_Running] = []
         holder = [prefix]  # the callee takes it out, so that nothing here keeps a computed prefix alive
         del prefix
-        for sub in _similar_lengths(take, length, self.split_tokens):
+        for sub in similar_lengths(take, length, self.split_tokens):
             if parts and length:
-                holder = [[(k[:1, :, :length], v[:1, :, :length]) for k, v in _kv_pairs(parts[0].cache)]]
+                holder = [[(k[:1, :, :length], v[:1, :, :length]) for k, v in kv_pairs(parts[0].cache)]]
             parts.append(self._prefill_rest(sub, group, length, holder, answers))
-            held += _pairs_bytes(_kv_pairs(parts[-1].cache))
+            held += pairs_bytes(kv_pairs(parts[-1].cache))
             self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, held)
         merged = self._merge([running, *parts])
         self.stats.prefill_seconds += time.perf_counter() - start
@@ -535,7 +366,7 @@ class GreedyGenerator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, length:]
         rows = len(take)
         views = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix]
-        cache = _filled_cache(self.model, views) if length else _new_cache(self.model)
+        cache = filled_cache(self.model, views) if length else new_cache(self.model)
         del views, prefix
         tokens = self._forward(ids, mask, positions, cache)
         self.stats.prefill_tokens += ids.numel()
@@ -590,7 +421,7 @@ class GreedyGenerator:
             widths.append((first, mask.shape[1] - first))
         width = max(w for _, w in widths)
         rows = sum(len(keep) for _, keep in parts)
-        pairs_by_part = [_kv_pairs(run.cache) for run, _ in parts]
+        pairs_by_part = [kv_pairs(run.cache) for run, _ in parts]
         merged_pairs = []
         for layer in range(len(pairs_by_part[0])):
             merged = []
@@ -599,21 +430,21 @@ class GreedyGenerator:
                 out = first_tensor.new_empty((rows, first_tensor.shape[1], width, first_tensor.shape[3]))
                 row = 0
                 for (_, keep), (first, w), pairs in zip(parts, widths, pairs_by_part, strict=True):
-                    _copy_rows(pairs[layer][which], keep, first, out[row : row + len(keep)], width - w)
+                    copy_rows(pairs[layer][which], keep, first, out[row : row + len(keep)], width - w)
                     row += len(keep)
                 merged.append(out)
             merged_pairs.append((merged[0], merged[1]))
             for pairs in pairs_by_part:  # let this layer's old tensors go before the next layer is copied
                 pairs[layer] = (None, None)
             for run, _ in parts:
-                _set_kv_pairs_one(run.cache, layer)
+                release_layer(run.cache, layer)
         mask = torch.zeros((rows, width), dtype=torch.long)
         row = 0
         for (run, keep), (first, w) in zip(parts, widths, strict=True):
             mask[row : row + len(keep), width - w :] = run.mask[keep][:, first:]
             row += len(keep)
         cache = parts[0][0].cache
-        _set_kv_pairs(cache, merged_pairs)
+        set_kv_pairs(cache, merged_pairs)
         return _Running(
             cache,
             mask,
@@ -638,7 +469,7 @@ class GreedyGenerator:
         answers: dict[int, list[int]] = {item.index: [] for item in batch}
         rows = [item.index for item in batch]
         done = [False] * len(batch)
-        cache = _new_cache(self.model)
+        cache = new_cache(self.model)
         shrinkable = None
         self.in_flight.update(rows)
         with torch.inference_mode():
@@ -659,7 +490,7 @@ class GreedyGenerator:
                 shrinkable = can_shrink(cache) if shrinkable is None else shrinkable
                 if shrinkable and any(done):
                     keep = torch.tensor([row for row, d in enumerate(done) if not d], dtype=torch.long)
-                    _shrink(cache, keep)
+                    shrink(cache, keep)
                     rows = [rows[row] for row in keep.tolist()]
                     tokens, mask, positions = tokens[keep], mask[keep], positions[keep]
                     done = [False] * len(rows)
@@ -698,37 +529,6 @@ class GreedyGenerator:
             yield item.index, answer
 
 
-def _copy_rows(source: Any, rows: Any, first: int, out: Any, pad: int) -> None:
-    """out[:, :, pad:] = source[rows, :, first:], with zeros in out[:, :, :pad]: one copy, no zero-filled
-    allocation (padding must hold finite values: a masked position still multiplies its attention weight, 0, by
-    its value)."""
-    import torch
-
-    out[:, :, :pad].zero_()
-    view = source[:, :, first:]
-    if len(rows) == source.shape[0] and bool((rows == torch.arange(len(rows))).all()):
-        out[:, :, pad:].copy_(view)
-    elif pad == 0:
-        torch.index_select(view, 0, rows.to(source.device), out=out)
-    else:
-        out[:, :, pad:].copy_(view.index_select(0, rows.to(source.device)))
-
-
-def _similar_lengths(take: list[Encoded], length: int, split_tokens: int) -> list[list[Encoded]]:
-    """`take` (longest first) cut into runs prefilled together: a row starts a new run when padding it to the
-    run's longest rest would cost more than `split_tokens` tokens and more than half its length."""
-    runs: list[list[Encoded]] = []
-    for item in sorted(take, key=lambda e: -len(e.ids)):
-        rest = len(item.ids) - length
-        if runs:
-            longest = len(runs[-1][0].ids) - length
-            if longest - rest <= max(split_tokens, longest // 2):
-                runs[-1].append(item)
-                continue
-        runs.append([item])
-    return runs
-
-
 def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
     """Token ids [rows, longest] padded on the left with `pad`, and the attention mask (1 = a real token)."""
     import torch
@@ -740,12 +540,3 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
         ids[row, width - len(tokens) :] = torch.tensor(list(tokens), dtype=torch.long)
         mask[row, width - len(tokens) :] = 1
     return ids, mask
-
-
-def _set_kv_pairs_one(cache: Any, layer: int) -> None:
-    """Release one layer's tensors from a cache being merged away (the merged copy replaces them)."""
-    layers = _cache_layers(cache)
-    if layers is None:
-        cache.key_cache[layer] = cache.value_cache[layer] = None
-    else:
-        layers[layer].keys = layers[layer].values = None

@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from oneke_plan.extract.generation import Encoded, length_batches
+from oneke_plan.extract.batching import Encoded, length_batches
 from oneke_plan.extract.inputs import OutputWriter, PromptRecord, answer_line, error_line
 from oneke_plan.formats import oneke
 from oneke_plan.formats.templates import TEMPLATES

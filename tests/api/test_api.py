@@ -1,4 +1,4 @@
-"""The Python API (oneke_plan/api.py) against independent routes, and README's example run as it is written.
+"""The Python API (oneke_plan/api/) against independent routes, and README's example run as it is written.
 
 - plan -> load -> extract in memory: each answer equals transformers' own greedy `generate` on that prompt alone
   (float32, where batching changes no rounding), and the model is the one from_pretrained loads;
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import llama2_zh_ids
-from test_generation import alone
+from reference import alone
 from transformers import AutoModelForCausalLM
 
 from oneke_plan import api

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oneke_plan.api.report import BAR_LEGEND, DeviceRow, bar
+from oneke_plan.api.plan_report import BAR_LEGEND, DeviceRow, bar
 from oneke_plan.cli.plan import main
 from oneke_plan.core.errors import EXIT_BAD_INPUT
 from oneke_plan.core.sizes import GiB, MiB

@@ -313,8 +313,8 @@ def test_accelerate_alone_overfills_gpu0_where_the_plan_fits(oneke: Planner) -> 
 
 def nf4_double_quant_bytes(out_features: int, in_features: int) -> int:
     """A 4-bit nf4 Linear weight with double quantization, by hand (docs/memory-model.md, checked against
-    bitsandbytes in tests/measure/test_memory.py): two values a byte, a uint8 absmax per block of 64 with an fp32 absmax per
-    256 of those, the 256-entry fp32 map, the fp32 offset and the 16-entry fp32 code table."""
+    bitsandbytes in tests/measure/test_memory.py): two values a byte, a uint8 absmax per block of 64 with an fp32
+    absmax per 256 of those, the 256-entry fp32 map, the fp32 offset and the 16-entry fp32 code table."""
     n = out_features * in_features
     blocks = -(-n // 64)
     return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 1024 + 4 + 64

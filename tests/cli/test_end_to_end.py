@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 import torch
+from architectures import TABLE, TRANSFORMERS_4, Arch
 from conftest import llama2_zh_ids
-from test_architectures import TABLE, TRANSFORMERS_4, Arch
-from test_generation import alone, frequent_stop
+from reference import alone, frequent_stop
 from tiny_checkpoint import build_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
-from oneke_plan.extract.generation import Encoded
+from oneke_plan.extract.batching import Encoded
 from oneke_plan.extract.inputs import read_converted
 from oneke_plan.measure.compat import dtype_kw
 

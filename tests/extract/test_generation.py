@@ -19,11 +19,13 @@ from typing import Any
 import pytest
 import torch
 from conftest import needs_bnb_on_cpu
+from reference import alone, frequent_stop
 from tiny_checkpoint import build_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from oneke_plan.extract import generation
-from oneke_plan.extract.generation import Encoded, GreedyGenerator, prefix_groups
+from oneke_plan.extract import kv_cache
+from oneke_plan.extract.batching import Encoded, prefix_groups
+from oneke_plan.extract.generation import GreedyGenerator
 from oneke_plan.extract.inputs import read_converted
 from oneke_plan.extract.runner import encode_prompts
 from oneke_plan.measure.compat import dtype_kw
@@ -35,27 +37,6 @@ MAX_NEW = 10
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-def alone(model: Any, prompt: list[int], eos: list[int], max_new: int = MAX_NEW) -> list[int]:
-    """transformers' greedy generate on one prompt, cut before the first EOS: the reference answer."""
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
-            pad_token_id=0,
-        )[0, len(prompt) :].tolist()  # fmt: skip
-    return out[: next((k for k, token in enumerate(out) if token in eos), len(out))]
-
-
-def frequent_stop(model: Any, prompts: list[Encoded]) -> int:
-    """A token that some greedy answers produce part-way: as an extra EOS it makes answers end at different steps
-    (random weights almost never produce the real EOS), so rows leave the batch and others join it."""
-    counts: dict[int, int] = {}
-    for item in prompts[:: max(1, len(prompts) // 12)]:
-        for token in set(alone(model, item.ids, [2])[1:-1]):
-            counts[token] = counts.get(token, 0) + 1
-    return max(counts, key=lambda t: (counts[t] < len(prompts), counts[t]))
-
-
 def numbered(prompts: list[Encoded]) -> list[Encoded]:
     return [Encoded(i, item.ids) for i, item in enumerate(prompts)]
 
@@ -335,11 +316,11 @@ def test_sliding_and_hybrid_models_equal_generate(
     model = AutoModelForCausalLM.from_pretrained(tmp_path, **dtype_kw(torch.float32)).eval()
     generator = GreedyGenerator(model, tokenizer, MAX_NEW)
     assert generator.mode() == "batches"  # no prefix reuse on these caches
-    cache = generation._new_cache(model)
-    assert generation.can_shrink(cache)
+    cache = kv_cache.new_cache(model)
+    assert kv_cache.can_shrink(cache)
     if not shrink:  # a layer type not known to select all its state: the batch must stay whole
-        monkeypatch.setattr(generation, "SHRINKABLE_LAYERS", frozenset())
-        assert not generation.can_shrink(cache)
+        monkeypatch.setattr(kv_cache, "SHRINKABLE_LAYERS", frozenset())
+        assert not kv_cache.can_shrink(cache)
     eos = [2, frequent_stop(model, short_prompts)]
     generator.eos = eos
     answers = dict(generator.run(short_prompts, 4))

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import torch
 from conftest import llama2_zh_ids
-from test_generation import alone as transformers_alone
+from reference import alone as transformers_alone
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from oneke_plan.extract.generation import Encoded, GreedyGenerator, length_batches
+from oneke_plan.extract.batching import Encoded, length_batches
+from oneke_plan.extract.generation import GreedyGenerator
 from oneke_plan.extract.inputs import OutputWriter, PromptRecord, read_converted
 from oneke_plan.extract.runner import Runner, encode_prompts
 from oneke_plan.measure.compat import dtype_kw

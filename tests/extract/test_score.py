@@ -17,7 +17,8 @@ from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.cli.score import main as score_main
 from oneke_plan.core.errors import BadInput
-from oneke_plan.extract.generation import Encoded, GreedyGenerator
+from oneke_plan.extract.batching import Encoded
+from oneke_plan.extract.generation import GreedyGenerator
 from oneke_plan.extract.score import compare, score_file
 from oneke_plan.formats import oneke
 

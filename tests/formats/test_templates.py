@@ -159,11 +159,11 @@ def chatml_model_dir(tmp_path_factory: pytest.TempPathFactory, deepke_dir: Path)
     lm_head makes <|im_end|> win wherever a token its answers use part-way would (1.05 times that token's row):
     answers then end at the template's stop word, as a real Qwen's do."""
     import torch
+    from reference import frequent_stop
     from safetensors.torch import load_file, save_file
-    from test_generation import frequent_stop
     from transformers import AutoModelForCausalLM
 
-    from oneke_plan.extract.generation import Encoded
+    from oneke_plan.extract.batching import Encoded
     from oneke_plan.measure.compat import dtype_kw
 
     folder = build_tiny_llama(tmp_path_factory.mktemp("chatml"), vocab_size=1100, dtype=torch.float32)
@@ -193,7 +193,7 @@ def test_qwen_answers_end_at_im_end_like_generate(
     chatml_model_dir: Path, tmp_path: Path, deepke_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import torch
-    from test_generation import alone
+    from reference import alone
     from transformers import AutoModelForCausalLM
 
     from oneke_plan.measure.compat import dtype_kw

@@ -21,7 +21,7 @@ import torch
 import transformers
 from conftest import DEEPKE_DIR
 from packaging.version import Version
-from test_generation import alone
+from reference import alone
 from tiny_checkpoint import build_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import llama2_zh_ids, needs_bnb_on_cpu
+from reference import alone
 from safetensors import safe_open
-from test_generation import alone
 from tiny_checkpoint import build_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
