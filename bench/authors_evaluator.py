@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from oneke_plan.extract.inputs import read_converted  # noqa: E402
 from oneke_plan.extract.outputs import RunOutput  # noqa: E402
 from oneke_plan.extract.score import score_file  # noqa: E402
-from oneke_plan.formats import oneke  # noqa: E402
+from oneke_plan.formats import answers  # noqa: E402
 
 TASKS = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
 THEIR_KEYS = {"event": "event_", "argument": "argument_", "entity": "", "triple": ""}
@@ -80,7 +80,7 @@ def write_perfect(out_dir: Path) -> list[Path]:
             assert output.writer is not None
             for record in pending:
                 text = perfect_text(task, record.instruction, record.extra["label"])
-                output.writer.write(record, text, *oneke.parse_output(task, text))
+                output.writer.write(record, text, *answers.parse_output(task, text))
             output.finish(records)
         written.append(out)
     return written

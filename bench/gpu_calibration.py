@@ -565,8 +565,8 @@ def target_inventory(probe: Probe) -> Any:
 
 
 def settings_for(grid: Grid, quant: str, context: int, batch: int) -> Any:
-    from oneke_plan.api.planner import PlanSettings
     from oneke_plan.plan.memory import Quantization, Workload
+    from oneke_plan.plan.plans import PlanSettings
 
     workload = Workload(context - grid.new_tokens, grid.new_tokens, batch)
     return PlanSettings(workload, Quantization(quant), dtype="bfloat16", reserve_bytes=grid.reserve_bytes,

@@ -45,11 +45,12 @@ def main() -> int:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner
     from oneke_plan.load.loader import load_model
     from oneke_plan.plan.inventory import Inventory
     from oneke_plan.plan.memory import GiB, Quantization, Workload
     from oneke_plan.plan.model_source import resolve_model
+    from oneke_plan.plan.plans import PlanSettings
 
     print(f"machine: {machine_line()}\n")
     path = bench_checkpoint(args.checkpoint)

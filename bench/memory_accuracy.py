@@ -41,10 +41,11 @@ KV_WORKLOADS = [(256, 32, 1), (512, 32, 4)]  # (input tokens, new tokens, batch)
 
 def predicted(path: Path, mode: str, workload) -> tuple[int, int, int]:
     """(weights, kv, workspace) the planner charges for the whole model on one device."""
-    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner
     from oneke_plan.plan.fit import Slot, estimate
     from oneke_plan.plan.memory import Quantization
     from oneke_plan.plan.model_source import resolve_model
+    from oneke_plan.plan.plans import PlanSettings
 
     planner = Planner(resolve_model(str(path)))
     costs = planner.block_costs(PlanSettings(workload, quant=Quantization(mode)), "bfloat16")
@@ -76,11 +77,12 @@ def load_transformers(path: Path, mode: str):
 
 def load_ours(path: Path, mode: str):
     """oneke-run's path: plan for this CPU, write the profile, load_model."""
-    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner
     from oneke_plan.load.loader import load_model
     from oneke_plan.plan.inventory import Inventory
     from oneke_plan.plan.memory import GiB, Quantization, Workload
     from oneke_plan.plan.model_source import resolve_model
+    from oneke_plan.plan.plans import PlanSettings
 
     source = resolve_model(str(path))
     planner = Planner(source)

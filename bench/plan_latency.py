@@ -36,7 +36,8 @@ t['import torch+accelerate+llama modeling'] = time.perf_counter() - s; s = time.
 from oneke_plan.plan.inventory import build_inventory
 from oneke_plan.plan.memory import Quantization, Workload
 from oneke_plan.plan.model_source import resolve_model
-from oneke_plan.api.planner import Planner, PlanSettings
+from oneke_plan.api.planner import Planner
+from oneke_plan.plan.plans import PlanSettings
 t['import oneke_plan'] = time.perf_counter() - s; s = time.perf_counter()
 planner = Planner(resolve_model(sys.argv[1]))
 t['read the config (AutoConfig)'] = time.perf_counter() - s; s = time.perf_counter()

@@ -121,7 +121,7 @@ def exact_fits(costs, slots) -> bool:
 
 def exact_largest_context(planner, dtype, quant, workload, sizes) -> int:
     """The largest max_input_tokens some contiguous split places, blocks priced as the planner prices them."""
-    from oneke_plan.api.planner import PlanSettings, bisect_largest
+    from oneke_plan.plan.plans import PlanSettings, bisect_largest
 
     slots = gpu_slots(sizes)
     high = (planner.layout.max_position_embeddings or 1 << 20) - workload.max_new_tokens
@@ -205,10 +205,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="OneKE and Llama-2-70B only")
     args = parser.parse_args()
     quiet_libraries()
-    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner
     from oneke_plan.plan.inventory import Gpu, Inventory
     from oneke_plan.plan.memory import Quantization, Workload
     from oneke_plan.plan.model_source import ModelSource, resolve_model
+    from oneke_plan.plan.plans import PlanSettings
 
     print(f"machine: {machine_line()}\n")
     sources = {"oneke": resolve_model("oneke")}

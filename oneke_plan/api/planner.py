@@ -16,8 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from oneke_plan import __version__
@@ -26,7 +25,7 @@ from oneke_plan.core.sizes import format_bytes
 from oneke_plan.measure.adapter import Adapter, attach_meta, check_base, lora_module, lora_parameters
 from oneke_plan.measure.checkpoint import checkpoint_dtype
 from oneke_plan.measure.compat import measures_on_meta
-from oneke_plan.measure.forward import OUTSIDE, MeasureError, Measurer
+from oneke_plan.measure.forward import OUTSIDE, MeasureError
 from oneke_plan.measure.layout import (
     build_meta_model,
     config_dtype,
@@ -36,110 +35,51 @@ from oneke_plan.measure.layout import (
     read_layout,
     two_layer_copy,
 )
+from oneke_plan.measure.measurer import Measurer
 from oneke_plan.plan.blocks import ModelLayout
 from oneke_plan.plan.fit import (
-    OFFLOAD_DEVICES,
     BlockCost,
     DeviceEstimate,
     DeviceId,
     MeasuredMemory,
-    Placement,
-    Slot,
     block_costs,
     device_owner,
     explain_refusal,
     place,
 )
-from oneke_plan.plan.inventory import Inventory, runs_bf16
+from oneke_plan.plan.inventory import Inventory
 from oneke_plan.plan.memory import (
-    DEFAULT_CPU_RESERVE_BYTES,
-    DEFAULT_GPU_RESERVE_BYTES,
     DTYPE_BYTES,
     Quantization,
     Workload,
-    decode_step_seconds,
     merges_on_load,
-    offload_slowdown,
 )
 from oneke_plan.plan.model_source import ModelSource
+from oneke_plan.plan.plans import (
+    MAX_SOLVED_BATCH,
+    ModelDtype,
+    Plan,
+    PlanResult,
+    PlanSettings,
+    bisect_largest,
+    check_positive,
+    make_slots,
+    offload_note,
+    offload_slowdown_of,
+    peaks_text,
+    predict_speed,
+    resolve_dtype,
+)
 from oneke_plan.plan.profile import (
     ATTN_IMPLEMENTATIONS,
     ESTIMATE_KEYS,
-    REPLICAS_FORMAT_VERSION,
     Profile,
     ProfileDevice,
-    Replica,
 )
-from oneke_plan.plan.replicas import GroupFits, most_replicas, split_into
-from oneke_plan.plan.speed import SpeedPrediction, combined, predict, rates_of
-
-MAX_SOLVED_BATCH = 4096
 
 
-@dataclass(frozen=True)
-class PlanSettings:
-    """Everything besides the model and the machine that changes a plan."""
-
-    workload: Workload
-    quant: Quantization = Quantization()
-    dtype: str = "auto"
-    strategy: str = "fill"
-    reserve_bytes: int = DEFAULT_GPU_RESERVE_BYTES
-    cpu_reserve_bytes: int = DEFAULT_CPU_RESERVE_BYTES
-    eager_attention: bool = False
-
-
-def check_positive(workload: Workload) -> None:
-    """Token counts and batch size are positive (needs no model: callers check this before building one)."""
-    for name in ("max_input_tokens", "max_new_tokens", "batch_size"):
-        if getattr(workload, name) <= 0:
-            raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(workload, name)}")
-
-
-def check_replica_counts(count: int | str, nodes: int) -> None:
-    """--replicas and --nodes are positive (or --replicas auto); needs no model."""
-    if nodes < 1 or (count != "auto" and int(count) < 1):
-        raise BadInput("--replicas and --nodes must be positive (or --replicas auto)")
-
-
-@dataclass
-class Plan:
-    settings: PlanSettings
-    dtype: str
-    attn_implementation: str  # what transformers runs attention with: "sdpa" or "eager" (as the build chose)
-    slots: list[Slot]
-    costs: list[BlockCost]
-    placement: Placement
-    layout: ModelLayout
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def fits(self) -> bool:
-        return self.placement.fits
-
-
-@dataclass(frozen=True)
-class PlanResult:
-    """A written plan: the plan, its profile, what solving found, and (for plans that offload) what would fit on
-    the GPUs alone, each line computed by planning it."""
-
-    plan: Plan
-    profile: Profile
-    solved: str | None = None
-    gpu_only_options: list[str] | None = None
-    replicas: list[Plan] = field(default_factory=list)  # with --replicas: every copy's plan (`plan` is the first)
-    unused_gpus: list[int] = field(default_factory=list)  # GPUs no replica needs
-    template_reason: str = ""  # why the profile's chat template is the one it is, in words
-
-
-@dataclass(frozen=True)
-class ModelDtype:
-    """The dtype transformers' `from_pretrained(dtype="auto")` would load the model in, and where it came from."""
-
-    name: str | None  # e.g. "bfloat16"; None when neither the config nor the weights say
-    origin: str  # "config.json", "the checkpoint", or why it is unknown
-
-
+# Measurements are a pure function of the model's config, dtype, attention and the library versions: kept for
+# the life of the process, so that every Planner of the same model (tests, benchmarks, a notebook) measures once.
 def model_dtype(config: Any, source: ModelSource) -> ModelDtype:
     """transformers' rule for `dtype="auto"`: the config's `dtype` (`torch_dtype` before 4.56), else the first
     floating-point tensor of the checkpoint (its header only), else unknown."""
@@ -153,65 +93,6 @@ def model_dtype(config: Any, source: ModelSource) -> ModelDtype:
     return ModelDtype(None, "config.json names no dtype and there are no weights to read it from")
 
 
-def resolve_dtype(requested: str, model: ModelDtype, inventory: Inventory) -> tuple[str, list[str]]:
-    """The compute dtype, and why. `auto` keeps the model's own dtype; bf16 needs compute capability >= 8.0
-    (Ampere), so older cards get fp16, with a warning."""
-    notes: list[str] = []
-    if requested != "auto":
-        if requested == "float16" and model.name == "bfloat16":
-            notes.append("warning: the model was trained in bf16; fp16 can overflow and give wrong outputs")
-        return requested, notes + [f"dtype: {requested}, as --dtype says (the model's own: {model.name})"]
-    if model.name is None:
-        raise BadInput(
-            f"--dtype auto: {model.origin}; pass --dtype bfloat16, float16 or float32 (transformers would load it "
-            "as float32)"
-        )
-    if model.name not in DTYPE_BYTES:
-        raise BadInput(
-            f"--dtype auto: the model's dtype is {model.name} (from {model.origin}), which oneke-plan does not plan "
-            "for; pass --dtype bfloat16, float16 or float32"
-        )
-    if model.name != "bfloat16":
-        return model.name, notes + [f"dtype: {model.name}, as {model.origin} says"]
-    old = [g for g in inventory.gpus if not runs_bf16(g)]
-    if old:
-        names = ", ".join(f"GPU {g.index} ({g.name}, {g.capability_text})" for g in old)
-        notes.append(
-            f"warning: {names} cannot run bf16, so float16 is used; the model was trained in bf16 and "
-            "fp16 can overflow and give wrong outputs"
-        )
-        return "float16", notes
-    unknown = [g.index for g in inventory.gpus if g.compute_capability is None]
-    if unknown:
-        notes.append(
-            f"dtype: bfloat16, as {model.origin} says, assuming GPU {', '.join(map(str, unknown))} support it "
-            "(compute capability unknown: describe the card by name, e.g. --gpu 'RTX 3090', to check)"
-        )
-    else:
-        notes.append(
-            f"dtype: bfloat16, as {model.origin} says" + (" and every GPU supports it" if inventory.gpus else "")
-        )
-    return "bfloat16", notes
-
-
-def make_slots(inventory: Inventory, reserve_bytes: int, cpu_reserve_bytes: int) -> list[Slot]:
-    """Devices in fill order: GPUs, then CPU (when it may hold weights), then disk (when an offload dir is set).
-    Each GPU keeps its own reserve when the machine gives one (--reserve INDEX=SIZE, an inventory file's card),
-    else `reserve_bytes`; the CPU likewise (--reserve cpu=SIZE), else `cpu_reserve_bytes`."""
-    slots = [
-        Slot(g.index, f"GPU {g.index}", g.free_bytes, reserve_bytes if g.reserve_bytes is None else g.reserve_bytes)
-        for g in inventory.gpus
-    ]
-    if inventory.cpu_bytes > 0 or not inventory.gpus:
-        cpu_reserve = cpu_reserve_bytes if inventory.cpu_reserve_bytes is None else inventory.cpu_reserve_bytes
-        slots.append(Slot("cpu", "CPU", inventory.cpu_bytes, cpu_reserve))
-    if inventory.offload_dir is not None:
-        slots.append(Slot("disk", "disk", inventory.disk_bytes, 0))
-    return slots
-
-
-# Measurements are a pure function of the model's config, dtype, attention and the library versions: kept for
-# the life of the process, so that every Planner of the same model (tests, benchmarks, a notebook) measures once.
 _MEASURERS: dict[tuple[str, str, bool, bool, str | None], Measurer] = {}
 _QUANTIZABLE: dict[tuple[str, str, bool], dict[str, tuple[int, int]]] = {}
 
@@ -347,7 +228,7 @@ class Planner:
             log.append(f"{slot.name}: {cap} usable, of which reserve {format_bytes(slot.reserve_bytes)}")
         placement = place(costs, slots, settings.strategy)
         return Plan(
-            settings, dtype, attn, slots, costs, placement, layout, log + placement.log + _offload_note(placement)
+            settings, dtype, attn, slots, costs, placement, layout, log + placement.log + offload_note(placement)
         )
 
     def adapter_notes(self, settings: PlanSettings, dtype: str, layout: ModelLayout) -> list[str]:
@@ -494,7 +375,7 @@ class Planner:
             trial = replace(settings, workload=replace(settings.workload, **{what: value}))
             return self.plan(inventory, trial).fits
 
-        return bisect_largest(fits, self._solve_bound(settings, what))
+        return bisect_largest(fits, self.solve_bound(settings, what))
 
     def alternatives(self, inventory: Inventory, settings: PlanSettings) -> list[str]:
         """What would fit instead, each line computed by planning it."""
@@ -503,7 +384,7 @@ class Planner:
         for mode in order[order.index(settings.quant.mode) + 1 :]:
             trial = self.plan(inventory, replace(settings, quant=replace(settings.quant, mode=mode)))  # type: ignore[arg-type]
             if trial.fits:
-                lines.append(f"--quantize {mode}: fits ({_peaks(trial)})")
+                lines.append(f"--quantize {mode}: fits ({peaks_text(trial)})")
         context = self.largest(inventory, settings, "max_input_tokens")
         if context >= 1:
             lines.append(f"--max-input-tokens {context} (with batch {settings.workload.batch_size}): fits")
@@ -519,12 +400,12 @@ class Planner:
                 if need > inventory.cpu_bytes:
                     lines.append(
                         f"CPU offload: --cpu-memory {format_bytes(need).replace(' ', '')} "
-                        f"(about {_slowdown(trial):.0f}x slower: weights cross PCIe at every step)"
+                        f"(about {offload_slowdown_of(trial):.0f}x slower: weights cross PCIe at every step)"
                     )
         if inventory.offload_dir is None:
             trial = self.plan(replace(inventory, offload_dir="offload", disk_bytes=None), settings)
             if trial.fits:
-                lines.append(f"disk offload: --offload-dir DIR (about {_slowdown(trial):.0f}x slower)")
+                lines.append(f"disk offload: --offload-dir DIR (about {offload_slowdown_of(trial):.0f}x slower)")
         return lines
 
     def gpu_only_alternatives(self, inventory: Inventory, settings: PlanSettings) -> list[str]:
@@ -556,20 +437,11 @@ class Planner:
         return "\n".join(lines)
 
     # -- all steps ---------------------------------------------------------------------------------------------
-    def plan_profile(
-        self,
-        inventory: Inventory,
-        settings: PlanSettings,
-        solve: str | None = None,
-        replicas: int | str = 1,
-        nodes: int = 1,
-    ) -> PlanResult:
-        """Everything oneke-plan does between reading its flags and printing: solve for the largest
-        `max_input_tokens` or `batch_size` if asked, plan, and write the profile; with `replicas` (a number, or
-        "auto" for as many as fit) one copy of the model per group of GPUs, the same on `nodes` nodes. Raises
-        DoesNotFit (with what would fit) or BadInput; never anything else for a model it could build."""
-        if replicas != 1 or nodes != 1:
-            return self._plan_replicas(inventory, settings, solve, replicas, nodes)
+    def plan_profile(self, inventory: Inventory, settings: PlanSettings, solve: str | None = None) -> PlanResult:
+        """Everything oneke-plan does between reading its flags and printing for one copy of the model (replicas:
+        replica_planner.py): solve for the largest `max_input_tokens` or `batch_size` if asked, plan, and write the
+        profile. Raises DoesNotFit (with what would fit) or BadInput; never anything else for a model it could
+        build."""
         solved = None
         self.check_workload(replace(settings.workload, **{solve: 1}) if solve else settings.workload)
         if solve:
@@ -591,134 +463,23 @@ class Planner:
             gpu_only = self.gpu_only_alternatives(inventory, settings)
         return PlanResult(plan, profile, solved, gpu_only)
 
-    # -- replicas ----------------------------------------------------------------------------------------------
-    def replica_groups(self, inventory: Inventory, settings: PlanSettings, count: int | str) -> list[list[int]]:
-        """GPU groups that each hold a whole copy for the workload: `count` of them using every GPU, or with
-        "auto" as many as can be found (replicas.py: exhaustive up to 8 GPUs). [] if not even one; [[]] * count for
-        a machine without GPUs, whose CPU memory the copies share evenly."""
-        if not inventory.gpus:
-
-            def copies_fit(copies: int) -> bool:
-                return self.plan(self.replica_inventory(inventory, [], copies), settings).fits
-
-            copies = bisect_largest(copies_fit, 64) if count == "auto" else int(count) * copies_fit(int(count))
-            return [[] for _ in range(copies)]
-        by_index = {g.index: g for g in inventory.gpus}
-        fits = GroupFits(
-            lambda group: self.plan(self.replica_inventory(inventory, group), settings).fits,
-            lambda i: (by_index[i].free_bytes, str(by_index[i].reserve_bytes), by_index[i].compute_capability),
-        )
-        indexes = [g.index for g in inventory.gpus]
-        size = lambda i: by_index[i].free_bytes  # noqa: E731
-        if count == "auto":
-            return most_replicas(indexes, fits, size)
-        return split_into(indexes, int(count), fits, size) or []
-
-    @staticmethod
-    def replica_inventory(inventory: Inventory, group: Sequence[int], copies: int = 1) -> Inventory:
-        """The machine as one replica sees it: its GPUs (their indexes kept), no offload; without GPUs, its share
-        of the CPU memory."""
-        gpus = tuple(g for g in inventory.gpus if g.index in group)
-        cpu = 0 if gpus else inventory.cpu_bytes // copies
-        return replace(inventory, gpus=gpus, cpu_bytes=cpu, offload_dir=None, disk_bytes=None)
-
-    def _plan_replicas(
-        self, inventory: Inventory, settings: PlanSettings, solve: str | None, count: int | str, nodes: int
-    ) -> PlanResult:
-        check_replica_counts(count, nodes)
-        if inventory.gpus and (inventory.cpu_bytes or inventory.offload_dir):
-            raise BadInput(
-                "--replicas: each replica must fit on its own GPUs; CPU or disk offload (--cpu-memory, "
-                "--offload-dir) is not shared between replicas: drop them, or plan one replica"
-            )
-        if solve and count == "auto":
-            raise BadInput("--solve with --replicas: give the number of replicas to solve for, not auto")
-        self.check_workload(replace(settings.workload, **{solve: 1}) if solve else settings.workload)
-        solved = None
-        if solve:
-
-            def fits(value: int) -> bool:
-                trial = replace(settings, workload=replace(settings.workload, **{solve: value}))
-                return bool(self.replica_groups(inventory, trial, count))
-
-            best = bisect_largest(fits, self._solve_bound(settings, solve))
-            if best == 0:
-                at_one = replace(settings, workload=replace(settings.workload, **{solve: 1}))
-                raise DoesNotFit(
-                    f"--solve {solve.replace('_', '-')}: even 1 does not fit {count} replicas.\n"
-                    + self._replicas_do_not_fit(inventory, at_one, count)
-                )
-            settings = replace(settings, workload=replace(settings.workload, **{solve: best}))
-            solved = f"the largest {solve} that fits {count} replicas is {best}"
-        groups = self.replica_groups(inventory, settings, count)
-        if not groups:
-            raise DoesNotFit(self._replicas_do_not_fit(inventory, settings, count))
-        copies = len(groups)
-        inventories = [self.replica_inventory(inventory, g, copies) for g in groups]
-        plans = [self.plan(group_inventory, settings) for group_inventory in inventories]
-        profiles = [self.profile(p, group_inventory) for p, group_inventory in zip(plans, inventories, strict=True)]
-        first = profiles[0]
-        first.replicas = [Replica(p.devices, p.device_map, p.estimate, p.speed) for p in profiles]
-        first.speed = combined(
-            [
-                predict_speed(p, group_inventory) for p, group_inventory in zip(plans, inventories, strict=True)
-            ],
-            nodes,
-        )
-        first.nodes = nodes
-        first.format_version = REPLICAS_FORMAT_VERSION
-        used = {i for g in groups for i in g}
-        unused = [g.index for g in inventory.gpus if g.index not in used]
-        return PlanResult(plans[0], first, solved, None, plans, unused)
-
     def _why_not_more(self, inventory: Inventory, settings: PlanSettings, what: str) -> str:
         """Why --solve stopped where it did: what the next value's plan could not place, or the bound it hit."""
         value = getattr(settings.workload, what)
         flag = f"--{what.replace('_', '-')}"
-        if value >= self._solve_bound(settings, what):
+        if value >= self.solve_bound(settings, what):
             return f"solve: {flag} {value}, the most this model's positions (or the search) allow"
         more = self.plan(inventory, replace(settings, workload=replace(settings.workload, **{what: value + 1})))
         refusal = more.placement.first_refusal()
         why = explain_refusal(refusal, more.slots) if refusal is not None else "it does not fit"
         return f"solve: {flag} {value} fits; at {value + 1}, {why}"
 
-    def _solve_bound(self, settings: PlanSettings, what: str) -> int:
+    def solve_bound(self, settings: PlanSettings, what: str) -> int:
         """The most --solve tries for `what`: the prompt tokens the model's positions leave beside max_new_tokens,
         or MAX_SOLVED_BATCH prompts."""
         if what == "max_input_tokens":
             return (max_positions(self.config) or 1 << 20) - settings.workload.max_new_tokens
         return MAX_SOLVED_BATCH
-
-    def _replicas_do_not_fit(self, inventory: Inventory, settings: PlanSettings, count: int | str) -> str:
-        """Why the replicas do not fit, and what would (each line computed)."""
-        most = len(self.replica_groups(inventory, settings, "auto"))
-        wanted = "one replica" if count == "auto" else f"{count} replicas"
-        lines = [f"does not fit: {wanted} of the model need more than these GPUs hold (at most {most} fit)"]
-        options = []
-        if most >= 1 and count != "auto":
-            options.append(f"--replicas {most}: fits")
-        order = ["none", "8bit", "4bit"]
-        most_so_far = most
-        for mode in order[order.index(settings.quant.mode) + 1 :]:
-            trial = replace(settings, quant=replace(settings.quant, mode=mode))  # type: ignore[arg-type]
-            most_quantized = len(self.replica_groups(inventory, trial, "auto"))
-            if most_quantized >= (1 if count == "auto" else int(count)):
-                options.append(f"--quantize {mode}: {wanted} fit")
-            elif most_quantized > most_so_far:  # fewer copies than asked, but more than a smaller step: say how many
-                options.append(f"--replicas {most_quantized} --quantize {mode}: fits")
-            most_so_far = max(most_so_far, most_quantized)
-        for what in ("max_input_tokens", "batch_size"):
-
-            def fits(value: int, what: str = what) -> bool:
-                trial = replace(settings, workload=replace(settings.workload, **{what: value}))
-                return bool(self.replica_groups(inventory, trial, 1 if count == "auto" else count))
-
-            best = bisect_largest(fits, min(self._solve_bound(settings, what), getattr(settings.workload, what) - 1))
-            if best >= 1:
-                options.append(f"--{what.replace('_', '-')} {best}: {wanted} fit")
-        lines.append("what would fit:" if options else "nothing tried fits; add GPUs or memory")
-        lines += [f"  {line}" for line in options]
-        return "\n".join(lines)
 
     # -- the profile -------------------------------------------------------------------------------------------
     def profile(self, plan: Plan, inventory: Inventory) -> Profile:
@@ -777,59 +538,3 @@ class Planner:
         )
 
 
-def predict_speed(plan: Plan, inventory: Inventory) -> SpeedPrediction:
-    """The plan's decode and prefill speed from each device's bandwidth and throughput (speed.py)."""
-    placement = plan.placement
-    return predict(
-        plan.layout, placement.assignment, placement.estimates, plan.slots, plan.settings.workload, rates_of(inventory)
-    )
-
-
-def _offloaded_bytes(placement: Placement) -> tuple[int, int, int]:
-    """Weights bytes on GPUs, on the CPU and on disk."""
-    est = placement.estimates
-    gpu_bytes = sum(e.weights_bytes for d, e in est.items() if d not in OFFLOAD_DEVICES)
-    cpu_bytes, disk_bytes = (est[d].weights_bytes if d in est else 0 for d in OFFLOAD_DEVICES)
-    return gpu_bytes, cpu_bytes, disk_bytes
-
-
-def _slowdown(plan: Plan) -> float:
-    return offload_slowdown(*_offloaded_bytes(plan.placement))
-
-
-def _offload_note(placement: Placement) -> list[str]:
-    """A warning when a plan with GPUs keeps weights on the CPU or disk: how much, and how much slower it decodes."""
-    gpu_bytes, cpu_bytes, disk_bytes = _offloaded_bytes(placement)
-    if not placement.fits or not gpu_bytes or not (cpu_bytes or disk_bytes):
-        return []
-    where = " and ".join(
-        f"{format_bytes(n)} on {d}" for d, n in zip(("the CPU", "disk"), (cpu_bytes, disk_bytes), strict=True) if n
-    )
-    seconds = decode_step_seconds(gpu_bytes, cpu_bytes, disk_bytes)
-    return [
-        f"warning: offload: {where} are copied to the GPU at every decoding step, so each new token takes at least "
-        f"{seconds:.2f} s: about {offload_slowdown(gpu_bytes, cpu_bytes, disk_bytes):.0f}x slower than with every "
-        "weight on a GPU (assuming PCIe 4.0 x16 at 25 GB/s, NVMe at 3 GB/s, GPU memory at 900 GB/s)"
-    ]
-
-
-def bisect_largest(fits: Callable[[int], bool], high: int) -> int:
-    """Largest x in [1, high] with fits(x), given fits is monotone (True then False); 0 if fits(1) is False."""
-    if high < 1 or not fits(1):
-        return 0
-    low = 1
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    return low
-
-
-def _peaks(plan: Plan) -> str:
-    """'GPU 0 11.61 GiB of 12.00 GiB, CPU 3.20 GiB of 22.00 GiB' for the devices a plan uses."""
-    parts = []
-    for slot in plan.slots:
-        est = plan.placement.estimates.get(slot.id)
-        if est is not None:
-            cap = format_bytes(slot.capacity_bytes) if slot.capacity_bytes is not None else "unbounded"
-            parts.append(f"{slot.name} {format_bytes(est.total_bytes)} of {cap}")
-    return ", ".join(parts)

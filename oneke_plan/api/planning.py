@@ -22,7 +22,7 @@ from oneke_plan.formats.templates import TEMPLATES, default_template
 from oneke_plan.plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, QuantMode, Workload
 
 if TYPE_CHECKING:
-    from oneke_plan.api.planner import PlanResult
+    from oneke_plan.plan.plans import PlanResult
 
 
 def plan(
@@ -78,12 +78,14 @@ def plan(
     what solving found, and, when the plan offloads, what would fit on the GPUs alone. Raises DoesNotFit (saying
     what would fit) or BadInput.
     """
-    from oneke_plan.api.plan_report import drawn_by_oneke_plan, plot_svg
-    from oneke_plan.api.planner import Planner, PlanSettings, check_positive, check_replica_counts
+    from oneke_plan.api.planner import Planner
+    from oneke_plan.api.replica_planner import plan_replicas
     from oneke_plan.plan.catalog import GB_PER_S, TFLOPS
     from oneke_plan.plan.inventory import apply_device_values, build_inventory, parse_device_values, parse_rate
     from oneke_plan.plan.model_source import resolve_model
+    from oneke_plan.plan.plans import PlanSettings, check_positive, check_replica_counts
     from oneke_plan.plan.profile import write_atomic, written_by_oneke_plan
+    from oneke_plan.plan.report import drawn_by_oneke_plan, plot_svg
 
     report = report or Report()
     for flag, value, allowed in (
@@ -146,7 +148,11 @@ def plan(
     copies = replica_count(replicas)
     check_replica_counts(copies, nodes)
     planner = Planner(source, trust_remote_code=trust_remote_code, adapter=found)
-    result = planner.plan_profile(inventory, settings, solve.replace("-", "_") if solve else None, copies, nodes)
+    solving = solve.replace("-", "_") if solve else None
+    if copies != 1 or nodes != 1:
+        result = plan_replicas(planner, inventory, settings, solving, copies, nodes)
+    else:
+        result = planner.plan_profile(inventory, settings, solving)
     chosen, why = (template, "--template") if template else default_template(source.config)
     result = replace(result, profile=replace(result.profile, template=chosen), template_reason=why)
     if target is not None:
@@ -159,6 +165,6 @@ def plan(
 def plan_document(result: PlanResult) -> dict[str, Any]:
     """`oneke-plan --format json`'s document: the profile's content and the summary's figures (docs/profile-format.md,
     "JSON output"), plain JSON types."""
-    from oneke_plan.api.plan_report import plan_document as document
+    from oneke_plan.plan.report import plan_document as document
 
     return document(result)

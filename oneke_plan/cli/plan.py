@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 from oneke_plan import __version__, api
 from oneke_plan.api import DEFAULT_WORKLOAD
-from oneke_plan.api.plan_report import BAR_LEGEND, bar, device_rows, speed_lines
 from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, format_table, run_main, wants_debug
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
@@ -19,9 +18,10 @@ from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES
 from oneke_plan.plan.catalog import card_names
 from oneke_plan.plan.memory import DEFAULT_CPU_RESERVE_BYTES, DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
 from oneke_plan.plan.model_source import ONEKE_REPO_ID
+from oneke_plan.plan.report import BAR_LEGEND, bar, device_rows, speed_lines
 
 if TYPE_CHECKING:
-    from oneke_plan.api.planner import PlanResult
+    from oneke_plan.plan.plans import PlanResult
 
 EPILOG = """\
 examples:

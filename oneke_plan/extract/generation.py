@@ -53,6 +53,7 @@ from oneke_plan.extract.kv_cache import (
     uses_sliding_window,
 )
 from oneke_plan.load.loader import input_device
+from oneke_plan.measure.forward import cache_argument, last_logits_only
 
 
 @dataclass
@@ -100,15 +101,12 @@ def eos_token_ids(model: Any, tokenizer: Any, directory: str | Path | None = Non
 
 
 def _forward_names(model: Any) -> tuple[dict[str, int], str, set[str]]:
-    """Keyword arguments that differ across transformers versions and models: the request for the last
-    position's logits only (`logits_to_keep`, `num_logits_to_keep` before 4.50), the KV cache's name (`cache` in
-    recent 5.x, where `past_key_values` still works through a slower deprecation shim), and the names forward
-    takes."""
+    """Keyword arguments that differ across transformers versions and models, as the planner measured the forward
+    with them (measure.forward): the request for the last position's logits only, the KV cache's name, and the
+    names forward takes."""
     import inspect
 
-    params = inspect.signature(model.forward).parameters
-    last_only = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
-    return last_only, "cache" if "cache" in params else "past_key_values", set(params)
+    return last_logits_only(model), cache_argument(model), set(inspect.signature(model.forward).parameters)
 
 
 # ---------------------------------------------------------------------------------------------- the decoder

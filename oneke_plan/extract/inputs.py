@@ -29,7 +29,7 @@ from typing import Any
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
-from oneke_plan.formats import oneke
+from oneke_plan.formats import answers, oneke
 from oneke_plan.io import jsonfile
 from oneke_plan.io.files import os_error, write_all
 from oneke_plan.io.limits import MAX_INPUT_BYTES, MAX_JSON_BYTES
@@ -321,7 +321,7 @@ def _raw_extra(obj: dict[str, Any], task: str, folder: str, gold: list[Any] | No
     skip = {"id", "text", "source", GOLD_FIELDS[task], *ANSWER_FIELDS}
     extra.update({k: v for k, v in obj.items() if k not in skip})
     if "label" not in extra and gold is not None:
-        extra["label"] = json.dumps(oneke.unique_labels(task, gold), ensure_ascii=False)
+        extra["label"] = json.dumps(answers.unique_labels(task, gold), ensure_ascii=False)
     return extra
 
 
@@ -371,7 +371,7 @@ def answer_line(record: PromptRecord, raw_text: str, parsed: Any, parse_error: s
     """The line of an answered prompt (field meanings: the module docstring)."""
     line = _base_line(record)
     if parse_error is None:
-        answer = oneke.head_tail_answer(record.task, parsed)
+        answer = answers.head_tail_answer(record.task, parsed)
         line["output"] = json.dumps(answer, ensure_ascii=False)
         line["parsed"] = answer
     else:

@@ -36,7 +36,7 @@ from oneke_plan.extract.inputs import (
     is_answered,
     refuse_same_file,
 )
-from oneke_plan.formats import oneke
+from oneke_plan.formats import answers
 from oneke_plan.io import jsonfile
 from oneke_plan.io.files import fsync_dir, os_error, replaceable_stat, same_file, write_all, write_atomic
 
@@ -408,7 +408,7 @@ def final_lines(records: list[PromptRecord], done: dict[str, dict[str, Any]]) ->
 
 
 def merged_line(task: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
-    """One record's answer from all its chunks' lines (oneke.merge_outputs), marked `"merged": true`.
+    """One record's answer from all its chunks' lines (answers.merge_outputs), marked `"merged": true`.
 
     Its `output` is "{}" (MERGED_OUTPUT) so that DeepKE's evaluator, which adds every line of an id to the record,
     does not count the chunks' answers twice; readers of the merged answer take `parsed`. `chunks` lists the keys
@@ -420,7 +420,7 @@ def merged_line(task: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
         if name in first:
             line[name] = first[name]
     line["output"] = MERGED_OUTPUT
-    line["parsed"] = oneke.merge_outputs(task, [item.get("parsed") for item in lines])
+    line["parsed"] = answers.merge_outputs(task, [item.get("parsed") for item in lines])
     line["merged"] = True
     line["chunks"] = [item["key"] for item in lines]
     failed = [item["key"] for item in lines if "parsed" not in item]

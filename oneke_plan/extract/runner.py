@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from oneke_plan.extract.batching import Encoded, length_batches
 from oneke_plan.extract.inputs import OutputWriter, PromptRecord, answer_line, error_line
-from oneke_plan.formats import oneke
+from oneke_plan.formats import answers, oneke
 from oneke_plan.formats.templates import TEMPLATES
 
 
@@ -208,7 +208,7 @@ class Runner:
 
     def _answer(self, record: PromptRecord, item: Encoded, answer: list[int], bar: Any, start: float) -> dict[str, Any]:
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
-        parsed, error = oneke.parse_output(record.task, text)
+        parsed, error = answers.parse_output(record.task, text)
         line = self._write(answer_line(record, text, parsed, error))
         self.stats.prompts += 1
         self.stats.prompt_tokens += len(item.ids)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oneke_plan.api.plan_report import BAR_LEGEND, DeviceRow, bar
 from oneke_plan.cli.plan import main
 from oneke_plan.core.errors import EXIT_BAD_INPUT
 from oneke_plan.core.sizes import GiB, MiB
 from oneke_plan.plan.profile import ProfileDevice, read_profile
+from oneke_plan.plan.report import BAR_LEGEND, DeviceRow, bar
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 from conftest import accelerate_device, transformers_meta_model
 
-from oneke_plan.api.planner import Planner, PlanSettings
+from oneke_plan.api.planner import Planner
 from oneke_plan.core.errors import BadInput, DoesNotFit
 from oneke_plan.core.sizes import GiB, KiB, MiB
 from oneke_plan.plan.inventory import build_inventory
 from oneke_plan.plan.memory import Quantization, Workload
 from oneke_plan.plan.model_source import resolve_model
+from oneke_plan.plan.plans import PlanSettings
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 CELLS_PER_MODEL = {"oneke": 140, "qwen2.5-0.5b": 80, "llama-3.2-1b": 80, "tiny-tied": 60}

@@ -14,7 +14,7 @@ import torch
 from tiny_checkpoint import build_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from oneke_plan.api.planner import Planner, PlanSettings
+from oneke_plan.api.planner import Planner
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.core.errors import EXIT_DOES_NOT_FIT, BadInput
 from oneke_plan.core.sizes import GiB
@@ -30,6 +30,7 @@ from oneke_plan.plan.memory import (
     offload_slowdown,
 )
 from oneke_plan.plan.model_source import resolve_model
+from oneke_plan.plan.plans import PlanSettings
 from oneke_plan.plan.profile import read_profile
 
 SMALL = PlanSettings(Workload(16, 4, 1))

@@ -11,12 +11,13 @@ import pytest
 import torch
 from conftest import accelerate_device, transformers_meta_model
 
-from oneke_plan.api.planner import Planner, PlanSettings
+from oneke_plan.api.planner import Planner
 from oneke_plan.core.errors import DoesNotFit
 from oneke_plan.core.sizes import GiB, parse_size
 from oneke_plan.plan.inventory import build_inventory
 from oneke_plan.plan.memory import Quantization, Workload
 from oneke_plan.plan.model_source import resolve_model
+from oneke_plan.plan.plans import PlanSettings
 
 DEFAULT = PlanSettings(Workload(512, 512, 4))
 
@@ -354,10 +355,11 @@ def test_quantized_plan_prices_offloaded_blocks_unquantized(oneke: Planner) -> N
 
 def test_offloaded_blocks_run_on_the_first_gpu_that_holds_blocks() -> None:
     """accelerate's main device is the first GPU in the device_map; a GPU too small to hold anything is not it."""
-    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner
     from oneke_plan.plan.inventory import Gpu, Inventory
     from oneke_plan.plan.memory import Workload
     from oneke_plan.plan.model_source import resolve_model
+    from oneke_plan.plan.plans import PlanSettings
 
     planner = Planner(resolve_model("oneke"))
     tiny = Gpu(0, "GPU 0", 900 * 2**20, 900 * 2**20, (8, 6))

@@ -12,7 +12,7 @@ import pytest
 
 from oneke_plan.core.errors import EXIT_BAD_INPUT, BadInput
 from oneke_plan.extract import inputs
-from oneke_plan.formats import oneke
+from oneke_plan.formats import answers, oneke
 
 DEEPKE = Path(__file__).resolve().parents[2] / "examples" / "deepke"
 TASK_DIRS = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
@@ -322,7 +322,7 @@ def test_answer_line_gives_the_evaluator_head_and_tail_and_keeps_the_raw_text() 
     """OneKE answers RE with subject/object; DeepKE's REExtracter reads `head`/`tail` from `output`."""
     record = re_record()
     raw = '{"主演": [{"subject": "喜剧之王", "object": "周星驰"}], "目": []}</s>'
-    parsed, error = oneke.parse_output("RE", raw)
+    parsed, error = answers.parse_output("RE", raw)
     line = inputs.answer_line(record, raw, parsed, error)
     expected = {"主演": [{"head": "喜剧之王", "tail": "周星驰"}], "目": []}
     assert json.loads(line["output"]) == line["parsed"] == expected

@@ -182,10 +182,11 @@ def test_peak_cache_is_what_the_plan_charges(request: pytest.FixtureRequest, fix
     max_new_tokens N long: at the last step B rows are L + N - 1 positions wide, and the shared prefix lives in
     them (the waiting prompt takes it from a row). The plan charges B x (L + N) positions per layer: one position
     more per row, as documented, and nothing else is held."""
-    from oneke_plan.api.planner import Planner, PlanSettings
+    from oneke_plan.api.planner import Planner
     from oneke_plan.plan.inventory import Inventory
     from oneke_plan.plan.memory import Workload
     from oneke_plan.plan.model_source import resolve_model
+    from oneke_plan.plan.plans import PlanSettings
 
     directory = request.getfixturevalue(fixture)
     batch, length, new = 3, 40, 6

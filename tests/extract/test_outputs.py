@@ -16,7 +16,7 @@ from oneke_plan.core.errors import BadInput
 from oneke_plan.extract import inputs, outputs
 from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.extract.outputs import RunOutput, journal_path
-from oneke_plan.formats import oneke
+from oneke_plan.formats import answers
 
 NER_TYPES = ["人物", "地点", "组织", "时间", "作品", "职位", "事件", "职业"]  # 8 types: 2 chunks of 4 per record
 
@@ -45,7 +45,7 @@ def run_some(output: RunOutput, records: list[PromptRecord], fail: tuple[str, ..
             output.writer.fail(record, "out of memory even alone")
         else:
             text = answer(record, tag)
-            output.writer.write(record, text, *oneke.parse_output("NER", text))
+            output.writer.write(record, text, *answers.parse_output("NER", text))
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:

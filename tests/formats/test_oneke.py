@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from oneke_plan.formats import oneke
+from oneke_plan.formats import answers, oneke
 
 DEEPKE = Path(__file__).resolve().parents[2] / "examples" / "deepke"
 TASK_DIRS = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
@@ -357,18 +357,18 @@ README_OUTPUTS = {
 
 @pytest.mark.parametrize("task", sorted(README_OUTPUTS))
 def test_parse_readme_output_shapes(task: str) -> None:
-    parsed, error = oneke.parse_output(task, README_OUTPUTS[task])
+    parsed, error = answers.parse_output(task, README_OUTPUTS[task])
     assert error is None
     assert parsed == json.loads(README_OUTPUTS[task])
 
 
 def test_parse_tolerates_whitespace_and_eos() -> None:
-    assert oneke.parse_output("EET", '  {"a": ["b"]}</s>\n') == ({"a": ["b"]}, None)
-    assert oneke.parse_output("EET", '{"a": []} </s></s>') == ({"a": []}, None)
+    assert answers.parse_output("EET", '  {"a": ["b"]}</s>\n') == ({"a": ["b"]}, None)
+    assert answers.parse_output("EET", '{"a": []} </s></s>') == ({"a": []}, None)
 
 
 def test_parse_accepts_head_tail_for_re() -> None:
-    parsed, error = oneke.parse_output("RE", '{"主演": [{"head": "喜剧之王", "tail": "周星驰"}]}')
+    parsed, error = answers.parse_output("RE", '{"主演": [{"head": "喜剧之王", "tail": "周星驰"}]}')
     assert error is None and parsed == {"主演": [{"head": "喜剧之王", "tail": "周星驰"}]}
 
 
@@ -386,20 +386,20 @@ def test_parse_accepts_head_tail_for_re() -> None:
     ],
 )
 def test_parse_errors(task: str, text: str, match: str) -> None:
-    parsed, error = oneke.parse_output(task, text)
+    parsed, error = answers.parse_output(task, text)
     assert parsed is None
     assert error is not None and match in error
 
 
 def test_merge_union_of_chunks() -> None:
-    merged = oneke.merge_outputs("NER", [{"人物": ["胡"]}, None, {"地理位置": [], "人物": ["胡", "李"]}])
+    merged = answers.merge_outputs("NER", [{"人物": ["胡"]}, None, {"地理位置": [], "人物": ["胡", "李"]}])
     assert merged == {"人物": ["胡", "李"], "地理位置": []}
 
 
 def test_merge_kg_entities_across_chunks() -> None:
     first = {"人物": {"明治天皇": {"别名": "睦仁", "父母": ["孝明天皇"]}}}
     second = {"人物": {"明治天皇": {"父母": ["孝明天皇", "英照皇太后"]}, "刘太行": {"父母": ["刘伯承"]}}}
-    assert oneke.merge_outputs("KG", [first, second]) == {
+    assert answers.merge_outputs("KG", [first, second]) == {
         "人物": {
             "明治天皇": {"别名": "睦仁", "父母": ["孝明天皇", "英照皇太后"]},
             "刘太行": {"父母": ["刘伯承"]},
@@ -408,7 +408,7 @@ def test_merge_kg_entities_across_chunks() -> None:
 
 
 def test_merge_conflicting_values_keeps_both() -> None:
-    merged = oneke.merge_outputs("KG", [{"人物": {"甲": {"别名": "乙"}}}, {"人物": {"甲": {"别名": "丙"}}}])
+    merged = answers.merge_outputs("KG", [{"人物": {"甲": {"别名": "乙"}}}, {"人物": {"甲": {"别名": "丙"}}}])
     assert merged == {"人物": {"甲": {"别名": ["乙", "丙"]}}}
 
 
@@ -417,22 +417,22 @@ def test_merge_conflicting_values_keeps_both() -> None:
 
 def test_head_tail_answer_renames_subject_and_object_only_for_re_and_spo() -> None:
     answer = {"主演": [{"subject": "喜剧之王", "object": "周星驰"}], "导演": []}
-    assert oneke.head_tail_answer("RE", answer) == {"主演": [{"head": "喜剧之王", "tail": "周星驰"}], "导演": []}
-    assert oneke.head_tail_answer("SPO", answer)["主演"] == [{"head": "喜剧之王", "tail": "周星驰"}]
-    assert oneke.head_tail_answer("NER", {"人物": ["subject"]}) == {"人物": ["subject"]}
+    assert answers.head_tail_answer("RE", answer) == {"主演": [{"head": "喜剧之王", "tail": "周星驰"}], "导演": []}
+    assert answers.head_tail_answer("SPO", answer)["主演"] == [{"head": "喜剧之王", "tail": "周星驰"}]
+    assert answers.head_tail_answer("NER", {"人物": ["subject"]}) == {"人物": ["subject"]}
     both = {"r": [{"head": "h", "subject": "s", "object": "o"}]}
-    assert oneke.head_tail_answer("RE", both) == {"r": [{"head": "h", "subject": "s", "tail": "o"}]}
+    assert answers.head_tail_answer("RE", both) == {"r": [{"head": "h", "subject": "s", "tail": "o"}]}
 
 
 def test_unique_labels_follow_the_authors_identities() -> None:
     a = {"entity": "张三", "entity_type": "人物"}
-    assert oneke.unique_labels("NER", [a, {**a, "extra": 1}, {**a, "entity_type": "x"}]) == [
+    assert answers.unique_labels("NER", [a, {**a, "extra": 1}, {**a, "entity_type": "x"}]) == [
         a,
         {**a, "entity_type": "x"},
     ]
     t = {"head": "h", "relation": "r", "tail": "t", "head_type": "A"}
-    assert oneke.unique_labels("SPO", [t, {**t, "head_type": "B"}]) == [t]
-    assert oneke.unique_labels("EE", [t, t]) == [t, t]
+    assert answers.unique_labels("SPO", [t, {**t, "head_type": "B"}]) == [t]
+    assert answers.unique_labels("EE", [t, t]) == [t, t]
 
 
 def test_spo_type_names_split_as_the_authors_spotext2schema() -> None:

@@ -21,7 +21,7 @@ from conftest import accelerate_device, needs_bnb_on_cpu, storage_bytes_by_owner
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from oneke_plan.api.planner import Planner, PlanSettings
+from oneke_plan.api.planner import Planner
 from oneke_plan.core.errors import DoesNotFit
 from oneke_plan.extract.inputs import read_converted
 from oneke_plan.extract.runner import encode_prompts
@@ -33,6 +33,7 @@ from oneke_plan.plan.fit import Placement, device_owner, estimate
 from oneke_plan.plan.inventory import Inventory
 from oneke_plan.plan.memory import Quantization, Workload
 from oneke_plan.plan.model_source import resolve_model
+from oneke_plan.plan.plans import PlanSettings
 from oneke_plan.plan.profile import Profile
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -27,12 +27,13 @@ import torch
 from architectures import BATCH, NEW, PROMPT, TABLE, TRANSFORMERS_4, Arch
 from conftest import needs_bnb_on_cpu, quant_state_tensors
 
-from oneke_plan.api.planner import Planner, PlanSettings
+from oneke_plan.api.planner import Planner
 from oneke_plan.core.errors import BadInput
 from oneke_plan.measure.compat import dtype_kw
 from oneke_plan.plan.inventory import Inventory
 from oneke_plan.plan.memory import Quantization, Workload
 from oneke_plan.plan.model_source import resolve_model
+from oneke_plan.plan.plans import PlanSettings
 
 IDS = [f"{a.model_type}" for a in TABLE]
 

@@ -14,7 +14,7 @@ import torch
 from conftest import needs_bnb_on_cpu, quant_state_tensors, storage_bytes_by_owner
 from tiny_checkpoint import build_tiny_llama
 
-from oneke_plan.api.planner import Planner, PlanSettings
+from oneke_plan.api.planner import Planner
 from oneke_plan.measure.layout import attention_shape
 from oneke_plan.plan.fit import block_weights_bytes
 from oneke_plan.plan.inventory import Gpu, Inventory
@@ -27,6 +27,7 @@ from oneke_plan.plan.memory import (
     linear_weight_bytes,
 )
 from oneke_plan.plan.model_source import resolve_model
+from oneke_plan.plan.plans import PlanSettings
 
 MiB = 2**20
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -20,13 +20,15 @@ from typing import Any
 import pytest
 import yaml
 
-from oneke_plan.api.planner import Planner, PlanSettings
+from oneke_plan.api.planner import Planner
+from oneke_plan.api.replica_planner import plan_replicas, replica_inventory
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.core.errors import DoesNotFit
 from oneke_plan.plan.inventory import build_inventory
 from oneke_plan.plan.memory import Quantization, Workload
 from oneke_plan.plan.model_source import resolve_model
+from oneke_plan.plan.plans import PlanSettings
 from oneke_plan.plan.profile import read_profile
 from oneke_plan.plan.replicas import GroupFits, most_replicas
 
@@ -74,7 +76,7 @@ def test_most_replicas_equals_exhaustive_search_on_small_machines(oneke: Planner
         by_index = {g.index: g for g in inventory.gpus}
 
         def fits(group: Any, inventory: Any = inventory) -> bool:
-            return oneke.plan(oneke.replica_inventory(inventory, group), settings).fits
+            return oneke.plan(replica_inventory(inventory, group), settings).fits
 
         def key(i: int, gpus: dict = by_index) -> tuple:  # type: ignore[type-arg]
             return (gpus[i].free_bytes, gpus[i].compute_capability)
@@ -89,14 +91,15 @@ def test_most_replicas_equals_exhaustive_search_on_small_machines(oneke: Planner
 def test_four_24gib_cards_hold_two_bf16_replicas_or_four_4bit_ones(oneke: Planner) -> None:
     """The README's example: OneKE on four 24 GiB cards."""
     inventory = build_inventory(["24GiB"] * 4)
-    bf16 = oneke.plan_profile(inventory, PlanSettings(Workload(512, 512, 4)), replicas="auto")
+    bf16 = plan_replicas(oneke, inventory, PlanSettings(Workload(512, 512, 4)), None, "auto", 1)
     assert bf16.profile.replica_count == 2 and sorted(len(r.devices) for r in bf16.profile.replicas) == [2, 2]
-    four = oneke.plan_profile(inventory, PlanSettings(Workload(512, 512, 4), quant=Quantization("4bit")), "", "auto")
+    four_bit = PlanSettings(Workload(512, 512, 4), quant=Quantization("4bit"))
+    four = plan_replicas(oneke, inventory, four_bit, "", "auto", 1)
     assert four.profile.replica_count == 4
     devices = [d.id for r in four.profile.replicas for d in r.devices]
     assert sorted(devices) == [0, 1, 2, 3]  # one card each, none shared
     with pytest.raises(DoesNotFit, match="3 replicas"):
-        oneke.plan_profile(inventory, PlanSettings(Workload(512, 512, 4)), replicas=3)
+        plan_replicas(oneke, inventory, PlanSettings(Workload(512, 512, 4)), None, 3, 1)
 
 
 @pytest.mark.parametrize("gpus, replicas", [(["24GiB"], 3), (["24GiB"] * 3, 4)])
@@ -125,7 +128,7 @@ def test_each_suggestion_for_too_many_replicas_plans_when_given(
 
 def test_replicas_profile_round_trips_and_a_replica_reads_as_format_1(oneke: Planner, tmp_path: Path) -> None:
     inventory = build_inventory(["24GiB"] * 4)
-    result = oneke.plan_profile(inventory, PlanSettings(Workload(512, 512, 4)), replicas=2, nodes=3)
+    result = plan_replicas(oneke, inventory, PlanSettings(Workload(512, 512, 4)), None, 2, 3)
     path = tmp_path / "p.yaml"
     path.write_text(result.profile.to_yaml())
     data = yaml.safe_load(path.read_text())

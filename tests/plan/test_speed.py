@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from oneke_plan import api
-from oneke_plan.api.planner import PlanResult
 from oneke_plan.plan.catalog import CARDS, find_card
 from oneke_plan.plan.memory import PCIE_BYTES_PER_SECOND
+from oneke_plan.plan.plans import PlanResult
 
 # OneKE (oneke_plan/data/oneke_config.json; /work/shared/oneke/README.md): LLaMA-2-13B, 55,296-token vocabulary.
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, HEAD_DIM, VOCAB = 5120, 13824, 40, 40, 128, 55296

@@ -12,12 +12,13 @@ import torch
 from conftest import storage_bytes_by_owner
 from transformers import AutoModelForCausalLM
 
-from oneke_plan.api.planner import Planner, PlanSettings
+from oneke_plan.api.planner import Planner
 from oneke_plan.core.sizes import GiB
 from oneke_plan.measure.compat import dtype_kw
 from oneke_plan.plan.inventory import Gpu, Inventory
 from oneke_plan.plan.memory import Quantization, Workload
 from oneke_plan.plan.model_source import resolve_model
+from oneke_plan.plan.plans import PlanSettings
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 

@@ -17,8 +17,8 @@ from oneke_plan.core.sizes import format_bytes
 from oneke_plan.io.files import starts_with
 from oneke_plan.plan.profile import Profile, ProfileDevice
 
-if TYPE_CHECKING:  # the planner imports the measuring code; the picture and the summary only read its results
-    from oneke_plan.api.planner import Plan, PlanResult
+if TYPE_CHECKING:
+    from oneke_plan.plan.plans import Plan, PlanResult
 
 JSON_VERSION = 1  # bumped when a key of the JSON document changes meaning (docs/profile-format.md)
 TERMS = ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes")

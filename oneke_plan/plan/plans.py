@@ -1,0 +1,217 @@
+"""A plan as data (settings in; the Plan and the PlanResult out) and the planner's rules that need no model built:
+the dtype fallback, the devices as slots, the offload warning, a plan's speed, bisection for --solve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from oneke_plan.core.errors import BadInput
+from oneke_plan.core.sizes import format_bytes
+from oneke_plan.plan.blocks import ModelLayout
+from oneke_plan.plan.fit import (
+    OFFLOAD_DEVICES,
+    BlockCost,
+    Placement,
+    Slot,
+)
+from oneke_plan.plan.inventory import Inventory, runs_bf16
+from oneke_plan.plan.memory import (
+    DEFAULT_CPU_RESERVE_BYTES,
+    DEFAULT_GPU_RESERVE_BYTES,
+    DTYPE_BYTES,
+    Quantization,
+    Workload,
+    decode_step_seconds,
+    offload_slowdown,
+)
+from oneke_plan.plan.profile import (
+    Profile,
+)
+from oneke_plan.plan.speed import SpeedPrediction, predict, rates_of
+
+# Measurements are a pure function of the model's config, dtype, attention and the library versions: kept for
+# the life of the process, so that every Planner of the same model (tests, benchmarks, a notebook) measures once.
+
+
+MAX_SOLVED_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Everything besides the model and the machine that changes a plan."""
+
+    workload: Workload
+    quant: Quantization = Quantization()
+    dtype: str = "auto"
+    strategy: str = "fill"
+    reserve_bytes: int = DEFAULT_GPU_RESERVE_BYTES
+    cpu_reserve_bytes: int = DEFAULT_CPU_RESERVE_BYTES
+    eager_attention: bool = False
+
+
+def check_positive(workload: Workload) -> None:
+    """Token counts and batch size are positive (needs no model: callers check this before building one)."""
+    for name in ("max_input_tokens", "max_new_tokens", "batch_size"):
+        if getattr(workload, name) <= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, not {getattr(workload, name)}")
+
+
+def check_replica_counts(count: int | str, nodes: int) -> None:
+    """--replicas and --nodes are positive (or --replicas auto); needs no model."""
+    if nodes < 1 or (count != "auto" and int(count) < 1):
+        raise BadInput("--replicas and --nodes must be positive (or --replicas auto)")
+
+
+@dataclass
+class Plan:
+    settings: PlanSettings
+    dtype: str
+    attn_implementation: str  # what transformers runs attention with: "sdpa" or "eager" (as the build chose)
+    slots: list[Slot]
+    costs: list[BlockCost]
+    placement: Placement
+    layout: ModelLayout
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.placement.fits
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A written plan: the plan, its profile, what solving found, and (for plans that offload) what would fit on
+    the GPUs alone, each line computed by planning it."""
+
+    plan: Plan
+    profile: Profile
+    solved: str | None = None
+    gpu_only_options: list[str] | None = None
+    replicas: list[Plan] = field(default_factory=list)  # with --replicas: every copy's plan (`plan` is the first)
+    unused_gpus: list[int] = field(default_factory=list)  # GPUs no replica needs
+    template_reason: str = ""  # why the profile's chat template is the one it is, in words
+
+
+@dataclass(frozen=True)
+class ModelDtype:
+    """The dtype transformers' `from_pretrained(dtype="auto")` would load the model in, and where it came from."""
+
+    name: str | None  # e.g. "bfloat16"; None when neither the config nor the weights say
+    origin: str  # "config.json", "the checkpoint", or why it is unknown
+
+
+def resolve_dtype(requested: str, model: ModelDtype, inventory: Inventory) -> tuple[str, list[str]]:
+    """The compute dtype, and why. `auto` keeps the model's own dtype; bf16 needs compute capability >= 8.0
+    (Ampere), so older cards get fp16, with a warning."""
+    notes: list[str] = []
+    if requested != "auto":
+        if requested == "float16" and model.name == "bfloat16":
+            notes.append("warning: the model was trained in bf16; fp16 can overflow and give wrong outputs")
+        return requested, notes + [f"dtype: {requested}, as --dtype says (the model's own: {model.name})"]
+    if model.name is None:
+        raise BadInput(
+            f"--dtype auto: {model.origin}; pass --dtype bfloat16, float16 or float32 (transformers would load it "
+            "as float32)"
+        )
+    if model.name not in DTYPE_BYTES:
+        raise BadInput(
+            f"--dtype auto: the model's dtype is {model.name} (from {model.origin}), which oneke-plan does not plan "
+            "for; pass --dtype bfloat16, float16 or float32"
+        )
+    if model.name != "bfloat16":
+        return model.name, notes + [f"dtype: {model.name}, as {model.origin} says"]
+    old = [g for g in inventory.gpus if not runs_bf16(g)]
+    if old:
+        names = ", ".join(f"GPU {g.index} ({g.name}, {g.capability_text})" for g in old)
+        notes.append(
+            f"warning: {names} cannot run bf16, so float16 is used; the model was trained in bf16 and "
+            "fp16 can overflow and give wrong outputs"
+        )
+        return "float16", notes
+    unknown = [g.index for g in inventory.gpus if g.compute_capability is None]
+    if unknown:
+        notes.append(
+            f"dtype: bfloat16, as {model.origin} says, assuming GPU {', '.join(map(str, unknown))} support it "
+            "(compute capability unknown: describe the card by name, e.g. --gpu 'RTX 3090', to check)"
+        )
+    else:
+        notes.append(
+            f"dtype: bfloat16, as {model.origin} says" + (" and every GPU supports it" if inventory.gpus else "")
+        )
+    return "bfloat16", notes
+
+
+def make_slots(inventory: Inventory, reserve_bytes: int, cpu_reserve_bytes: int) -> list[Slot]:
+    """Devices in fill order: GPUs, then CPU (when it may hold weights), then disk (when an offload dir is set).
+    Each GPU keeps its own reserve when the machine gives one (--reserve INDEX=SIZE, an inventory file's card),
+    else `reserve_bytes`; the CPU likewise (--reserve cpu=SIZE), else `cpu_reserve_bytes`."""
+    slots = [
+        Slot(g.index, f"GPU {g.index}", g.free_bytes, reserve_bytes if g.reserve_bytes is None else g.reserve_bytes)
+        for g in inventory.gpus
+    ]
+    if inventory.cpu_bytes > 0 or not inventory.gpus:
+        cpu_reserve = cpu_reserve_bytes if inventory.cpu_reserve_bytes is None else inventory.cpu_reserve_bytes
+        slots.append(Slot("cpu", "CPU", inventory.cpu_bytes, cpu_reserve))
+    if inventory.offload_dir is not None:
+        slots.append(Slot("disk", "disk", inventory.disk_bytes, 0))
+    return slots
+
+
+def predict_speed(plan: Plan, inventory: Inventory) -> SpeedPrediction:
+    """The plan's decode and prefill speed from each device's bandwidth and throughput (speed.py)."""
+    placement = plan.placement
+    return predict(
+        plan.layout, placement.assignment, placement.estimates, plan.slots, plan.settings.workload, rates_of(inventory)
+    )
+
+
+def _offloaded_bytes(placement: Placement) -> tuple[int, int, int]:
+    """Weights bytes on GPUs, on the CPU and on disk."""
+    est = placement.estimates
+    gpu_bytes = sum(e.weights_bytes for d, e in est.items() if d not in OFFLOAD_DEVICES)
+    cpu_bytes, disk_bytes = (est[d].weights_bytes if d in est else 0 for d in OFFLOAD_DEVICES)
+    return gpu_bytes, cpu_bytes, disk_bytes
+
+
+def offload_slowdown_of(plan: Plan) -> float:
+    return offload_slowdown(*_offloaded_bytes(plan.placement))
+
+
+def offload_note(placement: Placement) -> list[str]:
+    """A warning when a plan with GPUs keeps weights on the CPU or disk: how much, and how much slower it decodes."""
+    gpu_bytes, cpu_bytes, disk_bytes = _offloaded_bytes(placement)
+    if not placement.fits or not gpu_bytes or not (cpu_bytes or disk_bytes):
+        return []
+    where = " and ".join(
+        f"{format_bytes(n)} on {d}" for d, n in zip(("the CPU", "disk"), (cpu_bytes, disk_bytes), strict=True) if n
+    )
+    seconds = decode_step_seconds(gpu_bytes, cpu_bytes, disk_bytes)
+    return [
+        f"warning: offload: {where} are copied to the GPU at every decoding step, so each new token takes at least "
+        f"{seconds:.2f} s: about {offload_slowdown(gpu_bytes, cpu_bytes, disk_bytes):.0f}x slower than with every "
+        "weight on a GPU (assuming PCIe 4.0 x16 at 25 GB/s, NVMe at 3 GB/s, GPU memory at 900 GB/s)"
+    ]
+
+
+def bisect_largest(fits: Callable[[int], bool], high: int) -> int:
+    """Largest x in [1, high] with fits(x), given fits is monotone (True then False); 0 if fits(1) is False."""
+    if high < 1 or not fits(1):
+        return 0
+    low = 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def peaks_text(plan: Plan) -> str:
+    """'GPU 0 11.61 GiB of 12.00 GiB, CPU 3.20 GiB of 22.00 GiB' for the devices a plan uses."""
+    parts = []
+    for slot in plan.slots:
+        est = plan.placement.estimates.get(slot.id)
+        if est is not None:
+            cap = format_bytes(slot.capacity_bytes) if slot.capacity_bytes is not None else "unbounded"
+            parts.append(f"{slot.name} {format_bytes(est.total_bytes)} of {cap}")
+    return ", ".join(parts)
