@@ -163,7 +163,10 @@ MAP_INDENT = 18  # where descriptions start: two spaces, the module's name, padd
 
 def layers() -> list[str]:
     """oneke_plan's layers, bottom first: pyproject's import-linter `layers` contract lists them top first."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c.get("id") == "layers"]

@@ -55,3 +55,10 @@ def test_the_pure_layers_import_no_torch() -> None:
     code += f"print(sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_tests_mirror_the_layers() -> None:
+    layers = {str(name).removeprefix("oneke_plan.") for name in contracts()["layers"]["layers"]}  # type: ignore[attr-defined]
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert folders - layers == {"project"}  # the repository's own checks: docs, profiles, benchmarks, this file
+    assert not list((ROOT / "tests").glob("test_*.py")), "a test module outside every layer's folder"
