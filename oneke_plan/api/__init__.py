@@ -1,4 +1,4 @@
-"""The Python API: what oneke-plan and oneke-run do, as functions for a script or a notebook.
+"""The flows and the Python API: oneke-plan's planner and oneke-run's run, as functions for a script or a notebook.
 
     from oneke_plan import api
 

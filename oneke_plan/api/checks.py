@@ -1,6 +1,7 @@
 """The API's checks of what it is given, before any work: choices, sizes, output paths, limits against the profile,
 the checkpoint to load, the offload folder, the adapter, the workers' replica. Each refuses with one BadInput line
-that says what to do (DoesNotFit for an adapter that is not the planned one)."""
+that says what to do (DoesNotFit for an adapter that is not the planned one); a few also put what passed into the
+form the flows use (a repeated flag as a list, a schema as JSON text, the profile of this worker's replica)."""
 
 from __future__ import annotations
 

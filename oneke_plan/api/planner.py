@@ -78,8 +78,6 @@ from oneke_plan.plan.profile import (
 )
 
 
-# Measurements are a pure function of the model's config, dtype, attention and the library versions: kept for
-# the life of the process, so that every Planner of the same model (tests, benchmarks, a notebook) measures once.
 def model_dtype(config: Any, source: ModelSource) -> ModelDtype:
     """transformers' rule for `dtype="auto"`: the config's `dtype` (`torch_dtype` before 4.56), else the first
     floating-point tensor of the checkpoint (its header only), else unknown."""
@@ -93,6 +91,8 @@ def model_dtype(config: Any, source: ModelSource) -> ModelDtype:
     return ModelDtype(None, "config.json names no dtype and there are no weights to read it from")
 
 
+# Measurements are a pure function of the model's config, dtype, attention and the library versions: kept for
+# the life of the process, so that every Planner of the same model (tests, benchmarks, a notebook) measures once.
 _MEASURERS: dict[tuple[str, str, bool, bool, str | None], Measurer] = {}
 _QUANTIZABLE: dict[tuple[str, str, bool], dict[str, tuple[int, int]]] = {}
 

@@ -1,5 +1,7 @@
-"""Who generates: oneke-run's engines. Everything else of a run (prompts, too-long prompts, journal, resume, output
-lines, torchrun workers) is the runner's and outputs' shared code; an engine is a runner.Decoder.
+"""The engines that generate for oneke-run: hf (oneke-run's own decoder) and vLLM's offline engine.
+
+Everything else of a run (prompts, too-long prompts, journal, resume, output lines, torchrun workers) is the
+runner's and outputs' shared code; an engine is a runner.Decoder.
 
 - hf (the default): generation.GreedyGenerator over the model loader.load_model placed as the profile says.
 - vllm: vLLM's offline engine (vllm.LLM), started with the profile's translation (vllm_plan.vllm_settings), fed

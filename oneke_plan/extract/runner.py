@@ -131,7 +131,7 @@ class Runner:
         return self.stats
 
     def lines(self, records: Sequence[PromptRecord]) -> Iterator[dict[str, Any]]:
-        """Answer every record, yielding each record's line (extract.answer_line or error_line) once it is written;
+        """Answer every record, yielding each record's line (inputs.answer_line or error_line) once it is written;
         `stats` counts them. Stopping the iteration stops generation; the lines written so far stay written."""
         from tqdm import tqdm
 

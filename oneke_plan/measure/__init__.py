@@ -1,1 +1,2 @@
-"""Measuring, with the model's own code on the meta device: its blocks, its forward's tensors, checkpoints, adapters."""
+"""What the model is, read from its own code and files: its blocks and its forward's tensors on the meta device,
+its checkpoint and adapter headers, and the transformers versions' differences. The first layer that imports torch."""

@@ -378,7 +378,7 @@ def last_logits_only(model: Any) -> dict[str, int]:
 
 def cache_argument(model: Any) -> str:
     """The name the model's forward takes the cache under: `cache` in recent transformers 5.x (where
-    `past_key_values` still works through a deprecation shim), `past_key_values` before."""
+    `past_key_values` still works through a slower deprecation shim), `past_key_values` before."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

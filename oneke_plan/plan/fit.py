@@ -140,7 +140,7 @@ def block_weights_bytes(
 
 @dataclass(frozen=True)
 class MeasuredMemory:
-    """What the model's own forward holds per block for one workload (measure.py), in bytes."""
+    """What the model's own forward holds per block for one workload (measure/forward.py), in bytes."""
 
     prefill_state_bytes: Mapping[str, int]  # KV cache / recurrent state each block keeps after the prefill
     decode_state_bytes: Mapping[str, int]  # ... and at the last decoding step

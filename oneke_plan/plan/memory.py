@@ -5,7 +5,7 @@ All results are ints, in bytes. A device's estimate is
     weights_bytes + kv_cache_bytes + workspace_bytes + reserve_bytes
 
 The planner measures the KV cache (and any recurrent state) and the activations by running each model's own code
-on the meta device (measure.py): whatever the architecture. The formulas here for those two terms describe a
+on the meta device (measure/forward.py): whatever the architecture. The formulas here for those two terms describe a
 LLaMA-shaped model; they are the explanation (docs/memory-model.md) and an independent cross-check of the
 measurement in the tests. Weights (bitsandbytes' layout), logits, quantization scratch, offload speed and the
 reserve are computed here and used as they are.

@@ -31,10 +31,6 @@ from oneke_plan.plan.profile import (
 )
 from oneke_plan.plan.speed import SpeedPrediction, predict, rates_of
 
-# Measurements are a pure function of the model's config, dtype, attention and the library versions: kept for
-# the life of the process, so that every Planner of the same model (tests, benchmarks, a notebook) measures once.
-
-
 MAX_SOLVED_BATCH = 4096
 
 

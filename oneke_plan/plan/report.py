@@ -17,7 +17,7 @@ from oneke_plan.core.sizes import format_bytes
 from oneke_plan.io.files import starts_with
 from oneke_plan.plan.profile import Profile, ProfileDevice
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the summary and the picture read a plan, never make one
     from oneke_plan.plan.plans import Plan, PlanResult
 
 JSON_VERSION = 1  # bumped when a key of the JSON document changes meaning (docs/profile-format.md)
