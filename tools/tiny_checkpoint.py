@@ -193,7 +193,8 @@ def train_sentencepiece(texts: Iterable[str] | None = None, vocab_size: int = 20
     """A SentencePiece BPE model (the bytes of a tokenizer.model) trained by sentencepiece's own trainer, laid out
     like LLaMA-2's and OneKE's: <unk> 0, <s> 1, </s> 2, no pad piece, byte fallback, digits split, a dummy prefix.
 
-    One thread and a fixed corpus give the same bytes every time. ``vocab_size`` is an upper bound: a small corpus
+    ``texts`` replaces the built-in corpus (train_tokenizer adds to it): tests train it on DeepKE's own text. One
+    thread and a fixed corpus give the same bytes every time. ``vocab_size`` is an upper bound: a small corpus
     runs out of merges first (``hard_vocab_limit`` off). Rare characters (the last 0.05%, as for Chinese LLaMA's
     vocabulary) are left to byte fallback, so that DeepKE's thousands of Chinese characters fit a small vocabulary.
     """
@@ -203,7 +204,7 @@ def train_sentencepiece(texts: Iterable[str] | None = None, vocab_size: int = 20
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts if texts is not None else default_corpus())),
+        sentence_iterator=iter(list(texts) if texts is not None else default_corpus()),
         model_writer=model,
         vocab_size=vocab_size,
         hard_vocab_limit=False,

@@ -76,6 +76,7 @@ from oneke_plan.plan.profile import (
     Profile,
     ProfileDevice,
 )
+from oneke_plan.plan.speed import SpeedPrediction
 
 
 def model_dtype(config: Any, source: ModelSource) -> ModelDtype:
@@ -292,12 +293,12 @@ class Planner:
         assert self.adapter is not None
         if dtype not in self._adapter_bytes:
             model = self.adapted_build(dtype)
-            names = [b.name for b in layout.blocks]
+            blocks = {b.name: b.name for b in layout.blocks}  # each block its own owner: device_owner's longest match
             modules = self.adapter.modules
             resident: dict[str, int] = {}
             scratch: dict[str, int] = {}
             for name, param in lora_parameters(model).items():
-                block = max((b for b in names if b == "" or name.startswith(b + ".")), key=len)
+                block = str(device_owner(name, blocks))
                 resident[block] = resident.get(block, 0) + param.numel() * param.element_size()
                 if ".lora_A." in name:
                     pair = modules[lora_module(name)]
@@ -482,7 +483,9 @@ class Planner:
         return MAX_SOLVED_BATCH
 
     # -- the profile -------------------------------------------------------------------------------------------
-    def profile(self, plan: Plan, inventory: Inventory) -> Profile:
+    def profile(self, plan: Plan, inventory: Inventory, speed: SpeedPrediction | None = None) -> Profile:
+        """The plan written as a profile (DoesNotFit with what would fit when it does not); `speed`: the plan's
+        predict_speed, when the caller has it already."""
         if not plan.fits:
             raise DoesNotFit(self.does_not_fit_message(plan, inventory))
         device_map = self.device_map(plan)
@@ -534,7 +537,7 @@ class Planner:
             created_by=f"oneke-plan {__version__}",
             notes=[line for line in plan.log if line.startswith(("warning", "adapter:"))],
             adapter=self.adapter.record(merges_on_load(plan.settings.quant.mode)) if self.adapter else None,
-            speed=predict_speed(plan, inventory).to_dict(),
+            speed=(speed or predict_speed(plan, inventory)).to_dict(),
         )
 
 

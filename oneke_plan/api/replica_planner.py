@@ -83,15 +83,11 @@ def plan_replicas(
     copies = len(groups)
     inventories = [replica_inventory(inventory, g, copies) for g in groups]
     plans = [planner.plan(group_inventory, settings) for group_inventory in inventories]
-    profiles = [planner.profile(p, group_inventory) for p, group_inventory in zip(plans, inventories, strict=True)]
+    speeds = [predict_speed(p, group_inventory) for p, group_inventory in zip(plans, inventories, strict=True)]
+    profiles = [planner.profile(*args) for args in zip(plans, inventories, speeds, strict=True)]
     first = profiles[0]
     first.replicas = [Replica(p.devices, p.device_map, p.estimate, p.speed) for p in profiles]
-    first.speed = combined(
-        [
-            predict_speed(p, group_inventory) for p, group_inventory in zip(plans, inventories, strict=True)
-        ],
-        nodes,
-    )
+    first.speed = combined(speeds, nodes)
     first.nodes = nodes
     first.format_version = REPLICAS_FORMAT_VERSION
     used = {i for g in groups for i in g}

@@ -128,6 +128,3 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Se
     return "\n".join([line(header), *(line(r) for r in rows)])
 
 
-def device_label(device_id: int | str) -> str:
-    """'GPU 0' for a GPU index; 'cpu' and 'disk' as they are."""
-    return device_id if isinstance(device_id, str) else f"GPU {device_id}"

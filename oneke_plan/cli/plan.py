@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 from oneke_plan import __version__, api
 from oneke_plan.api import DEFAULT_WORKLOAD
-from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, format_table, run_main, wants_debug
+from oneke_plan.cli.common import OneLineParser, PrintedReport, format_table, run_main, wants_debug
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES
 from oneke_plan.plan.catalog import card_names
 from oneke_plan.plan.memory import DEFAULT_CPU_RESERVE_BYTES, DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
 from oneke_plan.plan.model_source import ONEKE_REPO_ID
-from oneke_plan.plan.report import BAR_LEGEND, bar, device_rows, speed_lines
+from oneke_plan.plan.report import BAR_LEGEND, bar, device_label, device_rows, speed_lines
 
 if TYPE_CHECKING:
     from oneke_plan.plan.plans import PlanResult

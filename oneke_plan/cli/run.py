@@ -12,12 +12,13 @@ from typing import Any
 
 from oneke_plan import __version__, api
 from oneke_plan.api import GpuMemory, RunSummary
-from oneke_plan.cli.common import OneLineParser, PrintedReport, device_label, format_table, run_main, wants_debug
+from oneke_plan.cli.common import OneLineParser, PrintedReport, format_table, run_main, wants_debug
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.extract.workers import Worker
 from oneke_plan.formats.templates import TEMPLATES
 from oneke_plan.plan.profile import Profile
+from oneke_plan.plan.report import device_label
 
 EPILOG = """\
 examples:

@@ -17,7 +17,6 @@ import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
@@ -171,8 +170,8 @@ def vllm_decoder(
 ) -> tuple[VllmDecoder, Any]:
     """The vllm engine for a run: the tokenizer checked and loaded as for hf (the runner encodes and decodes with
     it), the profile translated (its notes and the engine arguments go to `note`), vLLM started; the answers end
-    at the same EOS ids as the hf engine's (generation.eos_token_ids) and the template's stop words."""
-    from oneke_plan.extract.generation import eos_token_ids
+    at the same EOS ids as the hf engine's and the template's stop words (generation.end_token_ids)."""
+    from oneke_plan.extract.generation import end_token_ids
     from oneke_plan.load.loader import check_before_load
 
     tokenizer = check_before_load(profile, source, trust_remote_code)
@@ -183,6 +182,6 @@ def vllm_decoder(
     shown = {k: v for k, v in settings.engine_args.items() if k not in ("model", "tokenizer")}
     note(f"--engine vllm: starting vLLM with {shown}" + (f", environment {settings.env}" if settings.env else ""))
     llm = start_vllm(profile, settings)
-    config = SimpleNamespace(eos_token_id=source.config.get("eos_token_id"))
-    eos = eos_token_ids(SimpleNamespace(config=config), tokenizer, source.directory)
-    return VllmDecoder(llm, max_new_tokens, list(dict.fromkeys([*eos, *stop_ids]))), tokenizer
+    # vLLM holds the model in its own processes: the config.json's EOS stands where the loaded model's would
+    eos = end_token_ids([source.config.get("eos_token_id")], tokenizer, source.directory, stop_ids)
+    return VllmDecoder(llm, max_new_tokens, eos), tokenizer

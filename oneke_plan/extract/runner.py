@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from oneke_plan.extract.batching import Encoded, length_batches
 from oneke_plan.extract.inputs import OutputWriter, PromptRecord, answer_line, error_line
 from oneke_plan.formats import answers, oneke
-from oneke_plan.formats.templates import TEMPLATES
+from oneke_plan.formats.templates import TEMPLATES, special_token_ids
 
 
 @dataclass
@@ -52,7 +52,7 @@ def encode_prompts(
     head = _added_bos(tokenizer)
     texts = [part for p in parts for part in p if isinstance(part, str)]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    special = {text: tokenizer.convert_tokens_to_ids(text) for text in tmpl.special_tokens()}
+    special = special_token_ids(tmpl, tokenizer, "the tokenizer")  # checked before any weight (check_tokenizer)
     out = []
     for i, prompt in enumerate(parts):
         row = list(head)

@@ -104,21 +104,11 @@ INSTRUCTIONS: dict[str, dict[str, str]] = {
             "parsable JSON format."
         ),
     },
-    "SPO": {
-        # The authors' current converter asks SPO with RE's texts (instruction.py maps SPO+zh and SPO+en to them).
-        "zh": (
-            "你是专门进行关系抽取的专家。请从input中抽取出符合schema定义的关系三元组，"
-            "不存在的关系返回空列表。请按照JSON字符串的格式回答。"
-        ),
-        "en": (
-            "You are an expert in relationship extraction. Please extract relationship triples that match "
-            "the schema definition from the input. Return an empty list for relationships that do not "
-            "exist. Please respond in the format of a JSON string."
-        ),
-    },
 }
 """Instruction texts per task and language, verbatim, as the authors' current converter writes them
 (DeepKE `ie2instruction/convert/utils/instruction.py`); used for every prompt this tool builds."""
+# The authors' current converter asks SPO with RE's texts (instruction.py maps SPO+zh and SPO+en to them).
+INSTRUCTIONS["SPO"] = INSTRUCTIONS["RE"]
 
 LEGACY_INSTRUCTIONS: dict[str, dict[str, str]] = {
     "SPO": {

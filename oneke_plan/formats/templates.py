@@ -193,6 +193,13 @@ def default_template(config: dict[str, Any]) -> tuple[str, str]:
 def check_tokenizer(tmpl: Template, tokenizer: Any, where: str) -> list[int]:
     """Check that the tokenizer has each token the template places by id (else the prompt would be text the
     model never saw), and return the ids of its stop words. `tokenizer`: a transformers tokenizer."""
+    ids = special_token_ids(tmpl, tokenizer, where)
+    return [ids[text] for text in tmpl.stop_words]
+
+
+def special_token_ids(tmpl: Template, tokenizer: Any, where: str) -> dict[str, int]:
+    """The id of each token the template places by id (its special tokens, stop words included); BadInput naming
+    `where` for one the tokenizer does not have as one token."""
     ids: dict[str, int] = {}
     for text in tmpl.special_tokens():
         # placed by id, as the authors' encoder places them: only the id must exist (how the tokenizer would split
@@ -204,4 +211,4 @@ def check_tokenizer(tmpl: Template, tokenizer: Any, where: str) -> list[int]:
                 "as one token; choose the model's own template with --template (oneke-plan) or check the model"
             )
         ids[text] = token_id
-    return [ids[text] for text in tmpl.stop_words]
+    return ids

@@ -110,7 +110,7 @@ def read_adapter(directory: Path) -> Adapter:
         raise BadInput(f"{weights}: missing{pickled if (directory / 'adapter_model.bin').exists() else ''}")
     try:
         meta = safetensors_entries(weights)
-        tensors = {name: _tensor(name, entry) for name, entry in meta.items()}
+        tensors = {name: _tensor(weights, name, entry) for name, entry in meta.items()}
     except BadInput:
         raise
     except Exception as exc:  # a damaged header: json, key, type and value errors alike
@@ -126,13 +126,13 @@ def read_adapter(directory: Path) -> Adapter:
     return adapter
 
 
-def _tensor(name: str, entry: dict[str, Any]) -> AdapterTensor:
+def _tensor(weights: Path, name: str, entry: dict[str, Any]) -> AdapterTensor:
     """One header entry, with the module it wraps from peft's naming; BadInput for tensors that are not LoRA's."""
     stem = name.removeprefix(PEFT_PREFIX)
     parts = stem.split(".")
     if len(parts) < 3 or parts[-1] != "weight" or parts[-2] not in LORA_KINDS or stem == name:
         raise BadInput(
-            f"{ADAPTER_WEIGHTS}: tensor {name!r} is not a LoRA weight (base_model.model.<module>.lora_A.weight or "
+            f"{weights}: tensor {name!r} is not a LoRA weight (base_model.model.<module>.lora_A.weight or "
             "lora_B.weight); oneke-plan plans plain LoRA adapters on Linear layers only"
         )
     start, stop = entry["data_offsets"]
@@ -157,15 +157,9 @@ def replan_hint(adapter_dir: Path | str) -> str:
     return f"re-plan with oneke-plan MODEL ... --adapter {adapter_dir}"
 
 
-def check_recorded(adapter: Adapter | None, recorded: dict[str, Any] | None) -> None:
-    """The adapter given to oneke-run is the one the profile was planned with (DoesNotFit, exit 3, otherwise)."""
-    if adapter is None and recorded is None:
-        return
-    if adapter is None:
-        raise DoesNotFit(
-            f"the profile was planned with the LoRA adapter {recorded.get('path')!r} (it counts its memory): pass "  # type: ignore[union-attr]
-            "--adapter DIR, or re-plan without it"
-        )
+def check_recorded(adapter: Adapter, recorded: dict[str, Any] | None) -> None:
+    """The adapter given to oneke-run (or the profile's own, read again) is the one the profile was planned with
+    (DoesNotFit, exit 3, otherwise)."""
     if recorded is None:
         raise DoesNotFit(
             f"--adapter {adapter.directory}: the profile was planned without an adapter, so its memory is not "

@@ -7,12 +7,19 @@ from typing import Any
 
 
 @cache
-def dtype_kwarg() -> str:
-    """The from_pretrained/from_config keyword for the weights' dtype: `dtype` since 4.56, `torch_dtype` before."""
+def transformers_at_least(version: str) -> bool:
+    """Whether the installed transformers is `version` or later (every version rule below asks this)."""
     import transformers
     from packaging.version import Version
 
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return Version(transformers.__version__) >= Version(version)
+
+
+@cache
+def dtype_kwarg() -> str:
+    """The from_pretrained/from_config keyword for the weights' dtype: `dtype` since 4.56, `torch_dtype` before."""
+
+    return "dtype" if transformers_at_least("4.56") else "torch_dtype"
 
 
 def no_init_weights() -> Any:
@@ -39,10 +46,8 @@ def tokenizer_libraries(tokenizer_config: dict[str, Any]) -> tuple[str, ...]:
     5.x always converts tokenizer.model into the tokenizers library's form, reading it through sentencepiece's
     protobuf schema. 4.x loads the slow tokenizer the config asks for (`use_fast: false`, OneKE's) with
     sentencepiece alone when `legacy` is true; the fast one, or `legacy: false`, needs protobuf too."""
-    import transformers
-    from packaging.version import Version
 
-    if Version(transformers.__version__) >= Version("5"):
+    if transformers_at_least("5"):
         return ("sentencepiece", "protobuf")
     slow_legacy = tokenizer_config.get("use_fast") is False and tokenizer_config.get("legacy", True) is not False
     return ("sentencepiece",) if slow_legacy else ("sentencepiece", "protobuf")
@@ -55,10 +60,8 @@ TRANSFORMERS_BNB_CPU = "4.53"  # before it, transformers runs bitsandbytes on th
 def bnb_quantizes_on_cpu() -> bool:
     """Whether this transformers lets bitsandbytes quantize a model that sits on the CPU alone. Before 4.53 its
     bitsandbytes integration required Intel's IPEX for the CPU (and 4.46-4.50 crash in that check)."""
-    import transformers
-    from packaging.version import Version
 
-    return Version(transformers.__version__) >= Version(TRANSFORMERS_BNB_CPU)
+    return transformers_at_least(TRANSFORMERS_BNB_CPU)
 
 
 def loaded_dtype_bytes(model: Any, dtype: str) -> Any:
@@ -75,11 +78,9 @@ def loaded_dtype_bytes(model: Any, dtype: str) -> Any:
     import re
 
     import torch
-    import transformers
-    from packaging.version import Version
 
     target = getattr(torch, dtype)
-    newer = Version(transformers.__version__) >= Version("5.0")
+    newer = transformers_at_least("5.0")
     if newer and hasattr(model, "_get_dtype_plan"):
         plan = model._get_dtype_plan(target)
         pattern = re.compile("|".join(key.replace("*", ".*") for key in plan)) if plan else None
@@ -137,10 +138,8 @@ def measures_on_meta() -> bool:
     """Whether this transformers' models run their forward on the meta device. Before 5.0 rotary embeddings open
     `torch.autocast(device_type=x.device.type)`, which refuses "meta": their forward runs on fake CPU tensors
     (torch's FakeTensorMode, no memory either), about three times slower."""
-    import transformers
-    from packaging.version import Version
 
-    return Version(transformers.__version__) >= Version("5.0")
+    return transformers_at_least("5.0")
 
 
 def offload_writes_weights(pickled: bool) -> bool:

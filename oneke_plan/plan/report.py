@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from oneke_plan import __version__
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.io.files import starts_with
-from oneke_plan.plan.profile import Profile, ProfileDevice
+from oneke_plan.plan.profile import ProfileDevice
 
 if TYPE_CHECKING:  # annotations only: the summary and the picture read a plan, never make one
     from oneke_plan.plan.plans import Plan, PlanResult
@@ -140,7 +140,7 @@ def plan_document(result: PlanResult) -> dict[str, Any]:
     return {
         "oneke_plan_json": JSON_VERSION,
         "created_by": f"oneke-plan {__version__}",
-        "profile": profile_data(profile),
+        "profile": profile.to_data(),  # the same keys, in the same order, as the YAML file
         "summary": {
             "model": profile.model["source"],
             "architecture": plan.layout.architecture,
@@ -164,9 +164,9 @@ def plan_document(result: PlanResult) -> dict[str, Any]:
     }
 
 
-def profile_data(profile: Profile) -> dict[str, Any]:
-    """The profile's content as the YAML file has it (the same keys, in the same order)."""
-    return profile.to_data()
+def device_label(device_id: int | str) -> str:
+    """'GPU 0' for a GPU index; 'cpu' and 'disk' as they are."""
+    return device_id if isinstance(device_id, str) else f"GPU {device_id}"
 
 
 # -- SVG -------------------------------------------------------------------------------------------------------
@@ -199,9 +199,7 @@ def plot_svg(result: PlanResult) -> str:
     base = top + chart
     for i, row in enumerate(rows):
         x = left + column * i + 20
-        label = (f"r{row.replica} " if several else "") + (
-            row.device.id if isinstance(row.device.id, str) else f"GPU {row.device.id}"
-        )
+        label = (f"r{row.replica} " if several else "") + device_label(row.device.id)
         device = escape(str(row.device.id))
         capacity = row.capacity_bytes
         if capacity:

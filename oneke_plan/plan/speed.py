@@ -68,7 +68,6 @@ class DeviceSpeed:
     plan with GPUs, the bytes are those crossing PCIe (the rates: the link's)."""
 
     device: DeviceId
-    name: str
     decode_read_bytes: int  # per decoding step: weights read + KV cache read
     decode_flops: int
     prefill_flops: int
@@ -195,7 +194,7 @@ def predict(
             device_rates = DeviceRates(PCIE_BYTES_PER_SECOND, None, PCIE_SOURCE)
         else:
             device_rates = rates.get(slot.id, DeviceRates())
-        computes = not (slot.id in OFFLOAD_DEVICES and has_gpus) and slot.id != "disk"
+        computes = not link and slot.id != "disk"
         read = weights_read + (est.kv_cache_bytes if computes else 0)
         flops_decode = decode_flops.get(slot.id, 0) if computes else 0
         flops_prefill = prefill_flops.get(slot.id, 0) if computes else 0
@@ -212,7 +211,7 @@ def predict(
                            f"{' '.join(f for _, _, f in missing)}")  # fmt: skip
         devices.append(
             DeviceSpeed(
-                slot.id, slot.name, read, flops_decode, flops_prefill, weights_read, device_rates, decode_s, prefill_s
+                slot.id, read, flops_decode, flops_prefill, weights_read, device_rates, decode_s, prefill_s
             )
         )
     decode_times = [d.decode_seconds for d in devices]
