@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from oneke_plan import __version__, api
 from oneke_plan.api import DEFAULT_WORKLOAD
-from oneke_plan.cli.common import OneLineParser, PrintedReport, format_table, run_main, wants_debug
+from oneke_plan.cli.common import (
+    OneLineParser,
+    PrintedReport,
+    format_table,
+    offline_and_quiet,
+    run_main,
+    wants_debug,
+)
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES
@@ -346,10 +352,7 @@ def vllm_lines(profile, num_layers: int) -> str:  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
-    # accelerate: "device N is not available" when planning elsewhere; bitsandbytes: an optional kernels package
-    # it misses when imported to price 8/4-bit (as oneke-run, which silences the same loggers)
-    for name in ("accelerate", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    offline_and_quiet()
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_main("oneke-plan", lambda: run(args), args.debug or wants_debug(argv))

@@ -4,7 +4,6 @@ oneke_plan.api.run)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -12,7 +11,14 @@ from typing import Any
 
 from oneke_plan import __version__, api
 from oneke_plan.api import GpuMemory, RunSummary
-from oneke_plan.cli.common import OneLineParser, PrintedReport, format_table, run_main, wants_debug
+from oneke_plan.cli.common import (
+    OneLineParser,
+    PrintedReport,
+    format_table,
+    offline_and_quiet,
+    run_main,
+    wants_debug,
+)
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.extract.workers import Worker
@@ -216,8 +222,7 @@ def _report(summary: RunSummary) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for name in ("accelerate", "transformers", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    offline_and_quiet()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # --engine vllm: dozens of INFO and WARNING lines
     parser = build_parser()
     args = parser.parse_args(argv)
