@@ -11,6 +11,7 @@ import pytest
 # The random checkpoint builder is a development tool, not part of the package: tools/tiny_checkpoint.py.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
+import real_checkpoint  # noqa: E402
 from tiny_checkpoint import build_tiny_llama  # noqa: E402
 
 from oneke_plan.measure.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu  # noqa: E402
@@ -112,6 +113,32 @@ def quiet_accelerate():  # yields None
     logger.setLevel(logging.ERROR)
     yield
     logger.setLevel(level)
+
+
+def _real_model(get):  # type: ignore[no-untyped-def]
+    """tools/real_checkpoint.py's SmolLM2-135M-Instruct (cached under .cache/). Where the package index cannot be
+    reached the tests that need it skip, except under CI (CI=true), which must run them."""
+    import os
+
+    try:
+        return get()
+    except real_checkpoint.Unavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the real-weights tests: {exc}")
+        pytest.skip(f"real weights unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct's trained weights as a float32 safetensors checkpoint with its tokenizer (its
+    tokenizer.json and ChatML chat template), converted from the package index's GGUF by this transformers."""
+    return _real_model(real_checkpoint.checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF file itself (Q4_1), as the package index ships it."""
+    return _real_model(real_checkpoint.gguf_file)
 
 
 @pytest.fixture(scope="session")
