@@ -82,7 +82,7 @@ def plan(
     from oneke_plan.api.replica_planner import plan_replicas
     from oneke_plan.plan.catalog import GB_PER_S, TFLOPS
     from oneke_plan.plan.inventory import apply_device_values, build_inventory, parse_device_values, parse_rate
-    from oneke_plan.plan.model_source import resolve_model
+    from oneke_plan.plan.model_source import carries_chat_template, resolve_model
     from oneke_plan.plan.plans import PlanSettings, check_positive, check_replica_counts
     from oneke_plan.plan.profile import write_atomic, written_by_oneke_plan
     from oneke_plan.plan.report import drawn_by_oneke_plan, plot_svg
@@ -153,7 +153,10 @@ def plan(
         result = plan_replicas(planner, inventory, settings, solving, copies, nodes)
     else:
         result = planner.plan_profile(inventory, settings, solving)
-    chosen, why = (template, "--template") if template else default_template(source.config)
+    if template:
+        chosen, why = template, "--template"
+    else:
+        chosen, why = default_template(source.config, carries_chat_template(source))
     result = replace(result, profile=replace(result.profile, template=chosen), template_reason=why)
     if target is not None:
         write_atomic(target, result.profile.to_yaml(), replaced)

@@ -20,7 +20,7 @@ from oneke_plan.cli.common import (
 )
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
-from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES
+from oneke_plan.formats.templates import DEEPKE_TEMPLATES, MODEL_TEMPLATE, ONEKE_TEMPLATE, TEMPLATES
 from oneke_plan.plan.catalog import card_names
 from oneke_plan.plan.memory import DEFAULT_CPU_RESERVE_BYTES, DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
 from oneke_plan.plan.model_source import ONEKE_REPO_ID
@@ -118,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--template",
         choices=list(TEMPLATES),
         metavar="NAME",
-        help="the DeepKE chat template oneke-run wraps prompts in, recorded in the profile: "
-        f"{', '.join(TEMPLATES)} (default: the model's; OneKE's is {ONEKE_TEMPLATE})",
+        help="the chat template oneke-run wraps prompts in, recorded in the profile: one of DeepKE's "
+        f"({', '.join(DEEPKE_TEMPLATES)}) or {MODEL_TEMPLATE} (the model's own, from its "
+        f"tokenizer). Default: DeepKE's for the models DeepKE names one for (OneKE's is {ONEKE_TEMPLATE}), else the "
+        f"model's own where its tokenizer carries one, else {ONEKE_TEMPLATE}",
     )
     model.add_argument(
         "--adapter",

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--template",
         choices=list(TEMPLATES),
         metavar="NAME",
-        help="the DeepKE chat template around each prompt (default: the profile's; see oneke-plan --template)",
+        help="the chat template around each prompt: a DeepKE template or 'model' (the model's own) (default: the "
+        "profile's; see oneke-plan --template)",
     )
     run = p.add_argument_group("run")
     run.add_argument(

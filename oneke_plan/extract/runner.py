@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from oneke_plan.extract.batching import Encoded, length_batches
 from oneke_plan.extract.inputs import OutputWriter, PromptRecord, answer_line, error_line
 from oneke_plan.formats import answers, oneke
-from oneke_plan.formats.templates import TEMPLATES, special_token_ids
+from oneke_plan.formats.templates import TEMPLATES, chat_messages, special_token_ids
 
 
 @dataclass
@@ -42,8 +42,19 @@ def encode_prompts(
     authors' encoder does it: BOS where the tokenizer has one and adds it, then each part on its own, a text
     encoded without special tokens, a special token by its id. Encoding the joined text instead would differ: a
     SentencePiece tokenizer starts every text it encodes at a word boundary (tests/load/test_sentencepiece.py).
+
+    The model's own chat template (templates.MODEL_TEMPLATE) is rendered by transformers' apply_chat_template
+    with the generation prompt, and its text encoded without adding special tokens, as apply_chat_template's own
+    tokenize=True does (the template writes every special token itself).
     """
     tmpl = TEMPLATES[template]
+    if tmpl.from_tokenizer:
+        texts = [
+            tokenizer.apply_chat_template(chat_messages(r.instruction), add_generation_prompt=True, tokenize=False)
+            for r in records
+        ]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return [Encoded(i, list(row)) for i, row in enumerate(ids)]
     parts = [tmpl.parts(record.instruction) for record in records]
     if all(len(p) == 1 and isinstance(p[0], str) for p in parts):
         texts = [str(p[0]) for p in parts]

@@ -43,6 +43,9 @@ class Template:
     system: str
     sep: tuple[Part, ...] = ()
     stop_words: tuple[str, ...] = ()  # tokens that end an answer besides the model's EOS
+    # The model's own chat template (MODEL_TEMPLATE): rendered by its tokenizer (transformers' apply_chat_template),
+    # so it has no parts of its own; the model's EOS ends its answers.
+    from_tokenizer: bool = False
 
     @property
     def folds_system_into_query(self) -> bool:
@@ -51,6 +54,8 @@ class Template:
 
     def parts(self, query: str) -> list[Part]:
         """The first turn's parts in order, placeholders filled, empty strings dropped (BOS not included)."""
+        if self.from_tokenizer:
+            raise ValueError(f"template {self.name} is the tokenizer's: render it with chat_messages and the tokenizer")
         if self.folds_system_into_query:
             head = _fill(self.prefix, system=self.system)
             folded = "".join(p for p in head if isinstance(p, str)) + query
@@ -152,9 +157,20 @@ TEMPLATES: dict[str, Template] = {
         Template("vicuna", ("{{system}}",), ("USER: {{query}} ASSISTANT:",), _CHAT_SYSTEM),
         Template("default", ("{{system}}",), ("Human: {{query}}\nAssistant:",), _CHAT_SYSTEM, sep=("\n",)),
         Template("vanilla", (), ("{{query}}",), ""),
+        Template("model", (), (), "", from_tokenizer=True),
     ]
 }
 ONEKE_TEMPLATE = "llama2_zh"  # the template OneKE was trained with, and what profiles without a `template` ran
+MODEL_TEMPLATE = "model"
+DEEPKE_TEMPLATES = tuple(name for name in TEMPLATES if name != MODEL_TEMPLATE)
+"""The model's own chat template, carried by its tokenizer (tokenizer_config.json's `chat_template`,
+chat_template.jinja, or a GGUF's `tokenizer.chat_template`): the default for a model DeepKE names no template for."""
+
+
+def chat_messages(query: str) -> list[dict[str, str]]:
+    """The conversation a prompt is under the model's own chat template: one user turn. No system turn, so the
+    template puts the model's own default system prompt where it has one (SmolLM2's, Qwen's)."""
+    return [{"role": "user", "content": query}]
 
 # model_type -> template, for the families DeepKE trains IEPile models on.
 _BY_MODEL_TYPE = {
@@ -171,10 +187,11 @@ _LLAMA_BY_VOCAB = {32000: "llama2", 55296: "llama2_zh", 128256: "llama3"}  # LLa
 _BAICHUAN_BY_VOCAB = {64000: "baichuan", 125696: "baichuan2"}
 
 
-def default_template(config: dict[str, Any]) -> tuple[str, str]:
-    """The template a model's config implies, and why, in words: by model_type, and for LLaMA and Baichuan by
-    vocabulary size (what tells LLaMA-2, OneKE's Chinese-Alpaca-2 base and LLaMA-3 apart). A model of another
-    family gets OneKE's llama2_zh, said so."""
+def default_template(config: dict[str, Any], has_chat_template: bool = False) -> tuple[str, str]:
+    """The template a model's config implies, and why, in words: DeepKE's for the families DeepKE trains on (by
+    model_type, and for LLaMA and Baichuan by vocabulary size: what tells LLaMA-2, OneKE's Chinese-Alpaca-2 base
+    and LLaMA-3 apart); for any other model, its own chat template where its tokenizer carries one
+    (`has_chat_template`), else OneKE's llama2_zh, said so."""
     model_type = str(config.get("model_type", ""))
     vocab = config.get("vocab_size")
     if model_type == "llama" and vocab in _LLAMA_BY_VOCAB:
@@ -187,14 +204,27 @@ def default_template(config: dict[str, Any]) -> tuple[str, str]:
         why = "a LLaMA whose vocabulary is none of LLaMA-2's, OneKE's or LLaMA-3's"
     else:
         why = f"DeepKE names no template for model_type {model_type or '?'}"
-    return ONEKE_TEMPLATE, f"OneKE's; {why}: --template sets another"
+    if has_chat_template:
+        return MODEL_TEMPLATE, f"the model's own chat template, from its tokenizer; {why}: --template sets another"
+    return ONEKE_TEMPLATE, f"OneKE's; {why} and its tokenizer carries no chat template: --template sets another"
 
 
 def check_tokenizer(tmpl: Template, tokenizer: Any, where: str) -> list[int]:
     """Check that the tokenizer has each token the template places by id (else the prompt would be text the
-    model never saw), and return the ids of its stop words. `tokenizer`: a transformers tokenizer."""
+    model never saw), or that it carries the model's own chat template where that is the one; return the ids of
+    the template's stop words. `tokenizer`: a transformers tokenizer."""
+    check_chat_template(tmpl, tokenizer, where)
     ids = special_token_ids(tmpl, tokenizer, where)
     return [ids[text] for text in tmpl.stop_words]
+
+
+def check_chat_template(tmpl: Template, tokenizer: Any, where: str) -> None:
+    """The model's own template needs a tokenizer that carries one."""
+    if tmpl.from_tokenizer and not getattr(tokenizer, "chat_template", None):
+        raise BadInput(
+            f"{where}: template {tmpl.name} is the model's own chat template, but this tokenizer carries none; "
+            "choose a DeepKE template with --template (e.g. llama2_zh, OneKE's)"
+        )
 
 
 def special_token_ids(tmpl: Template, tokenizer: Any, where: str) -> dict[str, int]:

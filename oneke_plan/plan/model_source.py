@@ -57,6 +57,24 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+"""Where transformers >= 4.43 (json) and >= 4.52 (jinja) save a tokenizer's chat template beside its config."""
+
+
+def carries_chat_template(source: ModelSource) -> bool:
+    """Whether the model's tokenizer carries a chat template: a `chat_template` in tokenizer_config.json or a file
+    transformers saves it in. Read from the files alone (planning loads no tokenizer)."""
+    if source.directory is None:
+        return False
+    if any((source.directory / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    path = source.directory / "tokenizer_config.json"
+    if not path.is_file():
+        return False
+    data = read_json_file(path, "the tokenizer files are damaged: copy them again from the model's release")
+    return isinstance(data, dict) and bool(data.get("chat_template"))
+
+
 def _hub_cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])

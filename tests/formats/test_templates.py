@@ -63,7 +63,8 @@ AUTHORS = {
 
 
 def test_every_template_is_the_authors_string() -> None:
-    assert set(templates.TEMPLATES) == set(AUTHORS)
+    assert set(templates.DEEPKE_TEMPLATES) == set(AUTHORS)
+    assert set(templates.TEMPLATES) == {*AUTHORS, templates.MODEL_TEMPLATE}
     for name, expected in AUTHORS.items():
         assert templates.TEMPLATES[name].render(Q) == expected, name
 
@@ -78,7 +79,8 @@ AUTHORS_STOP_WORDS = {
 
 
 def test_every_template_stops_at_the_authors_stop_words() -> None:
-    for name, tmpl in templates.TEMPLATES.items():
+    for name in templates.DEEPKE_TEMPLATES:
+        tmpl = templates.TEMPLATES[name]
         assert tmpl.stop_words == AUTHORS_STOP_WORDS.get(name, ()), name
 
 
@@ -110,6 +112,16 @@ def test_a_model_of_no_known_family_gets_onekes_template_said_so() -> None:
     # transformers' own "glm" is GLM-4, whose chat format is not ChatGLM3's and for which DeepKE defines none
     name, why = templates.default_template({"model_type": "glm", "vocab_size": 151552})
     assert name == "llama2_zh" and "--template" in why
+
+
+def test_a_model_of_no_known_family_with_a_chat_template_gets_its_own() -> None:
+    """SmolLM2 is a LLaMA of a 49,152-token vocabulary: DeepKE names no template, its tokenizer carries ChatML."""
+    name, why = templates.default_template({"model_type": "llama", "vocab_size": 49152}, has_chat_template=True)
+    assert name == "model" and "own chat template" in why
+    # DeepKE's models keep DeepKE's templates, chat template or not (OneKE's tokenizer carries none; LLaMA-3's does)
+    assert templates.default_template(resolve_model("oneke").config, has_chat_template=True)[0] == "llama2_zh"
+    llama3 = json.loads((CONFIGS / "llama-3.2-1b.json").read_text())
+    assert templates.default_template(llama3, has_chat_template=True)[0] == "llama3"
 
 
 def test_the_profile_records_the_template(tiny_model_dir: Path, tmp_path: Path) -> None:
