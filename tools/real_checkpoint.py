@@ -123,16 +123,29 @@ def convert(source: Path, out: Path) -> None:
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        # llama.cpp writes no output.weight for a model whose head is its embedding. Newer transformers tie then
+        # (the same rule, in modeling_gguf_pytorch_utils); 4.46.3 reads tie_word_embeddings as false and leaves
+        # lm_head random: answers that never end
+        config.tie_word_embeddings = "output.weight" not in gguf_tensor_names(source)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-        # a tied lm_head is not in the state dict of every version: tie_weights covers it
+        state = loaded.state_dict()
+        if config.tie_word_embeddings:  # the head is the embedding: a loaded lm_head is 4.46's random one
+            state.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         model.tie_weights()
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
             raise RuntimeError(f"conversion lost tensors: missing {missing}, unexpected {unexpected}")
         model.generation_config = loaded.generation_config
         model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
+
+
+def gguf_tensor_names(path: Path) -> set[str]:
+    """The tensor names a GGUF file holds, in llama.cpp's naming (`output.weight`, `blk.0.attn_q.weight`, ...)."""
+    from gguf import GGUFReader
+
+    return {tensor.name for tensor in GGUFReader(str(path)).tensors}
 
 
 def main(argv: list[str] | None = None) -> int:

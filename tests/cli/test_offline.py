@@ -17,10 +17,14 @@ from conftest import needs_bnb_on_cpu
 
 from oneke_plan.core.errors import EXIT_DOES_NOT_FIT
 
+# What reaches another host: a name lookup, a connection, a datagram sent. (urllib3 binds a socket to ::1 when
+# imported, to learn whether IPv6 works: that stays on this machine.)
 WATCHED = """
 import runpy, sys
+NETWORK = {"socket.getaddrinfo", "socket.connect", "socket.sendto", "socket.sendmsg", "socket.gethostbyname",
+           "socket.gethostbyname_ex", "socket.gethostbyaddr"}
 def hook(event, args):
-    if event.startswith("socket."):
+    if event in NETWORK:
         sys.stderr.write(f"NETWORK {event} {args!r}\\n")
 sys.addaudithook(hook)
 module, sys.argv = sys.argv[1], sys.argv[1:]
