@@ -13,6 +13,7 @@ The reference is transformers' own: `apply_chat_template(..., tokenize=True)` fo
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def float32_run(smollm2_dir: Path, prompts: Path, tmp_path_factory: pytest.TempP
     out = folder / "out.jsonl"
     assert run_main(["--profile", str(folder / "f32.yaml"), "--input", str(prompts), "--output", str(out),
                      "--no-progress"]) == 0  # fmt: skip
-    return {"profile": profile, "lines": read_jsonl(out)}
+    return {"profile": profile, "lines": read_jsonl(out), "input": prompts, "profile_file": folder / "f32.yaml"}
 
 
 def test_the_default_template_is_the_models_own(float32_run: dict[str, Any]) -> None:
@@ -171,3 +172,15 @@ def test_bf16_and_quantized_runs_complete_with_planned_equal_to_loaded(
         str(smollm2_dir), torch_dtype=getattr(torch, profile["dtype"]), device_map={"": "cpu"}, **extra
     )
     assert profile["estimate"]["cpu"]["weights_bytes"] == loaded_weight_bytes(model)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed here: `make test VERSIONS=vllm` runs it")
+def test_the_vllm_engine_answers_as_the_hf_engine(float32_run: dict[str, Any], tmp_path: Path) -> None:
+    """The same profile and prompts on vLLM's engine (fed the runner's token ids, greedy, cut at <|im_end|>): every
+    answer equals the hf engine's, itself equal to transformers' generate alone (above)."""
+    out = tmp_path / "vllm.jsonl"
+    argv = ["--profile", str(float32_run["profile_file"]), "--input", str(float32_run["input"]), "--output", str(out)]
+    assert run_main([*argv, "--no-progress", "--engine", "vllm"]) == 0
+    hf = {line["id"]: line["raw_output"] for line in float32_run["lines"]}
+    assert {line["id"]: line["raw_output"] for line in read_jsonl(out)} == hf
