@@ -82,9 +82,28 @@ def supported_architectures() -> list[str]:
     return sorted(names - _NOT_ARCHITECTURES)
 
 
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+_READERS: dict[tuple[str, int, int], Any] = {}  # one GGUFReader (a memory map and the parsed metadata) per file
+
+
 def _reader(path: Path) -> Any:
     """gguf's GGUFReader of the file (what transformers reads it with), after the magic bytes; BadInput for a file
     that is not a GGUF or is damaged, or for a gguf package that cannot read files here."""
+    try:
+        key = _file_key(path)
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if key not in _READERS:
+        _READERS.clear()  # keep one: each maps its whole file
+        _READERS[key] = _read(path)
+    return _READERS[key]
+
+
+def _read(path: Path) -> Any:
     try:
         with path.open("rb") as handle:
             magic = handle.read(4)
@@ -130,8 +149,7 @@ def _auto_config(path: Path) -> Any:
     """transformers' config for the GGUF (AutoConfig, as from_pretrained builds it), read once per file."""
     from transformers import AutoConfig
 
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = _file_key(path)
     if key not in _CONFIGS:
         with _quiet():
             _CONFIGS[key] = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
@@ -212,14 +230,13 @@ def tensor_names(path: Path) -> list[str]:
 def gguf_weight_map(model: Any, path: Path) -> dict[str, str] | None:
     """GGUF tensor name -> the model's parameter name, by transformers' own map (get_gguf_hf_weights_map with the
     architecture's tensor processor, as load_gguf_checkpoint builds it for the model it loads into). None where
-    this transformers has no such map (before 4.47), or converts the architecture by its GGUF quantizer's own
+    this transformers has no such map (4.46), or converts the architecture by its GGUF quantizer's own
     rules (5.x: integrations.gguf), which are checked by the load itself."""
     try:
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
             TensorProcessor,
             get_gguf_hf_weights_map,
-            load_gguf_checkpoint,
         )
     except ImportError:
         return None
@@ -233,8 +250,8 @@ def gguf_weight_map(model: Any, path: Path) -> dict[str, str] | None:
     except ImportError:
         pass
     with _quiet():
-        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
-        processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+        # the processor's config: what the map reads of it (names) is the same in AutoConfig's dict of the file
+        processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=load_gguf_config(path).to_dict())
         return dict(get_gguf_hf_weights_map(model, processor))
 
 
