@@ -6,6 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def gguf_unsupported(path: Path) -> str | None:
+    """Why oneke-plan refuses every GGUF file here (gguf_unreadable, or a transformers before 4.47: no GGUF name
+    map, and tied output layers loaded at random values), or None."""
+    from oneke_plan.measure.compat import transformers_at_least
+
+    if not transformers_at_least("4.47"):
+        import transformers
+
+        return (
+            f"transformers {transformers.__version__} has no GGUF-to-model name map (get_gguf_hf_weights_map, 4.47) "
+            "and loads SmolLM2's GGUF with an untied, randomly initialized lm_head"
+        )
+    return gguf_unreadable(path)
+
+
 def gguf_unreadable(path: Path) -> str | None:
     """Why this environment's gguf package cannot read GGUF files (gguf 0.10, the oldest transformers allows, uses
     numpy's ndarray.newbyteorder, which numpy 2 removed), or None when it can."""

@@ -141,8 +141,25 @@ def _field(reader: Any, key: str) -> Any:
     """A metadata value as transformers reads it (its read_field), or None."""
     from transformers.modeling_gguf_pytorch_utils import read_field
 
-    values = read_field(reader, key)
+    values = read_field(reader, key) if key in reader.fields else []
     return values[0] if values else None
+
+
+GGUF_NAME_MAP_SINCE = "4.47"
+
+
+def _require_name_map(path: Path) -> None:
+    """GGUF files need a transformers with its GGUF-to-model tensor-name map (get_gguf_hf_weights_map, 4.47): the
+    key check before loading is made with it. 4.46 has none, and it loads a GGUF with tied embeddings (no
+    output.weight, e.g. SmolLM2) into an untied model whose lm_head keeps its random initialization."""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map  # noqa: F401
+    except ImportError:
+        raise BadInput(
+            f"{path}: GGUF files need transformers {GGUF_NAME_MAP_SINCE} or later, which maps a GGUF's tensors to "
+            f"the model's by name (this is transformers {_transformers_version()}, whose GGUF loading leaves tied "
+            "output layers at random values); upgrade transformers, or convert the GGUF to a safetensors checkpoint"
+        ) from None
 
 
 def _auto_config(path: Path) -> Any:
@@ -158,9 +175,10 @@ def _auto_config(path: Path) -> Any:
 
 def read_gguf(path: Path) -> tuple[dict[str, Any], bool]:
     """(transformers' config for the GGUF as a plain dict, whether the file carries a chat template): the
-    model_source.GgufReader the api layer passes to resolve_model. BadInput for a file that is not a complete GGUF
-    and for an architecture transformers cannot load."""
+    model_source.GgufReader the api layer passes to resolve_model. BadInput for a file that is not a complete GGUF,
+    for an architecture transformers cannot load, and for a transformers without the GGUF name map."""
     reader = _reader(path)
+    _require_name_map(path)
     architecture = _field(reader, "general.architecture")
     supported = supported_architectures()
     try:
