@@ -118,7 +118,7 @@ def _read(path: Path) -> Any:
     try:
         with _quiet():
             reader = GGUFReader(str(path))
-    except (AttributeError, ImportError) as exc:  # the library, not the file: gguf 0.10 on numpy 2 fails on any file
+    except (AttributeError, ImportError) as exc:  # the library, not the file (a gguf calling numpy APIs now gone)
         raise BadInput(
             f"{path}: the installed gguf package cannot read GGUF files here ({_first_line(exc)}; {_versions()}): "
             "upgrade gguf (pip install -U gguf)"
