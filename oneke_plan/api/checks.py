@@ -113,10 +113,16 @@ def output_mode(resume: bool, overwrite: bool) -> str:
     return "resume" if resume else "overwrite" if overwrite else "new"
 
 
-def checkpoint_source(profile: Profile, model: PathLike | None, trust_remote_code: bool) -> ModelSource:
-    """The checkpoint to load: `model`, else the profile's source; never the built-in config (it has no weights)."""
+def model_source(name: str) -> ModelSource:
+    """plan.model_source.resolve_model, with GGUF files read through transformers (measure.gguf.read_gguf)."""
+    from oneke_plan.measure.gguf import read_gguf
     from oneke_plan.plan.model_source import resolve_model
 
+    return resolve_model(name, read_gguf)
+
+
+def checkpoint_source(profile: Profile, model: PathLike | None, trust_remote_code: bool) -> ModelSource:
+    """The checkpoint to load: `model`, else the profile's source; never the built-in config (it has no weights)."""
     if trust_remote_code and not model:
         raise BadInput("--trust-remote-code runs code from the model directory: name it yourself with --model")
     model_name = model or profile.model.get("source")
@@ -126,7 +132,7 @@ def checkpoint_source(profile: Profile, model: PathLike | None, trust_remote_cod
             "--model DIR (OneKE's checkpoint directory) or --model zjunlp/OneKE (from the local cache)"
         )
     try:
-        return resolve_model(str(model_name))
+        return model_source(str(model_name))
     except BadInput:
         if model or Path(str(model_name)).expanduser().exists():
             raise

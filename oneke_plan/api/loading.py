@@ -73,7 +73,7 @@ def load_checked(
 
     tokenizer = check_before_load(profile, source, trust_remote_code=trust_remote_code)
     check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before any weight is read
-    checkpoint = read_checkpoint(source.directory) if source.directory else None
+    checkpoint = read_checkpoint(source.directory) if source.directory and source.gguf_file is None else None
     model = load_model(profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint, adapter=adapter)
     stored = checkpoint.dtypes if checkpoint else None
     report.weights_loaded(

@@ -83,6 +83,12 @@ def model_dtype(config: Any, source: ModelSource) -> ModelDtype:
     """transformers' rule for `dtype="auto"`: the config's `dtype` (`torch_dtype` before 4.56), else the first
     floating-point tensor of the checkpoint (its header only), else unknown."""
     from_config = config_dtype(config)
+    if source.gguf_file is not None:
+        from oneke_plan.measure.gguf import auto_dtype
+
+        return ModelDtype(
+            auto_dtype(source.gguf_file, from_config), "transformers' dtype=\"auto\" for this GGUF (it dequantizes it)"
+        )
     if from_config is not None:
         return ModelDtype(from_config, "config.json")
     if source.directory is not None:
@@ -200,8 +206,27 @@ class Planner:
                 "lower one of them"
             )
 
+    def check_gguf(self, inventory: Inventory, settings: PlanSettings) -> None:
+        """What transformers cannot load from a GGUF file, refused in one line: bitsandbytes quantization
+        (from_pretrained refuses a quantization_config with gguf_file) and disk offload (transformers 5 refuses it;
+        4.x's GGUF loading is not planned for it)."""
+        if self.source.gguf_file is None:
+            return
+        if settings.quant.mode != "none":
+            raise BadInput(
+                f"--quantize {settings.quant.mode}: {self.source.name} is a GGUF file, and transformers cannot "
+                "quantize a GGUF with bitsandbytes (from_pretrained refuses a quantization_config beside gguf_file); "
+                "plan it without --quantize (it is dequantized to --dtype), or use a safetensors checkpoint"
+            )
+        if inventory.offload_dir is not None:
+            raise BadInput(
+                f"--offload-dir: {self.source.name} is a GGUF file, and transformers does not offload a GGUF's "
+                "weights to disk; plan it without --offload-dir (GPUs and --cpu-memory)"
+            )
+
     def plan(self, inventory: Inventory, settings: PlanSettings) -> Plan:
         self.check_workload(settings.workload)
+        self.check_gguf(inventory, settings)
         dtype, log = resolve_dtype(settings.dtype, self.model_dtype, inventory)
         model, layout = self.build(dtype, settings.eager_attention)
         attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
@@ -381,7 +406,7 @@ class Planner:
     def alternatives(self, inventory: Inventory, settings: PlanSettings) -> list[str]:
         """What would fit instead, each line computed by planning it."""
         lines = []
-        order = ["none", "8bit", "4bit"]
+        order = ["none", "8bit", "4bit"] if self.source.gguf_file is None else ["none"]  # check_gguf
         for mode in order[order.index(settings.quant.mode) + 1 :]:
             trial = self.plan(inventory, replace(settings, quant=replace(settings.quant, mode=mode)))  # type: ignore[arg-type]
             if trial.fits:
@@ -403,7 +428,7 @@ class Planner:
                         f"CPU offload: --cpu-memory {format_bytes(need).replace(' ', '')} "
                         f"(about {offload_slowdown_of(trial):.0f}x slower: weights cross PCIe at every step)"
                     )
-        if inventory.offload_dir is None:
+        if inventory.offload_dir is None and self.source.gguf_file is None:
             trial = self.plan(replace(inventory, offload_dir="offload", disk_bytes=None), settings)
             if trial.fits:
                 lines.append(f"disk offload: --offload-dir DIR (about {offload_slowdown_of(trial):.0f}x slower)")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from oneke_plan.api.checks import (
     listed,
+    model_source,
     one_of,
     output_target,
     read_adapter,
@@ -82,7 +83,6 @@ def plan(
     from oneke_plan.api.replica_planner import plan_replicas
     from oneke_plan.plan.catalog import GB_PER_S, TFLOPS
     from oneke_plan.plan.inventory import apply_device_values, build_inventory, parse_device_values, parse_rate
-    from oneke_plan.plan.model_source import carries_chat_template, resolve_model
     from oneke_plan.plan.plans import PlanSettings, check_positive, check_replica_counts
     from oneke_plan.plan.profile import write_atomic, written_by_oneke_plan
     from oneke_plan.plan.report import drawn_by_oneke_plan, plot_svg
@@ -97,7 +97,7 @@ def plan(
         ("--template", template, (None, *TEMPLATES)),
     ):
         one_of(flag, value, allowed)
-    source = resolve_model(str(model))
+    source = model_source(str(model))
     found = read_adapter(adapter) if adapter is not None else None
     target = Path(output) if output is not None else None
     picture = Path(plot) if plot is not None else None
@@ -156,7 +156,7 @@ def plan(
     if template:
         chosen, why = template, "--template"
     else:
-        chosen, why = default_template(source.config, carries_chat_template(source))
+        chosen, why = default_template(source.config, bool(source.chat_template))
     result = replace(result, profile=replace(result.profile, template=chosen), template_reason=why)
     if target is not None:
         write_atomic(target, result.profile.to_yaml(), replaced)

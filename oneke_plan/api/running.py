@@ -211,7 +211,10 @@ def _answer(
         finally:
             vllm.close()
     model, tokenizer = load_checked(profile, source, trust_remote_code, report, adapter)
-    decoder = hf_decoder(model, tokenizer, profile, max_new_tokens, source.directory)
+    # a GGUF's end tokens are its own (config and tokenizer from its metadata): transformers reads no
+    # generation_config.json beside a GGUF, and neither does the decoder
+    checkpoint_dir = source.directory if source.gguf_file is None else None
+    decoder = hf_decoder(model, tokenizer, profile, max_new_tokens, checkpoint_dir)
     return extraction_runner(decoder, tokenizer, profile, files.writer, batch_size, progress).run(pending), len(pending)
 
 

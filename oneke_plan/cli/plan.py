@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         metavar="MODEL",
         nargs="?",
-        help="'oneke' (built-in config), a model directory with config.json, or a repo id in the local "
-        "Hugging Face cache",
+        help="'oneke' (built-in config), a model directory with config.json, a repo id in the local "
+        "Hugging Face cache, or a GGUF file (or a folder holding one .gguf)",
     )
     machine = p.add_argument_group("machine (default: the GPUs detected here)")
     machine.add_argument(

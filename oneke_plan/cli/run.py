@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         metavar="DIR_OR_REPO_ID",
-        help="the checkpoint directory, or a repo id in the local Hugging Face cache "
-        "(default: the profile's model source, when it is a directory)",
+        help="the checkpoint directory, a repo id in the local Hugging Face cache, or a GGUF file "
+        "(default: the profile's model source, when it is a directory or a file)",
     )
     p.add_argument(
         "--adapter",

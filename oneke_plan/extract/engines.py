@@ -45,6 +45,11 @@ def check_engine(engine: str, profile: Profile, source: ModelSource) -> None:
             "--engine vllm: the profile applies a LoRA adapter, which the vllm engine does not load; run it with "
             "--engine hf"
         )
+    if source.gguf_file is not None:
+        raise BadInput(
+            f"--engine vllm: {source.gguf_file} is a GGUF file, which the vllm engine does not load as planned "
+            "(the plan is for transformers' dequantized weights); run it with --engine hf"
+        )
     vllm_settings(profile, str(source.directory), num_layers(source))
     if importlib.util.find_spec("vllm") is None:
         raise BadInput(

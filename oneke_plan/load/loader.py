@@ -35,6 +35,7 @@ from oneke_plan.measure.compat import (
     offload_writes_weights,
     tokenizer_libraries,
 )
+from oneke_plan.measure.gguf import gguf_key_mismatch, load_kwargs
 from oneke_plan.measure.layout import load_config
 from oneke_plan.plan.fit import device_owner, stays_quantized
 from oneke_plan.plan.model_source import ModelSource
@@ -101,6 +102,8 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     directory = source.directory
     if directory is None:
         raise BadInput(f"{source.name}: a built-in config has no tokenizer; pass --model DIR with the checkpoint")
+    if source.gguf_file is not None:
+        return _load_gguf_tokenizer(source.gguf_file)
     damaged = "the tokenizer files are damaged: copy them again from the model's release"
     tokenizer_config: Any = {}
     for name in TOKENIZER_JSON_FILES:
@@ -139,6 +142,25 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
         ) from None
     if not ids:
         raise BadInput(f"{directory}: the tokenizer turns text into no tokens; {damaged}")
+    return tokenizer
+
+
+def _load_gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer (and its chat template) transformers builds from a GGUF's metadata; one line if it cannot."""
+    from transformers import AutoTokenizer
+
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            ids = tokenizer("[INST] test [/INST]", add_special_tokens=True)["input_ids"]
+    except Exception as exc:  # transformers' GGUF tokenizer converters raise their own kinds
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
+        raise BadInput(
+            f"{path}: transformers cannot build the tokenizer from this GGUF's metadata ({type(exc).__name__}: "
+            f"{first})"
+        ) from None
+    if not ids:
+        raise BadInput(f"{path}: the GGUF's tokenizer turns text into no tokens; the file is damaged")
     return tokenizer
 
 
@@ -245,16 +267,34 @@ def load_model(
     """
     if source.directory is None:
         raise BadInput(f"{source.name}: a built-in config has no weights; pass --model DIR with the checkpoint")
-    checkpoint = checkpoint or read_checkpoint(source.directory)
+    gguf = source.gguf_file
+    if gguf is None:
+        checkpoint = checkpoint or read_checkpoint(source.directory)
     model = build_empty_model(source, profile.dtype, trust_remote_code, profile.attn_implementation)
-    mismatch = key_mismatch(model, checkpoint)
-    if mismatch:
-        raise BadInput(explain_mismatch(mismatch, checkpoint.path))
+    if gguf is not None:  # transformers' GGUF name map (or, where it has none, its missing keys after the load)
+        mismatch = gguf_key_mismatch(model, gguf)
+        if mismatch:
+            raise BadInput(explain_mismatch(mismatch, gguf))
+    else:
+        assert checkpoint is not None
+        mismatch = key_mismatch(model, checkpoint)
+        if mismatch:
+            raise BadInput(explain_mismatch(mismatch, checkpoint.path))
     if adapter is not None:
         check_base(adapter, model)
     _check_device_map_modules(model, profile)
     check_gpus_present(profile, source)
-    if profile.offload_dir and "disk" in profile.device_map.values() and offload_writes_weights(checkpoint.pickled):
+    if gguf is not None and "disk" in profile.device_map.values():
+        raise BadInput(
+            f"profile device_map: {gguf} is a GGUF file, and transformers does not offload a GGUF's weights to disk; "
+            "re-plan without --offload-dir"
+        )
+    if (
+        checkpoint is not None
+        and profile.offload_dir
+        and "disk" in profile.device_map.values()
+        and offload_writes_weights(checkpoint.pickled)
+    ):
         _check_offload_space(model, profile, source.directory)
     del model
     device_map = dict(profile.device_map)
@@ -266,7 +306,8 @@ def load_model(
         with _quiet():
             return load_onto(loaded, adapter, merge=(profile.adapter or {}).get("on_load") == "merged")
     except OSError as exc:  # a full or read-only offload folder, an unreadable shard: the path, not a traceback
-        where = exc.filename or (offload if offload and "disk" in device_map.values() else checkpoint.path)
+        weights = gguf if gguf is not None else checkpoint.path if checkpoint is not None else source.directory
+        where = exc.filename or (offload if offload and "disk" in device_map.values() else weights)
         raise os_error(where, "be used while loading the weights", exc, "free space or fix permissions there") from None
 
 
@@ -288,8 +329,15 @@ def _load_weights(
     from transformers import AutoModelForCausalLM
 
     extra = {"quantization_config": _quantization_config(profile)} if quantized else {}
+    if source.gguf_file is not None:
+        if quantized:  # the planner refuses it: a hand-edited profile
+            raise BadInput(
+                f"{source.gguf_file}: the profile quantizes ({profile.quantization['mode']}), and transformers "
+                "cannot quantize a GGUF with bitsandbytes; re-plan without --quantize"
+            )
+        extra = {**load_kwargs(source.gguf_file), "output_loading_info": True}
     with _quiet():
-        loaded = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             str(source.directory),
             device_map=device_map,
             **{dtype_kwarg(): _torch_dtype(profile.dtype)},
@@ -298,6 +346,9 @@ def _load_weights(
             trust_remote_code=trust_remote_code,
             **extra,
         )
+    if source.gguf_file is not None:
+        loaded, info = loaded  # output_loading_info=True: (model, loading info)
+        _refuse_gguf_missing(loaded, info, source.gguf_file)
     _refuse_meta(loaded, device_map)
     loaded.eval()
     return loaded
@@ -399,6 +450,21 @@ def _check_offload_space(model: Any, profile: Profile, directory: Path) -> None:
         raise DoesNotFit(
             f"offload folder {folder}: {format_bytes(room)} free, the weights the profile puts on disk need "
             f"{format_bytes(need)}; free space there or pass --offload-dir with a larger disk"
+        )
+
+
+def _refuse_gguf_missing(model: Any, info: dict[str, Any], path: Path) -> None:
+    """After a GGUF load: a parameter no tensor of the file filled (transformers' missing keys; it would start from
+    its initializer, and the model would answer nonsense) is refused, as a checkpoint's missing names are before."""
+    from accelerate.utils import find_tied_parameters
+
+    tied = {name for group in find_tied_parameters(model) for name in group}
+    missing = sorted(k for k in info.get("missing_keys") or [] if k not in tied)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise BadInput(
+            f"{path}: no tensor of this GGUF fills {len(missing)} of the model's tensors ({shown}); transformers "
+            "would start them from random values, so nothing was run: the file is incomplete or of another model"
         )
 
 

@@ -31,6 +31,12 @@ def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if source.gguf_file is not None:  # transformers' config from the GGUF's metadata (measure.gguf)
+        from oneke_plan.measure.gguf import load_gguf_config
+
+        gguf_config = load_gguf_config(source.gguf_file)
+        validate_config(gguf_config, str(source.gguf_file))
+        return gguf_config
     where = source.directory / "config.json" if source.directory else source.name
     model_type = source.config.get("model_type")
     if not trust_remote_code and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING):
