@@ -14,7 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import real_checkpoint  # noqa: E402
 from tiny_checkpoint import build_tiny_llama  # noqa: E402
 
-from oneke_plan.measure.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu  # noqa: E402
+from oneke_plan.measure.compat import TRANSFORMERS_BNB_CPU, bnb_quantizes_on_cpu, stay_offline  # noqa: E402
+
+# Tests that build quantized models without going through the CLIs or the API import bitsandbytes too: the test
+# process stays off the network as the tools do (tests/cli/test_offline.py checks the tools in fresh processes).
+stay_offline()
 
 # Version-specific tests (CI runs the oldest versions pyproject allows as well as the newest).
 needs_bnb_on_cpu = pytest.mark.skipif(

@@ -14,6 +14,7 @@ from oneke_plan.api.checks import (
 )
 from oneke_plan.api.options import PathLike, Report
 from oneke_plan.formats.templates import TEMPLATES, check_tokenizer
+from oneke_plan.measure.compat import stay_offline
 from oneke_plan.plan.profile import Profile, read_profile
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ def load(
     from oneke_plan.extract.workers import Worker
 
     report = report or Report()
+    stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
     profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
     source = checkpoint_source(profile, model, trust_remote_code)
     found = run_adapter(profile, adapter)

@@ -20,6 +20,7 @@ from oneke_plan.api.checks import (
 from oneke_plan.api.options import DEFAULT_WORKLOAD, DTYPES, QUANT_TYPES, SOLVE_FOR, STRATEGIES, PathLike, Report
 from oneke_plan.core.errors import BadInput
 from oneke_plan.formats.templates import TEMPLATES, default_template
+from oneke_plan.measure.compat import stay_offline
 from oneke_plan.plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, QuantMode, Workload
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def plan(
     from oneke_plan.plan.report import drawn_by_oneke_plan, plot_svg
 
     report = report or Report()
+    stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
     for flag, value, allowed in (
         ("--dtype", dtype, DTYPES),
         ("--quantize", quantize, QUANT_MODES),

@@ -22,6 +22,7 @@ from oneke_plan.api.extraction import extraction_runner, hf_decoder, read_record
 from oneke_plan.api.loading import check_machine_noted, load_checked
 from oneke_plan.api.options import PathLike, Report
 from oneke_plan.core.errors import Interrupted, interrupted_by
+from oneke_plan.measure.compat import stay_offline
 from oneke_plan.plan.profile import Profile, read_profile
 from oneke_plan.plan.vllm_plan import ENGINES
 
@@ -128,6 +129,7 @@ def run(
     from oneke_plan.extract.workers import Group, Worker
 
     report = report or Report()
+    stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
     one_of("--engine", engine, ENGINES)
     profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
     batch = planned("--batch-size", batch_size, profile.workload["batch_size"])

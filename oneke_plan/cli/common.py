@@ -20,19 +20,15 @@ EXIT_INTERNAL = 1
 LIBRARY_LOGGERS = ("transformers", "accelerate", "bitsandbytes", "kernels", "huggingface_hub")
 """Loggers of the libraries the commands import: only their errors may reach stderr, and only after ours. Their
 warnings are about things the commands already handle (accelerate: "device N is not available" when planning for
-another machine; bitsandbytes and kernels: a CPU kernel they try to fetch from the Hub, below)."""
+another machine; bitsandbytes and kernels: a CPU kernel they would fetch from the Hub, compat.stay_offline)."""
 
 
 def offline_and_quiet() -> None:
-    """Called first by each command, before any library is imported: no network, no library chatter.
+    """Called first by each command: no network (compat.stay_offline, before any library is imported), and only
+    the libraries' errors on stderr."""
+    from oneke_plan.measure.compat import stay_offline
 
-    The commands read only local files, yet importing bitsandbytes >= 0.49 on a CPU with AVX512-BF16 asks the Hub
-    for a 4-bit kernel (`kernels.get_kernel("kernels-community/...")`): DNS lookups and a download from a plan or a
-    run that promised none, and code fetched at run time. HF_HUB_OFFLINE makes huggingface_hub answer from the local
-    cache only (it reads the variable once, at import: hence first); bitsandbytes then falls back to its own
-    kernels. A user who sets HF_HUB_OFFLINE themselves (to 0, say) keeps their choice.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stay_offline()
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from functools import cache
 from typing import Any
+
+
+def stay_offline() -> None:
+    """No network from the libraries oneke-plan and oneke-run drive, unless the user set HF_HUB_OFFLINE themselves.
+
+    Both read local files only, yet importing bitsandbytes >= 0.49 on a CPU with AVX512-BF16 asks the Hub for a
+    4-bit kernel (kernels.get_kernel("kernels-community/...")): DNS lookups and a download of code at run time.
+    huggingface_hub reads HF_HUB_OFFLINE into `constants` once, when imported, and kernels and huggingface_hub
+    consult that constant on each call: so the variable (for what is imported later, subprocesses included) and
+    the constant (where it was imported already) both. bitsandbytes then falls back to its own kernels.
+    """
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        setattr(constants, "HF_HUB_OFFLINE", True)  # noqa: B010 - a module found at run time
 
 
 @cache

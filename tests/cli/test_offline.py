@@ -64,6 +64,28 @@ def test_does_not_fit_opens_no_socket_and_prints_its_line_first(tmp_path: Path) 
     assert "kernels" not in proc.stderr, proc.stderr
 
 
+def test_planning_from_python_after_huggingface_hub_was_imported_opens_no_socket(tmp_path: Path) -> None:
+    """A program (or pytest) that imported huggingface_hub before calling oneke-plan's main or the API: the
+    environment variable comes too late for huggingface_hub, whose constant kernels reads; still no socket."""
+    program = tmp_path / "program.py"
+    program.write_text(
+        "import huggingface_hub.constants, sys\n"
+        "from oneke_plan.cli.plan import main\n"
+        "sys.exit(main(['oneke', '--gpu', '10GiB', '--gpu', '6GiB', '--cpu-memory', '0']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", WATCHED.replace("runpy.run_module(module", "runpy.run_path(sys.argv[0]"), str(program)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")},
+    )
+    assert proc.returncode == EXIT_DOES_NOT_FIT, proc.stderr
+    assert "NETWORK" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("oneke-plan: error: does not fit"), proc.stderr
+
+
 @needs_bnb_on_cpu
 def test_a_4bit_run_opens_no_socket(tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path) -> None:
     """Plan and run 4-bit on the CPU (bitsandbytes' 4-bit kernels are what it fetches), each in a fresh process."""
