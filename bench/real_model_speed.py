@@ -220,6 +220,27 @@ def llama_cpp_worker(gguf: str, threads: int, n_ctx: int) -> int:
     return 0
 
 
+def planned(directory: Path, records: list[Any], max_new: int, batch: int) -> tuple[Any, int]:
+    """oneke-plan's profile for this CPU (float32, 16 GiB, no GPU) at the longest prompt, in the template the plan
+    picks (the model's own, for this model); and that longest prompt's tokens."""
+    from transformers import AutoTokenizer
+
+    from oneke_plan import api
+    from oneke_plan.extract.runner import encode_prompts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inventory = Path(tmp) / "inventory.yaml"
+        inventory.write_text("gpus: []\ncpu_memory: 16GiB\n")
+
+        def plan(max_input: int) -> Any:
+            return api.plan(directory, inventory_file=inventory, dtype="float32", max_input_tokens=max_input,
+                            max_new_tokens=max_new, batch_size=batch).profile  # fmt: skip
+
+        template = plan(64).template
+        longest = max(len(e.ids) for e in encode_prompts(AutoTokenizer.from_pretrained(directory), records, template))
+        return plan(longest), longest
+
+
 def shared_lead(a: list[int], b: list[int]) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -253,7 +274,7 @@ def main() -> int:
         raise SystemExit(f"--engines: unknown {sorted(unknown)}; give some of {','.join(ENGINES)}")
     quiet_libraries()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tools"))
@@ -274,18 +295,7 @@ def main() -> int:
     if args.quick:
         records, sources = records[:2] + records[12:14], sources[:2] + sources[12:14]
     max_new, batch = args.max_new_tokens, args.batch
-    with tempfile.TemporaryDirectory() as tmp:
-        inventory = Path(tmp) / "inventory.yaml"
-        inventory.write_text("gpus: []\ncpu_memory: 16GiB\n")
-
-        def plan(max_input: int) -> Any:
-            return api.plan(directory, inventory_file=inventory, dtype="float32", max_input_tokens=max_input,
-                            max_new_tokens=max_new, batch_size=batch).profile  # fmt: skip
-
-        # planned for the longest prompt in the template the plan picks (the model's own, for this model)
-        template = plan(64).template
-        longest = max(len(e.ids) for e in encode_prompts(AutoTokenizer.from_pretrained(directory), records, template))
-        profile = plan(longest)
+    profile, longest = planned(directory, records, max_new, batch)
     model, tokenizer = api.load(profile, directory)
     encoded = encode_prompts(tokenizer, records, profile.template)
     prompts = [e.ids for e in encoded]
