@@ -76,13 +76,15 @@ def read_prompts(per_file: int, english: bool = True) -> tuple[list[Any], list[s
 
 
 @contextlib.contextmanager
-def captured_answers(cls: Any) -> Iterator[dict[int, list[int]]]:
+def captured_answers(cls: Any, decoders: list[Any] | None = None) -> Iterator[dict[int, list[int]]]:
     """The raw answer ids a decoder class's run() yields, by prompt index, while the block runs (the Runner decodes
-    them to text; the comparison wants ids)."""
+    them to text; the comparison wants ids); each decoder that ran is appended to `decoders`."""
     answers: dict[int, list[int]] = {}
     run = cls.run
 
     def capture(self: Any, prompts: Any, batch_size: int) -> Any:
+        if decoders is not None:
+            decoders.append(self)
         for index, answer in run(self, prompts, batch_size):
             answers[index] = list(answer)
             yield index, answer
@@ -94,14 +96,19 @@ def captured_answers(cls: Any) -> Iterator[dict[int, list[int]]]:
         cls.run = run
 
 
+HF_STATS: list[Any] = []  # the hf engine's DecodeStats, one per run
+
+
 def hf_engine(model: Any, tokenizer: Any, profile: Any, records: list[Any]) -> list[list[int]]:
     """oneke-run's hf engine through the API: every answer line of api.extract (parsed, not written to a file)."""
     from oneke_plan import api
     from oneke_plan.extract.generation import GreedyGenerator
 
-    with captured_answers(GreedyGenerator) as answers:
+    decoders: list[Any] = []
+    with captured_answers(GreedyGenerator, decoders) as answers:
         lines = list(api.extract(model, tokenizer, profile, records))
     assert len(lines) == len(records)
+    HF_STATS.append(decoders[-1].stats)
     return [answers[i] for i in range(len(records))]
 
 
@@ -153,11 +160,10 @@ class LlamaCpp:
     loads the GGUF once, then answers every prompt one at a time on each `run()`, timing itself."""
 
     def __init__(self, python: str, gguf: Path, threads: int, n_ctx: int, prompts: list[list[int]],
-                 texts: list[str], eos: list[int], max_new: int):  # fmt: skip
-        self.proc = subprocess.Popen(
-            [python, __file__, "--llama-cpp-worker", str(gguf), "--threads", str(threads), "--n-ctx", str(n_ctx)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+                 texts: list[str], eos: list[int], max_new: int, extra_bufts: bool = False):  # fmt: skip
+        command = [python, __file__, "--llama-cpp-worker", str(gguf), "--threads", str(threads), "--n-ctx", str(n_ctx)]
+        self.proc = subprocess.Popen(command + ["--llama-cpp-extra-bufts"] * extra_bufts, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
         self.hello = self.ask({"prompts": prompts, "texts": texts, "eos": eos, "max_new": max_new})
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -179,13 +185,24 @@ class LlamaCpp:
         self.proc.wait(timeout=30)
 
 
-def llama_cpp_worker(gguf: str, threads: int, n_ctx: int) -> int:
+def llama_cpp_worker(gguf: str, threads: int, n_ctx: int, extra_bufts: bool) -> int:
     """The worker's side (run by LlamaCpp in the llama-cpp-python interpreter): JSON lines in and out; llama.cpp's
     own output goes to stderr so that stdout carries only the replies."""
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     import llama_cpp
+    import llama_cpp.llama_cpp as native
     from llama_cpp import Llama
+
+    if not extra_bufts:  # llama.cpp's extra CPU buffer types (AMX, repacked weights), which Llama() cannot turn off
+        default = native.llama_model_default_params
+
+        def without_extra() -> Any:
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        native.llama_model_default_params = without_extra
 
     def send(message: dict[str, Any]) -> None:
         reply.write(json.dumps(message) + "\n")
@@ -196,7 +213,8 @@ def llama_cpp_worker(gguf: str, threads: int, n_ctx: int) -> int:
     setup = json.loads(sys.stdin.readline())
     prompts, eos, max_new = setup["prompts"], setup["eos"], setup["max_new"]
     tokenized = [llm.tokenize(text.encode(), add_bos=False, special=True) for text in setup["texts"]]
-    send({"version": llama_cpp.__version__, "tokenized": tokenized, "eos": llm.token_eos()})
+    send({"version": llama_cpp.__version__, "tokenized": tokenized, "eos": llm.token_eos(),
+          "system": native.llama_print_system_info().decode()})  # fmt: skip
 
     def answer(ids: list[int]) -> list[int]:
         out: list[int] = []
@@ -260,12 +278,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads (vLLM: cores bound)")
     parser.add_argument("--engines", default=",".join(ENGINES), help="some of " + ",".join(ENGINES))
     parser.add_argument("--llama-cpp-python", default=LLAMA_CPP_PYTHON, help="an interpreter with llama_cpp")
+    parser.add_argument("--llama-cpp-extra-bufts", action="store_true",
+                        help="let llama.cpp use its AMX/repacked weight buffers (AMX crashed on this VM)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="4 English prompts, 8 new tokens, batch 2, 1 repeat")
     parser.add_argument("--llama-cpp-worker", metavar="GGUF", help=argparse.SUPPRESS)
     parser.add_argument("--n-ctx", type=int, default=2048, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.llama_cpp_worker:
-        return llama_cpp_worker(args.llama_cpp_worker, args.threads, args.n_ctx)
+        return llama_cpp_worker(args.llama_cpp_worker, args.threads, args.n_ctx, args.llama_cpp_extra_bufts)
     if args.quick:
         args.batch, args.max_new_tokens, args.per_file, args.repeats = 2, 8, 0, 1
     engines = args.engines.split(",")
@@ -348,13 +368,15 @@ def main() -> int:
         else:
             try:
                 llama = LlamaCpp(args.llama_cpp_python, gguf, args.threads, longest + max_new + 8, prompts, texts, eos,
-                                 max_new)  # fmt: skip
+                                 max_new, args.llama_cpp_extra_bufts)  # fmt: skip
             except (RuntimeError, OSError) as exc:
                 skipped["llama.cpp"] = str(exc)
             else:
                 same = sum(a == b for a, b in zip(llama.hello["tokenized"], prompts, strict=True))
-                print(f"llama-cpp-python {llama.hello['version']} (GGUF Q4_1; its EOS id {llama.hello['eos']}): its "
-                      f"tokenizer gives our ids for {same}/{len(prompts)} prompts")  # fmt: skip
+                extra = "on" if args.llama_cpp_extra_bufts else "off"
+                print(f"llama-cpp-python {llama.hello['version']} (GGUF Q4_1; its EOS id {llama.hello['eos']}; extra "
+                      f"buffer types {extra}; {llama.hello['system'].strip()}): its tokenizer gives our ids for "
+                      f"{same}/{len(prompts)} prompts")  # fmt: skip
                 name = "llama.cpp (Q4_1), one at a time"
                 variants[name] = llama.run
                 warmups[name] = lambda: llama.run(2)
@@ -378,6 +400,13 @@ def main() -> int:
         for close in closers:
             close()
     report(results, prompts, sources, max_new)
+    if HF_STATS:
+        s = HF_STATS[-1]
+        print(f"hf engine's decoder (last repeat): prefill {s.prefill_seconds:.1f} s, decode {s.decode_seconds:.1f} s; "
+              f"{s.prefixes_computed} prefixes computed ({s.prefix_tokens} tokens), {s.prefixes_reused} taken from "
+              f"rows in the batch; {s.prefill_tokens} tokens prefilled (padding included) of {sum(map(len, prompts))} "
+              f"prompt tokens; {s.decode_steps} decode steps, {s.decode_rows / max(1, s.decode_steps):.1f} rows per "
+              f"step")  # fmt: skip
     return 0
 
 
