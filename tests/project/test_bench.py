@@ -79,5 +79,37 @@ def test_speed_prediction_reads_the_weights_transformers_loads_and_decodes(tiny_
     assert prefill_s > 0 and 1 <= steps <= 3 and decode_s >= 0
 
 
+def test_real_model_speed_plain_generate_answers_as_oneke_runs_hf_engine(smollm2_dir: Path) -> None:
+    """real_model_speed's routes on SmolLM2-135M-Instruct (float32): its prompts are the model's chat template
+    rendered and encoded by hand as the issue gives it (apply_chat_template, then the tokenizer without special
+    tokens), 20 English and 7 x per-file DeepKE; its plain batched generate (left padding by the tokenizer) gives
+    the answers of oneke-run's hf engine through api.extract, whose ids it captures."""
+    from transformers import AutoTokenizer
+
+    from oneke_plan import api
+    from oneke_plan.api.extraction import hf_decoder
+
+    bench = bench_module("real_model_speed")
+    records, sources = bench.read_prompts(1)
+    assert len(records) == 20 + 7 and sources.count("en-NER") == 12 and sources.count("zh-SPO") == 1
+    records = records[:2] + records[12:13]  # two NER prompts of different lengths and one RE
+    max_new, batch = 6, 2
+    profile, longest = bench.planned(smollm2_dir, records, max_new, batch)
+    assert profile.template == "model"
+    model, tokenizer = api.load(profile, smollm2_dir)
+    fresh = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = []
+    for record in records:
+        text = fresh.apply_chat_template(
+            [{"role": "user", "content": record.instruction}], add_generation_prompt=True, tokenize=False
+        )
+        prompts.append(fresh(text, add_special_tokens=False)["input_ids"])
+    assert longest == max(map(len, prompts)) and len(set(map(len, prompts))) > 1  # left padding is exercised
+    ours = bench.hf_engine(model, tokenizer, profile, records)
+    eos = hf_decoder(model, tokenizer, profile, max_new, smollm2_dir).eos
+    plain = bench.plain_generate(model, tokenizer, prompts, list(eos), max_new, batch)
+    assert plain == ours and all(ours)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
