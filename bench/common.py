@@ -139,11 +139,15 @@ CHECKPOINTS: dict[str, dict[str, Any]] = {
 
 
 def quiet_libraries() -> None:
-    """accelerate logs 'Device 0 is not available' for every described GPU on a CPU machine: silence it."""
+    """accelerate logs 'Device 0 is not available' for every described GPU on a CPU machine: silence it. And no
+    network, as the tools (compat.stay_offline: bitsandbytes would ask the Hub for a CPU kernel)."""
     import logging
     import warnings
 
-    for name in ("accelerate", "transformers", "bitsandbytes"):
+    from oneke_plan.measure.compat import stay_offline
+
+    stay_offline()
+    for name in ("accelerate", "transformers", "bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

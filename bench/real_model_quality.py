@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, machine_line
+from common import ROOT, machine_line, quiet_libraries
 
 sys.path.insert(0, str(ROOT / "tools"))
 import real_checkpoint  # noqa: E402
@@ -126,6 +126,7 @@ def main() -> int:
     parser.add_argument("--per-task", type=int, default=8, help="DeepKE prompts per task (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
+    quiet_libraries()
     model = real_checkpoint.checkpoint_dir()
     folder = Path(tempfile.mkdtemp(prefix="real-quality-"))
     inventory = folder / "machine.yaml"
