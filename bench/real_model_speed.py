@@ -117,6 +117,8 @@ def plain_generate(model: Any, tokenizer: Any, prompts: list[list[int]], eos: li
     """transformers as its users batch it: prompts sorted by length, left-padded by the tokenizer, model.generate."""
     import torch
 
+    if tokenizer.pad_token is None:  # as transformers' users do (4.46's GGUF conversion leaves SmolLM2 without one)
+        tokenizer.pad_token = tokenizer.eos_token  # masked: what fills the padding changes no answer
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch):
