@@ -95,6 +95,8 @@ def alone_equal(model: Path, mode: str, lines: dict[str, dict[str, Any]], max_ne
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from oneke_plan.measure.compat import dtype_kw
+
     quant: dict[str, Any] = {}
     if mode == "8bit":
         quant["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -105,7 +107,7 @@ def alone_equal(model: Path, mode: str, lines: dict[str, dict[str, Any]], max_ne
         )  # fmt: skip
     dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    loaded = AutoModelForCausalLM.from_pretrained(str(model), torch_dtype=dtype, device_map={"": "cpu"}, **quant)
+    loaded = AutoModelForCausalLM.from_pretrained(str(model), **dtype_kw(dtype), device_map={"": "cpu"}, **quant)
     eos = loaded.generation_config.eos_token_id
     equal = 0
     for line in lines.values():

@@ -116,6 +116,8 @@ def convert(source: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from oneke_plan.measure.compat import dtype_kw
+
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     folder, name = str(source.parent), source.name
@@ -127,8 +129,8 @@ def convert(source: Path, out: Path) -> None:
         # (the same rule, in modeling_gguf_pytorch_utils); 4.46.3 reads tie_word_embeddings as false and leaves
         # lm_head random: answers that never end
         config.tie_word_embeddings = "output.weight" not in gguf_tensor_names(source)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **dtype_kw(torch.float32))
+        model = AutoModelForCausalLM.from_config(config, **dtype_kw(torch.float32))
         state = loaded.state_dict()
         if config.tie_word_embeddings:  # the head is the embedding: a loaded lm_head is 4.46's random one
             state.pop("lm_head.weight", None)

@@ -26,6 +26,7 @@ from reference import alone
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.cli.score import main as score_main
+from oneke_plan.measure.compat import dtype_kw
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -87,7 +88,7 @@ def test_float32_answers_equal_generate_one_prompt_at_a_time(smollm2_dir: Path, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), **dtype_kw(torch.float32)).eval()
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert model.generation_config.eos_token_id == im_end  # the trained model's EOS, not an assumption
     lengths = []
@@ -169,7 +170,7 @@ def test_bf16_and_quantized_runs_complete_with_planned_equal_to_loaded(
             bnb_4bit_compute_dtype=torch.float32,
         )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_dir), torch_dtype=getattr(torch, profile["dtype"]), device_map={"": "cpu"}, **extra
+        str(smollm2_dir), **dtype_kw(getattr(torch, profile["dtype"])), device_map={"": "cpu"}, **extra
     )
     assert profile["estimate"]["cpu"]["weights_bytes"] == loaded_weight_bytes(model)
 
