@@ -146,6 +146,18 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gguf_file(smollm2_gguf: Path) -> Path:
+    """The real GGUF where this transformers loads GGUF files; skipped where oneke-plan refuses them (before 4.47:
+    tests/measure/test_gguf.py checks that refusal)."""
+    from gguf_files import gguf_unsupported
+
+    why = gguf_unsupported(smollm2_gguf)
+    if why:
+        pytest.skip(f"{why}: oneke-plan refuses GGUF files here")
+    return smollm2_gguf
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default tiny model: bf16, 4 layers, hidden 64, untied, one safetensors file."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_model"))

@@ -10,14 +10,10 @@ Whether the machine matches the profile is machine.py; what the loaded weights t
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +29,7 @@ from oneke_plan.measure.compat import (
     bnb_quantizes_on_cpu,
     dtype_kwarg,
     offload_writes_weights,
+    quiet,
     tokenizer_libraries,
 )
 from oneke_plan.measure.gguf import gguf_key_mismatch, load_kwargs
@@ -123,7 +120,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     # slow SentencePiece LlamaTokenizer (`use_fast: false`), the route its authors load it by. 5.x has one class.
     use_fast = tokenizer_config.get("use_fast") is not False
     try:
-        with _quiet():
+        with quiet():
             tokenizer = AutoTokenizer.from_pretrained(
                 str(directory), trust_remote_code=trust_remote_code, use_fast=use_fast
             )
@@ -150,7 +147,7 @@ def _load_gguf_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        with _quiet():
+        with quiet():
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
             ids = tokenizer("[INST] test [/INST]", add_special_tokens=True)["input_ids"]
     except Exception as exc:  # transformers' GGUF tokenizer converters raise their own kinds
@@ -230,22 +227,6 @@ def _quantization_config(profile: Profile) -> Any:
     )
 
 
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """Silence library chatter (progress bars, dtype cast notices) while loading; errors still raise."""
-    names = ["transformers", "accelerate", "bitsandbytes"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
-
-
 def load_model(
     profile: Profile,
     source: ModelSource,
@@ -303,7 +284,7 @@ def load_model(
         loaded = _load_weights(profile, source, device_map, offload, trust_remote_code)
         if adapter is None:
             return loaded
-        with _quiet():
+        with quiet():
             return load_onto(loaded, adapter, merge=(profile.adapter or {}).get("on_load") == "merged")
     except OSError as exc:  # a full or read-only offload folder, an unreadable shard: the path, not a traceback
         weights = gguf if gguf is not None else checkpoint.path if checkpoint is not None else source.directory
@@ -336,7 +317,7 @@ def _load_weights(
                 "cannot quantize a GGUF with bitsandbytes; re-plan without --quantize"
             )
         extra = {**load_kwargs(source.gguf_file), "output_loading_info": True}
-    with _quiet():
+    with quiet():
         loaded: Any = AutoModelForCausalLM.from_pretrained(
             str(source.directory),
             device_map=device_map,

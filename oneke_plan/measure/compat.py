@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
+
+LIBRARIES = ("transformers", "accelerate", "bitsandbytes", "gguf")
+
+
+@contextlib.contextmanager
+def quiet(names: tuple[str, ...] = LIBRARIES) -> Iterator[None]:
+    """Silence library chatter while they load a model or read a file (progress bars, dtype cast notices, loggers
+    below ERROR); their errors still raise."""
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def stay_offline() -> None:

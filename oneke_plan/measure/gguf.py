@@ -11,17 +11,14 @@ transformers cannot load (naming those it can), and an environment whose gguf pa
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.measure.checkpoint import Mismatch
+from oneke_plan.measure.compat import quiet
 
 GGUF_MAGIC = b"GGUF"
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
@@ -29,24 +26,6 @@ _NOT_ARCHITECTURES = {"general", "tokenizer"}  # sections of transformers' GGUF 
 
 # AutoConfig parses the whole metadata (the vocabulary too: seconds): one config per file and version of it
 _CONFIGS: dict[tuple[str, int, int], Any] = {}
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """transformers and gguf print progress bars and notices while reading a GGUF; errors still raise."""
-    import logging
-
-    names = ["transformers", "gguf"]
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
 
 
 def _versions() -> str:
@@ -116,7 +95,7 @@ def _read(path: Path) -> Any:
     except ImportError:
         raise BadInput(f"{path}: reading a GGUF file needs the gguf package: pip install gguf") from None
     try:
-        with _quiet():
+        with quiet():
             reader = GGUFReader(str(path))
     except (AttributeError, ImportError) as exc:  # the library, not the file (a gguf calling numpy APIs now gone)
         raise BadInput(
@@ -168,7 +147,7 @@ def _auto_config(path: Path) -> Any:
 
     key = _file_key(path)
     if key not in _CONFIGS:
-        with _quiet():
+        with quiet():
             _CONFIGS[key] = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     return copy.deepcopy(_CONFIGS[key])
 
@@ -221,7 +200,7 @@ def auto_dtype(path: Path, config_dtype: str | None) -> str:
     except ImportError:
         return config_dtype or "float32"
     quantizer = GgufHfQuantizer(GgufConfig(gguf_file=str(path), dequantize=True))
-    with _quiet():
+    with quiet():
         quantizer.read_header(str(path))
         dtype = quantizer.update_dtype(getattr(torch, config_dtype) if config_dtype else None)
     return str(dtype).removeprefix("torch.")
@@ -267,7 +246,7 @@ def gguf_weight_map(model: Any, path: Path) -> dict[str, str] | None:
             return None
     except ImportError:
         pass
-    with _quiet():
+    with quiet():
         # the processor's config: what the map reads of it (names) is the same in AutoConfig's dict of the file
         processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=load_gguf_config(path).to_dict())
         return dict(get_gguf_hf_weights_map(model, processor))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from gguf_files import gguf_unsupported, write_gguf
+from gguf_files import write_gguf
 
 from oneke_plan.cli import run as run_cli
 from oneke_plan.cli.plan import main as plan_main
@@ -27,14 +27,6 @@ TEXTS = [
 ]
 SCHEMA = '["person", "location", "organization"]'
 RUN_ARGS = ["--task", "NER", "--schema", SCHEMA, "--lang", "en", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def gguf_file(smollm2_gguf: Path) -> Path:
-    why = gguf_unsupported(smollm2_gguf)
-    if why:
-        pytest.skip(f"{why}: oneke-plan refuses GGUF files here (tests/measure/test_gguf.py)")
-    return smollm2_gguf
 
 
 @pytest.fixture(scope="module")

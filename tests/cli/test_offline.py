@@ -27,15 +27,19 @@ def hook(event, args):
     if event in NETWORK:
         sys.stderr.write(f"NETWORK {event} {args!r}\\n")
 sys.addaudithook(hook)
-module, sys.argv = sys.argv[1], sys.argv[1:]
-runpy.run_module(module, run_name="__main__")
+target, sys.argv = sys.argv[1], sys.argv[1:]
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__")
 """
 
 
-def watched(module: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def watched(target: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`target` (a module, or a .py file) run in a fresh process under the watcher, without HF_HUB_OFFLINE."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     return subprocess.run(
-        [sys.executable, "-c", WATCHED, module, *argv], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
+        [sys.executable, "-c", WATCHED, target, *argv], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
     )
 
 
@@ -45,12 +49,7 @@ def test_the_hook_sees_a_lookup(tmp_path: Path) -> None:
     script.write_text(
         "import socket\ntry:\n    socket.getaddrinfo('example.invalid', 443)\nexcept OSError:\n    pass\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", WATCHED.replace("runpy.run_module(module", "runpy.run_path(sys.argv[0]"), str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = watched(str(script), cwd=tmp_path)
     assert "NETWORK socket.getaddrinfo ('example.invalid', 443" in proc.stderr, proc.stderr
 
 
@@ -73,14 +72,7 @@ def test_planning_from_python_after_huggingface_hub_was_imported_opens_no_socket
         "from oneke_plan.cli.plan import main\n"
         "sys.exit(main(['oneke', '--gpu', '10GiB', '--gpu', '6GiB', '--cpu-memory', '0']))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", WATCHED.replace("runpy.run_module(module", "runpy.run_path(sys.argv[0]"), str(program)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")},
-    )
+    proc = watched(str(program), cwd=tmp_path)
     assert proc.returncode == EXIT_DOES_NOT_FIT, proc.stderr
     assert "NETWORK" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("oneke-plan: error: does not fit"), proc.stderr

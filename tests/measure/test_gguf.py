@@ -21,14 +21,6 @@ PLAN_ARGS = ["--max-input-tokens", "256", "--max-new-tokens", "16", "--batch-siz
 
 
 @pytest.fixture(scope="module")
-def gguf_file(smollm2_gguf: Path) -> Path:
-    why = gguf_unsupported(smollm2_gguf)
-    if why:
-        pytest.skip(f"{why}: oneke-plan refuses GGUF files here (test_unsupported_environment_refused)")
-    return smollm2_gguf
-
-
-@pytest.fixture(scope="module")
 def inventory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("inventory") / "cpu.yaml"
     path.write_text("gpus: []\ncpu_memory: 16GiB\n")
