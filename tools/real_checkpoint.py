@@ -117,6 +117,7 @@ def convert(source: Path, out: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     from oneke_plan.measure.compat import dtype_kw
+    from oneke_plan.measure.gguf import tensor_names
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -128,7 +129,7 @@ def convert(source: Path, out: Path) -> None:
         # llama.cpp writes no output.weight for a model whose head is its embedding. Newer transformers tie then
         # (the same rule, in modeling_gguf_pytorch_utils); 4.46.3 reads tie_word_embeddings as false and leaves
         # lm_head random: answers that never end
-        config.tie_word_embeddings = "output.weight" not in gguf_tensor_names(source)
+        config.tie_word_embeddings = "output.weight" not in tensor_names(source)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **dtype_kw(torch.float32))
         model = AutoModelForCausalLM.from_config(config, **dtype_kw(torch.float32))
         state = loaded.state_dict()
@@ -141,13 +142,6 @@ def convert(source: Path, out: Path) -> None:
         model.generation_config = loaded.generation_config
         model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
-
-
-def gguf_tensor_names(path: Path) -> set[str]:
-    """The tensor names a GGUF file holds, in llama.cpp's naming (`output.weight`, `blk.0.attn_q.weight`, ...)."""
-    from gguf import GGUFReader
-
-    return {tensor.name for tensor in GGUFReader(str(path)).tensors}
 
 
 def main(argv: list[str] | None = None) -> int:

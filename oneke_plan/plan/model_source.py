@@ -160,6 +160,6 @@ def resolve_model(name: str, read_gguf: GgufReader | None = None) -> ModelSource
             "or give a local directory"
         )
     raise BadInput(
-        f"{name}: no such directory; give a model directory or a cached repo id "
+        f"{name}: no such directory or file; give a model directory, a GGUF file or a cached repo id "
         "(or 'oneke' to plan from the built-in config: it has no weights to run)"
     )
