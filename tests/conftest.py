@@ -56,7 +56,7 @@ def transformers_meta_model(config, dtype: str = "bfloat16", attn: str | None = 
 
 def llama2_zh_ids(tokenizer, instruction: str) -> list[int]:  # type: ignore[no-untyped-def]
     """Token ids of DeepKE's llama2_zh chat prompt around `instruction`, BOS included: the template written out here
-    (/work/shared/oneke/README.md, "Prompt format"), not oneke.chat_prompt or runner.encode_prompts."""
+    (/work/shared/oneke/README.md, "Prompt format"), not templates.Template.render or runner.encode_prompts."""
     prompt = (
         "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n" + instruction + " [/INST]"
     )

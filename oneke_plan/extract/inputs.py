@@ -1,4 +1,4 @@
-"""Reading extraction inputs into prompts, and the JSON lines that carry each answer.
+"""Reading extraction inputs into prompts.
 
 Two input forms:
 - the authors' converted files (DeepKE InstructKGC `convert_func.py --split test`, like
@@ -7,15 +7,9 @@ Two input forms:
 - raw text lines `{"text", ...}` plus a schema, converted as the authors' converter converts them: one prompt per
   schema chunk, the id the SHA-256 of the text, `source` the input's folder name, gold labels as `label`.
 
-Answer lines keep the input's fields and add (docs/output-format.md):
-- `output`: what DeepKE's evaluator scores: the answer as JSON text, RE/SPO items renamed to its `head`/`tail`,
-  or the model's text as it is when that is not a JSON answer; "" when the prompt was not answered;
-- `raw_output`: the model's text, verbatim;
-- `parsed` (the answer as JSON, as in `output`) or `parse_error` (why the text is not an answer);
-- `error` instead, when the prompt was not answered (too long for the plan, out of memory): --resume retries it;
-- `key`: the prompt's place in the input (line number; `line:chunk` for raw input).
+Fields an answer line adds (answer_lines.ANSWER_FIELDS) are dropped from the input's.
 
-Standard library only (no torch): writing and resuming the files is oneke_plan.extract.outputs.
+Standard library only (no torch).
 """
 
 from __future__ import annotations
@@ -29,13 +23,10 @@ from typing import Any
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
+from oneke_plan.extract.answer_lines import ANSWER_FIELDS
 from oneke_plan.formats import answers, oneke
 from oneke_plan.io import jsonfile
-from oneke_plan.io.files import os_error, write_all
 from oneke_plan.io.limits import MAX_INPUT_BYTES, MAX_JSON_BYTES
-
-ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
-"""Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
 
 GOLD_FIELDS = {
     "NER": "entity",
@@ -352,102 +343,3 @@ def read_example(spec: str) -> list[Any]:
 
 
 # ---------------------------------------------------------------- answer lines
-
-
-def refuse_same_file(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]) -> None:
-    """BadInput if the output would overwrite the input (appending answers to the file being read)."""
-    same = os.path.realpath(input_path) == os.path.realpath(output_path)
-    if not same and os.path.exists(input_path) and os.path.exists(output_path):
-        same = os.path.samefile(input_path, output_path)
-    if same:
-        raise BadInput(f"{output_path}: the output is the input file: choose another output path")
-
-
-def _base_line(record: PromptRecord) -> dict[str, Any]:
-    return {"id": record.id, "instruction": record.instruction, **record.extra}
-
-
-def answer_line(record: PromptRecord, raw_text: str, parsed: Any, parse_error: str | None) -> dict[str, Any]:
-    """The line of an answered prompt (field meanings: the module docstring)."""
-    line = _base_line(record)
-    if parse_error is None:
-        answer = answers.head_tail_answer(record.task, parsed)
-        line["output"] = json.dumps(answer, ensure_ascii=False)
-        line["parsed"] = answer
-    else:
-        line["output"] = raw_text
-        line["parse_error"] = parse_error
-    line["raw_output"] = raw_text
-    line["key"] = record.key
-    return line
-
-
-def error_line(record: PromptRecord, reason: str) -> dict[str, Any]:
-    """The line of a prompt that was not answered (too long, out of memory): --resume runs it again."""
-    line = _base_line(record)
-    line["output"] = ""
-    line["error"] = reason
-    line["key"] = record.key
-    return line
-
-
-def is_answered(line: dict[str, Any]) -> bool:
-    """Whether a prompt line holds the model's answer (good JSON or not), rather than a reason it got none.
-
-    Lines written before `error` existed (no `raw_output`) marked failures with an empty `output`.
-    """
-    if "error" in line:
-        return False
-    return "raw_output" in line or line.get("output") != ""
-
-
-def encode_line(line: dict[str, Any]) -> bytes:
-    """One JSON line, UTF-8, newline-terminated (non-ASCII kept as is, as the authors write their files)."""
-    return (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-class OutputWriter:
-    """Appends one JSON line per prompt, fsync'd before the next prompt starts, so a crash loses no answer.
-
-    Writes to a path (opened for appending) or to an open file descriptor (not closed here). Every line written
-    is kept in `written` (key -> line) for whoever assembles the final output.
-    """
-
-    def __init__(self, target: str | os.PathLike[str] | int, name: str | None = None) -> None:
-        self.name = name or str(target)
-        self._owned = not isinstance(target, int)
-        self.written: dict[str, dict[str, Any]] = {}
-        if isinstance(target, int):
-            self._fd = target
-            return
-        try:
-            self._fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-        except OSError as e:
-            raise BadInput(f"{target}: cannot open the output for writing ({e.strerror})") from None
-
-    def write(self, record: PromptRecord, output_text: str, parsed: Any, error: str | None) -> None:
-        """Write an answered prompt's line (`error` here is the parse error, None when the answer parsed)."""
-        self.write_line(answer_line(record, output_text, parsed, error))
-
-    def fail(self, record: PromptRecord, reason: str) -> None:
-        """Write the line of a prompt that got no answer, with the reason."""
-        self.write_line(error_line(record, reason))
-
-    def write_line(self, line: dict[str, Any]) -> None:
-        try:
-            write_all(self._fd, encode_line(line))
-        except OSError as e:
-            raise os_error(
-                self.name, "be written", e, "the answers before this one are kept: rerun with --resume"
-            ) from None
-        self.written[str(line["key"])] = line
-
-    def close(self) -> None:
-        if self._owned:
-            os.close(self._fd)
-
-    def __enter__(self) -> OutputWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -29,13 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
-from oneke_plan.extract.inputs import (
-    OutputWriter,
-    PromptRecord,
-    encode_line,
-    is_answered,
-    refuse_same_file,
-)
+from oneke_plan.extract.answer_lines import OutputWriter, encode_line, is_answered
+from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.formats import answers
 from oneke_plan.io import jsonfile
 from oneke_plan.io.files import fsync_dir, os_error, replaceable_stat, same_file, write_all, write_atomic
@@ -120,6 +115,15 @@ def read_output(path: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- the run's files
+
+
+def refuse_same_file(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]) -> None:
+    """BadInput if the output would overwrite the input (appending answers to the file being read)."""
+    same = os.path.realpath(input_path) == os.path.realpath(output_path)
+    if not same and os.path.exists(input_path) and os.path.exists(output_path):
+        same = os.path.samefile(input_path, output_path)
+    if same:
+        raise BadInput(f"{output_path}: the output is the input file: choose another output path")
 
 
 class RunOutput:

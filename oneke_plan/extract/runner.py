@@ -14,10 +14,11 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from oneke_plan.extract.answer_lines import OutputWriter, answer_line, error_line
 from oneke_plan.extract.batching import Encoded, length_batches
-from oneke_plan.extract.inputs import OutputWriter, PromptRecord, answer_line, error_line
-from oneke_plan.formats import answers, oneke
-from oneke_plan.formats.templates import TEMPLATES, chat_messages, special_token_ids
+from oneke_plan.extract.inputs import PromptRecord
+from oneke_plan.formats import answers
+from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES, chat_messages, special_token_ids
 
 
 @dataclass
@@ -33,7 +34,7 @@ class RunStats:
 
 
 def encode_prompts(
-    tokenizer: Any, records: Sequence[PromptRecord], template: str = oneke.ONEKE_TEMPLATE
+    tokenizer: Any, records: Sequence[PromptRecord], template: str = ONEKE_TEMPLATE
 ) -> list[Encoded]:
     """Token ids of each record's full chat prompt in `template`, as the model was trained on them.
 
@@ -124,7 +125,7 @@ class Runner:
         batch_size: int,
         max_input_tokens: int,
         progress: bool = True,
-        template: str = oneke.ONEKE_TEMPLATE,
+        template: str = ONEKE_TEMPLATE,
     ):
         self.decoder: Decoder = BatchDecoder(decoder) if callable(decoder) else decoder
         self.tokenizer = tokenizer
@@ -142,7 +143,7 @@ class Runner:
         return self.stats
 
     def lines(self, records: Sequence[PromptRecord]) -> Iterator[dict[str, Any]]:
-        """Answer every record, yielding each record's line (inputs.answer_line or error_line) once it is written;
+        """Answer every record, yielding each record's line (an answer line, or an error line) once it is written;
         `stats` counts them. Stopping the iteration stops generation; the lines written so far stay written."""
         from tqdm import tqdm
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any, TypeAlias
 
-from oneke_plan.formats.templates import ONEKE_SYSTEM, ONEKE_TEMPLATE, TEMPLATES
+from oneke_plan.formats.templates import ONEKE_SYSTEM
 from oneke_plan.io import jsonfile
 from oneke_plan.io.limits import MAX_JSON_BYTES
 
@@ -195,16 +195,6 @@ def _is_spo_schema(schema: Any) -> bool:
 
 
 # ---------------------------------------------------------------- prompt building
-
-
-def chat_prompt(instruction_json: str, template_name: str = ONEKE_TEMPLATE) -> str:
-    """Wrap the user turn in a DeepKE chat template (templates.py), by default OneKE's `llama2_zh` (system folded
-    into the first `[INST]`).
-
-    The BOS `<s>` is not included: the LLaMA tokenizer adds it. Public examples differ in the spacing around
-    `[/INST]`; this is the `llama2_zh` form (README "Prompt format").
-    """
-    return TEMPLATES[template_name].render(instruction_json)
 
 
 def make_instruction(task: str, schema_chunk: Schema, text: str, lang: str, example: list[Any] | None = None) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from oneke_plan.core.errors import EXIT_BAD_INPUT, BadInput
-from oneke_plan.extract import inputs
+from oneke_plan.extract import answer_lines, inputs, outputs
 from oneke_plan.formats import answers, oneke
 
 DEEPKE = Path(__file__).resolve().parents[2] / "examples" / "deepke"
@@ -323,7 +323,7 @@ def test_answer_line_gives_the_evaluator_head_and_tail_and_keeps_the_raw_text() 
     record = re_record()
     raw = '{"主演": [{"subject": "喜剧之王", "object": "周星驰"}], "目": []}</s>'
     parsed, error = answers.parse_output("RE", raw)
-    line = inputs.answer_line(record, raw, parsed, error)
+    line = answer_lines.answer_line(record, raw, parsed, error)
     expected = {"主演": [{"head": "喜剧之王", "tail": "周星驰"}], "目": []}
     assert json.loads(line["output"]) == line["parsed"] == expected
     assert line["raw_output"] == raw and line["key"] == "1" and "error" not in line
@@ -335,43 +335,43 @@ def test_answer_line_gives_the_evaluator_head_and_tail_and_keeps_the_raw_text() 
 
 
 def test_answer_line_of_text_that_is_no_answer_keeps_it_for_the_evaluator_to_count() -> None:
-    line = inputs.answer_line(re_record(), "{oops", None, "not JSON")
+    line = answer_lines.answer_line(re_record(), "{oops", None, "not JSON")
     assert line["output"] == line["raw_output"] == "{oops"
-    assert line["parse_error"] == "not JSON" and "parsed" not in line and inputs.is_answered(line)
+    assert line["parse_error"] == "not JSON" and "parsed" not in line and answer_lines.is_answered(line)
 
 
 def test_error_line_is_not_an_answer() -> None:
-    line = inputs.error_line(re_record(), "out of memory even alone")
+    line = answer_lines.error_line(re_record(), "out of memory even alone")
     assert line["output"] == "" and line["error"] == "out of memory even alone" and "raw_output" not in line
-    assert not inputs.is_answered(line)
+    assert not answer_lines.is_answered(line)
     # lines of the previous format: a failure had an empty output and only parse_error
-    assert not inputs.is_answered({"key": "1", "output": "", "parse_error": "prompt has 900 tokens"})
-    assert inputs.is_answered({"key": "1", "output": "{}", "parsed": {}})
-    assert inputs.is_answered({"key": "1", "output": "", "raw_output": "", "parse_error": "empty answer"})
+    assert not answer_lines.is_answered({"key": "1", "output": "", "parse_error": "prompt has 900 tokens"})
+    assert answer_lines.is_answered({"key": "1", "output": "{}", "parsed": {}})
+    assert answer_lines.is_answered({"key": "1", "output": "", "raw_output": "", "parse_error": "empty answer"})
 
 
 def test_writer_fsyncs_each_line_and_keeps_what_it_wrote(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     record = re_record()
-    with inputs.OutputWriter(out) as writer:
-        writer.write(record, "{}", {}, None)
+    with answer_lines.OutputWriter(out) as writer:
+        writer.write_line(answer_lines.answer_line(record, "{}", {}, None))
         assert out.read_bytes().endswith(b"\n") and len(json_lines(out)) == 1  # on disk before the next prompt
-        writer.fail(record, "too long")
+        writer.write_line(answer_lines.error_line(record, "too long"))
     assert [line.get("error") for line in json_lines(out)] == [None, "too long"]
     assert writer.written["1"]["error"] == "too long"
 
 
 def test_output_that_cannot_be_opened(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="cannot open the output"):
-        inputs.OutputWriter(tmp_path / "no-such-dir" / "out.json")
+        answer_lines.OutputWriter(tmp_path / "no-such-dir" / "out.json")
 
 
 def test_refuse_output_equal_to_input(tmp_path: Path) -> None:
     path = write_lines(tmp_path, GOOD)
     with pytest.raises(BadInput, match="the output is the input"):
-        inputs.refuse_same_file(path, tmp_path / "." / "input.json")
+        outputs.refuse_same_file(path, tmp_path / "." / "input.json")
     link = tmp_path / "link.json"
     os.symlink(path, link)
     with pytest.raises(BadInput, match="the output is the input"):
-        inputs.refuse_same_file(path, link)
-    inputs.refuse_same_file(path, tmp_path / "out.json")  # a different file is fine
+        outputs.refuse_same_file(path, link)
+    outputs.refuse_same_file(path, tmp_path / "out.json")  # a different file is fine

@@ -339,7 +339,7 @@ def test_out_of_memory_halves_the_batch_and_writes_every_prompt_once(
     any forward over more than 2 rows, and for any forward over one poisoned prompt. The Runner must halve the
     batch (8 -> 4 -> 2 -> 1), start again the prompts that were in flight, report the poisoned prompt alone, and
     write every other prompt once, with the answer it has when decoded alone."""
-    from oneke_plan.extract.inputs import OutputWriter
+    from oneke_plan.extract.answer_lines import OutputWriter
     from oneke_plan.extract.runner import Runner
 
     records = [r for task in ("NER", "EEA", "KG") for r in read_converted(deepke_dir / task / "test.json")]

@@ -14,6 +14,7 @@ import pytest
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract import inputs, outputs
+from oneke_plan.extract.answer_lines import answer_line, error_line
 from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.extract.outputs import RunOutput, journal_path
 from oneke_plan.formats import answers
@@ -42,10 +43,10 @@ def run_some(output: RunOutput, records: list[PromptRecord], fail: tuple[str, ..
     assert output.writer is not None
     for record in reversed(records):
         if record.key in fail:
-            output.writer.fail(record, "out of memory even alone")
+            output.writer.write_line(error_line(record, "out of memory even alone"))
         else:
             text = answer(record, tag)
-            output.writer.write(record, text, *answers.parse_output("NER", text))
+            output.writer.write_line(answer_line(record, text, *answers.parse_output("NER", text)))
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:

@@ -15,9 +15,10 @@ from conftest import llama2_zh_ids
 from reference import alone as transformers_alone
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from oneke_plan.extract.answer_lines import OutputWriter
 from oneke_plan.extract.batching import Encoded, length_batches
 from oneke_plan.extract.generation import GreedyGenerator
-from oneke_plan.extract.inputs import OutputWriter, PromptRecord, read_converted
+from oneke_plan.extract.inputs import PromptRecord, read_converted
 from oneke_plan.extract.runner import Runner, encode_prompts
 from oneke_plan.measure.compat import dtype_kw
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from oneke_plan.formats import answers, oneke
+from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES
 
 DEEPKE = Path(__file__).resolve().parents[2] / "examples" / "deepke"
 TASK_DIRS = ("NER", "RE", "EE", "EET", "EEA", "KG", "SPO")
@@ -93,8 +94,8 @@ def test_chat_prompt_is_the_llama2_zh_wrapper() -> None:
         "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n"
         '{"instruction": "x", "schema": ["人物"], "input": "y"} [/INST]'
     )
-    assert oneke.chat_prompt(user) == expected
-    assert not oneke.chat_prompt(user).startswith("<s>")
+    assert TEMPLATES[ONEKE_TEMPLATE].render(user) == expected
+    assert not TEMPLATES[ONEKE_TEMPLATE].render(user).startswith("<s>")
 
 
 def test_make_instruction_key_order_and_unicode() -> None:

@@ -181,7 +181,8 @@ def test_raw_input_in_a_folder_whose_name_is_not_utf8_gets_a_writable_source(tmp
     replacement character instead of a surrogate escape, so the answer line can be written."""
     import os
 
-    from oneke_plan.extract.inputs import encode_line, error_line, read_raw
+    from oneke_plan.extract.answer_lines import encode_line, error_line
+    from oneke_plan.extract.inputs import read_raw
 
     folder = os.path.join(os.fsencode(tmp_path), b"data-\xff")
     os.mkdir(folder)

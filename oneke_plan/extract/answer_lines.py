@@ -1,0 +1,111 @@
+"""The JSON line that carries each prompt's answer, and the writer that journals them.
+
+Answer lines keep the input's fields and add (docs/output-format.md):
+- `output`: what DeepKE's evaluator scores: the answer as JSON text, RE/SPO items renamed to its `head`/`tail`,
+  or the model's text as it is when that is not a JSON answer; "" when the prompt was not answered;
+- `raw_output`: the model's text, verbatim;
+- `parsed` (the answer as JSON, as in `output`) or `parse_error` (why the text is not an answer);
+- `error` instead, when the prompt was not answered (too long for the plan, out of memory): --resume retries it;
+- `key`: the prompt's place in the input (line number; `line:chunk` for raw input).
+
+Why a line, fsync'd, per prompt: a crash, an out-of-memory kill or a SIGTERM loses no answer already given, and
+--resume reads them back. Standard library only (no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from oneke_plan.core.errors import BadInput
+from oneke_plan.formats import answers
+from oneke_plan.io.files import os_error, write_all
+
+if TYPE_CHECKING:
+    from oneke_plan.extract.inputs import PromptRecord
+
+ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
+"""Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
+
+
+def _base_line(record: PromptRecord) -> dict[str, Any]:
+    return {"id": record.id, "instruction": record.instruction, **record.extra}
+
+
+def answer_line(record: PromptRecord, raw_text: str, parsed: Any, parse_error: str | None) -> dict[str, Any]:
+    """The line of an answered prompt (field meanings: the module docstring)."""
+    line = _base_line(record)
+    if parse_error is None:
+        answer = answers.head_tail_answer(record.task, parsed)
+        line["output"] = json.dumps(answer, ensure_ascii=False)
+        line["parsed"] = answer
+    else:
+        line["output"] = raw_text
+        line["parse_error"] = parse_error
+    line["raw_output"] = raw_text
+    line["key"] = record.key
+    return line
+
+
+def error_line(record: PromptRecord, reason: str) -> dict[str, Any]:
+    """The line of a prompt that was not answered (too long, out of memory): --resume runs it again."""
+    line = _base_line(record)
+    line["output"] = ""
+    line["error"] = reason
+    line["key"] = record.key
+    return line
+
+
+def is_answered(line: dict[str, Any]) -> bool:
+    """Whether a prompt line holds the model's answer (good JSON or not), rather than a reason it got none.
+
+    Lines written before `error` existed (no `raw_output`) marked failures with an empty `output`.
+    """
+    if "error" in line:
+        return False
+    return "raw_output" in line or line.get("output") != ""
+
+
+def encode_line(line: dict[str, Any]) -> bytes:
+    """One JSON line, UTF-8, newline-terminated (non-ASCII kept as is, as the authors write their files)."""
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class OutputWriter:
+    """Appends one JSON line per prompt, fsync'd before the next prompt starts, so a crash loses no answer.
+
+    Writes to a path (opened for appending) or to an open file descriptor (not closed here). Every line written
+    is kept in `written` (key -> line) for whoever assembles the final output.
+    """
+
+    def __init__(self, target: str | os.PathLike[str] | int, name: str | None = None) -> None:
+        self.name = name or str(target)
+        self._owned = not isinstance(target, int)
+        self.written: dict[str, dict[str, Any]] = {}
+        if isinstance(target, int):
+            self._fd = target
+            return
+        try:
+            self._fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        except OSError as e:
+            raise BadInput(f"{target}: cannot open the output for writing ({e.strerror})") from None
+
+    def write_line(self, line: dict[str, Any]) -> None:
+        try:
+            write_all(self._fd, encode_line(line))
+        except OSError as e:
+            raise os_error(
+                self.name, "be written", e, "the answers before this one are kept: rerun with --resume"
+            ) from None
+        self.written[str(line["key"])] = line
+
+    def close(self) -> None:
+        if self._owned:
+            os.close(self._fd)
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
