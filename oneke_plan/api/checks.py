@@ -1,25 +1,21 @@
-"""The API's checks of what it is given, before any work: choices, sizes, output paths, limits against the profile,
-the checkpoint to load, the offload folder, the adapter, the workers' replica. Each refuses with one BadInput line
-that says what to do (DoesNotFit for an adapter that is not the planned one); a few also put what passed into the
-form the flows use (a repeated flag as a list, a schema as JSON text, the profile of this worker's replica)."""
+"""The checks both flows make of what they are given: choices, sizes, output paths, the model source, the adapter
+folder. Each refuses with one BadInput line that says what to do; a few also put what passed into the form the
+flows use (a repeated flag as a list, a schema as JSON text). oneke-run's own checks, in their order, are
+preflight's."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oneke_plan.api.options import PathLike, Report
+from oneke_plan.api.options import PathLike
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import SizeError, parse_size
-from oneke_plan.formats.templates import TEMPLATES
-from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
-    from oneke_plan.extract.workers import Worker
     from oneke_plan.measure.adapter import Adapter
     from oneke_plan.plan.model_source import ModelSource
 
@@ -93,26 +89,6 @@ def json_text(value: str | list[Any] | dict[str, Any]) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def planned(flag: str, value: int | None, planned: int) -> int:
-    """`value` (default: the profile's `planned`), a positive integer no larger than what the profile planned."""
-    if value is None:
-        return planned
-    if value <= 0:
-        raise BadInput(f"{flag} must be a positive integer, not {value}")
-    if value > planned:
-        raise BadInput(
-            f"{flag} {value} is more than the profile planned for ({planned}); re-plan with "
-            f"oneke-plan ... {flag} {value}"
-        )
-    return value
-
-
-def output_mode(resume: bool, overwrite: bool) -> str:
-    if resume and overwrite:
-        raise BadInput("--resume keeps the answers in --output, --overwrite replaces them: give one of them")
-    return "resume" if resume else "overwrite" if overwrite else "new"
-
-
 def model_source(name: str) -> ModelSource:
     """plan.model_source.resolve_model, with GGUF files read through transformers (measure.gguf.read_gguf)."""
     from oneke_plan.measure.gguf import read_gguf
@@ -121,82 +97,9 @@ def model_source(name: str) -> ModelSource:
     return resolve_model(name, read_gguf)
 
 
-def checkpoint_source(profile: Profile, model: PathLike | None, trust_remote_code: bool) -> ModelSource:
-    """The checkpoint to load: `model`, else the profile's source; never the built-in config (it has no weights)."""
-    if trust_remote_code and not model:
-        raise BadInput("--trust-remote-code runs code from the model directory: name it yourself with --model")
-    model_name = model or profile.model.get("source")
-    if not model_name or model_name == "oneke":
-        raise BadInput(
-            "the profile was planned from the built-in OneKE config, which has no weights: pass "
-            "--model DIR (OneKE's checkpoint directory) or --model zjunlp/OneKE (from the local cache)"
-        )
-    try:
-        return model_source(str(model_name))
-    except BadInput:
-        if model or Path(str(model_name)).expanduser().exists():
-            raise
-        # oneke-plan records a model directory as it was typed: a relative one is relative to where it ran
-        raise BadInput(
-            f"the profile's model.source {model_name!r} (the default --model) is neither a folder here "
-            f"({Path.cwd()}) nor a repo id in the local Hugging Face cache; pass --model with the model's directory"
-        ) from None
-
-
-def offload_folder(from_profile: str | None, from_caller: str | None) -> str | None:
-    """The folder disk-offloaded weights are written to. A profile is data from elsewhere: it may name a relative
-    folder under the current one, but writing anywhere else takes the user's own --offload-dir."""
-    if from_caller is not None:
-        return from_caller
-    if from_profile is None:
-        return None
-    path = Path(from_profile)
-    inside = not path.is_absolute() and Path.cwd() in (Path.cwd() / path).resolve().parents
-    # Only a new folder, or one that holds nothing but an earlier offload (accelerate's index.json and .dat files).
-    ours = not path.exists() or (
-        path.is_dir() and all(f.name == "index.json" or f.suffix == ".dat" for f in path.iterdir())
-    )
-    if not (inside and ours):
-        raise BadInput(
-            f"the profile offloads weights to {from_profile!r}, which is outside the current folder or holds other "
-            f"files; pass --offload-dir {from_profile} to confirm, or another folder"
-        )
-    return from_profile
-
-
-def read_adapter(directory: PathLike) -> Adapter:
+def checked_adapter(directory: PathLike) -> Adapter:
     """The adapter folder, read and fingerprinted, once peft is known to be there (BadInput otherwise)."""
     from oneke_plan.measure.adapter import read_adapter, require_peft
 
     require_peft()
     return read_adapter(Path(directory))
-
-
-def run_adapter(profile: Profile, adapter: PathLike | None) -> Adapter | None:
-    """The adapter oneke-run applies: `adapter`, else the one the profile was planned with; it must be that one
-    (adapter.check_recorded: DoesNotFit)."""
-    from oneke_plan.measure.adapter import check_recorded
-
-    if adapter is None and profile.adapter is None:
-        return None
-    found = read_adapter(adapter if adapter is not None else profile.adapter["path"])  # type: ignore[index]
-    check_recorded(found, profile.adapter)
-    return found
-
-
-def workers_profile(profile: Profile, worker: Worker) -> Profile:
-    """The profile this process runs: under torchrun (or with a profile of several replicas) the workers must be
-    the profile's replicas on its nodes, and each runs its own replica."""
-    if worker.distributed or profile.replicas:
-        worker.check(profile.replica_count, profile.nodes)
-        return profile.replica(worker.local_rank)
-    return profile
-
-
-def with_template(profile: Profile, template: str | None, report: Report) -> Profile:
-    """The profile with `template` (oneke-run's --template) for its prompts instead of the one it records."""
-    if template is None or template == profile.template:
-        return profile
-    one_of("--template", template, tuple(TEMPLATES))
-    report.note(f"--template {template}: prompts use it instead of the profile's {profile.template}")
-    return replace(profile, template=template)

@@ -7,19 +7,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oneke_plan.api.checks import (
-    json_text,
-    one_of,
-    output_mode,
-    planned,
-)
+from oneke_plan.api.checks import json_text, one_of
 from oneke_plan.api.options import LANGUAGES, PathLike, Report
 from oneke_plan.core.errors import BadInput
 from oneke_plan.formats.templates import TEMPLATES, check_tokenizer
 from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
-    from oneke_plan.extract.inputs import OutputWriter, PromptRecord
+    from oneke_plan.extract.answer_lines import OutputWriter
+    from oneke_plan.extract.inputs import PromptRecord
     from oneke_plan.extract.outputs import RunOutput
     from oneke_plan.extract.runner import Decoder, Runner, RunStats
 
@@ -83,12 +79,21 @@ def extraction_runner(
     return Runner(decoder, tokenizer, writer, batch_size, max_input, progress=progress, template=profile.template)
 
 
-def hf_decoder(model: Any, tokenizer: Any, profile: Profile, max_new_tokens: int, model_dir: Path | None) -> Decoder:
+def hf_decoder(
+    model: Any,
+    tokenizer: Any,
+    profile: Profile,
+    max_new_tokens: int,
+    model_dir: Path | None,
+    stop_ids: list[int] | None = None,
+) -> Decoder:
     """The hf engine: greedy decoding of the loaded model with shared prefixes and continuous batching, ending
-    answers at the model's EOS and the profile's template's stop words."""
+    answers at the model's EOS and the profile's template's stop words (`stop_ids`: check_tokenizer's, when the
+    caller checked the tokenizer already, as a run does before loading)."""
     from oneke_plan.extract.generation import GreedyGenerator
 
-    stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(model_dir or "the tokenizer"))
+    if stop_ids is None:
+        stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(model_dir or "the tokenizer"))
     return GreedyGenerator(model, tokenizer, max_new_tokens, model_dir=model_dir, stop_ids=stop_ids)
 
 
@@ -160,15 +165,22 @@ def extract(
     the records came from, so that OUTPUT is never that file. Stopping the iteration early keeps the journal (resume
     continues it). Under torchrun with several workers, an output file needs api.run (it splits and merges).
     """
+    from oneke_plan.api.preflight import preflight
     from oneke_plan.extract.outputs import RunOutput
-    from oneke_plan.extract.workers import Worker
 
-    batch = planned("--batch-size", batch_size, profile.workload["batch_size"])
-    max_new = planned("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
-    mode = output_mode(resume, overwrite)
+    context = preflight(
+        profile,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        resume=resume,
+        overwrite=overwrite,
+        checkpoint=False,
+        report=Report(),
+    )
+    batch, max_new, mode = context.batch_size, context.max_new_tokens, context.output_mode
     files = None
     if output is not None:
-        if Worker.from_env().distributed:
+        if context.worker.distributed:
             raise BadInput(
                 "api.extract writes an output file for one process; under torchrun use api.run, which gives each "
                 "worker its part and merges them"

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from oneke_plan.api.checks import (
-    checkpoint_source,
-    offload_folder,
-    run_adapter,
-    workers_profile,
-)
 from oneke_plan.api.options import PathLike, Report
+from oneke_plan.api.preflight import RunContext, preflight
 from oneke_plan.formats.templates import TEMPLATES, check_tokenizer
-from oneke_plan.measure.compat import stay_offline
-from oneke_plan.plan.profile import Profile, read_profile
+from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
-    from oneke_plan.measure.adapter import Adapter
-    from oneke_plan.plan.model_source import ModelSource
+    from oneke_plan.plan.inventory import Gpu
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model loaded as planned, its tokenizer, and the token ids that end an answer under the profile's template
+    besides the model's EOS (found when the tokenizer was checked, before the load)."""
+
+    model: Any
+    tokenizer: Any
+    stop_ids: list[int]
 
 
 def load(
@@ -35,51 +37,65 @@ def load(
     """Load a model exactly as `profile` (a Profile, or a profile file) places it; returns (model, tokenizer).
 
     `model`: the checkpoint directory or a cached repo id (default: the profile's source, when it is a directory).
-    The checks are oneke-run's, cheapest first: the machine matches the profile (else DoesNotFit; with `force`, each
-    mismatch is a note), the device_map can run, the offload folder is usable, the tokenizer loads, the
-    checkpoint's tensor names are the model's; then the load, the weights per device (Report.weights_loaded), and
-    one forward pass whose logits must be finite (else BadInput). Under torchrun, this worker's replica is loaded.
+    The checks are oneke-run's, cheapest first: its preflight (the profile, the checkpoint, the adapter, the offload
+    folder, this worker's replica), the machine matches the profile (else DoesNotFit; with `force`, each mismatch is
+    a note), the device_map can run, the tokenizer loads, the checkpoint's tensor names are the model's; then the
+    load, the weights per device (Report.weights_loaded), and one forward pass whose logits must be finite (else
+    BadInput). Under torchrun, this worker's replica is loaded.
     `offload_dir` confirms a folder for disk-offloaded weights other than a new one inside the current folder.
     `adapter`: the LoRA adapter folder (default: the profile's, when it was planned with one), which must be the
     one planned with (DoesNotFit otherwise) and match the model's layers.
     """
-    from oneke_plan.extract.workers import Worker
-
     report = report or Report()
-    stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
-    profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
-    source = checkpoint_source(profile, model, trust_remote_code)
-    found = run_adapter(profile, adapter)
-    profile = replace(profile, offload_dir=offload_folder(profile.offload_dir, offload_dir))
-    profile = workers_profile(profile, Worker.from_env())
-    check_machine_noted(profile, source, force, report)
-    return load_checked(profile, source, trust_remote_code, report, found)
+    context = preflight(
+        profile,
+        model=model,
+        adapter=adapter,
+        offload_dir=offload_dir,
+        trust_remote_code=trust_remote_code,
+        force=force,
+        report=report,
+    )
+    loaded = load_checked(context, check_machine_noted(context, report), report)
+    return loaded.model, loaded.tokenizer
 
 
-def check_machine_noted(profile: Profile, source: ModelSource, force: bool, report: Report) -> None:
-    """machine.check_machine; with `force`, each mismatch it lets through is a note."""
+def check_machine_noted(context: RunContext, report: Report) -> tuple[Gpu, ...]:
+    """machine.check_machine against the GPUs detected here, read once for the run (returned for the load's own
+    check); with --force, each mismatch it lets through is a note."""
     from oneke_plan.load.machine import check_machine
+    from oneke_plan.plan.inventory import detect_gpus
 
-    for problem in check_machine(profile, source, force=force):
+    assert context.source is not None
+    gpus = detect_gpus()
+    for problem in check_machine(context.profile, context.source, gpus, force=context.force):
         report.note(f"warning (--force): {problem}")
+    return gpus
 
 
-def load_checked(
-    profile: Profile, source: ModelSource, trust_remote_code: bool, report: Report, adapter: Adapter | None = None
-) -> tuple[Any, Any]:
-    """Everything cheap first (device_map, offload folder, tokenizer), then load (with the adapter), report the
-    weights per device, and check the model computes finite numbers."""
+def load_checked(context: RunContext, gpus: tuple[Gpu, ...], report: Report) -> Loaded:
+    """Everything cheap first (device_map, offload folder, tokenizer and its template), then load (with the
+    adapter), report the weights per device, and check the model computes finite numbers."""
     from oneke_plan.load.loaded_weights import measured_weight_bytes
     from oneke_plan.load.loader import check_before_load, check_finite_outputs, load_model
     from oneke_plan.measure.checkpoint import read_checkpoint
 
-    tokenizer = check_before_load(profile, source, trust_remote_code=trust_remote_code)
-    check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before any weight is read
+    profile, source = context.profile, context.source
+    assert source is not None
+    tokenizer = check_before_load(profile, source, trust_remote_code=context.trust_remote_code)
+    stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before any weight
     checkpoint = read_checkpoint(source.directory) if source.directory and source.gguf_file is None else None
-    model = load_model(profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint, adapter=adapter)
+    model = load_model(
+        profile,
+        source,
+        trust_remote_code=context.trust_remote_code,
+        checkpoint=checkpoint,
+        adapter=context.adapter,
+        gpus=gpus,
+    )
     stored = checkpoint.dtypes if checkpoint else None
     report.weights_loaded(
         profile, measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
     )
     check_finite_outputs(model, tokenizer, str(source.directory))
-    return model, tokenizer
+    return Loaded(model, tokenizer, stop_ids)

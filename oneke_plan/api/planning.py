@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from oneke_plan.api.checks import (
+    checked_adapter,
     listed,
     model_source,
     one_of,
     output_target,
-    read_adapter,
     replica_count,
     size_bytes,
 )
@@ -100,7 +100,7 @@ def plan(
     ):
         one_of(flag, value, allowed)
     source = model_source(str(model))
-    found = read_adapter(adapter) if adapter is not None else None
+    found = checked_adapter(adapter) if adapter is not None else None
     target = Path(output) if output is not None else None
     picture = Path(plot) if plot is not None else None
     if picture is not None and target is not None and picture.absolute() == target.absolute():

@@ -4,35 +4,22 @@ the machine, the engine (hf or vLLM) and the answers; torchrun workers split and
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oneke_plan.api.checks import (
-    checkpoint_source,
-    offload_folder,
-    one_of,
-    output_mode,
-    planned,
-    run_adapter,
-    with_template,
-    workers_profile,
-)
 from oneke_plan.api.extraction import extraction_runner, hf_decoder, read_records
 from oneke_plan.api.loading import check_machine_noted, load_checked
 from oneke_plan.api.options import PathLike, Report
+from oneke_plan.api.preflight import RunContext, preflight
 from oneke_plan.core.errors import Interrupted, interrupted_by
-from oneke_plan.measure.compat import stay_offline
-from oneke_plan.plan.profile import Profile, read_profile
-from oneke_plan.plan.vllm_plan import ENGINES
+from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
     from oneke_plan.extract.inputs import PromptRecord
     from oneke_plan.extract.outputs import RunOutput
     from oneke_plan.extract.runner import RunStats
     from oneke_plan.extract.workers import Worker
-    from oneke_plan.measure.adapter import Adapter
-    from oneke_plan.plan.model_source import ModelSource
 
 
 @dataclass(frozen=True)
@@ -124,25 +111,27 @@ def run(
     the interpreter's teardown can still abort a finished worker in torch's gloo threads: oneke-run therefore ends
     with os._exit under torchrun (cli/run.py), and a script that calls run under torchrun may want to do the same.
     """
-    from oneke_plan.extract.engines import check_engine
     from oneke_plan.extract.outputs import RunOutput
-    from oneke_plan.extract.workers import Group, Worker
+    from oneke_plan.extract.workers import Group
 
     report = report or Report()
-    stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
-    one_of("--engine", engine, ENGINES)
-    profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
-    batch = planned("--batch-size", batch_size, profile.workload["batch_size"])
-    max_new = planned("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
-    profile = with_template(profile, template, report)
-    source = checkpoint_source(profile, model, trust_remote_code)
-    found = run_adapter(profile, adapter)
-    profile = replace(profile, offload_dir=offload_folder(profile.offload_dir, offload_dir))
-    mode = output_mode(resume, overwrite)
+    context = preflight(
+        profile,
+        model=model,
+        adapter=adapter,
+        offload_dir=offload_dir,
+        template=template,
+        engine=engine,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        resume=resume,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        force=force,
+        report=report,
+    )
     records = read_records(input, task, schema, lang, chunk_size, example, report)
-    worker = Worker.from_env()
-    profile = workers_profile(profile, worker)
-    check_engine(engine, profile, source)
+    worker, mode = context.worker, context.output_mode
     if worker.restarts and mode == "new":
         mode = "resume"  # torchrun restarted the workers after one failed: each continues its part
     with Group(worker) as group:
@@ -151,11 +140,7 @@ def run(
             files.prepare()
             group.barrier()
         try:
-            mine = _answer(
-                profile, source, found, records, files, worker, batch, max_new, force, trust_remote_code, progress,
-                engine,
-                report,
-            )
+            mine = _answer(context, records, files, progress, report)
             if worker.distributed:
                 if worker.rank != 0:
                     files.close()  # worker 0 reads and removes this part once every worker is through
@@ -172,30 +157,20 @@ def run(
             files.close()
         parts = group.gather(mine)
     # vLLM allocates in its own processes: this one's torch peak would say nothing about them
-    memory = gpu_memory(profile) if mine is not None and engine == "hf" else []
+    memory = gpu_memory(context.profile) if mine is not None and engine == "hf" else []
     return RunSummary(Path(output), len(records), worker, parts, memory)
 
 
 def _answer(
-    profile: Profile,
-    source: ModelSource,
-    adapter: Adapter | None,
-    records: list[PromptRecord],
-    files: RunOutput,
-    worker: Worker,
-    batch_size: int,
-    max_new_tokens: int,
-    force: bool,
-    trust_remote_code: bool,
-    progress: bool,
-    engine: str,
-    report: Report,
+    context: RunContext, records: list[PromptRecord], files: RunOutput, progress: bool, report: Report
 ) -> tuple[RunStats, int] | None:
     """Lock the output and find the prompts left, check the machine, then start the engine (for hf, load's checks
     and load) and answer them. Returns the run's statistics and how many prompts were pending, or None when every
     prompt was answered."""
+    profile, source, worker = context.profile, context.source, context.worker
+    assert source is not None
     pending = files.start(records, lambda record: worker.mine(record.key))
-    check_machine_noted(profile, source, force, report)
+    gpus = check_machine_noted(context, report)
     if not pending:
         if not worker.distributed:
             rewritten = files.finish(records)
@@ -203,21 +178,25 @@ def _answer(
             report.note(f"nothing to do: all {len(records)} prompts are answered{what}")
         return None
     assert files.writer is not None
-    if engine == "vllm":
+    batch_size, max_new_tokens = context.batch_size, context.max_new_tokens
+    if context.engine == "vllm":
         from oneke_plan.extract.engines import vllm_decoder
 
-        vllm, tokenizer = vllm_decoder(profile, source, batch_size, max_new_tokens, trust_remote_code, report.note)
+        vllm, tokenizer = vllm_decoder(
+            profile, source, batch_size, max_new_tokens, context.trust_remote_code, report.note
+        )
         try:
             runner = extraction_runner(vllm, tokenizer, profile, files.writer, batch_size, progress)
             return runner.run(pending), len(pending)
         finally:
             vllm.close()
-    model, tokenizer = load_checked(profile, source, trust_remote_code, report, adapter)
+    loaded = load_checked(context, gpus, report)
     # a GGUF's end tokens are its own (config and tokenizer from its metadata): transformers reads no
     # generation_config.json beside a GGUF, and neither does the decoder
     checkpoint_dir = source.directory if source.gguf_file is None else None
-    decoder = hf_decoder(model, tokenizer, profile, max_new_tokens, checkpoint_dir)
-    return extraction_runner(decoder, tokenizer, profile, files.writer, batch_size, progress).run(pending), len(pending)
+    decoder = hf_decoder(loaded.model, loaded.tokenizer, profile, max_new_tokens, checkpoint_dir, loaded.stop_ids)
+    runner = extraction_runner(decoder, loaded.tokenizer, profile, files.writer, batch_size, progress)
+    return runner.run(pending), len(pending)
 
 
 def gpu_memory(profile: Profile) -> list[GpuMemory]:

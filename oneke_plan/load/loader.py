@@ -33,8 +33,9 @@ from oneke_plan.measure.compat import (
     tokenizer_libraries,
 )
 from oneke_plan.measure.gguf import gguf_key_mismatch, load_kwargs
-from oneke_plan.measure.layout import load_config
+from oneke_plan.measure.layout import device_map_problem, load_config
 from oneke_plan.plan.fit import device_owner, stays_quantized
+from oneke_plan.plan.inventory import Gpu, detect_gpus
 from oneke_plan.plan.model_source import ModelSource
 from oneke_plan.plan.profile import Profile
 
@@ -153,8 +154,7 @@ def _load_gguf_tokenizer(path: Path) -> Any:
     except Exception as exc:  # transformers' GGUF tokenizer converters raise their own kinds
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
         raise BadInput(
-            f"{path}: transformers cannot build the tokenizer from this GGUF's metadata ({type(exc).__name__}: "
-            f"{first})"
+            f"{path}: transformers cannot build the tokenizer from this GGUF's metadata ({type(exc).__name__}: {first})"
         ) from None
     if not ids:
         raise BadInput(f"{path}: the GGUF's tokenizer turns text into no tokens; the file is damaged")
@@ -233,9 +233,11 @@ def load_model(
     trust_remote_code: bool = False,
     checkpoint: Checkpoint | None = None,
     adapter: Adapter | None = None,
+    gpus: tuple[Gpu, ...] | None = None,
 ) -> Any:
     """The model, loaded into exactly the profile's device_map, ready for generate. `checkpoint`: read_checkpoint of
-    the source's directory when the caller has it already (else it is read here).
+    the source's directory, and `gpus`: the GPUs detected here, when the caller has them already (else they are read
+    here).
 
     First everything that can be checked without loading: the checkpoint's names and shapes against the model
     built as AutoModelForCausalLM on the meta device and tied (renamed and fused as transformers will load them),
@@ -263,8 +265,10 @@ def load_model(
             raise BadInput(explain_mismatch(mismatch, checkpoint.path))
     if adapter is not None:
         check_base(adapter, model)
-    _check_device_map_modules(model, profile)
-    check_gpus_present(profile, source)
+    problem = device_map_problem(model, profile.device_map)
+    if problem:
+        raise BadInput(f"profile device_map: {problem}; re-create the profile with oneke-plan for this model")
+    check_gpus_present(profile, source, detect_gpus() if gpus is None else gpus)
     if gguf is not None and "disk" in profile.device_map.values():
         raise BadInput(
             f"profile device_map: {gguf} is a GGUF file, and transformers does not offload a GGUF's weights to disk; "
@@ -371,34 +375,6 @@ def check_finite_outputs(model: Any, tokenizer: Any, where: str) -> None:
             "--dtype bfloat16 "
             "or float32); nothing was run"
         )
-
-
-def _check_device_map_modules(model: Any, profile: Profile) -> None:
-    """Every device_map key names a module or parameter of the model, every parameter and buffer has an entry,
-    and tied weights share a device."""
-    from accelerate.utils import find_tied_parameters
-
-    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
-    for key in profile.device_map:
-        if key != "" and key not in names:
-            raise BadInput(
-                f"profile device_map: {key!r} is not a module of {type(model).__name__}; "
-                "re-create the profile with oneke-plan for this model"
-            )
-    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
-        try:
-            device_owner(name, profile.device_map)
-        except KeyError:
-            raise BadInput(
-                f"profile device_map: no entry covers {name!r}; re-create the profile with oneke-plan"
-            ) from None
-    for group in find_tied_parameters(model):
-        devices = {device_owner(name, profile.device_map) for name in group}
-        if len(devices) > 1:
-            raise BadInput(
-                f"profile device_map: tied weights {', '.join(group)} are split across devices "
-                f"{sorted(map(str, devices))}; they must share one: re-create the profile"
-            )
 
 
 def _check_offload_space(model: Any, profile: Profile, directory: Path) -> None:

@@ -1,18 +1,18 @@
-"""Does this machine match a profile: its GPUs' free memory and bfloat16 support, host memory, the offload disk, and
-the model's config; and the oneke-plan command that re-plans for what is here.
+"""Does this machine match a profile: its GPUs' free memory and bfloat16 support, host memory, and the model's
+config; and the oneke-plan command that re-plans for what is here.
 
-Reads the machine (inventory.detect_gpus) and the profile; loads nothing.
+The caller reads the GPUs once (inventory.detect_gpus) and hands them to both checks. The offload disk's room is
+the loader's check alone: only it knows whether the load writes any weight there (a safetensors checkpoint is read
+in place) and at which dtype.
 """
 
 from __future__ import annotations
 
 import shlex
-import shutil
-from pathlib import Path
 
 from oneke_plan.core.errors import DoesNotFit
 from oneke_plan.core.sizes import format_bytes
-from oneke_plan.plan.inventory import Gpu, detect_gpus, detected_cpu_bytes, runs_bf16
+from oneke_plan.plan.inventory import Gpu, detected_cpu_bytes, runs_bf16
 from oneke_plan.plan.model_source import ModelSource
 from oneke_plan.plan.profile import Profile
 
@@ -82,20 +82,12 @@ def machine_problems(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...
             problems.append(
                 f"the plan needs {format_bytes(needed)} of host memory, {format_bytes(cpu_bytes)} is available"
             )
-        elif device.id == "disk" and profile.offload_dir:
-            target = Path(profile.offload_dir)
-            probe = target if target.exists() else target.parent
-            if probe.exists() and shutil.disk_usage(probe).free < needed:
-                problems.append(
-                    f"{profile.offload_dir}: {format_bytes(shutil.disk_usage(probe).free)} free, "
-                    f"disk offload needs {format_bytes(needed)}"
-                )
     return problems
 
 
-def check_machine(profile: Profile, source: ModelSource, force: bool = False) -> list[str]:
-    """Refuse (DoesNotFit, exit 3) when the machine or model does not match; with force, return the problems."""
-    gpus = detect_gpus()
+def check_machine(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...], force: bool = False) -> list[str]:
+    """Refuse (DoesNotFit, exit 3) when the machine (`gpus`: detect_gpus's, read once per run) or the model does not
+    match; with force, return the problems."""
     problems = machine_problems(profile, source, gpus, detected_cpu_bytes())
     if problems and not force:
         raise DoesNotFit(
@@ -106,13 +98,12 @@ def check_machine(profile: Profile, source: ModelSource, force: bool = False) ->
     return problems
 
 
-def check_gpus_present(profile: Profile, source: ModelSource) -> None:
+def check_gpus_present(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...]) -> None:
     """With --force the machine check is skipped, but weights still cannot go to a GPU torch does not see: say so
     in one line (DoesNotFit, exit 3) instead of letting torch fail deep inside the load."""
     wanted = sorted({d for d in profile.device_map.values() if isinstance(d, int)})
     if not wanted:
         return
-    gpus = detect_gpus()
     have = {g.index for g in gpus}
     absent = [d for d in wanted if d not in have]
     if absent:

@@ -20,6 +20,7 @@ from typing import Any
 from oneke_plan.core.errors import BadInput
 from oneke_plan.measure.compat import dtype_kwarg, no_init_weights
 from oneke_plan.plan.blocks import BlockInfo, ModelLayout, TensorInfo
+from oneke_plan.plan.fit import device_owner
 from oneke_plan.plan.memory import AttentionShape
 from oneke_plan.plan.model_source import ModelSource
 
@@ -387,3 +388,28 @@ def read_layout(model: Any, config: Any, dtype: str) -> ModelLayout:
         input_embeddings=input_name if any(b.name == input_name for b in blocks) else None,
         output_embeddings_numel=int(weight.numel()) if weight is not None else 0,
     )
+
+
+def device_map_problem(model: Any, device_map: dict[str, Any]) -> str | None:
+    """What keeps `device_map` from placing every tensor of `model` (a meta-device model will do), as one phrase, or
+    None: a key that names no module or parameter, a parameter or buffer no key covers (non-persistent buffers
+    included: dispatch needs a device for them too), tied weights on different devices (they are one tensor).
+
+    Keys are read as accelerate reads them, the longest matching prefix winning (fit.device_owner). The planner asks
+    it of the map it wrote, the loader of the map a profile brings."""
+    from accelerate.utils import find_tied_parameters
+
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    for key in device_map:
+        if key != "" and key not in names:
+            return f"{key!r} is not a module of {type(model).__name__}"
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        try:
+            device_owner(name, device_map)
+        except KeyError:
+            return f"no entry covers {name!r}"
+    for group in find_tied_parameters(model):
+        devices = {device_owner(name, device_map) for name in group}
+        if len(devices) > 1:
+            return f"tied weights {', '.join(group)} are split across devices {sorted(map(str, devices))}"
+    return None
