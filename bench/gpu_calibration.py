@@ -198,10 +198,9 @@ def probe(args: argparse.Namespace, model_dir: Path, card: Card, data: dict[str,
         done, gpu = card.measure(lambda: decode(model, tokenizer, args, batch))
         measured = {**gpu, "new_tokens": done and done[0], "kv_cache_bytes": done and done[1],
                     "seconds": round(time.perf_counter() - start, 3)}
-        record: dict[str, Any] = {"batch": batch, "measured": measured}
-        if done is not None:
-            estimate = plan_row(model_dir, unbounded, args, batch, report)[1]
-            record.update(against_estimate(estimate, weights, measured))
+        estimate = plan_row(model_dir, unbounded, args, batch, report)[1]
+        record = {"batch": batch, "measured": measured, **(
+            against_estimate(estimate, weights, measured) if done else {"estimate_bytes": estimate["used_bytes"]})}
         data["runs"].append(record)
         save()
         print(f"batch {batch}: {'out of memory' if done is None else 'ran'} in {measured['seconds']} s, peak "
