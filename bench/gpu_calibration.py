@@ -2,17 +2,16 @@
 
 On GPU 0 it plans a random bf16 LLaMA (--shape, built by tools/tiny_checkpoint.py) or --model for the card with
 oneke-plan's planner (api.plan, solving for the batch size: B*), loads it as oneke-run does (api.load), and runs
-oneke-run's decoder on prompts of exactly max_input_tokens ids, every answer max_new_tokens long, to measure
+oneke-run's decoder on prompts of max_input_tokens random ids, every answer max_new_tokens long, to measure
 - the largest batch that fits: from B*, doubling while batches run, then bisecting (to 2%) once one runs out of
   memory as oneke-run's runner tells it;
-- per run, each term of the planner's estimate for that batch against the bytes the card held for it: weights =
-  the loaded weights, KV cache = the most the decoder held (its tensors), workspace = torch's peak allocation
-  minus those two, reserve = the allocator's reserved-but-unallocated peak plus the CUDA context (the driver's
-  bytes in use minus torch's reserved: other processes on GPU 0 would count here). They add up to the peak, max
-  reserved + context; reserve_needed_bytes is the reserve under which the estimate would equal it.
---card SIZE emulates a smaller card (the plan is for SIZE; the allocator is capped at SIZE minus the context).
---cpu-smoke runs the same code on the CPU with a tiny GQA model (CI: tests/project/test_gpu_calibration.py);
-what only a GPU has is null, its reason under "unavailable". OUT/gpu-calibration.json is rewritten after every run.
+- per run, each term of the planner's estimate for that batch against the bytes the card held for it: the loaded
+  weights, the most KV cache the decoder held, torch's peak allocation beyond those (workspace), and the
+  allocator's reserved-but-unallocated peak plus the CUDA context (reserve; the context is the driver's bytes in
+  use minus torch's reserved, so another process on GPU 0 would count here). They add up to the peak, max reserved
+  + context; reserve_needed_bytes is the reserve under which the estimate would equal it.
+--card SIZE emulates a smaller card; --cpu-smoke runs the same code on the CPU with a tiny model (CI), what only a GPU
+has null with its reason under "unavailable". OUT/gpu-calibration.json is rewritten after every run.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ DATA_NAME = "gpu-calibration.json"
 UNBOUNDED = "1024TiB"  # a device larger than any workload here: its plan prices a batch whether it fits or not
 NO_GPU = "no CUDA device (--cpu-smoke): torch's allocator, the driver's view and out of memory exist on a GPU only"
 GPU_FIELDS = ("allocated_before", "max_allocated", "max_reserved", "driver_used", "context_bytes", "out_of_memory")
-# LLaMA-layout shapes for tiny_checkpoint.build_tiny_llama: Mistral-7B's and TinyLlama-1.1B's sizes (GQA), and the
-# test suite's tiny GQA model for --cpu-smoke.
+# build_tiny_llama's arguments: Mistral-7B's and TinyLlama-1.1B's sizes (GQA), and a tiny GQA model for --cpu-smoke
 SHAPES: dict[str, dict[str, int]] = {
     "7b-gqa": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                    num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192),
@@ -259,17 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cpu_smoke:
             torch.set_num_threads(1)  # tiny matrices lose to threads on a busy CPU
         card = Card(not args.cpu_smoke)
-        data: dict[str, Any] = {
-            "format": FORMAT, "mode": "cpu-smoke" if args.cpu_smoke else "gpu", "status": "running",
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "bench/gpu_calibration.py", *(sys.argv[1:] if argv is None else argv)]),
-            "machine": machine_line(), "gpu": card.info,
-            "unavailable": {} if card.cuda else dict.fromkeys(GPU_FIELDS, NO_GPU),
-            "model": {"path": str(args.model), "quantize": args.quantize} if args.model else
-                     {"shape": args.shape, "dims": SHAPES[args.shape], "quantize": args.quantize},
-            "workload": {"max_input_tokens": args.max_input_tokens, "max_new_tokens": args.max_new_tokens},
-            "notes": [], "runs": [],
-        }
+        data = header(args, card, sys.argv[1:] if argv is None else argv)
         written = [os.lstat(target) if target.exists() else None]
 
         def save() -> None:
@@ -287,6 +275,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {target}: largest batch {data['largest_batch']}", file=sys.stderr)
     return 0
+
+
+def header(args: argparse.Namespace, card: Card, argv: list[str]) -> dict[str, Any]:
+    """The data file before any run: what runs where, and what this device cannot measure."""
+    return {
+        "format": FORMAT, "mode": "cpu-smoke" if args.cpu_smoke else "gpu", "status": "running",
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "bench/gpu_calibration.py", *argv]), "machine": machine_line(),
+        "gpu": card.info, "unavailable": {} if card.cuda else dict.fromkeys(GPU_FIELDS, NO_GPU),
+        "model": {"path": str(args.model), "quantize": args.quantize} if args.model else
+                 {"shape": args.shape, "dims": SHAPES[args.shape], "quantize": args.quantize},
+        "workload": {"max_input_tokens": args.max_input_tokens, "max_new_tokens": args.max_new_tokens},
+        "notes": [], "runs": [],
+    }
 
 
 if __name__ == "__main__":
