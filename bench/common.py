@@ -242,7 +242,16 @@ def parameter_count(path: Path) -> int:
 
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (shared/tied storages counted once), all devices together."""
-    return sum(storage_bytes_by_device(tensors).values())
+    seen: set[tuple[Any, int]] = set()
+    total = 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def model_tensors(model):
@@ -264,26 +273,9 @@ def model_tensors(model):
     return [t for t in out if t is not None]
 
 
-def storage_bytes_by_device(tensors) -> dict[Any, int]:
-    """storage_bytes per device: {GPU index (int) or "cpu": bytes}, each distinct storage counted once."""
-    seen: set[tuple[Any, int]] = set()
-    totals: dict[Any, int] = {}
-    for t in tensors:
-        if t is None or t.device.type == "meta":
-            continue
-        storage = t.untyped_storage()
-        key = (t.device, storage.data_ptr())
-        if key in seen:
-            continue
-        seen.add(key)
-        device = t.device.index if t.device.type == "cuda" else t.device.type
-        totals[device] = totals.get(device, 0) + storage.nbytes()
-    return totals
-
-
-def cache_tensors(cache: Any, layers: set[int] | None = None) -> list[Any]:
-    """The key/value tensors of the cache generate returned, of the decoder layers `layers` indexes (default all):
-    transformers 5's .layers, 4.x's key_cache/value_cache, or legacy tuples."""
+def cache_tensors(cache: Any) -> list[Any]:
+    """The key/value tensors of the cache generate returned: transformers 5's .layers, 4.x's key_cache/value_cache,
+    or legacy tuples."""
     if cache is None:
         return []
     if hasattr(cache, "layers"):
@@ -292,4 +284,4 @@ def cache_tensors(cache: Any, layers: set[int] | None = None) -> list[Any]:
         pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
     else:
         pairs = [tuple(layer) for layer in cache]
-    return [t for i, pair in enumerate(pairs) if layers is None or i in layers for t in pair if t is not None]
+    return [t for pair in pairs for t in pair if t is not None]

@@ -76,24 +76,14 @@ class DecodeStats:
 # ---------------------------------------------------------------------------------------------- EOS
 
 
-def eos_token_ids(
-    model: Any, tokenizer: Any, directory: str | Path | None = None, stop_ids: Sequence[int] = ()
-) -> list[int]:
-    """Every id that ends an answer of a loaded model: its config's EOS and its generation config's, then
-    end_token_ids' (the checkpoint's generation_config.json, the tokenizer's, a template's stop words)."""
-    declared = [
-        getattr(getattr(model, "config", None), "eos_token_id", None),
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-    ]
-    return end_token_ids(declared, tokenizer, directory, stop_ids)
-
-
 def end_token_ids(
     declared: Sequence[Any], tokenizer: Any, directory: str | Path | None = None, stop_ids: Sequence[int] = ()
 ) -> list[int]:
-    """Each id once, in this order: `declared` (each an int, a list of them, or None), the checkpoint's
-    generation_config.json (where Llama-3 Instruct style lists are declared only), the tokenizer's EOS, and a chat
-    template's `stop_ids` (Qwen's <|im_end|>, LLaMA-3's <|eot_id|>), which end an answer as EOS does."""
+    """The token ids that end an answer, each once, in this order: `declared` (what the model itself declares as
+    EOS, each an int, a list of them, or None: a loaded model's config and generation config, or config.json's
+    where the model is loaded elsewhere), the checkpoint's generation_config.json (where Llama-3 Instruct style
+    lists are declared only), the tokenizer's EOS, and a chat template's `stop_ids` (Qwen's <|im_end|>, LLaMA-3's
+    <|eot_id|>), which end an answer as EOS does."""
     values: list[Any] = list(declared)
     if directory is not None and (Path(directory) / "generation_config.json").is_file():
         from transformers import GenerationConfig
@@ -106,6 +96,14 @@ def end_token_ids(
             if isinstance(item, int) and item not in ids:
                 ids.append(item)
     return list(dict.fromkeys([*ids, *stop_ids]))
+
+
+def _declared_eos(model: Any) -> list[Any]:
+    """What a loaded model declares as EOS: its config's and its generation config's (either may be None)."""
+    return [
+        getattr(getattr(model, "config", None), "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- the model's API
@@ -158,7 +156,7 @@ class GreedyGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.eos = eos_token_ids(model, tokenizer, model_dir, stop_ids)
+        self.eos = end_token_ids(_declared_eos(model), tokenizer, model_dir, stop_ids)
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
         self.device = input_device(model)

@@ -82,11 +82,23 @@ def _added_bos(tokenizer: Any) -> list[int]:
     return [bos] if bos is not None and first == [bos] else []
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says the GPU ran out of memory, so that a smaller batch may run where this one did not.
+
+    Three forms: torch's caching allocator raises torch.cuda.OutOfMemoryError (the public name since torch 1.13;
+    torch.OutOfMemoryError only since 2.5); other CUDA calls raise a RuntimeError whose text says "out of memory";
+    and cuBLAS, when it cannot allocate its handle or workspace, fails with CUBLAS_STATUS_ALLOC_FAILED, which torch
+    raises as RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`") without
+    saying "memory" at all.
+    """
     import torch
 
-    # torch.cuda.OutOfMemoryError: the public name since torch 1.13 (torch.OutOfMemoryError only since 2.5)
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    text = str(exc)
+    return (
+        isinstance(exc, torch.cuda.OutOfMemoryError)
+        or "out of memory" in text.lower()
+        or "CUBLAS_STATUS_ALLOC_FAILED" in text
+    )
 
 
 class Decoder(Protocol):
@@ -213,7 +225,7 @@ class Runner:
             for index, answer in self.decoder.run(list(pending.values()), batch_size):
                 yield self._answer(records[index], pending.pop(index), answer, bar, start)
         except Exception as exc:
-            if not _is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
             return set(self.decoder.in_flight) & set(pending)
         return None

@@ -210,6 +210,30 @@ def test_runner_halves_batches_on_out_of_memory(tokenizer: Any, ner_records: lis
     assert stats.too_long == 0
 
 
+def test_cublas_alloc_failed_halves_the_batch_too(tokenizer: Any, ner_records: list, tmp_path: Path) -> None:
+    """cuBLAS failing to allocate its handle or workspace is out of memory under another name: torch raises it as
+    a RuntimeError built by TORCH_CUDABLAS_CHECK (ATen/cuda/Exceptions.h: "CUDA error: " + the status's name +
+    " when calling `EXPR`"), with no "out of memory" in it. The runner must halve the batch, not end the run."""
+    sizes: list[int] = []
+
+    def generate(batch: Sequence[Sequence[int]]) -> list[list[int]]:
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return [[5] for _ in batch]
+
+    out = tmp_path / "out.jsonl"
+    with OutputWriter(out) as writer:
+        stats = Runner(generate, tokenizer, writer, batch_size=8, max_input_tokens=10_000, progress=False).run(
+            ner_records
+        )
+    assert sizes[:3] == [8, 4, 2] and max(sizes[2:]) <= 2  # 8 and 4 failed; 2 and below ran
+    assert stats.oom_retries == 2 and stats.out_of_memory == 0
+    assert stats.prompts == len(ner_records)
+    assert sorted(line["key"] for line in read_lines(out)) == sorted(r.key for r in ner_records)
+    assert all("error" not in line for line in read_lines(out))
+
+
 def test_runner_does_not_swallow_other_errors(tokenizer: Any, ner_records: list, tmp_path: Path) -> None:
     def generate(batch: Sequence[Sequence[int]]) -> list[list[int]]:
         raise ValueError("a bug, not memory")
