@@ -13,12 +13,11 @@ from oneke_plan.api.checks import (
     workers_profile,
 )
 from oneke_plan.api.options import PathLike, Report
-from oneke_plan.formats.templates import TEMPLATES, check_tokenizer
+from oneke_plan.extract.engines import load_checked
 from oneke_plan.measure.compat import stay_offline
 from oneke_plan.plan.profile import Profile, read_profile
 
 if TYPE_CHECKING:
-    from oneke_plan.measure.adapter import Adapter
     from oneke_plan.plan.model_source import ModelSource
 
 
@@ -62,24 +61,3 @@ def check_machine_noted(profile: Profile, source: ModelSource, force: bool, repo
 
     for problem in check_machine(profile, source, force=force):
         report.note(f"warning (--force): {problem}")
-
-
-def load_checked(
-    profile: Profile, source: ModelSource, trust_remote_code: bool, report: Report, adapter: Adapter | None = None
-) -> tuple[Any, Any]:
-    """Everything cheap first (device_map, offload folder, tokenizer), then load (with the adapter), report the
-    weights per device, and check the model computes finite numbers."""
-    from oneke_plan.load.loaded_weights import measured_weight_bytes
-    from oneke_plan.load.loader import check_before_load, check_finite_outputs, load_model
-    from oneke_plan.measure.checkpoint import read_checkpoint
-
-    tokenizer = check_before_load(profile, source, trust_remote_code=trust_remote_code)
-    check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before any weight is read
-    checkpoint = read_checkpoint(source.directory) if source.directory and source.gguf_file is None else None
-    model = load_model(profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint, adapter=adapter)
-    stored = checkpoint.dtypes if checkpoint else None
-    report.weights_loaded(
-        profile, measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
-    )
-    check_finite_outputs(model, tokenizer, str(source.directory))
-    return model, tokenizer

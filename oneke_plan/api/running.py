@@ -18,15 +18,16 @@ from oneke_plan.api.checks import (
     with_template,
     workers_profile,
 )
-from oneke_plan.api.extraction import extraction_runner, hf_decoder, read_records
-from oneke_plan.api.loading import check_machine_noted, load_checked
+from oneke_plan.api.extraction import extraction_runner, read_records
+from oneke_plan.api.loading import check_machine_noted
 from oneke_plan.api.options import PathLike, Report
 from oneke_plan.core.errors import Interrupted, interrupted_by
+from oneke_plan.extract.engines import ENGINES, EngineRun, check_engine
 from oneke_plan.measure.compat import stay_offline
 from oneke_plan.plan.profile import Profile, read_profile
-from oneke_plan.plan.vllm_plan import ENGINES
 
 if TYPE_CHECKING:
+    from oneke_plan.extract.engines import CheckedEngine
     from oneke_plan.extract.inputs import PromptRecord
     from oneke_plan.extract.outputs import RunOutput
     from oneke_plan.extract.runner import RunStats
@@ -124,7 +125,6 @@ def run(
     the interpreter's teardown can still abort a finished worker in torch's gloo threads: oneke-run therefore ends
     with os._exit under torchrun (cli/run.py), and a script that calls run under torchrun may want to do the same.
     """
-    from oneke_plan.extract.engines import check_engine
     from oneke_plan.extract.outputs import RunOutput
     from oneke_plan.extract.workers import Group, Worker
 
@@ -142,7 +142,7 @@ def run(
     records = read_records(input, task, schema, lang, chunk_size, example, report)
     worker = Worker.from_env()
     profile = workers_profile(profile, worker)
-    check_engine(engine, profile, source)
+    checked = check_engine(engine, profile, source, trust_remote_code)
     if worker.restarts and mode == "new":
         mode = "resume"  # torchrun restarted the workers after one failed: each continues its part
     with Group(worker) as group:
@@ -153,7 +153,7 @@ def run(
         try:
             mine = _answer(
                 profile, source, found, records, files, worker, batch, max_new, force, trust_remote_code, progress,
-                engine,
+                checked,
                 report,
             )
             if worker.distributed:
@@ -171,8 +171,8 @@ def run(
         finally:
             files.close()
         parts = group.gather(mine)
-    # vLLM allocates in its own processes: this one's torch peak would say nothing about them
-    memory = gpu_memory(profile) if mine is not None and engine == "hf" else []
+    # an engine that allocates in its own processes (vLLM): this one's torch peak would say nothing about it
+    memory = gpu_memory(profile) if mine is not None and checked.measures_gpu_memory else []
     return RunSummary(Path(output), len(records), worker, parts, memory)
 
 
@@ -188,12 +188,12 @@ def _answer(
     force: bool,
     trust_remote_code: bool,
     progress: bool,
-    engine: str,
+    engine: CheckedEngine,
     report: Report,
 ) -> tuple[RunStats, int] | None:
-    """Lock the output and find the prompts left, check the machine, then start the engine (for hf, load's checks
-    and load) and answer them. Returns the run's statistics and how many prompts were pending, or None when every
-    prompt was answered."""
+    """Lock the output and find the prompts left, check the machine, then start the checked engine (for hf, load's
+    checks and load) and answer them. Returns the run's statistics and how many prompts were pending, or None when
+    every prompt was answered."""
     pending = files.start(records, lambda record: worker.mine(record.key))
     check_machine_noted(profile, source, force, report)
     if not pending:
@@ -203,21 +203,12 @@ def _answer(
             report.note(f"nothing to do: all {len(records)} prompts are answered{what}")
         return None
     assert files.writer is not None
-    if engine == "vllm":
-        from oneke_plan.extract.engines import vllm_decoder
-
-        vllm, tokenizer = vllm_decoder(profile, source, batch_size, max_new_tokens, trust_remote_code, report.note)
-        try:
-            runner = extraction_runner(vllm, tokenizer, profile, files.writer, batch_size, progress)
-            return runner.run(pending), len(pending)
-        finally:
-            vllm.close()
-    model, tokenizer = load_checked(profile, source, trust_remote_code, report, adapter)
-    # a GGUF's end tokens are its own (config and tokenizer from its metadata): transformers reads no
-    # generation_config.json beside a GGUF, and neither does the decoder
-    checkpoint_dir = source.directory if source.gguf_file is None else None
-    decoder = hf_decoder(model, tokenizer, profile, max_new_tokens, checkpoint_dir)
-    return extraction_runner(decoder, tokenizer, profile, files.writer, batch_size, progress).run(pending), len(pending)
+    started = engine.start(EngineRun(profile, source, batch_size, max_new_tokens, trust_remote_code, adapter), report)
+    try:
+        runner = extraction_runner(started.decoder, started.tokenizer, profile, files.writer, batch_size, progress)
+        return runner.run(pending), len(pending)
+    finally:
+        started.close()
 
 
 def gpu_memory(profile: Profile) -> list[GpuMemory]:
