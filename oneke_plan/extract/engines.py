@@ -193,7 +193,6 @@ def _check_vllm(profile: Profile, source: ModelSource, trust_remote_code: bool) 
             f"--engine vllm: {source.gguf_file} is a GGUF file, which the vllm engine does not load as planned "
             "(the plan is for transformers' dequantized weights); run it with --engine hf"
         )
-    assert source.directory is not None
     settings = vllm_settings(profile, str(source.directory), num_layers(source), trust_remote_code=trust_remote_code)
     if importlib.util.find_spec("vllm") is None:
         raise BadInput(
