@@ -303,7 +303,7 @@ def main() -> int:
     from real_checkpoint import Unavailable, checkpoint_dir, gguf_file
 
     from oneke_plan import api
-    from oneke_plan.api.extraction import hf_decoder
+    from oneke_plan.extract.engines import hf_decoder
     from oneke_plan.extract.runner import encode_prompts
 
     torch.set_num_threads(args.threads)

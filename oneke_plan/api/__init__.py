@@ -30,8 +30,8 @@ from oneke_plan.api.loading import load
 from oneke_plan.api.options import DEFAULT_WORKLOAD, DTYPES, LANGUAGES, QUANT_TYPES, SOLVE_FOR, STRATEGIES, Report
 from oneke_plan.api.planning import plan, plan_document
 from oneke_plan.api.running import GpuMemory, RunSummary, gpu_memory, run
+from oneke_plan.extract.engines import ENGINES
 from oneke_plan.plan.profile import read_profile
-from oneke_plan.plan.vllm_plan import ENGINES
 
 __all__ = [
     "DEFAULT_WORKLOAD",

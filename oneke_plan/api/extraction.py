@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from oneke_plan.api.checks import json_text, one_of
 from oneke_plan.api.options import LANGUAGES, PathLike, Report
 from oneke_plan.core.errors import BadInput
-from oneke_plan.formats.templates import TEMPLATES, check_tokenizer
+from oneke_plan.extract.engines import hf_decoder
 from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
@@ -77,24 +77,6 @@ def extraction_runner(
 
     max_input = profile.workload["max_input_tokens"]
     return Runner(decoder, tokenizer, writer, batch_size, max_input, progress=progress, template=profile.template)
-
-
-def hf_decoder(
-    model: Any,
-    tokenizer: Any,
-    profile: Profile,
-    max_new_tokens: int,
-    model_dir: Path | None,
-    stop_ids: list[int] | None = None,
-) -> Decoder:
-    """The hf engine: greedy decoding of the loaded model with shared prefixes and continuous batching, ending
-    answers at the model's EOS and the profile's template's stop words (`stop_ids`: check_tokenizer's, when the
-    caller checked the tokenizer already, as a run does before loading)."""
-    from oneke_plan.extract.generation import GreedyGenerator
-
-    if stop_ids is None:
-        stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(model_dir or "the tokenizer"))
-    return GreedyGenerator(model, tokenizer, max_new_tokens, model_dir=model_dir, stop_ids=stop_ids)
 
 
 class Extraction:

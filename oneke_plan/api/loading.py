@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from oneke_plan.api.options import PathLike, Report
 from oneke_plan.api.preflight import RunContext, preflight
-from oneke_plan.formats.templates import TEMPLATES, check_tokenizer
 from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
     from oneke_plan.plan.inventory import Gpu
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """A model loaded as planned, its tokenizer, and the token ids that end an answer under the profile's template
-    besides the model's EOS (found when the tokenizer was checked, before the load)."""
-
-    model: Any
-    tokenizer: Any
-    stop_ids: list[int]
 
 
 def load(
@@ -56,7 +44,11 @@ def load(
         force=force,
         report=report,
     )
-    loaded = load_checked(context, check_machine_noted(context, report), report)
+    from oneke_plan.extract.engines import load_checked
+
+    gpus = check_machine_noted(context, report)
+    assert context.source is not None
+    loaded = load_checked(context.profile, context.source, trust_remote_code, report, context.adapter, gpus)
     return loaded.model, loaded.tokenizer
 
 
@@ -71,31 +63,3 @@ def check_machine_noted(context: RunContext, report: Report) -> tuple[Gpu, ...]:
     for problem in check_machine(context.profile, context.source, gpus, force=context.force):
         report.note(f"warning (--force): {problem}")
     return gpus
-
-
-def load_checked(context: RunContext, gpus: tuple[Gpu, ...], report: Report) -> Loaded:
-    """Everything cheap first (device_map, offload folder, tokenizer and its template), then load (with the
-    adapter), report the weights per device, and check the model computes finite numbers."""
-    from oneke_plan.load.loaded_weights import measured_weight_bytes
-    from oneke_plan.load.loader import check_before_load, check_finite_outputs, load_model
-    from oneke_plan.measure.checkpoint import read_checkpoint
-
-    profile, source = context.profile, context.source
-    assert source is not None
-    tokenizer = check_before_load(profile, source, trust_remote_code=context.trust_remote_code)
-    stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before any weight
-    checkpoint = read_checkpoint(source.directory) if source.directory and source.gguf_file is None else None
-    model = load_model(
-        profile,
-        source,
-        trust_remote_code=context.trust_remote_code,
-        checkpoint=checkpoint,
-        adapter=context.adapter,
-        gpus=gpus,
-    )
-    stored = checkpoint.dtypes if checkpoint else None
-    report.weights_loaded(
-        profile, measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
-    )
-    check_finite_outputs(model, tokenizer, str(source.directory))
-    return Loaded(model, tokenizer, stop_ids)

@@ -65,7 +65,7 @@ from oneke_plan.plan.plans import (
     check_positive,
     make_slots,
     offload_note,
-    offload_slowdown_of,
+    offload_slowdown_text,
     peaks_text,
     predict_speed,
     resolve_dtype,
@@ -253,9 +253,9 @@ class Planner:
             cap = "unbounded" if slot.capacity_bytes is None else format_bytes(slot.capacity_bytes)
             log.append(f"{slot.name}: {cap} usable, of which reserve {format_bytes(slot.reserve_bytes)}")
         placement = place(costs, slots, settings.strategy)
-        return Plan(
-            settings, dtype, attn, slots, costs, placement, layout, log + placement.log + offload_note(placement)
-        )
+        plan = Plan(settings, dtype, attn, slots, costs, placement, layout, log + placement.log)
+        plan.log += offload_note(plan, inventory)
+        return plan
 
     def adapter_notes(self, settings: PlanSettings, dtype: str, layout: ModelLayout) -> list[str]:
         """What the plan does with the adapter and what it counts (the profile's notes keep these lines)."""
@@ -426,12 +426,12 @@ class Planner:
                 if need > inventory.cpu_bytes:
                     lines.append(
                         f"CPU offload: --cpu-memory {format_bytes(need).replace(' ', '')} "
-                        f"(about {offload_slowdown_of(trial):.0f}x slower: weights cross PCIe at every step)"
+                        f"(weights cross PCIe at every step: {offload_slowdown_text(trial, inventory)})"
                     )
         if inventory.offload_dir is None and self.source.gguf_file is None:
             trial = self.plan(replace(inventory, offload_dir="offload", disk_bytes=None), settings)
             if trial.fits:
-                lines.append(f"disk offload: --offload-dir DIR (about {offload_slowdown_of(trial):.0f}x slower)")
+                lines.append(f"disk offload: --offload-dir DIR ({offload_slowdown_text(trial, inventory)})")
         return lines
 
     def gpu_only_alternatives(self, inventory: Inventory, settings: PlanSettings) -> list[str]:

@@ -38,20 +38,23 @@ from oneke_plan.measure.compat import stay_offline
 from oneke_plan.plan.profile import Profile, read_profile
 
 if TYPE_CHECKING:
+    from oneke_plan.extract.engines import CheckedEngine
     from oneke_plan.extract.workers import Worker
     from oneke_plan.measure.adapter import Adapter
     from oneke_plan.plan.model_source import ModelSource
 
+
 @dataclass(frozen=True)
 class RunContext:
     """What a run is, once every cheap check has passed. `profile` is the one this process runs: its replica under
-    torchrun, with the run's template and offload folder. `source` and `adapter` are None when the caller loaded the
-    model itself (api.extract). `output_mode`: "new" (refuse an existing output), "resume" or "overwrite"."""
+    torchrun, with the run's template and offload folder. `source`, `adapter` and `engine` (the engine whose check
+    passed, with what the check prepared for its start) are None when the caller loaded the model itself
+    (api.extract). `output_mode`: "new" (refuse an existing output), "resume" or "overwrite"."""
 
     profile: Profile
     source: ModelSource | None
     adapter: Adapter | None
-    engine: str
+    engine: CheckedEngine | None
     batch_size: int
     max_new_tokens: int
     output_mode: str
@@ -89,7 +92,7 @@ def preflight(
     max_new = within_plan("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
     profile = with_template(profile, template, report)
     mode = output_mode(resume, overwrite)
-    source = found = None
+    source = found = checked = None
     if checkpoint:
         source = checkpoint_source(profile, model, trust_remote_code)
         found = run_adapter(profile, adapter)
@@ -97,8 +100,8 @@ def preflight(
     worker = Worker.from_env()
     if source is not None:
         profile = workers_profile(profile, worker)
-        check_engine(engine, profile, source)
-    return RunContext(profile, source, found, engine, batch, max_new, mode, worker, trust_remote_code, force)
+        checked = check_engine(engine, profile, source, trust_remote_code)
+    return RunContext(profile, source, found, checked, batch, max_new, mode, worker, trust_remote_code, force)
 
 
 def within_plan(flag: str, value: int | None, planned: int) -> int:

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from oneke_plan.api.extraction import extraction_runner, hf_decoder, read_records
-from oneke_plan.api.loading import check_machine_noted, load_checked
+from oneke_plan.api.extraction import extraction_runner, read_records
+from oneke_plan.api.loading import check_machine_noted
 from oneke_plan.api.options import PathLike, Report
 from oneke_plan.api.preflight import RunContext, preflight
 from oneke_plan.core.errors import Interrupted, interrupted_by
+from oneke_plan.extract.engines import EngineRun
 from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
@@ -156,8 +157,9 @@ def run(
         finally:
             files.close()
         parts = group.gather(mine)
-    # vLLM allocates in its own processes: this one's torch peak would say nothing about them
-    memory = gpu_memory(context.profile) if mine is not None and engine == "hf" else []
+    # an engine that allocates in its own processes (vLLM): this one's torch peak would say nothing about it
+    measured = mine is not None and context.engine is not None and context.engine.measures_gpu_memory
+    memory = gpu_memory(context.profile) if measured else []
     return RunSummary(Path(output), len(records), worker, parts, memory)
 
 
@@ -178,25 +180,16 @@ def _answer(
             report.note(f"nothing to do: all {len(records)} prompts are answered{what}")
         return None
     assert files.writer is not None
-    batch_size, max_new_tokens = context.batch_size, context.max_new_tokens
-    if context.engine == "vllm":
-        from oneke_plan.extract.engines import vllm_decoder
-
-        vllm, tokenizer = vllm_decoder(
-            profile, source, batch_size, max_new_tokens, context.trust_remote_code, report.note
-        )
-        try:
-            runner = extraction_runner(vllm, tokenizer, profile, files.writer, batch_size, progress)
-            return runner.run(pending), len(pending)
-        finally:
-            vllm.close()
-    loaded = load_checked(context, gpus, report)
-    # a GGUF's end tokens are its own (config and tokenizer from its metadata): transformers reads no
-    # generation_config.json beside a GGUF, and neither does the decoder
-    checkpoint_dir = source.directory if source.gguf_file is None else None
-    decoder = hf_decoder(loaded.model, loaded.tokenizer, profile, max_new_tokens, checkpoint_dir, loaded.stop_ids)
-    runner = extraction_runner(decoder, loaded.tokenizer, profile, files.writer, batch_size, progress)
-    return runner.run(pending), len(pending)
+    assert context.engine is not None
+    run = EngineRun(
+        profile, source, context.batch_size, context.max_new_tokens, context.trust_remote_code, context.adapter, gpus
+    )
+    started = context.engine.start(run, report)
+    try:
+        runner = extraction_runner(started.decoder, started.tokenizer, profile, files.writer, run.batch_size, progress)
+        return runner.run(pending), len(pending)
+    finally:
+        started.close()
 
 
 def gpu_memory(profile: Profile) -> list[GpuMemory]:

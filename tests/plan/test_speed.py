@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 
 from oneke_plan import api
+from oneke_plan.core.sizes import GiB
 from oneke_plan.plan.catalog import CARDS, find_card
-from oneke_plan.plan.memory import PCIE_BYTES_PER_SECOND
 from oneke_plan.plan.plans import PlanResult
+from oneke_plan.plan.speed import (
+    DISK_BYTES_PER_SECOND,
+    PCIE_BYTES_PER_SECOND,
+    DeviceRates,
+    DeviceSpeed,
+    offload_cost,
+)
 
 # OneKE (oneke_plan/data/oneke_config.json; /work/shared/oneke/README.md): LLaMA-2-13B, 55,296-token vocabulary.
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, HEAD_DIM, VOCAB = 5120, 13824, 40, 40, 128, 55296
@@ -126,3 +133,21 @@ def test_replicas_add_up() -> None:
     each = [r.speed["records_per_hour"] for r in profile.replicas if r.speed]
     assert profile.speed["copies"] == 6
     assert profile.speed["records_per_hour"] == pytest.approx(3 * sum(each), rel=1e-5)
+
+
+def test_disk_offload_slowdown_by_hand() -> None:
+    """A GPU reading 10 GiB at 900 GB/s a step, 2 GiB read from disk and then across PCIe: the slowdown against all
+    12 GiB read from the GPU's memory; unknown where the GPU's bandwidth is (the copy's time is still known)."""
+    gpu, disk = 10 * GiB, 2 * GiB
+    disk_rate = int(1 / (1 / DISK_BYTES_PER_SECOND + 1 / PCIE_BYTES_PER_SECOND))  # the prediction's one rate
+    on_disk = DeviceSpeed("disk", disk, 0, 0, disk, DeviceRates(disk_rate), disk / disk_rate, None)
+    step = gpu / 900e9 + disk / DISK_BYTES_PER_SECOND + disk / PCIE_BYTES_PER_SECOND
+    known = DeviceSpeed(0, gpu, 0, 0, gpu, DeviceRates(900 * 10**9), gpu / 900e9, None)
+    cost = offload_cost([known, on_disk], 0, gpu / 900e9 + disk / disk_rate)
+    assert cost is not None and cost.slowdown == pytest.approx(step / ((gpu + disk) / 900e9), rel=1e-6)
+    assert cost.bytes_by_device == {"disk": disk} and cost.unknown_gpus == ()
+    assert offload_cost([known], 0, gpu / 900e9) is None  # nothing offloaded
+    unknown = DeviceSpeed(0, gpu, 0, 0, gpu, DeviceRates(), None, None)
+    cost = offload_cost([unknown, on_disk], 0, None)
+    assert cost is not None and cost.slowdown is None and cost.unknown_gpus == (0,)
+    assert cost.link_seconds == pytest.approx(disk / DISK_BYTES_PER_SECOND + disk / PCIE_BYTES_PER_SECOND, rel=1e-6)

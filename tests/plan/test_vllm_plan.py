@@ -150,6 +150,16 @@ def test_oneke_plan_prints_the_serve_line(capsys: pytest.CaptureFixture[str]) ->
     assert "vllm serve" not in capsys.readouterr().err  # only with --engine vllm
 
 
+def test_the_serve_line_trusts_remote_code_when_the_plan_did(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["oneke", "--gpu", "24GiB", "--cpu-memory", "0", "--quantize", "4bit", "--engine", "vllm"]
+    assert plan_main([*argv, "--trust-remote-code"]) == 0
+    line = next(line for line in capsys.readouterr().err.splitlines() if "vllm serve" in line).split()
+    assert "--trust-remote-code" in line
+    assert plan_main(argv) == 0
+    line = next(line for line in capsys.readouterr().err.splitlines() if "vllm serve" in line).split()
+    assert "--trust-remote-code" not in line
+
+
 def test_oneke_run_refuses_what_vllm_cannot_express_before_anything(
     tiny_model_dir: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -87,7 +87,7 @@ def test_real_model_speed_plain_generate_answers_as_oneke_runs_hf_engine(smollm2
     from transformers import AutoTokenizer
 
     from oneke_plan import api
-    from oneke_plan.api.extraction import hf_decoder
+    from oneke_plan.extract.engines import hf_decoder
 
     bench = bench_module("real_model_speed")
     records, sources = bench.read_prompts(1)
