@@ -42,7 +42,8 @@ def test_solving_builds_the_model_once_and_its_two_layer_copy_once(builds: list[
     forward, or on fake tensors as well where transformers cannot run it on meta) and the two-layer copy the laws
     are fitted on."""
     planner = Planner(resolve_model("oneke"))
-    result = planner.plan_profile(build_inventory(["24GiB", "12GiB"]), PlanSettings(Workload(512, 512, 4)), "batch_size")
+    inventory = build_inventory(["24GiB", "12GiB"])
+    result = planner.plan_profile(inventory, PlanSettings(Workload(512, 512, 4)), "batch_size")
     assert result.plan.settings.workload.batch_size > 4  # several bisection steps were planned
     whole = 1 if measures_on_meta() else 2
     assert sorted(builds) == [2] + [40] * whole
