@@ -121,7 +121,8 @@ def exact_fits(costs, slots) -> bool:
 
 def exact_largest_context(planner, dtype, quant, workload, sizes) -> int:
     """The largest max_input_tokens some contiguous split places, blocks priced as the planner prices them."""
-    from oneke_plan.plan.plans import PlanSettings, bisect_largest
+    from oneke_plan.plan.plans import PlanSettings
+    from oneke_plan.plan.solve import bisect_largest
 
     slots = gpu_slots(sizes)
     high = (planner.layout.max_position_embeddings or 1 << 20) - workload.max_new_tokens

@@ -1,49 +1,19 @@
 """oneke-plan --replicas: one copy of the model per group of GPUs, the same on every node: which groups, each one's
-plan, and what would fit when they do not (every line computed by planning it with the Planner)."""
+plan, and what would fit when they do not (every line computed by planning it with the Planner). The search for
+groups is plan/replicas.py's; this runs it with the Planner's plans, and writes the profile and the messages."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
 from oneke_plan.api.planner import Planner
 from oneke_plan.core.errors import BadInput, DoesNotFit
 from oneke_plan.plan.inventory import Inventory
-from oneke_plan.plan.plans import PlanResult, PlanSettings, bisect_largest, check_replica_counts, predict_speed
+from oneke_plan.plan.plans import PlanResult, PlanSettings, check_replica_counts, predict_speed
 from oneke_plan.plan.profile import REPLICAS_FORMAT_VERSION, Replica
-from oneke_plan.plan.replicas import GroupFits, most_replicas, split_into
+from oneke_plan.plan.replicas import replica_groups, replica_inventory
+from oneke_plan.plan.solve import QUANT_ORDER, bisect_largest, with_value
 from oneke_plan.plan.speed import combined
-
-
-def replica_groups(planner: Planner, inventory: Inventory, settings: PlanSettings, count: int | str) -> list[list[int]]:
-    """GPU groups that each hold a whole copy for the workload: `count` of them using every GPU, or with
-    "auto" as many as can be found (replicas.py: exhaustive up to 8 GPUs). [] if not even one; [[]] * count for
-    a machine without GPUs, whose CPU memory the copies share evenly."""
-    if not inventory.gpus:
-
-        def copies_fit(copies: int) -> bool:
-            return planner.plan(replica_inventory(inventory, [], copies), settings).fits
-
-        copies = bisect_largest(copies_fit, 64) if count == "auto" else int(count) * copies_fit(int(count))
-        return [[] for _ in range(copies)]
-    by_index = {g.index: g for g in inventory.gpus}
-    fits = GroupFits(
-        lambda group: planner.plan(replica_inventory(inventory, group), settings).fits,
-        lambda i: (by_index[i].free_bytes, str(by_index[i].reserve_bytes), by_index[i].compute_capability),
-    )
-    indexes = [g.index for g in inventory.gpus]
-    size = lambda i: by_index[i].free_bytes  # noqa: E731
-    if count == "auto":
-        return most_replicas(indexes, fits, size)
-    return split_into(indexes, int(count), fits, size) or []
-
-
-def replica_inventory(inventory: Inventory, group: Sequence[int], copies: int = 1) -> Inventory:
-    """The machine as one replica sees it: its GPUs (their indexes kept), no offload; without GPUs, its share
-    of the CPU memory."""
-    gpus = tuple(g for g in inventory.gpus if g.index in group)
-    cpu = 0 if gpus else inventory.cpu_bytes // copies
-    return replace(inventory, gpus=gpus, cpu_bytes=cpu, offload_dir=None, disk_bytes=None)
 
 
 def plan_replicas(
@@ -60,24 +30,22 @@ def plan_replicas(
         )
     if solve and count == "auto":
         raise BadInput("--solve with --replicas: give the number of replicas to solve for, not auto")
-    planner.check_workload(replace(settings.workload, **{solve: 1}) if solve else settings.workload)
+    planner.check_workload(with_value(settings, solve, 1).workload if solve else settings.workload)
     solved = None
     if solve:
 
         def fits(value: int) -> bool:
-            trial = replace(settings, workload=replace(settings.workload, **{solve: value}))
-            return bool(replica_groups(planner, inventory, trial, count))
+            return bool(replica_groups(planner.plan, inventory, with_value(settings, solve, value), count))
 
         best = bisect_largest(fits, planner.solve_bound(settings, solve))
         if best == 0:
-            at_one = replace(settings, workload=replace(settings.workload, **{solve: 1}))
             raise DoesNotFit(
                 f"--solve {solve.replace('_', '-')}: even 1 does not fit {count} replicas.\n"
-                + _replicas_do_not_fit(planner, inventory, at_one, count)
+                + _replicas_do_not_fit(planner, inventory, with_value(settings, solve, 1), count)
             )
-        settings = replace(settings, workload=replace(settings.workload, **{solve: best}))
+        settings = with_value(settings, solve, best)
         solved = f"the largest {solve} that fits {count} replicas is {best}"
-    groups = replica_groups(planner, inventory, settings, count)
+    groups = replica_groups(planner.plan, inventory, settings, count)
     if not groups:
         raise DoesNotFit(_replicas_do_not_fit(planner, inventory, settings, count))
     copies = len(groups)
@@ -97,17 +65,16 @@ def plan_replicas(
 
 def _replicas_do_not_fit(planner: Planner, inventory: Inventory, settings: PlanSettings, count: int | str) -> str:
     """Why the replicas do not fit, and what would (each line computed)."""
-    most = len(replica_groups(planner, inventory, settings, "auto"))
+    most = len(replica_groups(planner.plan, inventory, settings, "auto"))
     wanted = "one replica" if count == "auto" else f"{count} replicas"
     lines = [f"does not fit: {wanted} of the model need more than these GPUs hold (at most {most} fit)"]
     options = []
     if most >= 1 and count != "auto":
         options.append(f"--replicas {most}: fits")
-    order = ["none", "8bit", "4bit"]
     most_so_far = most
-    for mode in order[order.index(settings.quant.mode) + 1 :]:
+    for mode in QUANT_ORDER[QUANT_ORDER.index(settings.quant.mode) + 1 :]:
         trial = replace(settings, quant=replace(settings.quant, mode=mode))  # type: ignore[arg-type]
-        most_quantized = len(replica_groups(planner, inventory, trial, "auto"))
+        most_quantized = len(replica_groups(planner.plan, inventory, trial, "auto"))
         if most_quantized >= (1 if count == "auto" else int(count)):
             options.append(f"--quantize {mode}: {wanted} fit")
         elif most_quantized > most_so_far:  # fewer copies than asked, but more than a smaller step: say how many
@@ -116,8 +83,8 @@ def _replicas_do_not_fit(planner: Planner, inventory: Inventory, settings: PlanS
     for what in ("max_input_tokens", "batch_size"):
 
         def fits(value: int, what: str = what) -> bool:
-            trial = replace(settings, workload=replace(settings.workload, **{what: value}))
-            return bool(replica_groups(planner, inventory, trial, 1 if count == "auto" else count))
+            trial = with_value(settings, what, value)
+            return bool(replica_groups(planner.plan, inventory, trial, 1 if count == "auto" else count))
 
         best = bisect_largest(fits, min(planner.solve_bound(settings, what), getattr(settings.workload, what) - 1))
         if best >= 1:

@@ -1,16 +1,20 @@
-"""Placement arithmetic: which block goes on which device so that every device's estimate fits its memory.
+"""The planner's first two steps, price and place, as pure functions over byte counts (no torch).
 
-Pure functions over byte counts (no torch): `block_costs` prices each block for a quantization and the memory the
-model's forward was measured to hold for the workload; `estimate` sums a placement per device; `place` fills
-devices in order (or balanced) and says why: every step of `fill` is kept as a `PlacementStep` record, and each block
-that moves to the next device gets a log line saying what it needs and what the device has left.
+Price: `price` turns what was measured (each block's tensors, the memory the model's forward holds per block for
+the workload, the weights bitsandbytes would quantize, a LoRA adapter's bytes) into one `BlockCost` per block for
+a quantization. Place: `estimate` sums a placement per device; `place` fills devices in order (or balanced) and says
+why: every step of `fill` is kept as a `PlacementStep` record, and each block that moves to the next device gets a
+log line saying what it needs and what the device has left. Both live here, apart from the measuring (which needs
+the model built) and from solving (which re-plans for other settings), so that a plan for new settings is
+arithmetic once its measurements exist.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.plan.blocks import BlockInfo, ModelLayout, TensorInfo
 from oneke_plan.plan.memory import (
@@ -189,6 +193,49 @@ def block_costs(
             )
         )
     return costs
+
+
+@dataclass(frozen=True)
+class AdapterBytes:
+    """A LoRA adapter's bytes per block, as peft builds it onto the model: its tensors, and the largest transient
+    of merging one of its layers into the weights."""
+
+    resident_bytes: Mapping[str, int]
+    merge_scratch_bytes: Mapping[str, int]
+
+
+def price(
+    layout: ModelLayout,
+    quant: Quantization,
+    workload: Workload,
+    memory: MeasuredMemory,
+    quantizable: Mapping[str, tuple[int, int]] | None = None,
+    adapter: AdapterBytes | None = None,
+    adapter_merged: bool = True,
+) -> list[BlockCost]:
+    """Every block priced for the settings: `block_costs`, and the adapter's tensors with the weights when it
+    stays unmerged (8/4-bit), as load-time memory when it is merged on load (16-bit). `quantizable`: what
+    bitsandbytes would quantize, given whenever `quant` quantizes (BadInput when that is nothing)."""
+    if quant.mode != "none" and not quantizable:
+        raise BadInput(
+            f"--quantize {quant.mode}: transformers' bitsandbytes integration quantizes no layer of "
+            f"{layout.architecture} (it converts nn.Linear and Conv1D modules only), so it would load unchanged; "
+            "plan without --quantize"
+        )
+    costs = block_costs(layout, quant, workload, memory, quantizable)
+    if adapter is None:
+        return costs
+    resident, scratch = adapter.resident_bytes, adapter.merge_scratch_bytes
+    if not adapter_merged:
+        return [
+            replace(c, weights_bytes=c.weights_bytes + resident.get(c.name, 0),
+                    unquantized_weights_bytes=c.unquantized_weights_bytes + resident.get(c.name, 0))
+            for c in costs
+        ]  # fmt: skip
+    return [
+        replace(c, adapter_load_bytes=resident.get(c.name, 0), merge_scratch_bytes=scratch.get(c.name, 0))
+        for c in costs
+    ]
 
 
 def main_device(assignment: dict[str, DeviceId], slots: Sequence[Slot]) -> DeviceId:

@@ -58,15 +58,6 @@ class Inventory:
     cpu_flops_per_second: int | None = None  # host matmul throughput, when the user gives it
     cpu_reserve_bytes: int | None = None  # host memory the process needs besides weights; None: the default
 
-    @property
-    def device_ids(self) -> list[DeviceId]:
-        ids: list[DeviceId] = [g.index for g in self.gpus]
-        if self.cpu_bytes > 0 or not self.gpus:
-            ids.append("cpu")
-        if self.offload_dir is not None:
-            ids.append("disk")
-        return ids
-
 
 def detected_cpu_bytes() -> int:
     """MemAvailable from /proc/meminfo (bytes): what a new process can take without swapping."""

@@ -1,10 +1,10 @@
 """A plan as data (settings in; the Plan and the PlanResult out) and the planner's rules that need no model built:
-the dtype fallback, the devices as slots, a plan's speed and its offload warning, bisection for --solve.
+the dtype fallback, the devices as slots, a plan's speed and its offload warning. (Pricing and placing a plan: fit.py;
+solving for the largest workload and what would fit: solve.py.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oneke_plan.core.errors import BadInput
@@ -27,8 +27,6 @@ from oneke_plan.plan.profile import (
     Profile,
 )
 from oneke_plan.plan.speed import OffloadCost, SpeedPrediction, predict, rates_of
-
-MAX_SOLVED_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -203,17 +201,6 @@ def offload_note(plan: Plan, inventory: Inventory) -> list[str]:
         f"{head}{cost.step_seconds:.2f} s: about {cost.slowdown:.0f}x slower than with every weight on a GPU "
         f"(the speed prediction's decoding step; {figures})"
     ]
-
-
-def bisect_largest(fits: Callable[[int], bool], high: int) -> int:
-    """Largest x in [1, high] with fits(x), given fits is monotone (True then False); 0 if fits(1) is False."""
-    if high < 1 or not fits(1):
-        return 0
-    low = 1
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    return low
 
 
 def peaks_text(plan: Plan) -> str:

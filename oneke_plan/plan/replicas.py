@@ -4,15 +4,22 @@ Pure search over GPU indexes: whether a group of GPUs holds a copy is a callback
 those GPUs alone), memoized by the group's cards (two groups of the same cards fit alike). The goal is the most
 replicas. Up to EXHAUSTIVE_LIMIT GPUs every way of splitting them is tried; beyond, a bin-covering heuristic:
 each new group starts from the largest card left and takes the smallest cards that complete it, so big cards are
-not spent together where one of them and a few small ones would do.
+not spent together where one of them and a few small ones would do. `replica_groups` runs that search for one
+workload, planning each group with the planning function it is given (solve.py's PlanFn).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
+from oneke_plan.plan.inventory import Inventory
+from oneke_plan.plan.plans import PlanSettings
+from oneke_plan.plan.solve import PlanFn, bisect_largest
+
 EXHAUSTIVE_LIMIT = 8  # Bell(8) = 4,140 splits; the test suite checks the heuristic against it up to 6 cards
+MAX_CPU_COPIES = 64  # the most copies "auto" tries on a machine without GPUs
 
 
 def set_partitions(items: Sequence[int]) -> Iterator[list[list[int]]]:
@@ -94,3 +101,34 @@ def split_into(gpus: Sequence[int], count: int, fits: GroupFits, size: Callable[
         poorest.append(gpu)
         poorest.sort()
     return sorted(groups, key=lambda g: g[0])
+
+
+def replica_inventory(inventory: Inventory, group: Sequence[int], copies: int = 1) -> Inventory:
+    """The machine as one replica sees it: its GPUs (their indexes kept), no offload; without GPUs, its share
+    of the CPU memory."""
+    gpus = tuple(g for g in inventory.gpus if g.index in group)
+    cpu = 0 if gpus else inventory.cpu_bytes // copies
+    return replace(inventory, gpus=gpus, cpu_bytes=cpu, offload_dir=None, disk_bytes=None)
+
+
+def replica_groups(plan: PlanFn, inventory: Inventory, settings: PlanSettings, count: int | str) -> list[list[int]]:
+    """GPU groups that each hold a whole copy for the workload: `count` of them using every GPU, or with
+    "auto" as many as can be found (exhaustive up to EXHAUSTIVE_LIMIT GPUs). [] if not even one; [[]] * count for
+    a machine without GPUs, whose CPU memory the copies share evenly."""
+    if not inventory.gpus:
+
+        def copies_fit(copies: int) -> bool:
+            return plan(replica_inventory(inventory, [], copies), settings).fits
+
+        copies = bisect_largest(copies_fit, MAX_CPU_COPIES) if count == "auto" else int(count) * copies_fit(int(count))
+        return [[] for _ in range(copies)]
+    by_index = {g.index: g for g in inventory.gpus}
+    fits = GroupFits(
+        lambda group: plan(replica_inventory(inventory, group), settings).fits,
+        lambda i: (by_index[i].free_bytes, str(by_index[i].reserve_bytes), by_index[i].compute_capability),
+    )
+    indexes = [g.index for g in inventory.gpus]
+    size = lambda i: by_index[i].free_bytes  # noqa: E731
+    if count == "auto":
+        return most_replicas(indexes, fits, size)
+    return split_into(indexes, int(count), fits, size) or []

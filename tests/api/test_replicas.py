@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from oneke_plan.api.planner import Planner
-from oneke_plan.api.replica_planner import plan_replicas, replica_inventory
+from oneke_plan.api.replica_planner import plan_replicas
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.core.errors import DoesNotFit
@@ -30,7 +30,7 @@ from oneke_plan.plan.memory import Quantization, Workload
 from oneke_plan.plan.model_source import resolve_model
 from oneke_plan.plan.plans import PlanSettings
 from oneke_plan.plan.profile import read_profile
-from oneke_plan.plan.replicas import GroupFits, most_replicas
+from oneke_plan.plan.replicas import GroupFits, most_replicas, replica_inventory
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
