@@ -20,7 +20,7 @@ from oneke_plan.api.checks import (
 )
 from oneke_plan.api.extraction import extraction_runner, hf_decoder, read_records
 from oneke_plan.api.loading import check_machine_noted, load_checked
-from oneke_plan.api.options import PathLike, Report
+from oneke_plan.api.options import PathLike, Report, RunOptions, given, with_keywords
 from oneke_plan.core.errors import Interrupted, interrupted_by
 from oneke_plan.measure.compat import stay_offline
 from oneke_plan.plan.profile import Profile, read_profile
@@ -86,30 +86,17 @@ class RunSummary:
 
 
 def run(
-    profile: Profile | PathLike,
-    input: PathLike,
-    output: PathLike,
+    profile: Profile | PathLike | None = None,
+    input: PathLike | None = None,
+    output: PathLike | None = None,
     *,
-    model: PathLike | None = None,
-    task: str | None = None,
-    schema: str | list[Any] | dict[str, Any] | None = None,
-    lang: str = "zh",
-    chunk_size: int | None = None,
-    example: str | list[Any] | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    offload_dir: str | None = None,
-    force: bool = False,
-    progress: bool = False,
-    template: str | None = None,
-    trust_remote_code: bool = False,
-    adapter: PathLike | None = None,
-    engine: str = "hf",
+    options: RunOptions | None = None,
     report: Report | None = None,
+    **keywords: Any,
 ) -> RunSummary:
-    """oneke-run: each parameter is one of its flags (load, read_records and extract say what they do).
+    """oneke-run: `options` holds each of its flags (load, read_records and extract say what they do); its fields
+    may also be given as keyword arguments, and `profile`, `input` and `output` as the first three positional ones:
+    these override `options`, as in api.run("P.yaml", "in.jsonl", "out.jsonl", batch_size=2).
 
     `engine`: who generates. "hf" (the default) loads the model as the profile places it and decodes with
     oneke-run's own decoder; "vllm" starts vLLM's offline engine with the profile translated for it
@@ -128,18 +115,23 @@ def run(
     from oneke_plan.extract.outputs import RunOutput
     from oneke_plan.extract.workers import Group, Worker
 
+    keywords.update(given(profile=profile, input=input, output=output))
+    options = with_keywords(RunOptions, options, keywords, "run")
+    input, output, engine = options.input, options.output, options.engine
     report = report or Report()
     stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
     one_of("--engine", engine, ENGINES)
-    profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
-    batch = planned("--batch-size", batch_size, profile.workload["batch_size"])
-    max_new = planned("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
-    profile = with_template(profile, template, report)
-    source = checkpoint_source(profile, model, trust_remote_code)
-    found = run_adapter(profile, adapter)
-    profile = replace(profile, offload_dir=offload_folder(profile.offload_dir, offload_dir))
-    mode = output_mode(resume, overwrite)
-    records = read_records(input, task, schema, lang, chunk_size, example, report)
+    profile = options.profile if isinstance(options.profile, Profile) else read_profile(Path(options.profile))
+    batch = planned("--batch-size", options.batch_size, profile.workload["batch_size"])
+    max_new = planned("--max-new-tokens", options.max_new_tokens, profile.workload["max_new_tokens"])
+    profile = with_template(profile, options.template, report)
+    source = checkpoint_source(profile, options.model, options.trust_remote_code)
+    found = run_adapter(profile, options.adapter)
+    profile = replace(profile, offload_dir=offload_folder(profile.offload_dir, options.offload_dir))
+    mode = output_mode(options.resume, options.overwrite)
+    records = read_records(
+        input, options.task, options.schema, options.lang, options.chunk_size, options.example, report
+    )
     worker = Worker.from_env()
     profile = workers_profile(profile, worker)
     check_engine(engine, profile, source)
@@ -152,8 +144,8 @@ def run(
             group.barrier()
         try:
             mine = _answer(
-                profile, source, found, records, files, worker, batch, max_new, force, trust_remote_code, progress,
-                engine,
+                profile, source, found, records, files, worker, batch, max_new, options.force,
+                options.trust_remote_code, options.progress, engine,
                 report,
             )
             if worker.distributed:
