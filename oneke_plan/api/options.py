@@ -1,7 +1,6 @@
-"""What the Python API takes: the values each choice allows, the default workload, Report (where it says what it
-finds while it works), and one options dataclass per command (PlanOptions, RunOptions), each field a flag with its
-default, help text and argument group beside it: oneke-plan's and oneke-run's parsers are generated from them, so a
-new flag is one field here."""
+"""What the Python API takes: one options dataclass per command, whose fields are its flags (the CLIs' parsers are
+generated from them), the values each choice allows, the default workload, and Report, where it says what it finds
+while it works."""
 
 from __future__ import annotations
 
