@@ -16,9 +16,13 @@
   memory or journaled to an output file exactly as oneke-run writes it (resume, overwrite, out-of-memory retries);
 - run: oneke-run itself (profile file and input file in, output file out, torchrun workers), returning RunSummary.
 
+plan and run take their command's options as one object, PlanOptions or RunOptions (a field per flag, with its
+default), or its fields as keyword arguments: api.plan("oneke", options=PlanOptions(batch_size=8)) and
+api.plan("oneke", batch_size=8) are the same plan.
+
 Errors are oneke_plan.core.errors': BadInput (what the user gave is wrong; exit 2 in the CLIs) and DoesNotFit (the model
 does not fit, or the machine does not match the profile; exit 3), each one line that says what to do; the flags it
-names are the CLIs', which are these functions' parameters. Sizes are ints in bytes, or strings such as "24GiB"
+names are the CLIs', each a field of PlanOptions or RunOptions. Sizes are ints in bytes, or strings such as "24GiB"
 (GiB = 2**30 bytes, GB = 10**9). Notes (what a step found; what force=True let through) go to a Report: the default
 logs them on the `oneke_plan` logger.
 
@@ -27,7 +31,17 @@ The CLIs are flag parsing and printing around these functions (oneke_plan/cli/).
 
 from oneke_plan.api.extraction import Extraction, extract, read_records
 from oneke_plan.api.loading import load
-from oneke_plan.api.options import DEFAULT_WORKLOAD, DTYPES, LANGUAGES, QUANT_TYPES, SOLVE_FOR, STRATEGIES, Report
+from oneke_plan.api.options import (
+    DEFAULT_WORKLOAD,
+    DTYPES,
+    LANGUAGES,
+    QUANT_TYPES,
+    SOLVE_FOR,
+    STRATEGIES,
+    PlanOptions,
+    Report,
+    RunOptions,
+)
 from oneke_plan.api.planning import plan, plan_document
 from oneke_plan.api.running import GpuMemory, RunSummary, gpu_memory, run
 from oneke_plan.extract.engines import ENGINES
@@ -43,7 +57,9 @@ __all__ = [
     "STRATEGIES",
     "Extraction",
     "GpuMemory",
+    "PlanOptions",
     "Report",
+    "RunOptions",
     "RunSummary",
     "extract",
     "gpu_memory",

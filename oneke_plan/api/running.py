@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from oneke_plan.api.extraction import extraction_runner, read_records
 from oneke_plan.api.loading import check_machine_noted
-from oneke_plan.api.options import PathLike, Report
+from oneke_plan.api.options import PathLike, Report, RunOptions, given, with_keywords
 from oneke_plan.api.preflight import RunContext, preflight
 from oneke_plan.core.errors import Interrupted, interrupted_by
 from oneke_plan.extract.engines import EngineRun
@@ -74,30 +74,17 @@ class RunSummary:
 
 
 def run(
-    profile: Profile | PathLike,
-    input: PathLike,
-    output: PathLike,
+    profile: Profile | PathLike | None = None,
+    input: PathLike | None = None,
+    output: PathLike | None = None,
     *,
-    model: PathLike | None = None,
-    task: str | None = None,
-    schema: str | list[Any] | dict[str, Any] | None = None,
-    lang: str = "zh",
-    chunk_size: int | None = None,
-    example: str | list[Any] | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    offload_dir: str | None = None,
-    force: bool = False,
-    progress: bool = False,
-    template: str | None = None,
-    trust_remote_code: bool = False,
-    adapter: PathLike | None = None,
-    engine: str = "hf",
+    options: RunOptions | None = None,
     report: Report | None = None,
+    **keywords: Any,
 ) -> RunSummary:
-    """oneke-run: each parameter is one of its flags (load, read_records and extract say what they do).
+    """oneke-run: `options` holds each of its flags (load, read_records and extract say what they do); its fields
+    may also be given as keyword arguments, and `profile`, `input` and `output` as the first three positional ones:
+    these override `options`, as in api.run("P.yaml", "in.jsonl", "out.jsonl", batch_size=2).
 
     `engine`: who generates. "hf" (the default) loads the model as the profile places it and decodes with
     oneke-run's own decoder; "vllm" starts vLLM's offline engine with the profile translated for it
@@ -115,23 +102,28 @@ def run(
     from oneke_plan.extract.outputs import RunOutput
     from oneke_plan.extract.workers import Group
 
+    keywords.update(given(profile=profile, input=input, output=output))
+    options = with_keywords(RunOptions, options, keywords, "run")
+    input, output, engine = options.input, options.output, options.engine
     report = report or Report()
     context = preflight(
-        profile,
-        model=model,
-        adapter=adapter,
-        offload_dir=offload_dir,
-        template=template,
+        options.profile,
+        model=options.model,
+        adapter=options.adapter,
+        offload_dir=options.offload_dir,
+        template=options.template,
         engine=engine,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        resume=resume,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        force=force,
+        batch_size=options.batch_size,
+        max_new_tokens=options.max_new_tokens,
+        resume=options.resume,
+        overwrite=options.overwrite,
+        trust_remote_code=options.trust_remote_code,
+        force=options.force,
         report=report,
     )
-    records = read_records(input, task, schema, lang, chunk_size, example, report)
+    records = read_records(
+        input, options.task, options.schema, options.lang, options.chunk_size, options.example, report
+    )
     worker, mode = context.worker, context.output_mode
     if worker.restarts and mode == "new":
         mode = "resume"  # torchrun restarted the workers after one failed: each continues its part
@@ -141,7 +133,7 @@ def run(
             files.prepare()
             group.barrier()
         try:
-            mine = _answer(context, records, files, progress, report)
+            mine = _answer(context, records, files, options.progress, report)
             if worker.distributed:
                 if worker.rank != 0:
                     files.close()  # worker 0 reads and removes this part once every worker is through

@@ -1,18 +1,24 @@
-"""What the commands share: error handling (one line, an exit code, no traceback), notes and table printing."""
+"""What the commands share: their parsers, generated from options dataclasses; error handling (one line, an exit
+code, no traceback); notes and table printing."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import threading
 import traceback
+import types
+import typing
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from oneke_plan.api import Report
+from oneke_plan.api.options import FLAG, Flag, Options
 from oneke_plan.core.errors import EXIT_BAD_INPUT, Interrupted, OnekePlanError, interrupted_by
 
 EXIT_INTERNAL = 1
@@ -39,6 +45,65 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         hint = " (a value starting with '-' needs '=', e.g. --gpu=-8GiB)" if "expected one argument" in message else ""
         self.exit(2, f"{self.prog}: error: {message}{hint}; see {self.prog} --help\n")
+
+
+def add_options(parser: argparse.ArgumentParser, *option_types: type) -> None:
+    """One argument for each field of the options dataclasses that declares a flag (api.options.Flag), in field
+    order; each --help section is made at its first field, so the sections show in the order their first flags do.
+    Like transformers' HfArgumentParser and vLLM's EngineArgs, the field is the one place a flag is declared."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option_type in option_types:
+        hints = typing.get_type_hints(option_type)
+        for item in dataclasses.fields(option_type):
+            spec = item.metadata.get(FLAG)
+            if spec is None:
+                continue
+            if spec.group is not None and spec.group not in groups:
+                groups[spec.group] = parser.add_argument_group(spec.group)
+            names, settings = argument_for(item, spec, hints[item.name])
+            (parser if spec.group is None else groups[spec.group]).add_argument(*names, **settings)
+
+
+def argument_for(item: dataclasses.Field[Any], spec: Flag, hint: Any) -> tuple[list[str], dict[str, Any]]:
+    """add_argument's names and settings for one field: a bool is a switch (store_true, or `--no-NAME` storing False
+    where its default is True), an int is read as one, a field without a default is required."""
+    required = item.default is dataclasses.MISSING
+    settings: dict[str, Any] = {"help": spec.help, "default": None if required else item.default}
+    if spec.metavar is not None:
+        settings["metavar"] = spec.metavar
+    if spec.choices is not None:
+        settings["choices"] = spec.choices
+    if spec.positional:
+        return [item.name], {**settings, "nargs": None if required else "?"}
+    spelled = "--" + item.name.replace("_", "-")
+    settings["dest"] = item.name
+    value_type = without_none(hint)
+    if value_type is bool:
+        if item.default is True:
+            return [f"--no-{spelled[2:]}"], {**settings, "action": "store_false"}
+        return list(spec.names or [spelled]), {**settings, "action": "store_true"}
+    if required:
+        settings["required"] = True
+    if spec.repeat:
+        settings["action"] = "append"
+    parse = spec.parse or (int if value_type is int else None)
+    if parse is not None:
+        settings["type"] = parse
+    return list(spec.names or [spelled]), settings
+
+
+def without_none(hint: Any) -> Any:
+    """`X` for `X | None`; any other type as it is."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        kept = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return kept[0] if len(kept) == 1 else hint
+    return hint
+
+
+def options_from(args: argparse.Namespace, options_type: type[Options]) -> Options:
+    """The options dataclass from parsed arguments (its fields without a flag keep their defaults)."""
+    flagged = [item.name for item in dataclasses.fields(options_type) if FLAG in item.metadata]
+    return options_type(**{name: getattr(args, name) for name in flagged})
 
 
 class PrintedReport(Report):

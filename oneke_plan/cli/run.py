@@ -6,23 +6,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from oneke_plan import __version__, api
 from oneke_plan.api import GpuMemory, RunSummary
+from oneke_plan.api.options import RUN, RunOptions, flag
 from oneke_plan.cli.common import (
     OneLineParser,
     PrintedReport,
+    add_options,
     format_table,
     offline_and_quiet,
+    options_from,
     run_main,
     wants_debug,
 )
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.extract.workers import Worker
-from oneke_plan.formats.templates import TEMPLATES
 from oneke_plan.plan.profile import Profile
 from oneke_plan.plan.report import device_label
 
@@ -48,6 +50,15 @@ exit codes: 0 done, 2 bad input, 3 machine does not match the profile.
 """
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunCommand:
+    """oneke-run's flags that api.run does not take as they are (the rest are RunOptions'): --no-progress, because
+    the API's progress bar is off unless asked for while oneke-run's is on unless refused."""
+
+    no_progress: bool = field(default=False, metadata=flag("no progress bar", group=RUN))
+    debug: bool = field(default=False, metadata=flag("show tracebacks", group=RUN))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="oneke-run",
@@ -57,78 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--profile", type=Path, required=True, metavar="P.yaml", help="a profile written by oneke-plan")
-    p.add_argument(
-        "--model",
-        metavar="DIR_OR_REPO_ID",
-        help="the checkpoint directory, a repo id in the local Hugging Face cache, or a GGUF file "
-        "(default: the profile's model source, when it is a directory or a file)",
-    )
-    p.add_argument(
-        "--adapter",
-        type=Path,
-        metavar="DIR",
-        help="the LoRA adapter the profile was planned with (default: the profile's adapter path); another one, "
-        "changed files or another base model's adapter are refused before loading (exit 3)",
-    )
-    p.add_argument(
-        "--input",
-        type=Path,
-        required=True,
-        metavar="IN.jsonl",
-        help="the authors' converted file (id + instruction), or raw lines ({id?, text}) with --task",
-    )
-    p.add_argument("--output", type=Path, required=True, metavar="OUT.jsonl", help="answers, one JSON line each")
-    raw = p.add_argument_group("raw text input")
-    raw.add_argument("--task", help="NER, RE, EE, EET, EEA, KG or SPO: read --input as raw text lines")
-    raw.add_argument("--schema", help="the schema: inline JSON, or a file (JSON, or the authors' 3-line schema.json)")
-    raw.add_argument("--lang", choices=api.LANGUAGES, default="zh", help="instruction language (default: %(default)s)")
-    raw.add_argument("--chunk-size", type=int, help="schema items per prompt (default: the authors' size per task)")
-    raw.add_argument(
-        "--example",
-        metavar="JSON_OR_FILE",
-        help='few-shot items added to every prompt (zh only, as the authors publish): [{"input": ..., "output": ...}]',
-    )
-    gen = p.add_argument_group("generation (defaults: the profile's workload)")
-    gen.add_argument(
-        "--engine",
-        choices=api.ENGINES,
-        default="hf",
-        help="who generates: hf (default: the model loaded as planned, oneke-run's decoder) or vllm (vLLM's engine "
-        "with the plan translated for it; needs pip install 'oneke-plan[vllm]'); both decode greedily",
-    )
-    gen.add_argument("--batch-size", type=int, metavar="N", help="prompts per batch (at most the planned batch)")
-    gen.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length (at most the planned one)")
-    gen.add_argument(
-        "--template",
-        choices=list(TEMPLATES),
-        metavar="NAME",
-        help="the chat template around each prompt: a DeepKE template or 'model' (the model's own) (default: the "
-        "profile's; see oneke-plan --template)",
-    )
-    run = p.add_argument_group("run")
-    run.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the answers already in --output (and its journal), run the rest and the prompts that failed",
-    )
-    run.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --output (only once the new one is complete)"
-    )
-    run.add_argument(
-        "--offload-dir",
-        metavar="DIR",
-        help="where disk-offloaded weights go (default: the profile's offload_dir when it is a relative path "
-        "inside the current folder; any other folder must be confirmed here)",
-    )
-    run.add_argument("--force", action="store_true", help="run even if the machine does not match the profile")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow code shipped with the model to run (off by default; OneKE does not need it)",
-    )
-    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_options(p, RunOptions, RunCommand)
     p.add_argument("--version", action="version", version=f"oneke-run {__version__}")
     return p
 
@@ -167,29 +107,8 @@ def peak_table(memory: list[GpuMemory]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = api.run(
-        args.profile,
-        args.input,
-        args.output,
-        model=args.model,
-        task=args.task,
-        schema=args.schema,
-        lang=args.lang,
-        chunk_size=args.chunk_size,
-        example=args.example,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        offload_dir=args.offload_dir,
-        force=args.force,
-        progress=not args.no_progress,
-        template=args.template,
-        trust_remote_code=args.trust_remote_code,
-        adapter=args.adapter,
-        engine=args.engine,
-        report=RunReport("oneke-run"),
-    )
+    options, command = options_from(args, RunOptions), options_from(args, RunCommand)
+    summary = api.run(options=replace(options, progress=not command.no_progress), report=RunReport("oneke-run"))
     _report(summary)
     if summary.gpu_memory:
         print(peak_table(summary.gpu_memory), file=sys.stderr)

@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from oneke_plan.core.errors import BadInput
+from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.formats import answers
 from oneke_plan.io.files import os_error, write_all
-
-if TYPE_CHECKING:
-    from oneke_plan.extract.inputs import PromptRecord
-
-ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
-"""Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
 
 
 def _base_line(record: PromptRecord) -> dict[str, Any]:

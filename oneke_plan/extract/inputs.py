@@ -7,7 +7,7 @@ Two input forms:
 - raw text lines `{"text", ...}` plus a schema, converted as the authors' converter converts them: one prompt per
   schema chunk, the id the SHA-256 of the text, `source` the input's folder name, gold labels as `label`.
 
-Fields an answer line adds (answer_lines.ANSWER_FIELDS) are dropped from the input's.
+Fields an answer line adds (ANSWER_FIELDS) are dropped from the input's.
 
 Standard library only (no torch).
 """
@@ -23,10 +23,12 @@ from typing import Any
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
-from oneke_plan.extract.answer_lines import ANSWER_FIELDS
 from oneke_plan.formats import answers, oneke
 from oneke_plan.io import jsonfile
 from oneke_plan.io.limits import MAX_INPUT_BYTES, MAX_JSON_BYTES
+
+ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
+"""Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
 
 GOLD_FIELDS = {
     "NER": "entity",
