@@ -146,7 +146,8 @@ def plan_row(model: Path, machine: dict[str, Any], args: argparse.Namespace, bat
     result = api.plan(str(model), **machine, max_input_tokens=args.max_input_tokens, quantize=args.quantize,
                       max_new_tokens=args.max_new_tokens, batch_size=batch, reserve=args.reserve, report=report,
                       solve="batch_size" if solve else None)
-    return result, api.plan_document(result)["summary"]["devices"][0]
+    summary = api.plan_document(result)["summary"]
+    return result, {**summary["devices"][0], "batch_size": summary["workload"]["batch_size"]}
 
 
 def decode(model: Any, tokenizer: Any, args: argparse.Namespace, batch: int) -> tuple[int, int]:
@@ -182,7 +183,7 @@ def probe(args: argparse.Namespace, model_dir: Path, card: Card, data: dict[str,
     on_card = {"gpus": [str(card_bytes)], "cpu_memory": 0} if card.cuda else {"cpu_memory": card_bytes}
     unbounded = {"gpus": [UNBOUNDED], "cpu_memory": 0} if card.cuda else {"cpu_memory": UNBOUNDED}
     result, row = plan_row(model_dir, on_card, args, 1, report, solve=True)
-    planned = int(result.profile.workload["batch_size"])
+    planned = row.pop("batch_size")
     data["plan"] = {"card_bytes": card_bytes, "batch_size": planned, "device": row}
     # force: a context larger than the reserve is a finding here, not a reason to stop (its note is kept)
     model, tokenizer = api.load(result.profile, str(model_dir), force=True, report=report)
