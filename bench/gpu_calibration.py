@@ -632,7 +632,7 @@ def load_shared(planner: Any, source: Any, grid: Grid, quant: str, probe: Probe)
     probe.set_card(None)
     settings = settings_for(grid, quant, min(grid.contexts), 1)
     profile = planner.plan_profile(target_inventory(probe), settings).profile
-    planned = sum(int(e["weights_bytes"]) for e in profile.estimate.values())
+    planned = sum(e.weights_bytes for e in profile.estimate.values())
     before = probe.begin()
     start = time.perf_counter()
     model = load_model(profile, source)
@@ -795,7 +795,7 @@ def run_oneke_run(source: Any, tokenizer: Any, profile: Any, probe: Probe, cap: 
     from oneke_plan.cli.run import main as oneke_run
 
     work = profile.workload
-    lines, lengths = converted_lines(tokenizer, work["max_input_tokens"], work["batch_size"])
+    lines, lengths = converted_lines(tokenizer, work.max_input_tokens, work.batch_size)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "input.json").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (folder / "profile.yaml").write_text(profile.to_yaml(), encoding="utf-8")
@@ -1026,7 +1026,7 @@ def split_check(planner: Any, source: Any, spec: SplitSpec, grid: Grid, probe: P
             by_device = storage_bytes_by_device(tensors)
             card = spec.cards[k]
             record = run_record(spec.shape, spec.quant, card, spec.context, spec.batch, SPLIT, "generate", settings,
-                                {key: int(v) for key, v in profile.estimate[k].items()}, True)
+                                profile.estimate[k].to_data(), True)
             record["id"] += f"/device{k}"
             record["device"] = k
             record["modules"] = sorted(name for name, dev in profile.device_map.items() if dev == k)

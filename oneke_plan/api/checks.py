@@ -125,7 +125,7 @@ def checkpoint_source(profile: Profile, model: PathLike | None, trust_remote_cod
     """The checkpoint to load: `model`, else the profile's source; never the built-in config (it has no weights)."""
     if trust_remote_code and not model:
         raise BadInput("--trust-remote-code runs code from the model directory: name it yourself with --model")
-    model_name = model or profile.model.get("source")
+    model_name = model or profile.model.source
     if not model_name or model_name == "oneke":
         raise BadInput(
             "the profile was planned from the built-in OneKE config, which has no weights: pass "
@@ -179,7 +179,7 @@ def run_adapter(profile: Profile, adapter: PathLike | None) -> Adapter | None:
 
     if adapter is None and profile.adapter is None:
         return None
-    found = read_adapter(adapter if adapter is not None else profile.adapter["path"])  # type: ignore[index]
+    found = read_adapter(adapter if adapter is not None else profile.adapter.path)  # type: ignore[union-attr]
     check_recorded(found, profile.adapter)
     return found
 

@@ -79,7 +79,7 @@ def extraction_runner(
     batches."""
     from oneke_plan.extract.runner import Runner
 
-    max_input = profile.workload["max_input_tokens"]
+    max_input = profile.workload.max_input_tokens
     return Runner(decoder, tokenizer, writer, batch_size, max_input, progress=progress, template=profile.template)
 
 
@@ -163,8 +163,8 @@ def extract(
     from oneke_plan.extract.outputs import RunOutput
     from oneke_plan.extract.workers import Worker
 
-    batch = planned("--batch-size", batch_size, profile.workload["batch_size"])
-    max_new = planned("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
+    batch = planned("--batch-size", batch_size, profile.workload.batch_size)
+    max_new = planned("--max-new-tokens", max_new_tokens, profile.workload.max_new_tokens)
     mode = output_mode(resume, overwrite)
     files = None
     if output is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
+from oneke_plan.plan.memory import QUANT_TYPES as QUANT_TYPES  # re-exported: declared with Quantization
 from oneke_plan.plan.memory import Workload
 from oneke_plan.plan.profile import Profile
 
@@ -17,7 +18,6 @@ DEFAULT_WORKLOAD = Workload(max_input_tokens=512, max_new_tokens=512, batch_size
 
 # The values each choice takes (the CLIs offer the same ones).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-QUANT_TYPES = ("nf4", "fp4")
 STRATEGIES = ("fill", "balanced")
 SOLVE_FOR = ("max-input-tokens", "batch-size")
 LANGUAGES = ("zh", "en")
@@ -37,5 +37,5 @@ class Report:
     def weights_loaded(self, profile: Profile, loaded_bytes: dict[int | str, int]) -> None:
         """Right after loading, before the finite-output check: the bytes of the model's weights on each device of
         `profile` (GPU index, "cpu", "disk"), as loaded (loaded_weights.measured_weight_bytes)."""
-        planned = {d: int(e.get("weights_bytes", 0)) for d, e in profile.estimate.items()}
+        planned = {d: e.weights_bytes for d, e in profile.estimate.items()}
         log.info("weights per device, loaded (bytes): %s; planned: %s", loaded_bytes, planned)

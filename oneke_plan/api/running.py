@@ -132,8 +132,8 @@ def run(
     stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
     one_of("--engine", engine, ENGINES)
     profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
-    batch = planned("--batch-size", batch_size, profile.workload["batch_size"])
-    max_new = planned("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
+    batch = planned("--batch-size", batch_size, profile.workload.batch_size)
+    max_new = planned("--max-new-tokens", max_new_tokens, profile.workload.max_new_tokens)
     profile = with_template(profile, template, report)
     source = checkpoint_source(profile, model, trust_remote_code)
     found = run_adapter(profile, adapter)
@@ -230,6 +230,6 @@ def gpu_memory(profile: Profile) -> list[GpuMemory]:
     found = []
     for gpu in profile.gpu_ids():
         free, total = torch.cuda.mem_get_info(gpu)
-        planned = int(profile.estimate.get(gpu, {}).get("total_bytes", 0))
+        planned = profile.estimate_on(gpu).total_bytes
         found.append(GpuMemory(gpu, planned, torch.cuda.max_memory_allocated(gpu), total - free))
     return found
