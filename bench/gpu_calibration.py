@@ -1026,7 +1026,7 @@ def split_check(planner: Any, source: Any, spec: SplitSpec, grid: Grid, probe: P
             by_device = storage_bytes_by_device(tensors)
             card = spec.cards[k]
             record = run_record(spec.shape, spec.quant, card, spec.context, spec.batch, SPLIT, "generate", settings,
-                                profile.estimate[k].to_data(), True)
+                                estimate_record(profile.estimate[k]), True)
             record["id"] += f"/device{k}"
             record["device"] = k
             record["modules"] = sorted(name for name, dev in profile.device_map.items() if dev == k)

@@ -349,7 +349,7 @@ def test_replan_command_keeps_the_workload_and_quantization(tiny_model_dir: Path
 
     profile = cpu_profile(tiny_model_dir, quant="4bit")
     profile = replace(
-        profile, quantization={"mode": "4bit", "quant_type": "fp4", "double_quant": False}, offload_dir="/o d"
+        profile, quantization=Quantization("4bit", "fp4", double_quant=False), offload_dir="/o d"
     )
     command = replan_command(profile, "/models/One KE", ())
     assert command == (
