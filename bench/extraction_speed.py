@@ -272,7 +272,7 @@ def compare_engines(args: Any, directory: Path, model: Any, tokenizer: Any, reco
         longest = max(map(len, prompts))
         profile = api.plan(directory, inventory_file=inventory, dtype="float32", max_input_tokens=longest,
                            max_new_tokens=max_new, batch_size=batch).profile  # fmt: skip
-    max_input = profile.workload["max_input_tokens"]
+    max_input = profile.workload.max_input_tokens
 
     variants: dict[str, Any] = {}
     if "hf" in engines:

@@ -75,7 +75,7 @@ def extraction_runner(
     batches."""
     from oneke_plan.extract.runner import Runner
 
-    max_input = profile.workload["max_input_tokens"]
+    max_input = profile.workload.max_input_tokens
     return Runner(decoder, tokenizer, writer, batch_size, max_input, progress=progress, template=profile.template)
 
 

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.extract.engines import ENGINES
 from oneke_plan.formats.templates import DEEPKE_TEMPLATES, MODEL_TEMPLATE, ONEKE_TEMPLATE, TEMPLATES
-from oneke_plan.plan.memory import DEFAULT_CPU_RESERVE_BYTES, DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Workload
+from oneke_plan.plan.memory import (
+    DEFAULT_CPU_RESERVE_BYTES,
+    DEFAULT_GPU_RESERVE_BYTES,
+    NO_QUANTIZATION,
+    QUANT_MODES,
+    Workload,
+)
+from oneke_plan.plan.memory import QUANT_TYPES as QUANT_TYPES  # re-exported: declared with Quantization
 from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
@@ -29,7 +36,6 @@ DEFAULT_WORKLOAD = Workload(max_input_tokens=512, max_new_tokens=512, batch_size
 
 # The values each choice takes (the CLIs offer the same ones).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-QUANT_TYPES = ("nf4", "fp4")
 STRATEGIES = ("fill", "balanced")
 SOLVE_FOR = ("max-input-tokens", "batch-size")
 LANGUAGES = ("zh", "en")
@@ -49,7 +55,7 @@ class Report:
     def weights_loaded(self, profile: Profile, loaded_bytes: dict[int | str, int]) -> None:
         """Right after loading, before the finite-output check: the bytes of the model's weights on each device of
         `profile` (GPU index, "cpu", "disk"), as loaded (loaded_weights.measured_weight_bytes)."""
-        planned = {d: int(e.get("weights_bytes", 0)) for d, e in profile.estimate.items()}
+        planned = {d: e.weights_bytes for d, e in profile.estimate.items()}
         log.info("weights per device, loaded (bytes): %s; planned: %s", loaded_bytes, planned)
 
 
@@ -201,8 +207,12 @@ class PlanOptions:
             group=MODEL,
         ),
     )
-    quant_type: str = field(default="nf4", metadata=flag("4-bit data type", choices=QUANT_TYPES, group=MODEL))
-    double_quant: bool = field(default=True, metadata=flag("4-bit: keep absmax scales in fp32", group=MODEL))
+    quant_type: str = field(
+        default=NO_QUANTIZATION.quant_type, metadata=flag("4-bit data type", choices=QUANT_TYPES, group=MODEL)
+    )
+    double_quant: bool = field(
+        default=NO_QUANTIZATION.double_quant, metadata=flag("4-bit: keep absmax scales in fp32", group=MODEL)
+    )
     template: str | None = field(
         default=None,
         metadata=flag(

@@ -49,7 +49,7 @@ from oneke_plan.plan.plans import (
 )
 from oneke_plan.plan.profile import (
     ATTN_IMPLEMENTATIONS,
-    ESTIMATE_KEYS,
+    ModelInfo,
     Profile,
     ProfileDevice,
 )
@@ -279,30 +279,19 @@ class Planner:
             name = gpu.name if gpu else slot.name
             reserve = slot.reserve_bytes if slot.id != "disk" else 0
             devices.append(ProfileDevice(slot.id, name, total, slot.capacity_bytes, cc, reserve))
-        estimate = {}
-        for slot in used:
-            est = plan.placement.estimates.get(slot.id, DeviceEstimate())
-            estimate[slot.id] = {key: getattr(est, key) for key in ESTIMATE_KEYS}
-        quant: dict[str, Any] = {"mode": plan.settings.quant.mode}
-        if plan.settings.quant.mode == "4bit":
-            quant.update(quant_type=plan.settings.quant.quant_type, double_quant=plan.settings.quant.double_quant)
-        workload = plan.settings.workload
+        estimate = {slot.id: plan.placement.estimates.get(slot.id, DeviceEstimate()) for slot in used}
         return Profile(
-            model={
-                "source": self.source.name,
-                "architecture": plan.layout.architecture,
-                "model_type": plan.layout.model_type,
-                "parameter_count": plan.layout.parameter_count,
-                "config_fingerprint": self.source.fingerprint,
-            },
+            model=ModelInfo(
+                source=self.source.name,
+                architecture=plan.layout.architecture,
+                model_type=plan.layout.model_type,
+                parameter_count=plan.layout.parameter_count,
+                config_fingerprint=self.source.fingerprint,
+            ),
             dtype=plan.dtype,
             attn_implementation=plan.attn_implementation,
-            quantization=quant,
-            workload={
-                "max_input_tokens": workload.max_input_tokens,
-                "max_new_tokens": workload.max_new_tokens,
-                "batch_size": workload.batch_size,
-            },
+            quantization=plan.settings.quant,
+            workload=plan.settings.workload,
             devices=devices,
             device_map=device_map,
             estimate=estimate,

@@ -88,8 +88,8 @@ def preflight(
     stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
     one_of("--engine", engine, ENGINES)
     profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
-    batch = within_plan("--batch-size", batch_size, profile.workload["batch_size"])
-    max_new = within_plan("--max-new-tokens", max_new_tokens, profile.workload["max_new_tokens"])
+    batch = within_plan("--batch-size", batch_size, profile.workload.batch_size)
+    max_new = within_plan("--max-new-tokens", max_new_tokens, profile.workload.max_new_tokens)
     profile = with_template(profile, template, report)
     mode = output_mode(resume, overwrite)
     source = found = checked = None
@@ -137,7 +137,7 @@ def checkpoint_source(profile: Profile, model: PathLike | None, trust_remote_cod
     """The checkpoint to load: `model`, else the profile's source; never the built-in config (it has no weights)."""
     if trust_remote_code and not model:
         raise BadInput("--trust-remote-code runs code from the model directory: name it yourself with --model")
-    model_name = model or profile.model.get("source")
+    model_name = model or profile.model.source
     if not model_name or model_name == "oneke":
         raise BadInput(
             "the profile was planned from the built-in OneKE config, which has no weights: pass "
@@ -163,7 +163,7 @@ def run_adapter(profile: Profile, adapter: PathLike | None) -> Adapter | None:
 
     if adapter is None and profile.adapter is None:
         return None
-    found = checked_adapter(adapter if adapter is not None else profile.adapter["path"])  # type: ignore[index]
+    found = checked_adapter(adapter if adapter is not None else profile.adapter.path)  # type: ignore[union-attr]
     check_recorded(found, profile.adapter)
     return found
 

@@ -194,6 +194,6 @@ def gpu_memory(profile: Profile) -> list[GpuMemory]:
     found = []
     for gpu in profile.gpu_ids():
         free, total = torch.cuda.mem_get_info(gpu)
-        planned = int(profile.estimate.get(gpu, {}).get("total_bytes", 0))
+        planned = profile.estimate_on(gpu).total_bytes
         found.append(GpuMemory(gpu, planned, torch.cuda.max_memory_allocated(gpu), total - free))
     return found

@@ -99,11 +99,11 @@ def summary_table(result: PlanResult) -> str:
         cells = [
             str(label),
             device.name if device.name != label else "",
-            f"{format_bytes(est['total_bytes'])} / {total}",
-            format_bytes(est["weights_bytes"]),
-            format_bytes(est["kv_cache_bytes"]),
-            format_bytes(est["workspace_bytes"]),
-            format_bytes(est["reserve_bytes"]),
+            f"{format_bytes(est.total_bytes)} / {total}",
+            format_bytes(est.weights_bytes),
+            format_bytes(est.kv_cache_bytes),
+            format_bytes(est.workspace_bytes),
+            format_bytes(est.reserve_bytes),
             row.layers_text,
             bar(row),
         ]
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     quant = settings.quant.mode if settings.quant.mode != "none" else "no quantization"
     w = settings.workload
     print(
-        f"\n{profile.model['source']}: {layout.architecture}, {_count(layout.parameter_count)} parameters, "
+        f"\n{profile.model.source}: {layout.architecture}, {_count(layout.parameter_count)} parameters, "
         f"{plan.dtype}, {quant}; workload: batch {w.batch_size} x ({w.max_input_tokens} in + {w.max_new_tokens} "
         f"new) tokens",
         file=sys.stderr,

@@ -83,7 +83,7 @@ class RunReport(PrintedReport):
 def weight_table(profile: Profile, measured: dict[Any, int]) -> str:
     rows = []
     for device in profile.devices:
-        planned = int(profile.estimate.get(device.id, {}).get("weights_bytes", 0))
+        planned = profile.estimate_on(device.id).weights_bytes
         loaded = measured.get(device.id, 0)
         diff = f"{(loaded - planned) / planned:+.2%}" if planned else "-"
         label = device_label(device.id)

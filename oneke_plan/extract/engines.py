@@ -388,7 +388,7 @@ def _start_vllm(run: EngineRun, prepared: VllmSettings, report: EngineReport) ->
 def vllm_serve_lines(profile: Profile, layers: int, trust_remote_code: bool) -> str:
     """The plan as `vllm serve` runs it, one command per replica (or why vLLM cannot run it: oneke-run's hf engine
     can, so the plan stands)."""
-    source = profile.model.get("source")
+    source = profile.model.source
     model = ONEKE_REPO_ID if source == "oneke" else str(source)
     lines = ["vLLM (the same plan: send requests with temperature 0, greedy as oneke-run):"]
     for index in range(profile.replica_count):

@@ -62,7 +62,7 @@ def check_device_map_runs(profile: Profile) -> None:
     """Refuse a (hand-edited) device_map that accelerate cannot run: a 16-bit model with every module on disk
     (accelerate computes on the device of a module that is not offloaded, and here there is none)."""
     devices = set(profile.device_map.values())
-    if devices == {"disk"} and profile.quantization.get("mode", "none") == "none":
+    if devices == {"disk"} and profile.quantization.mode == "none":
         raise BadInput(
             "profile device_map: every module is on disk, so nothing is left to compute on (accelerate runs "
             "offloaded modules on the CPU or a GPU that holds other modules); put at least one module, e.g. "
@@ -216,12 +216,12 @@ def _quantization_config(profile: Profile) -> Any:
     quant = profile.quantization
     # the flag is wanted exactly where the planner charged offloaded blocks unquantized: one rule, fit's
     offload_unquantized = any(not stays_quantized(d, profile.device_map) for d in set(profile.device_map.values()))
-    if quant["mode"] == "8bit":
+    if quant.mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload_unquantized)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
-        bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=_torch_dtype(profile.dtype),
         llm_int8_enable_fp32_cpu_offload=offload_unquantized,
     )
@@ -289,7 +289,7 @@ def load_model(
         if adapter is None:
             return loaded
         with quiet():
-            return load_onto(loaded, adapter, merge=(profile.adapter or {}).get("on_load") == "merged")
+            return load_onto(loaded, adapter, merge=profile.adapter is not None and profile.adapter.on_load == "merged")
     except OSError as exc:  # a full or read-only offload folder, an unreadable shard: the path, not a traceback
         weights = gguf if gguf is not None else checkpoint.path if checkpoint is not None else source.directory
         where = exc.filename or (offload if offload and "disk" in device_map.values() else weights)
@@ -302,12 +302,12 @@ def _load_weights(
     """load_model's second half: transformers' from_pretrained with the profile's map, dtype and attention."""
     if offload:
         Path(offload).mkdir(parents=True, exist_ok=True)
-    quantized = profile.quantization["mode"] != "none"
+    quantized = profile.quantization.mode != "none"
     if quantized and not any(isinstance(d, int) for d in device_map.values()) and not bnb_quantizes_on_cpu():
         import transformers
 
         raise BadInput(
-            f"the profile quantizes ({profile.quantization['mode']}) a model that sits on the CPU alone, which "
+            f"the profile quantizes ({profile.quantization.mode}) a model that sits on the CPU alone, which "
             f"transformers {transformers.__version__} cannot do with bitsandbytes (it needs {TRANSFORMERS_BNB_CPU} "
             "or later); upgrade transformers, or re-plan without --quantize"
         )
@@ -317,7 +317,7 @@ def _load_weights(
     if source.gguf_file is not None:
         if quantized:  # the planner refuses it: a hand-edited profile
             raise BadInput(
-                f"{source.gguf_file}: the profile quantizes ({profile.quantization['mode']}), and transformers "
+                f"{source.gguf_file}: the profile quantizes ({profile.quantization.mode}), and transformers "
                 "cannot quantize a GGUF with bitsandbytes; re-plan without --quantize"
             )
         extra = {**load_kwargs(source.gguf_file), "output_loading_info": True}

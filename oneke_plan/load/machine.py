@@ -13,6 +13,7 @@ import shlex
 from oneke_plan.core.errors import DoesNotFit
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.plan.inventory import Gpu, detected_cpu_bytes, runs_bf16
+from oneke_plan.plan.memory import NO_QUANTIZATION
 from oneke_plan.plan.model_source import ModelSource
 from oneke_plan.plan.profile import Profile
 
@@ -23,16 +24,16 @@ def replan_command(profile: Profile, model: str, gpus: tuple[Gpu, ...]) -> str:
     # Whole MiB, rounded down: a plan for slightly more than is free would be refused again.
     parts = ["oneke-plan", shlex.quote(model), *(f"--gpu {g.free_bytes // 2**20}MiB" for g in gpus)]
     parts += [
-        f"--max-input-tokens {w['max_input_tokens']}",
-        f"--max-new-tokens {w['max_new_tokens']}",
-        f"--batch-size {w['batch_size']}",
+        f"--max-input-tokens {w.max_input_tokens}",
+        f"--max-new-tokens {w.max_new_tokens}",
+        f"--batch-size {w.batch_size}",
     ]
     quant = profile.quantization
-    if quant.get("mode", "none") != "none":
-        parts.append(f"--quantize {quant['mode']}")
-        if quant["mode"] == "4bit" and quant.get("quant_type", "nf4") != "nf4":
-            parts.append(f"--quant-type {quant['quant_type']}")
-        if quant["mode"] == "4bit" and quant.get("double_quant", True) is False:
+    if quant.mode != "none":
+        parts.append(f"--quantize {quant.mode}")
+        if quant.mode == "4bit" and quant.quant_type != NO_QUANTIZATION.quant_type:  # oneke-plan's default
+            parts.append(f"--quant-type {quant.quant_type}")
+        if quant.mode == "4bit" and not quant.double_quant:
             parts.append("--no-double-quant")
     if profile.dtype == "bfloat16" and any(not runs_bf16(g) for g in gpus):
         parts.append("--dtype float16")
@@ -51,18 +52,18 @@ def replan_command(profile: Profile, model: str, gpus: tuple[Gpu, ...]) -> str:
 def machine_problems(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...], cpu_bytes: int) -> list[str]:
     """Why this machine (or model) does not match the profile; empty when it does."""
     problems = []
-    planned_for = profile.model.get("config_fingerprint")
+    planned_for = profile.model.config_fingerprint
     if planned_for and planned_for != source.fingerprint:
         problems.append(
-            f"the model's config.json differs from the one the profile was planned for ({profile.model.get('source')})"
+            f"the model's config.json differs from the one the profile was planned for ({profile.model.source})"
         )
     by_index = {g.index: g for g in gpus}
     for device in profile.devices:
-        estimate = profile.estimate.get(device.id, {})
+        estimate = profile.estimate_on(device.id)
         # The reserve covers this process's own CUDA context and host libraries, which already exist when free
         # memory is read here, so free memory must cover the rest of the plan. Nominal sizes are not compared:
         # a "24 GiB" card reports a little less, and free memory is what decides.
-        needed = int(estimate.get("total_bytes", 0)) - int(estimate.get("reserve_bytes", 0))
+        needed = estimate.total_bytes - estimate.reserve_bytes
         if isinstance(device.id, int):
             gpu = by_index.get(device.id)
             if gpu is None:

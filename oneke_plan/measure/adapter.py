@@ -21,6 +21,7 @@ from typing import Any
 from oneke_plan.core.errors import BadInput, DoesNotFit
 from oneke_plan.io import jsonfile
 from oneke_plan.measure.checkpoint import safetensors_entries
+from oneke_plan.plan.profile import AdapterRecord
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -62,20 +63,20 @@ class Adapter:
             found.setdefault(tensor.module, {})[tensor.kind] = tensor.shape
         return found
 
-    def record(self, merged: bool) -> dict[str, Any]:
+    def record(self, merged: bool) -> AdapterRecord:
         """What a profile keeps of the adapter (docs/profile-format.md, `adapter`)."""
         targets = self.config.get("target_modules")
-        return {
-            "path": str(self.directory),
-            "fingerprint": self.fingerprint,
-            "r": self.r,
-            "lora_alpha": self.config.get("lora_alpha"),
-            "target_modules": sorted(targets) if isinstance(targets, list) else targets,
-            "base_model_name_or_path": self.config.get("base_model_name_or_path"),
-            "modules": len(self.modules),
-            "file_tensor_bytes": self.file_tensor_bytes,
-            "on_load": "merged" if merged else "unmerged",
-        }
+        return AdapterRecord(
+            path=str(self.directory),
+            fingerprint=self.fingerprint,
+            r=self.r,
+            lora_alpha=self.config.get("lora_alpha"),
+            target_modules=sorted(targets) if isinstance(targets, list) else targets,
+            base_model_name_or_path=self.config.get("base_model_name_or_path"),
+            modules=len(self.modules),
+            file_tensor_bytes=self.file_tensor_bytes,
+            on_load="merged" if merged else "unmerged",
+        )
 
 
 def _remedy(directory: Path) -> str:
@@ -157,7 +158,7 @@ def replan_hint(adapter_dir: Path | str) -> str:
     return f"re-plan with oneke-plan MODEL ... --adapter {adapter_dir}"
 
 
-def check_recorded(adapter: Adapter, recorded: dict[str, Any] | None) -> None:
+def check_recorded(adapter: Adapter, recorded: AdapterRecord | None) -> None:
     """The adapter given to oneke-run (or the profile's own, read again) is the one the profile was planned with
     (DoesNotFit, exit 3, otherwise)."""
     if recorded is None:
@@ -165,10 +166,10 @@ def check_recorded(adapter: Adapter, recorded: dict[str, Any] | None) -> None:
             f"--adapter {adapter.directory}: the profile was planned without an adapter, so its memory is not "
             f"counted; {replan_hint(adapter.directory)}"
         )
-    if recorded.get("fingerprint") != adapter.fingerprint:
+    if recorded.fingerprint != adapter.fingerprint:
         raise DoesNotFit(
             f"--adapter {adapter.directory}: its files are not those the profile was planned with (fingerprint "
-            f"{adapter.fingerprint[:19]}..., planned {str(recorded.get('fingerprint'))[:19]}...); "
+            f"{adapter.fingerprint[:19]}..., planned {recorded.fingerprint[:19]}...); "
             f"{replan_hint(adapter.directory)}"
         )
 

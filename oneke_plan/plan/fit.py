@@ -12,9 +12,10 @@ arithmetic once its measurements exist.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from oneke_plan.core.errors import BadInput
+from oneke_plan.core.records import byte_count, checks
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.plan.blocks import BlockInfo, ModelLayout, TensorInfo
 from oneke_plan.plan.memory import (
@@ -72,14 +73,20 @@ class Slot:
 
 @dataclass(frozen=True)
 class DeviceEstimate:
-    weights_bytes: int = 0
-    kv_cache_bytes: int = 0
-    workspace_bytes: int = 0
-    reserve_bytes: int = 0
+    """What a device holds, in bytes, term by term (docs/memory-model.md); a profile's `estimate.<id>`."""
+
+    weights_bytes: int = field(default=0, metadata=checks(byte_count))
+    kv_cache_bytes: int = field(default=0, metadata=checks(byte_count))
+    workspace_bytes: int = field(default=0, metadata=checks(byte_count))
+    reserve_bytes: int = field(default=0, metadata=checks(byte_count))
 
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes + self.reserve_bytes
+
+    def to_data(self) -> dict[str, int]:
+        """As a profile writes it: the four terms and their sum, `total_bytes`."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "total_bytes": self.total_bytes}
 
 
 @dataclass(frozen=True)

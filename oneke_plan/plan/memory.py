@@ -13,15 +13,18 @@ computed here and used as they are (speed is speed.py's).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from oneke_plan.core.records import boolean, checks, one_of, positive_int
 from oneke_plan.core.sizes import GiB
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 QuantMode = Literal["none", "8bit", "4bit"]
 QUANT_MODES: tuple[QuantMode, ...] = ("none", "8bit", "4bit")
+QuantType = Literal["nf4", "fp4"]
+QUANT_TYPES: tuple[QuantType, ...] = ("nf4", "fp4")  # bitsandbytes' 4-bit data types
 
 # bitsandbytes 4-bit layout (bitsandbytes/functional.py, quantize_4bit): weights packed two per byte, one absmax per
 # block of 64 values; with double quantization the absmaxes are themselves quantized to uint8 in blocks of 256.
@@ -41,11 +44,19 @@ DEFAULT_CPU_RESERVE_BYTES = 2 * GiB
 
 @dataclass(frozen=True)
 class Quantization:
-    """How Linear weights are stored. `mode` is the public contract; the rest are bitsandbytes settings."""
+    """How Linear weights are stored. `mode` is the public contract; the rest are bitsandbytes settings. The
+    defaults are the only ones: a profile without quant_type or double_quant means these."""
 
-    mode: QuantMode = "none"
-    quant_type: str = "nf4"  # 4-bit only: nf4 or fp4
-    double_quant: bool = True  # 4-bit only: quantize the absmaxes too (QLoRA's default)
+    mode: QuantMode = field(default="none", metadata=checks(one_of(QUANT_MODES)))
+    # 4-bit only: the data type, and whether the absmaxes are quantized too (QLoRA's default)
+    quant_type: str = field(default="nf4", metadata=checks(one_of(QUANT_TYPES)))
+    double_quant: bool = field(default=True, metadata=checks(boolean))
+
+    def to_data(self) -> dict[str, object]:
+        """As a profile holds it: the mode, and the bitsandbytes settings only where they mean something (4-bit)."""
+        if self.mode != "4bit":
+            return {"mode": self.mode}
+        return {"mode": self.mode, "quant_type": self.quant_type, "double_quant": self.double_quant}
 
 
 NO_QUANTIZATION = Quantization()
@@ -61,9 +72,9 @@ def merges_on_load(mode: str) -> bool:
 class Workload:
     """What one generate call must hold: a batch of prompts up to max_input_tokens, each growing by max_new_tokens."""
 
-    max_input_tokens: int
-    max_new_tokens: int
-    batch_size: int
+    max_input_tokens: int = field(metadata=checks(positive_int))
+    max_new_tokens: int = field(metadata=checks(positive_int))
+    batch_size: int = field(metadata=checks(positive_int))
 
     @property
     def sequence_tokens(self) -> int:

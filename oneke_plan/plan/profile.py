@@ -7,74 +7,166 @@ Public contract (docs/profile-format.md): `format_version`, `device_map`, `devic
 in), and `adapter` when planned with a LoRA adapter. A profile of several replicas (format 2) has, instead of the
 first three, a `replicas` list, each with its own `devices`, `device_map` and `estimate`, and `nodes`.
 Read with yaml.safe_load only: a profile is data and can never make code run.
+
+Every part is a typed record (the planner's own Workload, Quantization and DeviceEstimate, and the records below)
+whose fields declare their type, default and allowed values once, in the field's metadata; one generic reader
+(core.records) checks a YAML mapping against them and says what is wrong in one line naming the file and the key
+path. Dataclass metadata rather than pydantic or msgspec: no new dependency for either supported version set, a
+planning layer that stays light to import, and our one-line messages without translating a library's own. What
+spans several fields (a device_map naming a device the profile lists, an adapter's on_load against the
+quantization, disk offload needing offload_dir, each total being the sum of its terms) is checked after reading.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from oneke_plan.core.errors import BadInput
+from oneke_plan.core.records import (
+    Invalid,
+    anything,
+    byte_count,
+    checks,
+    count,
+    list_of,
+    mapping,
+    mapping_of,
+    null_as,
+    one_of,
+    optional,
+    positive_int,
+    read_field,
+    read_fields,
+    record,
+    shown,
+    string,
+    to_data,
+)
 from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES
 from oneke_plan.io import files
 from oneke_plan.io.yamlfile import read_yaml
-from oneke_plan.plan.memory import DTYPE_BYTES, QUANT_MODES, merges_on_load
+from oneke_plan.plan.fit import DeviceEstimate
+from oneke_plan.plan.memory import DTYPE_BYTES, Quantization, Workload, merges_on_load
 
 FORMAT_VERSION = 1  # one model copy
 REPLICAS_FORMAT_VERSION = 2  # several copies, each on its own devices, repeated on `nodes` identical nodes
-ESTIMATE_KEYS = ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes", "total_bytes")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_ATTN_IMPLEMENTATION = "sdpa"  # what profiles written before the key existed were planned for
+ON_LOAD = ("merged", "unmerged")  # what oneke-run does with a LoRA adapter: merges_on_load
+REMEDY = "re-create the profile with oneke-plan"
+
+DeviceId = int | str
+
+
+def device_id(value: Any, path: str) -> DeviceId:
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= 0 or value in ("cpu", "disk")):
+        raise Invalid(path, f"{shown(value)} is not a GPU index, 'cpu' or 'disk'")
+    return value  # type: ignore[no-any-return]
+
+
+def module_name(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise Invalid(path, "is not a module name (a string)")
+    return value
+
+
+def _total_is_sum(estimate: DeviceEstimate, data: Mapping[str, Any], path: str) -> None:
+    """A written total that is not the sum of the terms is a hand edit the consumers would read two ways."""
+    if "total_bytes" in data and data["total_bytes"] != estimate.total_bytes:
+        written = shown(data["total_bytes"])
+        raise Invalid(f"{path}.total_bytes", f"must be the sum of its terms, {estimate.total_bytes}, not {written}")
 
 
 @dataclass
 class ProfileDevice:
-    id: int | str  # GPU index, "cpu" or "disk"
-    name: str
-    total_bytes: int | None
-    usable_bytes: int | None = None  # what the plan was allowed to use (free memory when detected)
-    compute_capability: str | None = None
-    reserve_bytes: int | None = None  # the reserve this device was planned with (None: a profile from before)
+    id: DeviceId = field(metadata=checks(device_id))  # GPU index, "cpu" or "disk"
+    name: str = field(default="", metadata=checks(string))
+    total_bytes: int | None = field(default=None, metadata=checks(optional(byte_count)))
+    # what the plan was allowed to use (free memory when detected)
+    usable_bytes: int | None = field(default=None, metadata=checks(optional(byte_count)))
+    compute_capability: str | None = field(default=None, metadata=checks(optional(string)))
+    # the reserve this device was planned with (None: a profile from before)
+    reserve_bytes: int | None = field(default=None, metadata=checks(optional(byte_count)))
+
+
+@dataclass
+class ModelInfo:
+    """What was planned (informational: oneke-run compares the fingerprint, and falls back on the source)."""
+
+    source: str | None = field(default=None, metadata=checks(optional(string)))  # oneke, a folder, a repo id, GGUF
+    architecture: str | None = field(default=None, metadata=checks(optional(string)))
+    model_type: str | None = field(default=None, metadata=checks(optional(string)))
+    parameter_count: int | None = field(default=None, metadata=checks(optional(count)))  # tied weights once
+    config_fingerprint: str | None = field(default=None, metadata=checks(optional(string)))  # sha256:...
+
+
+@dataclass(kw_only=True)
+class AdapterRecord:
+    """A LoRA adapter as the profile names it (docs/profile-format.md, `adapter`); the rest is informational."""
+
+    path: str = field(metadata=checks(string))
+    fingerprint: str = field(metadata=checks(string))  # sha256: of its config and weights files
+    r: int | None = field(default=None, metadata=checks(optional(positive_int)))
+    lora_alpha: Any = field(default=None, metadata=checks(anything))
+    target_modules: Any = field(default=None, metadata=checks(anything))  # a list, or peft's string form
+    base_model_name_or_path: Any = field(default=None, metadata=checks(anything))
+    modules: int | None = field(default=None, metadata=checks(optional(count)))  # layers it wraps
+    file_tensor_bytes: int | None = field(default=None, metadata=checks(optional(byte_count)))
+    on_load: str = field(metadata=checks(one_of(ON_LOAD)))
+
+
+ESTIMATES = null_as(dict, mapping_of(device_id, record(DeviceEstimate, also=_total_is_sum)))
+SPEED = optional(mapping)  # the speed prediction (speed.SpeedPrediction.to_dict), informational
 
 
 @dataclass
 class Replica:
     """One copy of the model: where its modules go and what each of its devices holds."""
 
-    devices: list[ProfileDevice]
-    device_map: dict[str, int | str]
-    estimate: dict[int | str, dict[str, int]]
-    speed: dict[str, Any] | None = None  # this copy's speed prediction (speed.SpeedPrediction.to_dict)
+    devices: list[ProfileDevice] = field(metadata=checks(list_of(record(ProfileDevice))))
+    device_map: dict[str, DeviceId] = field(
+        metadata=checks(mapping_of(module_name, device_id, nonempty=True, bracket=True))
+    )
+    estimate: dict[DeviceId, DeviceEstimate] = field(default_factory=dict, metadata=checks(ESTIMATES))
+    speed: dict[str, Any] | None = field(default=None, metadata=checks(SPEED))  # this copy's prediction
 
 
 @dataclass
 class Profile:
-    model: dict[str, Any]  # source, architecture, model_type, parameter_count, config_fingerprint
-    dtype: str
-    quantization: dict[str, Any]  # mode, and for 4-bit quant_type and double_quant
-    workload: dict[str, int]  # max_input_tokens, max_new_tokens, batch_size
+    model: ModelInfo = field(metadata=checks(record(ModelInfo)))
+    dtype: str = field(metadata=checks(one_of(DTYPE_BYTES)))
+    quantization: Quantization = field(metadata=checks(record(Quantization)))
+    workload: Workload = field(metadata=checks(record(Workload)))
+    # devices, device_map and estimate: a format-1 profile's own, or its first replica's (read as a Replica)
     devices: list[ProfileDevice]
-    device_map: dict[str, int | str]
-    estimate: dict[int | str, dict[str, int]]
-    strategy: str = "fill"
-    offload_dir: str | None = None
-    attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION
-    template: str = ONEKE_TEMPLATE  # what profiles written before the key existed were run with
-    format_version: int = FORMAT_VERSION
-    created_by: str = ""
-    notes: list[str] = field(default_factory=list)
-    replicas: list[Replica] = field(default_factory=list)  # format 2: every copy (devices & co. are the first's)
-    nodes: int = 1  # format 2: the same replicas on this many identical nodes
-    adapter: dict[str, Any] | None = None  # a LoRA adapter (adapter.Adapter.record): path, fingerprint, on_load, ...
-    speed: dict[str, Any] | None = None  # the speed prediction (format 2: every copy together); None: from before
+    device_map: dict[str, DeviceId]
+    estimate: dict[DeviceId, DeviceEstimate]
+    strategy: str = field(default="fill", metadata=checks(string))
+    offload_dir: str | None = field(default=None, metadata=checks(optional(string)))
+    attn_implementation: str = field(
+        default=DEFAULT_ATTN_IMPLEMENTATION, metadata=checks(one_of(ATTN_IMPLEMENTATIONS))
+    )
+    # what profiles written before the key existed were run with
+    template: str = field(default=ONEKE_TEMPLATE, metadata=checks(one_of(TEMPLATES)))
+    format_version: int = FORMAT_VERSION  # read first: it decides the shape
+    created_by: str = field(default="", metadata=checks(string))
+    notes: list[str] = field(default_factory=list, metadata=checks(null_as(list, list_of(string))))
+    # format 2: every copy (devices & co. are the first's), on this many identical nodes
+    replicas: list[Replica] = field(default_factory=list, metadata=checks(list_of(record(Replica), nonempty=True)))
+    nodes: int = field(default=1, metadata=checks(positive_int))
+    adapter: AdapterRecord | None = field(default=None, metadata=checks(optional(record(AdapterRecord))))
+    # the speed prediction (format 2: every copy together); None: from before
+    speed: dict[str, Any] | None = field(default=None, metadata=checks(SPEED))
 
     def to_data(self) -> dict[str, Any]:
         """The profile's content as its YAML file holds it: the same keys, in the same order."""
-        data = asdict(self)
+        data = {f.name: to_data(getattr(self, f.name)) for f in fields(self)}
         keys = ["format_version", "created_by", "model", "dtype", "attn_implementation", "template", "quantization"]
         keys += ["workload"]
         keys += ["adapter"] if self.adapter is not None else []  # absent without one: older readers see no change
@@ -85,6 +177,10 @@ class Profile:
     def to_yaml(self) -> str:
         ordered = self.to_data()
         return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, width=120)
+
+    def estimate_on(self, device: DeviceId) -> DeviceEstimate:
+        """What the plan charges `device`; all zero for a device it does not (a hand-edited profile may omit one)."""
+        return self.estimate.get(device, DeviceEstimate())
 
     def gpu_ids(self) -> list[int]:
         return [d.id for d in self.devices if isinstance(d.id, int)]
@@ -129,159 +225,68 @@ def written_by_oneke_plan(path: Path) -> bool:
     return files.starts_with(path, rb"format_version: \d+\ncreated_by: oneke-plan ")
 
 
-def _need(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in data:
-        raise BadInput(f"{where}: missing '{key}'; re-create the profile with oneke-plan")
-    if not isinstance(data[key], kind):
-        raise BadInput(f"{where}: '{key}' has the wrong type ({type(data[key]).__name__}); re-create the profile")
-    return data[key]
-
-
-def _bytes_or_none(value: Any, where: str) -> int | None:
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return value
-    raise BadInput(f"{where}: {value!r} is not a byte count (a non-negative integer); re-create the profile")
-
-
-def _device_id(value: Any, where: str) -> int | str:
-    if isinstance(value, bool) or not (isinstance(value, int) and value >= 0 or value in ("cpu", "disk")):
-        raise BadInput(f"{where}: device {value!r} is not a GPU index, 'cpu' or 'disk'")
-    return value  # type: ignore[no-any-return]
-
-
 def read_profile(path: Path) -> Profile:
-    """Load and check a profile file; every problem is a BadInput naming the file and the key."""
+    """Load and check a profile file; every problem is one BadInput naming the file and the key path."""
     where = str(path)
     data = read_yaml(path, "profile", f"create one with oneke-plan MODEL -o {where}")
     if data is None:
         raise BadInput(f"{where}: the profile is empty; create one with oneke-plan MODEL -o {where}")
     if not isinstance(data, dict):
         raise BadInput(f"{where}: a profile is a YAML mapping, not {type(data).__name__}")
-    version = _need(data, "format_version", int, where)
-    if version not in (FORMAT_VERSION, REPLICAS_FORMAT_VERSION):
+    version = _format_version(data, where)
+    try:
+        profile = _read(data, version)
+    except Invalid as problem:
+        raise BadInput(f"{where}: {problem}; {REMEDY}") from None
+    return profile
+
+
+def _format_version(data: dict[str, Any], where: str) -> int:
+    """Read before the rest: it says whether devices & co. are at the top or in each of `replicas`."""
+    version = data.get("format_version")
+    if "format_version" not in data:
+        raise BadInput(f"{where}: missing 'format_version'; {REMEDY}")
+    if isinstance(version, bool) or version not in (FORMAT_VERSION, REPLICAS_FORMAT_VERSION):
         raise BadInput(
-            f"{where}: format_version {version} is not supported (this tool reads {FORMAT_VERSION} and "
+            f"{where}: format_version {shown(version)} is not supported (this tool reads {FORMAT_VERSION} and "
             f"{REPLICAS_FORMAT_VERSION}); re-create the profile with this version of oneke-plan"
         )
-    model = _need(data, "model", dict, where)
-    quant = _need(data, "quantization", dict, where)
-    if quant.get("mode") not in QUANT_MODES:
-        raise BadInput(f"{where}: quantization.mode must be one of {', '.join(QUANT_MODES)}")
-    if quant.get("quant_type", "nf4") not in ("nf4", "fp4"):
-        raise BadInput(f"{where}: quantization.quant_type must be nf4 or fp4, not {quant.get('quant_type')!r}")
-    if not isinstance(quant.get("double_quant", True), bool):
-        raise BadInput(f"{where}: quantization.double_quant must be true or false")
-    workload = _need(data, "workload", dict, where)
-    for key in ("max_input_tokens", "max_new_tokens", "batch_size"):
-        value = workload.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise BadInput(f"{where}: workload.{key} must be a positive integer, not {value!r}")
-    dtype = _need(data, "dtype", str, where)
-    if dtype not in DTYPE_BYTES:
-        raise BadInput(f"{where}: dtype {dtype!r} is not bfloat16, float16 or float32")
-    attn = data.get("attn_implementation", DEFAULT_ATTN_IMPLEMENTATION)
-    if attn not in ATTN_IMPLEMENTATIONS:
-        raise BadInput(f"{where}: attn_implementation {attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-    template = data.get("template", ONEKE_TEMPLATE)
-    if not isinstance(template, str) or template not in TEMPLATES:  # a list or a mapping is no dict key
-        raise BadInput(f"{where}: template {template!r} is not one of {', '.join(TEMPLATES)}")
-    replicas: list[Replica] = []
-    nodes = 1
+    return int(version)
+
+
+def _read(data: dict[str, Any], version: int) -> Profile:
+    """The profile's records from the parsed file (Invalid at the first problem), then what spans them."""
     if version == REPLICAS_FORMAT_VERSION:
-        nodes = _need(data, "nodes", int, where)
-        if isinstance(nodes, bool) or nodes < 1:
-            raise BadInput(f"{where}: nodes must be a positive integer, not {nodes!r}")
-        entries = _need(data, "replicas", list, where)
-        if not entries:
-            raise BadInput(f"{where}: replicas is empty; re-create the profile with oneke-plan")
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                raise BadInput(f"{where}: replicas[{i}] must be a mapping with devices, device_map and estimate")
-            replicas.append(_read_replica(entry, f"{where}: replicas[{i}]"))
-        first = replicas[0]
+        for key in ("nodes", "replicas"):
+            if key not in data:
+                raise Invalid("", f"missing '{key}'")
+        replicas = read_field(Profile, "replicas", data)
+        copies = {"replicas": replicas, "nodes": read_field(Profile, "nodes", data)}
+        paths = [f"replicas[{i}]." for i in range(len(replicas))]
     else:
-        first = _read_replica(data, where)
-    devices, device_map, estimate = first.devices, first.device_map, first.estimate
-    if not isinstance(data.get("notes") or [], list):
-        raise BadInput(f"{where}: notes must be a list of strings")
-    adapter = data.get("adapter")
-    if adapter is not None:
-        if not isinstance(adapter, dict):
-            raise BadInput(f"{where}: adapter must be a mapping (path, fingerprint, on_load); re-create the profile")
-        for key in ("path", "fingerprint"):
-            if not isinstance(adapter.get(key), str):
-                raise BadInput(f"{where}: adapter.{key} must be a string; re-create the profile with oneke-plan")
-        merged = "merged" if merges_on_load(str(quant["mode"])) else "unmerged"  # what oneke-plan plans
-        if adapter.get("on_load") != merged:
-            raise BadInput(
-                f"{where}: adapter.on_load is {adapter.get('on_load')!r}, but a {quant['mode']} profile's adapter is "
-                f"{merged}; re-create the profile with oneke-plan"
-            )
-    offload_dir = data.get("offload_dir")
-    if any("disk" in r.device_map.values() for r in replicas or [first]) and not offload_dir:
-        raise BadInput(f"{where}: device_map offloads to disk but offload_dir is not set")
-    return Profile(
-        model=model,
-        dtype=dtype,
-        quantization=quant,
-        workload=workload,
-        devices=devices,
-        device_map=device_map,
-        estimate=estimate,
-        strategy=str(data.get("strategy", "fill")),
-        offload_dir=str(offload_dir) if offload_dir is not None else None,
-        attn_implementation=attn,
-        template=template,
-        format_version=version,
-        created_by=str(data.get("created_by", "")),
-        notes=list(data.get("notes") or []),
-        replicas=replicas,
-        nodes=nodes,
-        adapter=adapter,
-        speed=_speed(data, where),
-    )
+        replicas, paths = [Replica(**read_fields(Replica, data))], [""]
+        copies = {"replicas": [], "nodes": 1}
+    first = replicas[0]
+    given = {"devices": first.devices, "device_map": first.device_map, "estimate": first.estimate}
+    profile = Profile(**read_fields(Profile, data, given={**given, **copies, "format_version": version}))
+    for replica, path in zip(replicas, paths, strict=True):
+        _check_device_map(replica, path)
+    _check_adapter(profile)
+    if any("disk" in r.device_map.values() for r in replicas) and not profile.offload_dir:
+        raise Invalid("", "device_map offloads to disk but offload_dir is not set")
+    return profile
 
 
-def _speed(data: dict[str, Any], where: str) -> dict[str, Any] | None:
-    """The informational `speed` key: a mapping when present (profiles from before it existed have none)."""
-    speed = data.get("speed")
-    if speed is not None and not isinstance(speed, dict):
-        raise BadInput(f"{where}: speed must be a mapping (oneke-plan's prediction); re-create the profile")
-    return speed
-
-
-def _read_replica(data: dict[str, Any], where: str) -> Replica:
-    """devices, device_map and estimate of one copy (a format-1 profile's top level, or a replicas[] entry)."""
-    devices = []
-    for i, entry in enumerate(_need(data, "devices", list, where)):
-        if not isinstance(entry, dict):
-            raise BadInput(f"{where}: devices[{i}] must be a mapping with id and total_bytes")
-        devices.append(
-            ProfileDevice(
-                id=_device_id(entry.get("id"), f"{where}: devices[{i}].id"),
-                name=str(entry.get("name", "")),
-                total_bytes=_bytes_or_none(entry.get("total_bytes"), f"{where}: devices[{i}].total_bytes"),
-                usable_bytes=_bytes_or_none(entry.get("usable_bytes"), f"{where}: devices[{i}].usable_bytes"),
-                compute_capability=entry.get("compute_capability"),
-                reserve_bytes=_bytes_or_none(entry.get("reserve_bytes"), f"{where}: devices[{i}].reserve_bytes"),
-            )
-        )
-    device_map = _need(data, "device_map", dict, where)
-    if not device_map:
-        raise BadInput(f"{where}: device_map is empty; re-create the profile with oneke-plan")
-    known = {d.id for d in devices}
-    for module, device in device_map.items():
-        if not isinstance(module, str):
-            raise BadInput(f"{where}: device_map key {module!r} is not a module name (a string); re-create the profile")
-        device = _device_id(device, f"{where}: device_map[{module!r}]")
+def _check_device_map(replica: Replica, path: str) -> None:
+    known = {d.id for d in replica.devices}
+    for module, device in replica.device_map.items():
         if device not in known:
-            raise BadInput(f"{where}: device_map[{module!r}] names device {device!r}, which is not in devices")
-    estimate = data.get("estimate") or {}
-    if not isinstance(estimate, dict):
-        raise BadInput(f"{where}: estimate must be a mapping of device id to byte counts")
-    for device, counts in estimate.items():
-        if not isinstance(counts, dict):
-            raise BadInput(f"{where}: estimate.{device} must map {', '.join(ESTIMATE_KEYS)} to byte counts")
-        for key, value in counts.items():
-            _bytes_or_none(value, f"{where}: estimate.{device}.{key}")
-    return Replica(devices, device_map, estimate, _speed(data, where))
+            raise Invalid(f"{path}device_map[{module!r}]", f"names device {device!r}, which is not in devices")
+
+
+def _check_adapter(profile: Profile) -> None:
+    """oneke-plan plans a LoRA adapter merged into 16-bit weights and unmerged over 8/4-bit ones."""
+    adapter, mode = profile.adapter, profile.quantization.mode
+    merged = "merged" if merges_on_load(mode) else "unmerged"
+    if adapter is not None and adapter.on_load != merged:
+        raise Invalid("adapter.on_load", f"is {adapter.on_load!r}, but a {mode} profile's adapter is {merged}")

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oneke_plan import __version__
+from oneke_plan.core.records import to_data
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.io.files import starts_with
+from oneke_plan.plan.fit import DeviceEstimate
 from oneke_plan.plan.profile import ProfileDevice
 
 if TYPE_CHECKING:  # annotations only: the summary and the picture read a plan, never make one
@@ -38,7 +40,7 @@ class DeviceRow:
 
     replica: int
     device: ProfileDevice
-    estimate: dict[str, int]
+    estimate: DeviceEstimate
     layers: tuple[int, int] | None  # the first and last decoder layer stored there (from 0); None: none
 
     @property
@@ -62,7 +64,7 @@ def device_rows(result: PlanResult) -> list[DeviceRow]:
     for index, plan in enumerate(plans):
         copy = result.profile.replica(index) if several else result.profile
         for device in copy.devices:
-            rows.append(DeviceRow(index, device, dict(copy.estimate[device.id]), _layer_span(plan, device.id)))
+            rows.append(DeviceRow(index, device, copy.estimate_on(device.id), _layer_span(plan, device.id)))
     return rows
 
 
@@ -79,7 +81,7 @@ def bar(row: DeviceRow, width: int = BAR_WIDTH) -> str:
     capacity = row.capacity_bytes
     if not capacity:
         return "-"
-    values = [row.estimate.get(term, 0) for term in TERMS]
+    values = [getattr(row.estimate, term) for term in TERMS]
     scale = width / max(capacity, sum(values))
     shares = [v * scale for v in values]
     counts = [int(share) for share in shares]
@@ -118,10 +120,10 @@ def plan_document(result: PlanResult) -> dict[str, Any]:
     the speed, what solving found). Keys are documented in docs/profile-format.md, "JSON output"."""
     profile = result.profile
     plan = result.plan
-    quant = profile.quantization["mode"]
+    quant = profile.quantization.mode
     devices = []
     for row in device_rows(result):
-        used = row.estimate["total_bytes"]
+        used = row.estimate.total_bytes
         capacity = row.capacity_bytes
         devices.append(
             {
@@ -131,7 +133,7 @@ def plan_document(result: PlanResult) -> dict[str, Any]:
                 "total_bytes": row.device.total_bytes,
                 "usable_bytes": capacity,
                 "used_bytes": used,
-                **{term: row.estimate[term] for term in TERMS},
+                **{term: getattr(row.estimate, term) for term in TERMS},
                 "free_bytes": None if capacity is None else capacity - used,
                 "layers": None if row.layers is None else list(row.layers),
             }
@@ -142,12 +144,12 @@ def plan_document(result: PlanResult) -> dict[str, Any]:
         "created_by": f"oneke-plan {__version__}",
         "profile": profile.to_data(),  # the same keys, in the same order, as the YAML file
         "summary": {
-            "model": profile.model["source"],
+            "model": profile.model.source,
             "architecture": plan.layout.architecture,
             "parameter_count": plan.layout.parameter_count,
             "dtype": profile.dtype,
             "quantization": quant,
-            "workload": dict(profile.workload),
+            "workload": to_data(profile.workload),
             "replicas": profile.replica_count,
             "nodes": profile.nodes,
             "devices": devices,
@@ -179,13 +181,13 @@ def plot_svg(result: PlanResult) -> str:
     rows = device_rows(result)
     several = len({r.replica for r in rows}) > 1
     chart, top, left, column = 260.0, 70.0, 70.0, 130.0
-    scale_bytes = max((r.capacity_bytes or r.estimate["total_bytes"] for r in rows), default=1) or 1
+    scale_bytes = max((r.capacity_bytes or r.estimate.total_bytes for r in rows), default=1) or 1
     width = int(left + column * len(rows) + 180)
     height = int(top + chart + 80)
     w = result.profile.workload
-    title = (f"{result.profile.model['source']}: {result.profile.dtype}, quantization "
-             f"{result.profile.quantization['mode']}, batch {w['batch_size']} x ({w['max_input_tokens']} in + "
-             f"{w['max_new_tokens']} new) tokens")  # fmt: skip
+    title = (f"{result.profile.model.source}: {result.profile.dtype}, quantization "
+             f"{result.profile.quantization.mode}, batch {w.batch_size} x ({w.max_input_tokens} in + "
+             f"{w.max_new_tokens} new) tokens")  # fmt: skip
     out = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         SVG_MARK,
@@ -210,7 +212,7 @@ def plot_svg(result: PlanResult) -> str:
             )
         y = base
         for term in TERMS:
-            value = row.estimate.get(term, 0)
+            value = getattr(row.estimate, term)
             h = value * chart / scale_bytes
             y -= h
             out.append(
@@ -219,7 +221,7 @@ def plot_svg(result: PlanResult) -> str:
                 f"<title>{escape(label)} {TERM_NAMES[term]}: {format_bytes(value)}</title></rect>"
             )
         total = "unbounded" if capacity is None else format_bytes(capacity)
-        used = format_bytes(row.estimate["total_bytes"])
+        used = format_bytes(row.estimate.total_bytes)
         out.append(f'<text x="{x:.3f}" y="{base + 18:.3f}">{escape(label)}</text>')
         if row.device.name and row.device.name != label:
             out.append(f'<text x="{x:.3f}" y="{base + 34:.3f}" fill="#555">{escape(row.device.name)}</text>')

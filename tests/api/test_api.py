@@ -158,6 +158,6 @@ def test_readme_python_example_runs(
     exec(compile(readme_example(), "README.md", "exec"), {"__name__": "readme_example"})
     printed = capsys.readouterr().out.splitlines()
     checked_in = read_profile(ROOT / "profiles" / "oneke-24gib+12gib-bf16.yaml")  # test_profiles keeps it current
-    assert printed[0] == str({gpu: f"{e['total_bytes'] / 2**30:.2f} GiB" for gpu, e in checked_in.estimate.items()})
+    assert printed[0] == str({gpu: f"{e.total_bytes / 2**30:.2f} GiB" for gpu, e in checked_in.estimate.items()})
     ids = [json.loads(line)["id"][:8] for line in (ROOT / "examples/deepke/NER/test.json").read_text().splitlines()]
     assert sorted(line.split()[0] for line in printed[1:]) == sorted(ids[:2])

@@ -116,7 +116,7 @@ def test_api_plan_takes_every_field_as_a_keyword() -> None:
     by_options = api.plan(options=PlanOptions(model="oneke", **chosen))
     overridden = api.plan("oneke", options=PlanOptions(model="elsewhere", **chosen))
     assert by_keywords.profile.to_yaml() == by_options.profile.to_yaml() == overridden.profile.to_yaml()
-    assert by_keywords.profile.workload["batch_size"] == 2
+    assert by_keywords.profile.workload.batch_size == 2
 
 
 def test_api_run_takes_every_field_as_a_keyword(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import yaml
 from oneke_plan.cli.plan import main
 from oneke_plan.core.errors import EXIT_BAD_INPUT
 from oneke_plan.core.sizes import GiB, MiB
+from oneke_plan.plan.fit import DeviceEstimate
 from oneke_plan.plan.profile import ProfileDevice, read_profile
 from oneke_plan.plan.report import BAR_LEGEND, DeviceRow, bar
 
@@ -203,16 +205,18 @@ def test_bar_by_hand() -> None:
     """16 characters for 16 GiB: 8 of weights, 4 of KV cache, 1/4 GiB of workspace (rounds away), 2 of reserve;
     a small term does not take a larger one's character (largest remainder)."""
     device = ProfileDevice(0, "GPU 0", 16 * GiB, 16 * GiB)
-    estimate = {"weights_bytes": 8 * GiB, "kv_cache_bytes": 4 * GiB, "workspace_bytes": GiB // 4,
-                "reserve_bytes": 2 * GiB, "total_bytes": 14 * GiB + GiB // 4}  # fmt: skip
+    estimate = DeviceEstimate(weights_bytes=8 * GiB, kv_cache_bytes=4 * GiB, workspace_bytes=GiB // 4,
+                              reserve_bytes=2 * GiB)  # fmt: skip
+    assert estimate.total_bytes == 14 * GiB + GiB // 4
     assert bar(DeviceRow(0, device, estimate, (0, 3))) == "[WWWWWWWWKKKKrr..]"
-    full = {**estimate, "weights_bytes": 11 * GiB}  # 17.25 GiB on 16: scaled to the whole, never wider than 16
+    full = replace(estimate, weights_bytes=11 * GiB)  # 17.25 GiB on 16: scaled to the whole, never wider than 16
     assert bar(DeviceRow(0, device, full, None)) == "[WWWWWWWWWWKKKKrr]"
     # 24 GiB: 4.66 GiB of weights (3.11 characters), KV 0.55 (0.37), workspace 0.24 (0.16), reserve 1 (0.67):
     # 4.3 characters round to 4, and the fourth goes to the reserve, not to the workspace
     card = ProfileDevice(1, "GPU 1", 24 * GiB, 24 * GiB)
-    small = {"weights_bytes": 5_007_104_512, "kv_cache_bytes": 587_202_560, "workspace_bytes": 256_843_264,
-             "reserve_bytes": GiB, "total_bytes": 6_924_892_160}  # fmt: skip
+    small = DeviceEstimate(weights_bytes=5_007_104_512, kv_cache_bytes=587_202_560, workspace_bytes=256_843_264,
+                           reserve_bytes=GiB)  # fmt: skip
+    assert small.total_bytes == 6_924_892_160
     assert bar(DeviceRow(0, card, small, (33, 39))) == "[WWWr............]"
     unbounded = ProfileDevice("disk", "disk", None, None)
     assert bar(DeviceRow(0, unbounded, estimate, None)) == "-"

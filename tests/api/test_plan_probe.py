@@ -121,7 +121,7 @@ def check_profile_independently(model: Any, profile: Any) -> None:
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         by_storage.setdefault(id(tensor), set()).add(accelerate_device(name, device_map))  # ValueError: not covered
     assert all(len(devices) == 1 for devices in by_storage.values()), "tied tensors split over devices"
-    if profile.quantization["mode"] == "none":
+    if profile.quantization.mode == "none":
         weights: dict[Any, int] = {}
         seen: set[int] = set()
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -129,11 +129,11 @@ def check_profile_independently(model: Any, profile: Any) -> None:
                 seen.add(id(tensor))
                 device = accelerate_device(name, device_map)
                 weights[device] = weights.get(device, 0) + tensor.numel() * tensor.element_size()
-        planned = {d: e["weights_bytes"] for d, e in profile.estimate.items() if e["weights_bytes"]}
+        planned = {d: e.weights_bytes for d, e in profile.estimate.items() if e.weights_bytes}
         assert planned == weights
     for device in profile.devices:
         if device.usable_bytes is not None:
-            assert profile.estimate[device.id]["total_bytes"] <= device.usable_bytes, device
+            assert profile.estimate[device.id].total_bytes <= device.usable_bytes, device
 
 
 def probe(planner: Planner, key: str, cells: list[Cell], tmp_path: Path) -> dict[int, int]:

@@ -92,11 +92,11 @@ def test_every_device_estimate_within_capacity(oneke: Planner, specs, settings: 
     assert set(profile.estimate) <= set(capacity)
     weights = _accelerate_weights(transformers_meta_model(oneke.config, plan.dtype), profile.device_map)
     for device, est in profile.estimate.items():
-        assert est["kv_cache_bytes"] == _oneke_kv(settings, _layers_on(profile.device_map, device))
+        assert est.kv_cache_bytes == _oneke_kv(settings, _layers_on(profile.device_map, device))
         if settings.quant.mode == "none":
-            assert est["weights_bytes"] == weights[device]
-        assert est["reserve_bytes"] == settings.reserve_bytes
-        assert est["total_bytes"] <= capacity[device], (device, est["total_bytes"], capacity[device])
+            assert est.weights_bytes == weights[device]
+        assert est.reserve_bytes == settings.reserve_bytes
+        assert est.total_bytes <= capacity[device], (device, est.total_bytes, capacity[device])
     assert sum(_layers_on(profile.device_map, d) for d in profile.estimate) == 40  # every layer somewhere
 
 
@@ -306,9 +306,9 @@ def test_accelerate_alone_overfills_gpu0_where_the_plan_fits(oneke: Planner) -> 
     weights = _accelerate_weights(model, ours.device_map)
     for device in (0, 1):
         est = ours.estimate[device]
-        assert est["weights_bytes"] == weights[device]
-        assert est["kv_cache_bytes"] == _oneke_kv(DEFAULT, _layers_on(ours.device_map, device))
-        assert est["total_bytes"] <= inventory.gpus[device].total_bytes
+        assert est.weights_bytes == weights[device]
+        assert est.kv_cache_bytes == _oneke_kv(DEFAULT, _layers_on(ours.device_map, device))
+        assert est.total_bytes <= inventory.gpus[device].total_bytes
     assert _layers_on(accelerate_map, 0) > _layers_on(ours.device_map, 0)
 
 

@@ -278,7 +278,7 @@ def test_machine_check_counts_the_reserve_once_and_ignores_nominal_sizes() -> No
 
     profile = read_profile(Path(__file__).parents[2] / "profiles" / "oneke-24gib+12gib-bf16.yaml")
     source = resolve_model("oneke")
-    need = {d: e["total_bytes"] - e["reserve_bytes"] for d, e in profile.estimate.items()}
+    need = {d: e.total_bytes - e.reserve_bytes for d, e in profile.estimate.items()}
     real_total = {0: int(23.69 * 2**30), 1: int(11.76 * 2**30)}  # what an RTX 3090 and a 3060 report
     enough = tuple(Gpu(i, "card", real_total[i], need[i], (8, 6)) for i in (0, 1))
     assert machine_problems(profile, source, enough, 0) == []

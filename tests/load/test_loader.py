@@ -209,7 +209,7 @@ def test_load_model_loads_every_weight(fixture: str, request: pytest.FixtureRequ
     # the plan and the planned-vs-loaded weights table oneke-run prints, both against the loaded storages: exact for
     # a 16-bit CPU profile
     real = storage_bytes_by_owner(model, [""])[""]
-    assert profile.estimate["cpu"]["weights_bytes"] == real
+    assert profile.estimate["cpu"].weights_bytes == real
     assert measured_weight_bytes(model, profile.device_map, profile.dtype) == {"cpu": real}
 
 
@@ -224,7 +224,7 @@ def test_cpu_profile_logits_equal_from_pretrained(
     assert model.dtype == getattr(torch, dtype)
     assert_same_logits(last_logits(model, prompts), last_logits(reference[dtype], prompts))
     real = storage_bytes_by_owner(model, [""])[""]
-    assert profile.estimate["cpu"]["weights_bytes"] == real
+    assert profile.estimate["cpu"].weights_bytes == real
     assert measured_weight_bytes(model, profile.device_map, dtype) == {"cpu": real}
 
 
@@ -248,7 +248,7 @@ def test_disk_offload_profile_logits_equal_from_pretrained(
         assert {checkpoint.dtypes[name] for name in offloaded} == {"bfloat16"}
     assert_same_logits(last_logits(model, prompts), last_logits(reference[dtype], prompts))
     measured = measured_weight_bytes(model, profile.device_map, dtype, profile.offload_dir, checkpoint.dtypes)
-    planned = {d: profile.estimate[d]["weights_bytes"] for d in ("cpu", "disk")}
+    planned = {d: profile.estimate[d].weights_bytes for d in ("cpu", "disk")}
     if dtype == "bfloat16":
         assert measured == planned
     else:  # the table shows what is on disk: bf16, half the fp32 weights the plan counted
@@ -300,7 +300,7 @@ def test_quantized_profile_equals_transformers_bnb(mode: str, tiny_model_dir: Pa
     import bitsandbytes as bnb
 
     profile = cpu_profile(tiny_model_dir, quant=mode)
-    assert profile.quantization["mode"] == mode and set(profile.device_map.values()) == {"cpu"}
+    assert profile.quantization.mode == mode and set(profile.device_map.values()) == {"cpu"}
     model = load_model(profile, resolve_model(str(tiny_model_dir)))
     layer_type = bnb.nn.Linear8bitLt if mode == "8bit" else bnb.nn.Linear4bit
     linears = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -314,7 +314,7 @@ def test_quantized_profile_equals_transformers_bnb(mode: str, tiny_model_dir: Pa
     # Measured before the first forward: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights (and casts
     # their absmax to bf16) at the first forward, so bytes measured after it depend on the host.
     real = storage_bytes_by_owner(model, [""])[""]  # every storage once, bitsandbytes' quantization state included
-    assert profile.estimate["cpu"]["weights_bytes"] == real
+    assert profile.estimate["cpu"].weights_bytes == real
     assert measured_weight_bytes(model, profile.device_map, profile.dtype) == {"cpu": real}
 
     want = AutoModelForCausalLM.from_pretrained(
@@ -349,7 +349,7 @@ def test_replan_command_keeps_the_workload_and_quantization(tiny_model_dir: Path
 
     profile = cpu_profile(tiny_model_dir, quant="4bit")
     profile = replace(
-        profile, quantization={"mode": "4bit", "quant_type": "fp4", "double_quant": False}, offload_dir="/o d"
+        profile, quantization=Quantization("4bit", "fp4", double_quant=False), offload_dir="/o d"
     )
     command = replan_command(profile, "/models/One KE", ())
     assert command == (

@@ -108,21 +108,21 @@ def test_the_plan_counts_the_adapters_bytes_merged_and_unmerged(lora: dict[str, 
     merged = api.plan(lora["base"], inventory_file=cpu_inventory, max_input_tokens=600, max_new_tokens=MAX_NEW,
                       adapter=lora["adapter"])  # fmt: skip
     record = merged.profile.adapter
-    assert record is not None and record["on_load"] == "merged"
-    assert record["file_tensor_bytes"] == _file_tensor_bytes(lora["adapter"]) > 0
-    assert record["r"] == 4 and record["target_modules"] == sorted(TARGETS) and record["modules"] == 16
+    assert record is not None and record.on_load == "merged"
+    assert record.file_tensor_bytes == _file_tensor_bytes(lora["adapter"]) > 0
+    assert record.r == 4 and record.target_modules == sorted(TARGETS) and record.modules == 16
     # merged: the weights are the base model's, as peft's merge_and_unload leaves them (the merged checkpoint)
     merged_file = (lora["merged"] / "model.safetensors").stat().st_size
-    assert merged.profile.estimate["cpu"]["weights_bytes"] == plain.profile.estimate["cpu"]["weights_bytes"]
-    assert abs(merged.profile.estimate["cpu"]["weights_bytes"] - merged_file) < 4096  # the file adds its header
+    assert merged.profile.estimate["cpu"].weights_bytes == plain.profile.estimate["cpu"].weights_bytes
+    assert abs(merged.profile.estimate["cpu"].weights_bytes - merged_file) < 4096  # the file adds its header
     assert any(note.startswith("adapter:") and "merged into the weights" in note for note in merged.profile.notes)
     # unmerged (4-bit): the adapter's tensors are weights, in the dtype peft loads them in
     q_plain = api.plan(lora["base"], inventory_file=cpu_inventory, max_input_tokens=600, max_new_tokens=MAX_NEW,
                        quantize="4bit")  # fmt: skip
     q_lora = api.plan(lora["base"], inventory_file=cpu_inventory, max_input_tokens=600, max_new_tokens=MAX_NEW,
                       quantize="4bit", adapter=lora["adapter"])  # fmt: skip
-    assert q_lora.profile.adapter is not None and q_lora.profile.adapter["on_load"] == "unmerged"
-    added = q_lora.profile.estimate["cpu"]["weights_bytes"] - q_plain.profile.estimate["cpu"]["weights_bytes"]
+    assert q_lora.profile.adapter is not None and q_lora.profile.adapter.on_load == "unmerged"
+    added = q_lora.profile.estimate["cpu"].weights_bytes - q_plain.profile.estimate["cpu"].weights_bytes
     assert added == _loaded_lora_bytes(lora) > 0
     # the LoRA path's intermediates are in each layer's measured peak: more than without it, and at most what
     # peft's forward allocates beside the base layer's output, by hand: x @ A^T (batch x tokens x r), its product
@@ -140,8 +140,8 @@ def test_profile_records_the_adapter_and_reads_it_back(
     assert _plan(lora["base"], profile, cpu_inventory, "--adapter", str(lora["adapter"])) == 0
     read = read_profile(profile)
     assert read.adapter is not None
-    assert read.adapter["path"] == str(lora["adapter"]) and read.adapter["fingerprint"].startswith("sha256:")
-    assert read.adapter["base_model_name_or_path"] == json.loads(
+    assert read.adapter.path == str(lora["adapter"]) and read.adapter.fingerprint.startswith("sha256:")
+    assert read.adapter.base_model_name_or_path == json.loads(
         (lora["adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"]  # fmt: skip
     without = tmp_path / "without.yaml"
     assert _plan(lora["base"], without, cpu_inventory) == 0
@@ -211,8 +211,8 @@ def test_an_adapter_for_another_base_is_refused_before_loading(
     assert recorded is not None
     wrong = read_adapter(lora["other"])
     text = nan_profile.read_text()
-    nan_profile.write_text(text.replace(recorded["fingerprint"], wrong.fingerprint)
-                           .replace(f"path: {recorded['path']}", f"path: {lora['other']}"))  # fmt: skip
+    nan_profile.write_text(text.replace(recorded.fingerprint, wrong.fingerprint)
+                           .replace(f"path: {recorded.path}", f"path: {lora['other']}"))  # fmt: skip
     assert _run(nan_profile, deepke_dir / "NER" / "test.json", out) == 3
     assert "made for another base model" in capsys.readouterr().err
 

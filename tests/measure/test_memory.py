@@ -97,7 +97,7 @@ def test_planned_weights_equal_loaded_bytes_per_device(quant_dir: Path, dtype: s
     for key, nbytes in by_key.items():
         device = profile.device_map[key]
         measured[device] = measured.get(device, 0) + nbytes
-    planned = {d: e["weights_bytes"] for d, e in profile.estimate.items() if e["weights_bytes"]}
+    planned = {d: e.weights_bytes for d, e in profile.estimate.items() if e.weights_bytes}
     assert planned == measured
 
 

@@ -45,8 +45,8 @@ def test_decode_is_the_bytes_each_card_reads_over_its_bandwidth() -> None:
     profile = result.profile
     est = profile.estimate
     read = {
-        0: est[0]["weights_bytes"] - EMBEDDING_BYTES + est[0]["kv_cache_bytes"],
-        1: est[1]["weights_bytes"] + est[1]["kv_cache_bytes"],
+        0: est[0].weights_bytes - EMBEDDING_BYTES + est[0].kv_cache_bytes,
+        1: est[1].weights_bytes + est[1].kv_cache_bytes,
     }
     step = read[0] / 936e9 + read[1] / 360e9
     speed = profile.speed
@@ -98,12 +98,12 @@ def test_cpu_offloaded_weights_cross_pcie_every_step() -> None:
     est, speed = profile.estimate, profile.speed
     assert speed is not None and "cpu" in est
     cpu = speed["devices"]["cpu"]
-    assert cpu["decode_read_bytes"] == est["cpu"]["weights_bytes"]
+    assert cpu["decode_read_bytes"] == est["cpu"].weights_bytes
     assert cpu["bandwidth_bytes_per_second"] == PCIE_BYTES_PER_SECOND and "PCIe" in cpu["bandwidth_source"]
     card = find_card("RTX 4080")
     assert card is not None and card.bandwidth_bytes_per_second
-    gpu_read = est[0]["weights_bytes"] - EMBEDDING_BYTES + est[0]["kv_cache_bytes"]
-    step = gpu_read / card.bandwidth_bytes_per_second + est["cpu"]["weights_bytes"] / PCIE_BYTES_PER_SECOND
+    gpu_read = est[0].weights_bytes - EMBEDDING_BYTES + est[0].kv_cache_bytes
+    step = gpu_read / card.bandwidth_bytes_per_second + est["cpu"].weights_bytes / PCIE_BYTES_PER_SECOND
     assert speed["decode_step_seconds"] == pytest.approx(step, rel=1e-5)
 
 
@@ -120,7 +120,7 @@ def test_tied_embeddings_are_read_by_the_lm_head(tiny_model_dir: Path, tiny_tied
         est, speed = profile.estimate["cpu"], profile.speed
         assert speed is not None
         skipped = 0 if tied else embedding
-        assert speed["devices"]["cpu"]["decode_read_bytes"] == est["weights_bytes"] - skipped + est["kv_cache_bytes"]
+        assert speed["devices"]["cpu"]["decode_read_bytes"] == est.weights_bytes - skipped + est.kv_cache_bytes
         assert speed["decode_step_seconds"] == pytest.approx(speed["devices"]["cpu"]["decode_read_bytes"] / 10e9)
         assert speed["prefill_tokens_per_second"] is None  # no --tflops cpu=: unknown
         assert any("--tflops cpu=" in line for line in speed["unknown"])

@@ -14,6 +14,8 @@ import pytest
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.core.errors import BadInput
+from oneke_plan.plan.fit import DeviceEstimate
+from oneke_plan.plan.memory import Workload
 from oneke_plan.plan.profile import ProfileDevice, read_profile
 from oneke_plan.plan.vllm_plan import layer_devices, vllm_settings
 
@@ -28,7 +30,7 @@ def test_24_plus_12_gib_plan_is_two_uneven_pipeline_stages() -> None:
     settings = vllm_settings(profile, "/models/OneKE", ONEKE_LAYERS)
     # batch 4 x (512 + 512) positions: the plan's KV on each GPU is its layers' share of that
     per_layer = ONEKE_KV_PER_TOKEN_LAYER * 4 * 1024
-    kv = {gpu: profile.estimate[gpu]["kv_cache_bytes"] for gpu in (0, 1)}
+    kv = {gpu: profile.estimate[gpu].kv_cache_bytes for gpu in (0, 1)}
     layers = {gpu: kv[gpu] // per_layer for gpu in (0, 1)}
     assert layers == {0: 33, 1: 7}  # the README's table: layers 0-32 on GPU 0, 33-39 on GPU 1
     assert settings.env["VLLM_PP_LAYER_PARTITION"] == "33,7"
@@ -45,7 +47,7 @@ def test_three_cards_and_the_serve_line() -> None:
     profile = read_profile(PROFILES / "oneke-24gib+12gib+8gib-bf16.yaml")
     settings = vllm_settings(profile, "/models/One KE", ONEKE_LAYERS)
     per_layer = ONEKE_KV_PER_TOKEN_LAYER * 8 * 1536
-    counts = [profile.estimate[gpu]["kv_cache_bytes"] // per_layer for gpu in (0, 1, 2)]
+    counts = [profile.estimate[gpu].kv_cache_bytes // per_layer for gpu in (0, 1, 2)]
     assert counts == [26, 12, 2] and sum(counts) == ONEKE_LAYERS
     assert settings.env["VLLM_PP_LAYER_PARTITION"] == "26,12,2"
     words = shlex.split(settings.serve_command())
@@ -78,7 +80,7 @@ def test_4bit_is_bitsandbytes_and_8bit_or_fp4_are_refused() -> None:
     assert settings.engine_args["kv_cache_memory_bytes"] == ONEKE_KV_PER_TOKEN_LAYER * 2 * 1024 * 40
     with pytest.raises(BadInput, match="8-bit.*--engine hf"):
         vllm_settings(read_profile(PROFILES / "oneke-16gib-8bit.yaml"), "m", ONEKE_LAYERS)
-    fp4 = replace(four, quantization={**four.quantization, "quant_type": "fp4"})
+    fp4 = replace(four, quantization=replace(four.quantization, quant_type="fp4"))
     with pytest.raises(BadInput, match="fp4.*--engine hf"):
         vllm_settings(fp4, "m", ONEKE_LAYERS)
 
@@ -102,7 +104,7 @@ def test_what_vllm_cannot_express_is_refused() -> None:
 def test_cpu_offload_beside_one_gpu_is_cpu_offload_gb() -> None:
     one = read_profile(PROFILES / "oneke-12gib-4bit.yaml")
     offloaded = {**one.device_map, "": 0, "model.layers.39": "cpu"}
-    estimate = {**one.estimate, "cpu": {"weights_bytes": 3 * 2**29, "kv_cache_bytes": 0}}
+    estimate = {**one.estimate, "cpu": DeviceEstimate(weights_bytes=3 * 2**29, kv_cache_bytes=0)}
     settings = vllm_settings(replace(one, device_map=offloaded, estimate=estimate), "m", ONEKE_LAYERS)
     assert settings.engine_args["cpu_offload_gb"] == 1.5
 
@@ -111,8 +113,8 @@ def test_cpu_plan_gives_vllm_cpu_the_kv_bytes_in_whole_blocks() -> None:
     two = read_profile(PROFILES / "oneke-24gib+12gib-bf16.yaml")
     # a tiny model's CPU plan: batch 8 x (600 + 4) positions, 4 layers of 2 x 8 heads x 64 x 4 bytes (float32)
     per_token = 4 * 2 * 8 * 64 * 4
-    cpu = replace(two, device_map={"": "cpu"}, workload={"max_input_tokens": 600, "max_new_tokens": 4, "batch_size": 8},
-                  estimate={"cpu": {"kv_cache_bytes": per_token * 8 * 604}})  # fmt: skip
+    cpu = replace(two, device_map={"": "cpu"}, workload=Workload(max_input_tokens=600, max_new_tokens=4, batch_size=8),
+                  estimate={"cpu": DeviceEstimate(kv_cache_bytes=per_token * 8 * 604)})  # fmt: skip
     settings = vllm_settings(cpu, "m", 4)
     # 604 positions are 19 blocks of 32 (608 positions) per row
     assert settings.engine_args["kv_cache_memory_bytes"] == per_token * 8 * 608

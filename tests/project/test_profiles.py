@@ -16,6 +16,7 @@ import transformers
 import yaml
 
 from oneke_plan.cli.plan import main
+from oneke_plan.plan.memory import Workload
 from oneke_plan.plan.profile import read_profile
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
@@ -83,15 +84,15 @@ def test_checked_in_profile_reads_back(name: str) -> None:
     profile = read_profile(path)
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert profile.device_map == data["device_map"]
-    assert profile.workload == data["workload"]
-    assert profile.quantization["mode"] == data["quantization"]["mode"]
+    assert profile.workload == Workload(**data["workload"])
+    assert profile.quantization.mode == data["quantization"]["mode"]
     by_id = {d.id: d for d in profile.devices}
     for device, est in profile.estimate.items():
-        assert est["total_bytes"] <= by_id[device].total_bytes
-        assert est["total_bytes"] == sum(
-            est[k] for k in ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes")
+        assert est.total_bytes <= by_id[device].total_bytes
+        assert est.total_bytes == sum(
+            getattr(est, k) for k in ("weights_bytes", "kv_cache_bytes", "workspace_bytes", "reserve_bytes")
         )
-    assert profile.model["parameter_count"] == 13_254_415_360  # /work/shared/oneke/README.md
+    assert profile.model.parameter_count == 13_254_415_360  # /work/shared/oneke/README.md
 
 
 @ONLY_TRANSFORMERS_5
