@@ -4,7 +4,7 @@ the JSON document of a plan."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,10 +18,7 @@ from oneke_plan.api.checks import (
     size_bytes,
 )
 from oneke_plan.api.options import (
-    DTYPES,
-    QUANT_TYPES,
-    SOLVE_FOR,
-    STRATEGIES,
+    FLAG,
     PathLike,
     PlanOptions,
     Report,
@@ -29,9 +26,9 @@ from oneke_plan.api.options import (
     with_keywords,
 )
 from oneke_plan.core.errors import BadInput
-from oneke_plan.formats.templates import TEMPLATES, default_template
+from oneke_plan.formats.templates import default_template
 from oneke_plan.measure.compat import stay_offline
-from oneke_plan.plan.memory import DEFAULT_GPU_RESERVE_BYTES, QUANT_MODES, Quantization, QuantMode, Workload
+from oneke_plan.plan.memory import DEFAULT_GPU_RESERVE_BYTES, Quantization, QuantMode, Workload
 
 if TYPE_CHECKING:
     from oneke_plan.plan.inventory import Inventory
@@ -107,17 +104,16 @@ def plan(
 
 
 def check_choices(options: PlanOptions) -> None:
-    """The flags that take one of a few values, checked here too: the API is called without argparse's choices."""
-    solve = options.solve.replace("_", "-") if options.solve else None
-    for flag, value, allowed in (
-        ("--dtype", options.dtype, DTYPES),
-        ("--quantize", options.quantize, QUANT_MODES),
-        ("--quant-type", options.quant_type, QUANT_TYPES),
-        ("--strategy", options.strategy, STRATEGIES),
-        ("--solve", solve, (None, *SOLVE_FOR)),
-        ("--template", options.template, (None, *TEMPLATES)),
-    ):
-        one_of(flag, value, allowed)
+    """Each flag that takes one of a few values holds one of the values its field declares: the API is called
+    without argparse's choices. --solve also takes its values with underscores, as Python names them."""
+    for item in fields(options):
+        spec = item.metadata.get(FLAG)
+        value = getattr(options, item.name)
+        if spec is None or spec.choices is None or (value is None and item.default is None):
+            continue
+        if item.name == "solve":
+            value = value.replace("_", "-")
+        one_of(spec.names[-1] if spec.names else "--" + item.name.replace("_", "-"), value, spec.choices)
 
 
 def planned_machine(options: PlanOptions, report: Report) -> tuple[Inventory, int]:
