@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -265,3 +266,32 @@ def make_special_file():  # returns the factory
             pytest.skip(f"cannot make a {kind} here")
 
     return make
+
+
+_SHARED_MEASUREMENTS: dict[tuple[str, bool], Any] = {}
+
+
+@pytest.fixture(autouse=True)
+def shared_measurements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # yields None
+    """The suite plans the same few configs hundreds of times in one process (in-process CLI calls, api.plan): each
+    planning run owns its measurements, so the suite hands every run of a config (without an adapter) the one
+    Measurements it measured first, as the package's own module-level cache once did. Measuring is deterministic
+    per config, so no answer changes, only the suite's time. Tests marked own_measurements (those about what a
+    planning run builds and frees) plan as users do."""
+    if request.node.get_closest_marker("own_measurements"):
+        yield
+        return
+    import oneke_plan.api.planner as planner
+
+    real = planner.Measurements
+
+    def shared(config, trust_remote_code=False, adapter=None):  # type: ignore[no-untyped-def]
+        if adapter is not None:
+            return real(config, trust_remote_code, adapter)
+        key = (config.to_json_string(use_diff=False), trust_remote_code)
+        if key not in _SHARED_MEASUREMENTS:
+            _SHARED_MEASUREMENTS[key] = real(config, trust_remote_code, adapter)
+        return _SHARED_MEASUREMENTS[key]
+
+    monkeypatch.setattr(planner, "Measurements", shared)
+    yield

@@ -19,7 +19,7 @@ from oneke_plan.plan.memory import Workload
 from oneke_plan.plan.model_source import resolve_model
 from oneke_plan.plan.plans import PlanSettings
 
-pytestmark = pytest.mark.usefixtures("quiet_accelerate")
+pytestmark = [pytest.mark.usefixtures("quiet_accelerate"), pytest.mark.own_measurements]
 
 
 @pytest.fixture
