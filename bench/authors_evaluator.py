@@ -29,6 +29,7 @@ from common import table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from oneke_plan.extract.answer_lines import answer_line  # noqa: E402
 from oneke_plan.extract.inputs import read_converted  # noqa: E402
 from oneke_plan.extract.outputs import RunOutput  # noqa: E402
 from oneke_plan.extract.score import score_file  # noqa: E402
@@ -80,7 +81,7 @@ def write_perfect(out_dir: Path) -> list[Path]:
             assert output.writer is not None
             for record in pending:
                 text = perfect_text(task, record.instruction, record.extra["label"])
-                output.writer.write(record, text, *answers.parse_output(task, text))
+                output.writer.write_line(answer_line(record, text, *answers.parse_output(task, text)))
             output.finish(records)
         written.append(out)
     return written

@@ -97,7 +97,7 @@ def continuous_batching(model: Any, prompts: list[list[int]], eos: list[int], ma
 def runner_answers(decoder: Any, tokenizer: Any, records: list[Any], batch: int, max_input: int = 4096) -> list:
     """oneke-run's path after loading: the Runner around `decoder`, every answer parsed and written to a JSONL file
     (OutputWriter); the decoder's raw ids are captured for the comparison (the Runner decodes them to text)."""
-    from oneke_plan.extract.inputs import OutputWriter
+    from oneke_plan.extract.answer_lines import OutputWriter
     from oneke_plan.extract.runner import Runner
 
     captured: dict[int, list[int]] = {}

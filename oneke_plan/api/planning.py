@@ -131,7 +131,7 @@ def planned_machine(options: PlanOptions, report: Report) -> tuple[Inventory, in
     )
     reserve_bytes = DEFAULT_GPU_RESERVE_BYTES if reserves.every_gpu is None else reserves.every_gpu
     inventory = build_inventory(
-        list(options.gpus) if options.gpus else None,
+        listed(options.gpus) or None,
         Path(options.inventory_file) if options.inventory_file is not None else None,
         options.cpu_memory,
         options.offload_dir,

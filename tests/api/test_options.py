@@ -155,3 +155,10 @@ def test_a_new_flag_is_one_field() -> None:
     assert options_from(parser.parse_args(["oneke", "--seed", "3"]), WithSeed) == WithSeed(model="oneke", seed=3)
     assert options_from(parser.parse_args([]), WithSeed) == WithSeed()
     assert with_keywords(WithSeed, None, {"seed": 5}, "plan").seed == 5
+
+
+def test_a_repeatable_option_takes_one_value_or_a_list() -> None:
+    """As the options say: `gpus="80GiB"` is the one GPU ["80GiB"], not five GPUs of one character each."""
+    one, listed = api.plan("oneke", gpus="80GiB", cpu_memory=0), api.plan("oneke", gpus=["80GiB"], cpu_memory=0)
+    assert one.profile.to_yaml() == listed.profile.to_yaml()
+    assert [d.id for d in one.profile.devices] == [0]
