@@ -164,21 +164,28 @@ def offload_cost_of(plan: Plan, inventory: Inventory) -> OffloadCost | None:
     return predict_speed(plan, inventory).offload if plan.fits else None
 
 
+def plan_gpus(plan: Plan) -> list[int]:
+    return [slot.id for slot in plan.slots if isinstance(slot.id, int)]
+
+
 def offload_slowdown_text(plan: Plan, inventory: Inventory) -> str:
-    """'about 23x slower', or, where a GPU's bandwidth is not known, what would tell how much."""
+    """'about 23x slower', or, where a bandwidth is not known, what would tell how much; for a plan that offloads
+    (what would fit: CPU or disk offload)."""
     cost = offload_cost_of(plan, inventory)
-    if cost is None:
-        return "no slower"
+    if cost is None:  # nothing read from an offload at each step (everything on disk: the disk runs nothing)
+        return "how much slower is not predicted"
     if cost.slowdown is None:
         return f"slower by a factor not known without {_unknown_bandwidths(cost)}"
     return f"about {cost.slowdown:.0f}x slower"
 
 
 def _unknown_bandwidths(cost: OffloadCost) -> str:
-    """The GPUs whose memory bandwidth an offload slowdown lacks, and how to give it."""
-    gpus = cost.unknown_gpus
-    flags = " ".join(f"--bandwidth {gpu}=GB/s" for gpu in gpus)
-    which = " and ".join(f"GPU {gpu}" for gpu in gpus)
+    """The devices whose memory bandwidth an offload slowdown lacks, and how to give it."""
+    devices = cost.unknown_devices
+    flags = " ".join(f"--bandwidth {device}=GB/s" for device in devices)
+    which = " and ".join("the CPU" if device == "cpu" else f"GPU {device}" for device in devices)
+    if devices == ("cpu",):
+        return f"the memory bandwidth of the CPU (pass what this machine measures: {flags})"
     return f"the memory bandwidth of {which} (name the card, e.g. --gpu 'RTX 3090', or pass {flags})"
 
 
@@ -186,7 +193,7 @@ def offload_note(plan: Plan, inventory: Inventory) -> list[str]:
     """A warning when a plan with GPUs keeps weights on the CPU or disk: how much, how long each token takes at
     least and how much slower it decodes, with the bandwidths it assumed (or which one it lacks)."""
     cost = offload_cost_of(plan, inventory)
-    if cost is None:
+    if cost is None or not plan_gpus(plan):  # without GPUs, offloading to disk is the plan itself, not a warning
         return []
     names = {"cpu": "the CPU", "disk": "disk"}
     where = " and ".join(f"{format_bytes(n)} on {names[str(d)]}" for d, n in cost.bytes_by_device.items())

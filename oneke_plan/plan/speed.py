@@ -88,17 +88,18 @@ class DeviceSpeed:
 
 @dataclass(frozen=True)
 class OffloadCost:
-    """What weights offloaded beside GPUs cost a decoding step, in seconds: `link_seconds`, theirs alone (crossing
-    PCIe, read from disk first); `step_seconds`, the predicted step; `on_gpu_seconds`, the same step with those
-    bytes read from the main GPU's memory. The last two are None where a GPU's bandwidth is not known
-    (`unknown_gpus`); `figures` names each bandwidth used and where it comes from."""
+    """What offloaded weights cost a decoding step, in seconds: `link_seconds`, theirs alone (crossing PCIe, read
+    from disk first; on a machine without GPUs, read from disk into the CPU); `step_seconds`, the predicted step;
+    `on_gpu_seconds`, the same step with those bytes read from the memory of the device that runs the model (the
+    main GPU, or the CPU). The last two are None where that device's bandwidth is not known (`unknown_devices`);
+    `figures` names each bandwidth used and where it comes from."""
 
-    bytes_by_device: dict[DeviceId, int]  # offloaded bytes crossing PCIe per step: "cpu", "disk"
+    bytes_by_device: dict[DeviceId, int]  # offloaded bytes read per step: "cpu" (beside GPUs), "disk"
     link_seconds: float
     step_seconds: float | None
     on_gpu_seconds: float | None
     figures: tuple[str, ...]
-    unknown_gpus: tuple[DeviceId, ...] = ()
+    unknown_devices: tuple[DeviceId, ...] = ()
 
     @property
     def slowdown(self) -> float | None:
@@ -262,21 +263,24 @@ def predict(
 
 
 def offload_cost(devices: Sequence[DeviceSpeed], main: DeviceId, step: float | None) -> OffloadCost | None:
-    """The offloaded weights' share of a decoding step, and the step without them (OffloadCost): None unless a GPU
-    runs the model (`main`) and the CPU or disk holds weights it reads. `step`: the predicted decoding step."""
-    if main in OFFLOAD_DEVICES:
+    """The offloaded weights' share of a decoding step, and the step without them (OffloadCost): None unless the
+    device that runs the model (`main`: a GPU, or the CPU on a machine without one) reads weights held elsewhere
+    (the CPU beside GPUs, or disk). `step`: the predicted decoding step."""
+    if main == "disk":
         return None
-    offloaded = {d.device: d for d in devices if d.device in OFFLOAD_DEVICES and d.decode_read_bytes}
+    offloaded = {
+        d.device: d for d in devices if d.device in OFFLOAD_DEVICES and d.device != main and d.decode_read_bytes
+    }
     if not offloaded:
         return None
     link_seconds = sum(d.decode_seconds or 0.0 for d in offloaded.values())
-    gpus = [d for d in devices if d.device not in OFFLOAD_DEVICES]
-    figures = [_bandwidth_text(d) for d in gpus if d.rates.bandwidth_bytes_per_second]
-    figures += [_bandwidth_text(d) for d in offloaded.values()]
-    unknown = tuple(d.device for d in gpus if d.decode_seconds is None)
+    computing = [d for d in devices if d.device not in offloaded and d.device != "disk"]
+    figures = [_bandwidth_text(d, main) for d in computing if d.rates.bandwidth_bytes_per_second]
+    figures += [_bandwidth_text(d, main) for d in offloaded.values()]
+    unknown = tuple(d.device for d in computing if d.decode_seconds is None)
     on_gpu = None
     if step is not None:
-        host = next(d for d in gpus if d.device == main)
+        host = next(d for d in computing if d.device == main)
         moved = sum(d.decode_read_bytes for d in offloaded.values())
         # the main GPU reads the offloaded weights from its own memory: its roofline with those bytes added
         on_host = _seconds(host.decode_read_bytes + moved, host.decode_flops, host.rates, bound="bandwidth")
@@ -292,12 +296,15 @@ def offload_cost(devices: Sequence[DeviceSpeed], main: DeviceId, step: float | N
     )
 
 
-def _bandwidth_text(device: DeviceSpeed) -> str:
+def _bandwidth_text(device: DeviceSpeed, main: DeviceId) -> str:
     """'GPU 0 716.8 GB/s, catalog', 'CPU -> GPU (PCIe) 25 GB/s, assumed': a figure used and where it comes from
-    (the source's first words: the profile's speed.devices has it whole)."""
+    (the source's first words: the profile's speed.devices has it whole). `main`: the device that runs the model."""
     rate = device.rates.bandwidth_bytes_per_second
     assert rate is not None
-    links = {"cpu": "CPU -> GPU (PCIe)", "disk": "disk -> GPU (NVMe, then PCIe)"}
+    if main == "cpu":
+        links = {"cpu": "CPU", "disk": "disk -> CPU (NVMe)"}
+    else:
+        links = {"cpu": "CPU -> GPU (PCIe)", "disk": "disk -> GPU (NVMe, then PCIe)"}
     label = links.get(str(device.device), f"GPU {device.device}")
     source = device.rates.bandwidth_source.split(" (")[0].split(":")[0]
     return f"{label} {rate / 1e9:.4g} GB/s, {source}"

@@ -4,11 +4,13 @@ weights, and "unknown" (never a number) where a rate is not known."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from oneke_plan import api
+from oneke_plan.core.errors import DoesNotFit
 from oneke_plan.core.sizes import GiB
 from oneke_plan.plan.catalog import CARDS, find_card
 from oneke_plan.plan.plans import PlanResult
@@ -145,9 +147,29 @@ def test_disk_offload_slowdown_by_hand() -> None:
     known = DeviceSpeed(0, gpu, 0, 0, gpu, DeviceRates(900 * 10**9), gpu / 900e9, None)
     cost = offload_cost([known, on_disk], 0, gpu / 900e9 + disk / disk_rate)
     assert cost is not None and cost.slowdown == pytest.approx(step / ((gpu + disk) / 900e9), rel=1e-6)
-    assert cost.bytes_by_device == {"disk": disk} and cost.unknown_gpus == ()
+    assert cost.bytes_by_device == {"disk": disk} and cost.unknown_devices == ()
     assert offload_cost([known], 0, gpu / 900e9) is None  # nothing offloaded
     unknown = DeviceSpeed(0, gpu, 0, 0, gpu, DeviceRates(), None, None)
     cost = offload_cost([unknown, on_disk], 0, None)
-    assert cost is not None and cost.slowdown is None and cost.unknown_gpus == (0,)
+    assert cost is not None and cost.slowdown is None and cost.unknown_devices == (0,)
     assert cost.link_seconds == pytest.approx(disk / DISK_BYTES_PER_SECOND + disk / PCIE_BYTES_PER_SECOND, rel=1e-6)
+
+
+def test_disk_offload_without_gpus_slowdown_by_hand() -> None:
+    """No GPU: the CPU runs the model, reading 10 GiB from its memory at 20 GB/s a step and 2 GiB from disk (NVMe,
+    no PCIe leg): the slowdown against all 12 GiB read from the CPU's memory. oneke-plan's "what would fit" line for
+    a CPU-only machine says the same, and, without the CPU's bandwidth, which flag gives it (it once said "no
+    slower")."""
+    cpu, disk = 10 * GiB, 2 * GiB
+    on_disk = DeviceSpeed("disk", disk, 0, 0, disk, DeviceRates(DISK_BYTES_PER_SECOND), disk / 3e9, None)
+    host = DeviceSpeed("cpu", cpu, 0, 0, cpu, DeviceRates(20 * 10**9), cpu / 20e9, None)
+    cost = offload_cost([host, on_disk], "cpu", cpu / 20e9 + disk / 3e9)
+    assert cost is not None and cost.bytes_by_device == {"disk": disk}
+    assert cost.slowdown == pytest.approx((cpu / 20e9 + disk / 3e9) / ((cpu + disk) / 20e9), rel=1e-6)
+    with pytest.raises(DoesNotFit) as unknown:
+        api.plan("oneke", cpu_memory="16GiB")
+    assert "disk offload: --offload-dir DIR (slower by a factor not known without" in str(unknown.value)
+    assert "--bandwidth cpu=GB/s" in str(unknown.value)
+    with pytest.raises(DoesNotFit) as known:
+        api.plan("oneke", cpu_memory="16GiB", bandwidth="cpu=20")
+    assert re.search(r"disk offload: --offload-dir DIR \(about \d+x slower\)", str(known.value))
