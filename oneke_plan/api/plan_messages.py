@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from oneke_plan.core.sizes import format_bytes
+from oneke_plan.core.sizes import flag_size_at_least, format_bytes
 from oneke_plan.measure.adapter import Adapter
 from oneke_plan.plan.fit import AdapterBytes, BlockCost, Slot, explain_refusal
 from oneke_plan.plan.inventory import Inventory
@@ -71,7 +71,7 @@ def alternative_line(found: Alternative, workload: Workload, inventory: Inventor
     slowdown = offload_slowdown_text(found.plan, inventory)
     if found.change == "cpu_offload":
         return (
-            f"CPU offload: --cpu-memory {format_bytes(int(found.value)).replace(' ', '')} "
+            f"CPU offload: --cpu-memory {flag_size_at_least(int(found.value))} "
             f"(weights cross PCIe at every step: {slowdown})"
         )
     return f"disk offload: --offload-dir DIR ({slowdown})"

@@ -65,3 +65,15 @@ def format_bytes(n: int) -> str:
         if n >= size:
             return f"{sign}{n / size:.2f} {unit}"
     return f"{sign}{n} B"
+
+
+def flag_size_at_least(n: int) -> str:
+    """`n` bytes as a flag value ('11.99GiB'): format_bytes' unit and two decimals, rounded up, so that the size it
+    parses back to is never less than `n` (a suggested --cpu-memory rounded down would not fit)."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size:
+            hundredths = -(-n * 100 // size)
+            while parse_size(f"{hundredths / 100:.2f}{unit}") < n:  # float parsing may land a byte short
+                hundredths += 1
+            return f"{hundredths / 100:.2f}{unit}"
+    return f"{n}B"

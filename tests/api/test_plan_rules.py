@@ -216,3 +216,20 @@ def test_replanning_for_a_turing_card_gives_a_profile_it_accepts() -> None:
     inventory = Inventory(turing, 0)
     profile = planner.profile(planner.plan(inventory, settings), inventory)
     assert machine_problems(profile, resolve_model("oneke"), turing, 0) == []
+
+
+@pytest.mark.parametrize("gpu", ["20GiB", "12GiB"])
+def test_each_what_would_fit_suggestion_plans_when_given(
+    gpu: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every "what would fit" line, given back as its flags, plans (exit 0): a --cpu-memory rounded down to the
+    printed two decimals once left 16 blocks over (OneKE on 20 GiB: 11.98GiB printed, 11.98... GiB needed)."""
+    assert plan_main(["oneke", "--gpu", gpu, "--cpu-memory", "0"]) == EXIT_DOES_NOT_FIT
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in err.splitlines() if line.startswith("  --") or "offload: --" in line]
+    flags = [(line.split(": ", 1)[1] if "offload:" in line else line).split(":")[0].split(" (")[0] for line in lines]
+    assert any("--cpu-memory" in f for f in flags), err
+    for i, suggestion in enumerate(flags):
+        extra = suggestion.replace("--offload-dir DIR", f"--offload-dir {tmp_path / 'offload'}").split()
+        extra += [] if "--cpu-memory" in extra else ["--cpu-memory", "0"]
+        assert plan_main(["oneke", "--gpu", gpu, *extra, "-o", str(tmp_path / f"{i}.yaml")]) == 0, suggestion
