@@ -12,7 +12,7 @@ from oneke_plan.plan.inventory import Inventory
 from oneke_plan.plan.plans import PlanResult, PlanSettings, check_replica_counts, predict_speed
 from oneke_plan.plan.profile import REPLICAS_FORMAT_VERSION, Replica
 from oneke_plan.plan.replicas import replica_groups, replica_inventory
-from oneke_plan.plan.solve import QUANT_ORDER, bisect_largest, with_value
+from oneke_plan.plan.solve import bisect_largest, quantizations_after, with_value
 from oneke_plan.plan.speed import combined
 
 
@@ -72,7 +72,7 @@ def _replicas_do_not_fit(planner: Planner, inventory: Inventory, settings: PlanS
     if most >= 1 and count != "auto":
         options.append(f"--replicas {most}: fits")
     most_so_far = most
-    for mode in QUANT_ORDER[QUANT_ORDER.index(settings.quant.mode) + 1 :]:
+    for mode in quantizations_after(settings.quant.mode, planner.source.gguf_file is not None):
         trial = replace(settings, quant=replace(settings.quant, mode=mode))  # type: ignore[arg-type]
         most_quantized = len(replica_groups(planner.plan, inventory, trial, "auto"))
         if most_quantized >= (1 if count == "auto" else int(count)):

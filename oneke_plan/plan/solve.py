@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from oneke_plan.plan.inventory import Inventory
+from oneke_plan.plan.memory import QUANT_MODES
 from oneke_plan.plan.plans import Plan, PlanSettings
 
 MAX_SOLVED_BATCH = 4096
-QUANT_ORDER = ("none", "8bit", "4bit")  # each a smaller footprint than the one before
 UNBOUNDED_BYTES = 1 << 62  # memory without a limit, to ask how much of it a plan takes
 
 PlanFn = Callable[[Inventory, PlanSettings], Plan]
@@ -54,7 +54,7 @@ def largest(plan: PlanFn, inventory: Inventory, settings: PlanSettings, what: st
 def quantizations_after(mode: str, gguf: bool) -> list[str]:
     """The bitsandbytes modes smaller than `mode` that a plan may try (none for a GGUF file: transformers cannot
     quantize one)."""
-    order = list(QUANT_ORDER) if not gguf else ["none"]
+    order = list(QUANT_MODES) if not gguf else ["none"]  # QUANT_MODES: each smaller than the one before
     return order[order.index(mode) + 1 :]
 
 

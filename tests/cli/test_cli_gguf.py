@@ -117,3 +117,15 @@ def test_not_a_gguf_is_refused(
     lines = err.strip().splitlines()
     assert code == EXIT_BAD_INPUT and len(lines) == 1, err
     assert lines[0].startswith("oneke-run: error: ") and "not a GGUF file" in lines[0]
+
+
+def test_replicas_that_do_not_fit_suggest_no_quantization_of_a_gguf(
+    gguf_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two copies of SmolLM2 (float32, about 540 MB) on two 300 MiB GPUs: does not fit (exit 3), and what would fit
+    never says --quantize, which transformers cannot do to a GGUF (it once tried it and refused --quantize, a flag
+    the user never gave)."""
+    code = plan_main([str(gguf_file), "--gpu", "300MiB", "--gpu", "300MiB", "--cpu-memory", "0", "--replicas", "2"])
+    err = capsys.readouterr().err
+    assert code == EXIT_DOES_NOT_FIT, err
+    assert "does not fit" in err and "--quantize" not in err
