@@ -273,14 +273,16 @@ def offload_cost(devices: Sequence[DeviceSpeed], main: DeviceId, step: float | N
     }
     if not offloaded:
         return None
-    link_seconds = sum(d.decode_seconds or 0.0 for d in offloaded.values())
     computing = [d for d in devices if d.device not in offloaded and d.device != "disk"]
+    host = next((d for d in computing if d.device == main), None)
+    if host is None:  # the CPU runs blocks it holds none of (every weight on disk): no step of its own to compare
+        return None
+    link_seconds = sum(d.decode_seconds or 0.0 for d in offloaded.values())
     figures = [_bandwidth_text(d, main) for d in computing if d.rates.bandwidth_bytes_per_second]
     figures += [_bandwidth_text(d, main) for d in offloaded.values()]
     unknown = tuple(d.device for d in computing if d.decode_seconds is None)
     on_gpu = None
     if step is not None:
-        host = next(d for d in computing if d.device == main)
         moved = sum(d.decode_read_bytes for d in offloaded.values())
         # the main GPU reads the offloaded weights from its own memory: its roofline with those bytes added
         on_host = _seconds(host.decode_read_bytes + moved, host.decode_flops, host.rates, bound="bandwidth")
