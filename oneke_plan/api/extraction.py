@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from oneke_plan.api.checks import json_text, one_of
 from oneke_plan.api.options import LANGUAGES, PathLike, Report
+from oneke_plan.api.preflight import output_mode, within_plan
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract.engines import hf_decoder
 from oneke_plan.plan.profile import Profile
@@ -147,22 +148,15 @@ def extract(
     the records came from, so that OUTPUT is never that file. Stopping the iteration early keeps the journal (resume
     continues it). Under torchrun with several workers, an output file needs api.run (it splits and merges).
     """
-    from oneke_plan.api.preflight import preflight
     from oneke_plan.extract.outputs import RunOutput
+    from oneke_plan.extract.workers import Worker
 
-    context = preflight(
-        profile,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        resume=resume,
-        overwrite=overwrite,
-        checkpoint=False,
-        report=Report(),
-    )
-    batch, max_new, mode = context.batch_size, context.max_new_tokens, context.output_mode
+    batch = within_plan("--batch-size", batch_size, profile.workload.batch_size)
+    max_new = within_plan("--max-new-tokens", max_new_tokens, profile.workload.max_new_tokens)
+    mode = output_mode(resume, overwrite)
     files = None
     if output is not None:
-        if context.worker.distributed:
+        if Worker.from_env().distributed:
             raise BadInput(
                 "api.extract writes an output file for one process; under torchrun use api.run, which gives each "
                 "worker its part and merges them"

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from oneke_plan.api.options import PathLike, Report
 from oneke_plan.api.preflight import RunContext, preflight
+from oneke_plan.extract.engines import load_checked
 from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
@@ -44,10 +45,7 @@ def load(
         force=force,
         report=report,
     )
-    from oneke_plan.extract.engines import load_checked
-
     gpus = check_machine_noted(context, report)
-    assert context.source is not None
     loaded = load_checked(context.profile, context.source, trust_remote_code, report, context.adapter, gpus)
     return loaded.model, loaded.tokenizer
 
@@ -58,7 +56,6 @@ def check_machine_noted(context: RunContext, report: Report) -> tuple[Gpu, ...]:
     from oneke_plan.load.machine import check_machine
     from oneke_plan.plan.inventory import detect_gpus
 
-    assert context.source is not None
     gpus = detect_gpus()
     for problem in check_machine(context.profile, context.source, gpus, force=context.force):
         report.note(f"warning (--force): {problem}")

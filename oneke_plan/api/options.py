@@ -83,6 +83,11 @@ class Flag:
     positional: bool = False
 
 
+    def spellings(self, name: str) -> list[str]:
+        """The flag's spellings for the field `name`: its own `names`, else --field-name."""
+        return list(self.names) or ["--" + name.replace("_", "-")]
+
+
 def flag(help: str, **how: Any) -> dict[str, Flag]:
     """A field's metadata for dataclasses.field(metadata=...): `help` and Flag's other fields by name."""
     return {FLAG: Flag(help, **how)}

@@ -165,7 +165,7 @@ class Planner:
         )
         quantizable = self.quantizable(dtype) if settings.quant.mode != "none" else None
         adapter = self.measurements.adapter_bytes(dtype, layout) if self.adapter is not None else None
-        return price(layout, settings.quant, settings.workload, memory, quantizable, adapter, not unmerged)
+        return price(layout, settings.quant, settings.workload, memory, quantizable, adapter)
 
     # -- step 5 ------------------------------------------------------------------------------------------------
     def device_map(self, plan: Plan) -> dict[str, DeviceId]:

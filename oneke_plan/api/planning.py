@@ -61,6 +61,8 @@ def plan(
     options = with_keywords(PlanOptions, options, keywords, "plan")
     if options.model is None:
         raise TypeError("plan() needs a model: give it first, or as PlanOptions(model=...)")
+    if options.solve:  # also with underscores, as Python names them: one spelling from here on
+        options = replace(options, solve=options.solve.replace("_", "-"))
     report = report or Report()
     stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
     check_choices(options)
@@ -105,15 +107,13 @@ def plan(
 
 def check_choices(options: PlanOptions) -> None:
     """Each flag that takes one of a few values holds one of the values its field declares: the API is called
-    without argparse's choices. --solve also takes its values with underscores, as Python names them."""
+    without argparse's choices."""
     for item in fields(options):
         spec = item.metadata.get(FLAG)
         value = getattr(options, item.name)
         if spec is None or spec.choices is None or (value is None and item.default is None):
             continue
-        if item.name == "solve":
-            value = value.replace("_", "-")
-        one_of(spec.names[-1] if spec.names else "--" + item.name.replace("_", "-"), value, spec.choices)
+        one_of(spec.spellings(item.name)[-1], value, spec.choices)
 
 
 def planned_machine(options: PlanOptions, report: Report) -> tuple[Inventory, int]:

@@ -19,7 +19,7 @@ says what to do (BadInput, exit 2; DoesNotFit, exit 3, for a machine or adapter 
     9  this worker's replica                    torchrun's variables                BadInput
     10 the engine can run this profile          --engine (vllm: its translation)    BadInput
 
-Steps 6-10 are about a checkpoint to load, so api.extract (whose caller loaded the model) skips them. After the
+api.extract, whose caller loaded the model, makes steps 3 and 5 with the same functions. After the
 preflight, api.run reads the input, locks the output, checks the machine, and starts the engine (the tokenizer, the
 checkpoint's tensor names, the load, the weights per device, one finite forward), in that order.
 """
@@ -47,14 +47,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class RunContext:
     """What a run is, once every cheap check has passed. `profile` is the one this process runs: its replica under
-    torchrun, with the run's template and offload folder. `source`, `adapter` and `engine` (the engine whose check
-    passed, with what the check prepared for its start) are None when the caller loaded the model itself
-    (api.extract). `output_mode`: "new" (refuse an existing output), "resume" or "overwrite"."""
+    torchrun, with the run's template and offload folder. `engine`: the engine whose check passed, with what the
+    check prepared for its start. `output_mode`: "new" (refuse an existing output), "resume" or "overwrite"."""
 
     profile: Profile
-    source: ModelSource | None
+    source: ModelSource
     adapter: Adapter | None
-    engine: CheckedEngine | None
+    engine: CheckedEngine
     batch_size: int
     max_new_tokens: int
     output_mode: str
@@ -77,11 +76,9 @@ def preflight(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     force: bool = False,
-    checkpoint: bool = True,
     report: Report,
 ) -> RunContext:
-    """The module docstring's steps, in its order; `checkpoint=False` skips steps 6-10 (the caller loaded the
-    model)."""
+    """The module docstring's steps, in its order."""
     from oneke_plan.extract.engines import ENGINES, check_engine
     from oneke_plan.extract.workers import Worker
 
@@ -92,15 +89,12 @@ def preflight(
     max_new = within_plan("--max-new-tokens", max_new_tokens, profile.workload.max_new_tokens)
     profile = with_template(profile, template, report)
     mode = output_mode(resume, overwrite)
-    source = found = checked = None
-    if checkpoint:
-        source = checkpoint_source(profile, model, trust_remote_code)
-        found = run_adapter(profile, adapter)
-        profile = replace(profile, offload_dir=offload_folder(profile.offload_dir, offload_dir))
+    source = checkpoint_source(profile, model, trust_remote_code)
+    found = run_adapter(profile, adapter)
+    profile = replace(profile, offload_dir=offload_folder(profile.offload_dir, offload_dir))
     worker = Worker.from_env()
-    if source is not None:
-        profile = workers_profile(profile, worker)
-        checked = check_engine(engine, profile, source, trust_remote_code)
+    profile = workers_profile(profile, worker)
+    checked = check_engine(engine, profile, source, trust_remote_code)
     return RunContext(profile, source, found, checked, batch, max_new, mode, worker, trust_remote_code, force)
 
 

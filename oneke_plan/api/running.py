@@ -150,7 +150,7 @@ def run(
             files.close()
         parts = group.gather(mine)
     # an engine that allocates in its own processes (vLLM): this one's torch peak would say nothing about it
-    measured = mine is not None and context.engine is not None and context.engine.measures_gpu_memory
+    measured = mine is not None and context.engine.measures_gpu_memory
     memory = gpu_memory(context.profile) if measured else []
     return RunSummary(Path(output), len(records), worker, parts, memory)
 
@@ -162,7 +162,6 @@ def _answer(
     and load) and answer them. Returns the run's statistics and how many prompts were pending, or None when every
     prompt was answered."""
     profile, source, worker = context.profile, context.source, context.worker
-    assert source is not None
     pending = files.start(records, lambda record: worker.mine(record.key))
     gpus = check_machine_noted(context, report)
     if not pending:
@@ -172,7 +171,6 @@ def _answer(
             report.note(f"nothing to do: all {len(records)} prompts are answered{what}")
         return None
     assert files.writer is not None
-    assert context.engine is not None
     run = EngineRun(
         profile, source, context.batch_size, context.max_new_tokens, context.trust_remote_code, context.adapter, gpus
     )

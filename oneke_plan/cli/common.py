@@ -75,13 +75,13 @@ def argument_for(item: dataclasses.Field[Any], spec: Flag, hint: Any) -> tuple[l
         settings["choices"] = spec.choices
     if spec.positional:
         return [item.name], {**settings, "nargs": None if required else "?"}
-    spelled = "--" + item.name.replace("_", "-")
+    spelled = spec.spellings(item.name)
     settings["dest"] = item.name
     value_type = without_none(hint)
     if value_type is bool:
         if item.default is True:
-            return [f"--no-{spelled[2:]}"], {**settings, "action": "store_false"}
-        return list(spec.names or [spelled]), {**settings, "action": "store_true"}
+            return [f"--no-{spelled[-1][2:]}"], {**settings, "action": "store_false"}
+        return spelled, {**settings, "action": "store_true"}
     if required:
         settings["required"] = True
     if spec.repeat:
@@ -89,7 +89,7 @@ def argument_for(item: dataclasses.Field[Any], spec: Flag, hint: Any) -> tuple[l
     parse = spec.parse or (int if value_type is int else None)
     if parse is not None:
         settings["type"] = parse
-    return list(spec.names or [spelled]), settings
+    return spelled, settings
 
 
 def without_none(hint: Any) -> Any:

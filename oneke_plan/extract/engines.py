@@ -148,6 +148,16 @@ def _check_hf(profile: Profile, source: ModelSource, trust_remote_code: bool) ->
     return None
 
 
+def checked_tokenizer(profile: Profile, source: ModelSource, trust_remote_code: bool) -> tuple[Any, list[int]]:
+    """What every engine checks before it loads anything (the device_map can run, the offload folder is usable, the
+    tokenizer loads and fits the profile's template): the tokenizer, and the ids that end an answer under the
+    template besides the model's EOS."""
+    from oneke_plan.load.loader import check_before_load
+
+    tokenizer = check_before_load(profile, source, trust_remote_code)
+    return tokenizer, check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))
+
+
 @dataclass(frozen=True)
 class Loaded:
     """A model loaded as planned, its tokenizer, and the token ids that end an answer under the profile's template
@@ -170,11 +180,10 @@ def load_checked(
     adapter), report the weights per device, and check the model computes finite numbers. `gpus`: the GPUs the
     machine check found, when it ran (else the load reads them)."""
     from oneke_plan.load.loaded_weights import measured_weight_bytes
-    from oneke_plan.load.loader import check_before_load, check_finite_outputs, load_model
+    from oneke_plan.load.loader import check_finite_outputs, load_model
     from oneke_plan.measure.checkpoint import read_checkpoint
 
-    tokenizer = check_before_load(profile, source, trust_remote_code=trust_remote_code)
-    stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before any weight
+    tokenizer, stop_ids = checked_tokenizer(profile, source, trust_remote_code)  # before any weight
     checkpoint = read_checkpoint(source.directory) if source.directory and source.gguf_file is None else None
     model = load_model(
         profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint, adapter=adapter, gpus=gpus
@@ -361,10 +370,7 @@ def vllm_decoder(
     vLLM (its notes and the engine arguments go to `note`), vLLM started; the answers end at the same EOS ids as
     the hf engine's and the template's stop words (generation.end_token_ids)."""
     from oneke_plan.extract.generation import end_token_ids
-    from oneke_plan.load.loader import check_before_load
-
-    tokenizer = check_before_load(profile, source, trust_remote_code)
-    stop_ids = check_tokenizer(TEMPLATES[profile.template], tokenizer, str(source.directory))  # before vLLM starts
+    tokenizer, stop_ids = checked_tokenizer(profile, source, trust_remote_code)  # before vLLM starts
     translated = settings if settings is not None else _check_vllm(profile, source, trust_remote_code)
     fitted = plan_for_vllm(translated, profile, batch_size, installed_engine_arguments())
     check_quantization_method(fitted)

@@ -342,6 +342,3 @@ def read_example(spec: str) -> list[Any]:
     if not good:
         raise BadInput(f'{origin}: give a non-empty JSON list of {{"input": text, "output": answer}} items')
     return items
-
-
-# ---------------------------------------------------------------- answer lines

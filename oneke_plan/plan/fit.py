@@ -24,6 +24,7 @@ from oneke_plan.plan.memory import (
     Workload,
     linear_weight_bytes,
     logits_bytes,
+    merges_on_load,
     quant_scratch_bytes,
 )
 
@@ -218,11 +219,11 @@ def price(
     memory: MeasuredMemory,
     quantizable: Mapping[str, tuple[int, int]] | None = None,
     adapter: AdapterBytes | None = None,
-    adapter_merged: bool = True,
 ) -> list[BlockCost]:
     """Every block priced for the settings: `block_costs`, and the adapter's tensors with the weights when it
-    stays unmerged (8/4-bit), as load-time memory when it is merged on load (16-bit). `quantizable`: what
-    bitsandbytes would quantize, given whenever `quant` quantizes (BadInput when that is nothing)."""
+    stays unmerged (8/4-bit: merges_on_load), as load-time memory when it is merged on load (16-bit).
+    `quantizable`: what bitsandbytes would quantize, given whenever `quant` quantizes (BadInput when that is
+    nothing)."""
     if quant.mode != "none" and not quantizable:
         raise BadInput(
             f"--quantize {quant.mode}: transformers' bitsandbytes integration quantizes no layer of "
@@ -233,7 +234,7 @@ def price(
     if adapter is None:
         return costs
     resident, scratch = adapter.resident_bytes, adapter.merge_scratch_bytes
-    if not adapter_merged:
+    if not merges_on_load(quant.mode):
         return [
             replace(c, weights_bytes=c.weights_bytes + resident.get(c.name, 0),
                     unquantized_weights_bytes=c.unquantized_weights_bytes + resident.get(c.name, 0))

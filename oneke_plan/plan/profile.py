@@ -51,7 +51,7 @@ from oneke_plan.core.records import (
 from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES
 from oneke_plan.io import files
 from oneke_plan.io.yamlfile import read_yaml
-from oneke_plan.plan.fit import DeviceEstimate
+from oneke_plan.plan.fit import DeviceEstimate, DeviceId
 from oneke_plan.plan.memory import DTYPE_BYTES, Quantization, Workload, merges_on_load
 
 FORMAT_VERSION = 1  # one model copy
@@ -61,7 +61,6 @@ DEFAULT_ATTN_IMPLEMENTATION = "sdpa"  # what profiles written before the key exi
 ON_LOAD = ("merged", "unmerged")  # what oneke-run does with a LoRA adapter: merges_on_load
 REMEDY = "re-create the profile with oneke-plan"
 
-DeviceId = int | str
 
 
 def device_id(value: Any, path: str) -> DeviceId:

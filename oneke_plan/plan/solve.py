@@ -54,7 +54,7 @@ def largest(plan: PlanFn, inventory: Inventory, settings: PlanSettings, what: st
 def quantizations_after(mode: str, gguf: bool) -> list[str]:
     """The bitsandbytes modes smaller than `mode` that a plan may try (none for a GGUF file: transformers cannot
     quantize one)."""
-    order = list(QUANT_MODES) if not gguf else ["none"]  # QUANT_MODES: each smaller than the one before
+    order: list[str] = list(QUANT_MODES) if not gguf else ["none"]  # QUANT_MODES: each smaller than the one before
     return order[order.index(mode) + 1 :]
 
 

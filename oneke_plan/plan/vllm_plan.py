@@ -131,14 +131,12 @@ def vllm_settings(
     model: str,
     num_layers: int,
     *,
-    has_kv_cache_memory_bytes: bool = True,
-    block_size: int = BLOCK_SIZE,
     trust_remote_code: bool = False,
 ) -> VllmSettings:
     """The vLLM translation of a one-replica profile (Profile.replica(i) of a replicas profile) for the model at
     `model` with `num_layers` decoder layers, or the one line saying what vLLM cannot express (every refusal is
-    here). `has_kv_cache_memory_bytes`: whether the vLLM that will run it has that engine argument (vLLM >= 0.11;
-    without_kv_cache_memory_bytes says what replaces it); `block_size`: its KV block size in tokens."""
+    here), for a vLLM with the kv_cache_memory_bytes engine argument (>= 0.11; without_kv_cache_memory_bytes
+    makes it one for an older vLLM)."""
     if profile.adapter is not None:
         raise refuse("the profile applies a LoRA adapter, which oneke-run's vllm engine does not load")
     devices = set(profile.device_map.values())
@@ -188,10 +186,9 @@ def vllm_settings(
         if len(stages) > 1:
             args["pipeline_parallel_size"] = len(stages)
             env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for _, n in stages)
-        per_gpu = [_kv_blocks_bytes(profile.estimate_on(gpu).kv_cache_bytes, profile, block_size) for gpu in gpus]
+        per_gpu = [_kv_blocks_bytes(profile.estimate_on(gpu).kv_cache_bytes, profile, BLOCK_SIZE) for gpu in gpus]
         args["kv_cache_memory_bytes"] = max(per_gpu)
-    settings = VllmSettings(model, args, env, notes)
-    return settings if has_kv_cache_memory_bytes else without_kv_cache_memory_bytes(settings, profile)
+    return VllmSettings(model, args, env, notes)
 
 
 def without_kv_cache_memory_bytes(settings: VllmSettings, profile: Profile) -> VllmSettings:

@@ -17,7 +17,7 @@ from oneke_plan.core.errors import BadInput
 from oneke_plan.plan.fit import DeviceEstimate
 from oneke_plan.plan.memory import Workload
 from oneke_plan.plan.profile import ProfileDevice, read_profile
-from oneke_plan.plan.vllm_plan import layer_devices, vllm_settings
+from oneke_plan.plan.vllm_plan import layer_devices, vllm_settings, without_kv_cache_memory_bytes
 
 PROFILES = Path(__file__).parents[2] / "profiles"
 ONEKE_LAYERS = 40
@@ -63,7 +63,7 @@ def test_three_cards_and_the_serve_line() -> None:
 
 def test_without_kv_cache_memory_bytes_the_implied_utilization() -> None:
     profile = read_profile(PROFILES / "oneke-24gib+12gib-bf16.yaml")
-    settings = vllm_settings(profile, "m", ONEKE_LAYERS, has_kv_cache_memory_bytes=False)
+    settings = without_kv_cache_memory_bytes(vllm_settings(profile, "m", ONEKE_LAYERS), profile)
     # GPU 0's planned total over its 24 GiB (the larger share), rounded up to 3 decimals
     share = 25_598_782_976 / (24 * 2**30)
     assert 0.993 < share < 0.994
@@ -119,7 +119,7 @@ def test_cpu_plan_gives_vllm_cpu_the_kv_bytes_in_whole_blocks() -> None:
     # 604 positions are 19 blocks of 32 (608 positions) per row
     assert settings.engine_args["kv_cache_memory_bytes"] == per_token * 8 * 608
     assert settings.engine_args["block_size"] == 32 and settings.env == {}
-    older = vllm_settings(cpu, "m", 4, has_kv_cache_memory_bytes=False)
+    older = without_kv_cache_memory_bytes(vllm_settings(cpu, "m", 4), cpu)
     assert older.env == {"VLLM_CPU_KVCACHE_SPACE": "1"}  # 76 MiB, in whole GiB
     assert "kv_cache_memory_bytes" not in older.engine_args
 
