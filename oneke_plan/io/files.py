@@ -1,6 +1,7 @@
 """Writing files whose paths users give, without ever destroying a file the tool did not write.
 
-The rules both CLIs follow (README "When things go wrong"):
+The rules both CLIs follow (README "When things go wrong"), each path checked by output_target before anything is
+written:
 - an existing path is replaced only if it is a regular file with a single link: never a folder, device node,
   FIFO, socket or symbolic link, and never a file with other hard links (replacing it would cut them off);
 - only if it looks like the tool's own earlier output of that kind (a profile's header, the picture's mark, an
@@ -67,7 +68,7 @@ def replaceable_stat(path: str | os.PathLike[str], flag: str) -> os.stat_result 
     """The lstat of `path` if it is a regular file with one link, None if it does not exist; BadInput otherwise,
     and when its folder does not exist (require_folder).
 
-    Says nothing about whose file it is: callers check that (their own output, or --overwrite) before replacing.
+    Says nothing about whose file it is: output_target, which calls it, checks that before anything is replaced.
     """
     require_folder(path, flag)
     try:
