@@ -277,3 +277,18 @@ def test_plot_and_o_replace_their_own_earlier_output_beside_what_they_read(
     picture.write_bytes(b"")
     assert plan_main([*argv, "--plot", str(picture), "--overwrite"]) == 0 and drawn_by_oneke_plan(picture)
     capsys.readouterr()
+
+
+def test_never_the_gguf_file_it_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gguf_files import gguf_unsupported, write_gguf
+
+    gguf = write_gguf(tmp_path / "tiny.gguf", "llama")
+    why = gguf_unsupported(gguf)
+    if why:
+        pytest.skip(f"{why}: oneke-plan refuses GGUF files here")
+    before = _state(gguf)
+    for flag in ("-o", "--plot"):
+        for extra in ((), ("--overwrite",)):
+            code = plan_main([str(gguf), "--gpu", "24GiB", flag, str(gguf), *extra])
+            _refused("oneke-plan", code, capsys.readouterr().err, gguf, "the model's GGUF file", "which this command")
+            assert _state(gguf) == before
