@@ -93,7 +93,7 @@ def plan(
             "--plot",
             reads,
             drawn_by_oneke_plan,
-            "a picture drawn by oneke-plan",
+            "a picture written by oneke-plan",
             options.overwrite,
             "machine.svg",
         )
