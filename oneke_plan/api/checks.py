@@ -1,4 +1,4 @@
-"""The checks both flows make of what they are given: choices, sizes, output paths, the model source, the adapter
+"""The checks both flows make of what they are given: choices, sizes, the model source and what it reads, the adapter
 folder. Each refuses with one BadInput line that says what to do; a few also put what passed into the form the
 flows use (a repeated flag as a list, a schema as JSON text). oneke-run's own checks, in their order, are
 preflight's."""
@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oneke_plan.api.options import PathLike
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import SizeError, parse_size
+from oneke_plan.io.files import Reads
 
 if TYPE_CHECKING:
     from oneke_plan.measure.adapter import Adapter
@@ -50,38 +51,25 @@ def replica_count(replicas: int | str) -> int | str:
         raise BadInput(f"--replicas {replicas!r}: give a number of replicas, or auto") from None
 
 
-def output_target(
-    path: Path,
-    flag: str,
-    overwrite: bool,
-    model_dir: Path | None,
-    ours: Callable[[Path], bool],
-    what: str,
-    suffix: str,
-) -> os.stat_result | None:
-    """Check an output path (`-o`, `--plot`) before planning; return what it is now (None: absent) for the write
-    to confirm.
+def model_reads(source: ModelSource, reads: Reads | None = None) -> Reads:
+    """`reads` with what loading `source` reads: a model's folder, the whole repository folder of a Hugging Face
+    cache snapshot (its files are links into the repository's blobs/), or a GGUF file (not the folder it lies in,
+    which may be any folder); nothing for a built-in config."""
+    reads = reads or Reads()
+    if source.gguf_file is not None:
+        return reads.file(source.gguf_file, "the model's GGUF file")
+    if source.directory is None:
+        return reads
+    if source.kind == "hub-cache" and source.directory.parent.name == "snapshots":
+        return reads.folder(source.directory.parent.parent, "the model's folder in the Hugging Face cache")
+    return reads.folder(source.directory, "the model's folder")
 
-    Replaced only if it is a regular single-link file (oneke_plan.io.files) and `ours` (a `what` oneke-plan wrote), or
-    --overwrite says so; a file of the model's own directory never. `suffix`: the file kind's, for the example name.
-    """
-    from oneke_plan.io.files import replaceable_stat
 
-    if path.is_dir():
-        raise BadInput(f"{flag} {path}: is a folder; give a file name such as {path}/machine{suffix}")
-    existing = replaceable_stat(path, flag)
-    if existing is None:
-        return None
-    if model_dir is not None and Path(model_dir).resolve() in path.resolve().parents:
-        raise BadInput(
-            f"{flag} {path}: is a file of the model {model_dir}; oneke-plan never replaces it: choose another path"
-        )
-    if not overwrite and not ours(path):
-        raise BadInput(
-            f"{flag} {path}: exists and is not {what} written by oneke-plan; choose another path, or pass --overwrite "
-            "to replace it"
-        )
-    return existing
+def file_flag(value: Any) -> Path | None:
+    """The file a flag that takes inline JSON or a file name (--schema, --example) names, when it names one."""
+    if isinstance(value, (str, os.PathLike)) and not str(value).lstrip().startswith(("[", "{")):
+        return Path(value)
+    return None
 
 
 def json_text(value: str | list[Any] | dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from oneke_plan.api.options import LANGUAGES, PathLike, Report
 from oneke_plan.api.preflight import output_mode, within_plan
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract.engines import hf_decoder
+from oneke_plan.io.files import Reads
 from oneke_plan.plan.profile import Profile
 
 if TYPE_CHECKING:
@@ -144,9 +145,10 @@ def extract(
     OUTPUT.journal, which also locks OUTPUT against a second run, and when every prompt has a line OUTPUT is
     written in input order with a merged line per record of several prompts; `resume` keeps the answers an
     earlier run left (in OUTPUT or its journal) and answers the rest and the failed ones, `overwrite` replaces
-    OUTPUT, neither refuses an existing one. Only prompts answered by this call are yielded. `input` is the file
-    the records came from, so that OUTPUT is never that file. Stopping the iteration early keeps the journal (resume
-    continues it). Under torchrun with several workers, an output file needs api.run (it splits and merges).
+    OUTPUT (an earlier output, or an empty file; never another file), neither refuses an existing one. Only
+    prompts answered by this call are yielded. `input` is the file the records came from, so that OUTPUT is never
+    that file (nor in the model's folder or the offload folder). Stopping the iteration early keeps the journal
+    (resume continues it). Under torchrun with several workers, an output file needs api.run (it splits and merges).
     """
     from oneke_plan.extract.outputs import RunOutput
     from oneke_plan.extract.workers import Worker
@@ -154,6 +156,8 @@ def extract(
     batch = within_plan("--batch-size", batch_size, profile.workload.batch_size)
     max_new = within_plan("--max-new-tokens", max_new_tokens, profile.workload.max_new_tokens)
     mode = output_mode(resume, overwrite)
+    name = getattr(model, "name_or_path", None)
+    model_dir = Path(name) if name and Path(name).is_dir() else None
     files = None
     if output is not None:
         if Worker.from_env().distributed:
@@ -161,11 +165,10 @@ def extract(
                 "api.extract writes an output file for one process; under torchrun use api.run, which gives each "
                 "worker its part and merges them"
             )
-        files = RunOutput(Path(output), Path(input) if input is not None else None, mode)
+        reads = Reads().folder(model_dir, "the model's folder").folder(profile.offload_dir, "the offload folder")
+        files = RunOutput(Path(output), Path(input) if input is not None else None, mode, reads=reads)
     elif mode != "new":
         raise BadInput("resume and overwrite are about an output file: give output=PATH too")
-    name = getattr(model, "name_or_path", None)
-    model_dir = Path(name) if name and Path(name).is_dir() else None
 
     def make_runner(writer: OutputWriter | None) -> Runner:
         decoder = hf_decoder(model, tokenizer, profile, max_new, model_dir)

@@ -123,8 +123,9 @@ class PlanOptions:
     config implies. `replicas`: copies of the model (a number, or "auto"), on `nodes` identical nodes. `adapter`: a
     LoRA adapter folder oneke-run will apply: merged on load in 16-bit, kept unmerged with `quantize`; its memory is
     counted and it is fingerprinted in the profile (DoesNotFit for an adapter of another base). `output`: write the
-    profile there (a file oneke-plan wrote, or any regular file with `overwrite`; never a file of the model's
-    directory); `plot`: write the per-device picture there as SVG (same rules)."""
+    profile there (replacing only a profile oneke-plan wrote, or an empty file with `overwrite`; never a file the
+    plan reads, nor anything in a model's or adapter's folder); `plot`: write the per-device picture there as SVG
+    (same rules)."""
 
     model: PathLike | None = field(
         default=None,
@@ -304,8 +305,8 @@ class PlanOptions:
     overwrite: bool = field(
         default=False,
         metadata=flag(
-            "let -o replace an existing file that is not a profile written by oneke-plan (never a model's file, a "
-            "device, a FIFO or a link)",
+            "let -o and --plot also replace an empty file (without it they replace only a profile or picture "
+            "oneke-plan wrote; never a file it reads, a model's or adapter's file, a device, a FIFO or a link)",
             group=OUTPUT,
         ),
     )
@@ -410,7 +411,11 @@ class RunOptions:
     )
     overwrite: bool = field(
         default=False,
-        metadata=flag("replace an existing --output (only once the new one is complete)", group=RUN),
+        metadata=flag(
+            "replace an earlier --output of oneke-run, or an empty file (only once the new one is complete; never "
+            "another file, nor one the run reads)",
+            group=RUN,
+        ),
     )
     offload_dir: str | None = field(
         default=None,

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, cast
 from oneke_plan.api.checks import (
     checked_adapter,
     listed,
+    model_reads,
     model_source,
     one_of,
-    output_target,
     replica_count,
     size_bytes,
 )
@@ -27,11 +27,14 @@ from oneke_plan.api.options import (
 )
 from oneke_plan.core.errors import BadInput
 from oneke_plan.formats.templates import default_template
+from oneke_plan.io.files import Reads, output_target
 from oneke_plan.measure.compat import stay_offline
 from oneke_plan.plan.memory import DEFAULT_GPU_RESERVE_BYTES, Quantization, QuantMode, Workload
 
 if TYPE_CHECKING:
+    from oneke_plan.measure.adapter import Adapter
     from oneke_plan.plan.inventory import Inventory
+    from oneke_plan.plan.model_source import ModelSource
     from oneke_plan.plan.plans import PlanResult, PlanSettings
 
 
@@ -73,13 +76,26 @@ def plan(
     if picture is not None and target is not None and picture.absolute() == target.absolute():
         raise BadInput(f"--plot {picture}: is also -o's file; give the picture its own name, e.g. machine.svg")
     replaced = replaced_plot = None
+    reads = plan_reads(options, source, found)
     if target is not None:
         replaced = output_target(
-            target, "-o", options.overwrite, source.directory, written_by_oneke_plan, "a profile", ".yaml"
+            target,
+            "-o",
+            reads,
+            written_by_oneke_plan,
+            "a profile written by oneke-plan",
+            options.overwrite,
+            "machine.yaml",
         )
     if picture is not None:
         replaced_plot = output_target(
-            picture, "--plot", options.overwrite, source.directory, drawn_by_oneke_plan, "a picture", ".svg"
+            picture,
+            "--plot",
+            reads,
+            drawn_by_oneke_plan,
+            "a picture written by oneke-plan",
+            options.overwrite,
+            "machine.svg",
         )
     inventory, reserve_bytes = planned_machine(options, report)
     settings = plan_settings(options, reserve_bytes)
@@ -103,6 +119,13 @@ def plan(
     if picture is not None:
         write_atomic(picture, plot_svg(result), replaced_plot)
     return result
+
+
+def plan_reads(options: PlanOptions, source: ModelSource, adapter: Adapter | None) -> Reads:
+    """What oneke-plan reads, and the offload folder its profile will have oneke-run write to: never an output."""
+    reads = model_reads(source).folder(adapter.directory if adapter is not None else None, "the adapter's folder")
+    reads = reads.file(options.inventory_file, "the inventory")
+    return reads.folder(options.offload_dir, "the offload folder")
 
 
 def check_choices(options: PlanOptions) -> None:

@@ -30,10 +30,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from oneke_plan.api.checks import model_source, one_of
+from oneke_plan.api.checks import model_reads, model_source, one_of
 from oneke_plan.api.options import PathLike, Report
 from oneke_plan.core.errors import BadInput
 from oneke_plan.formats.templates import TEMPLATES
+from oneke_plan.io.files import Reads
 from oneke_plan.measure.compat import stay_offline
 from oneke_plan.plan.profile import Profile, read_profile
 
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
 class RunContext:
     """What a run is, once every cheap check has passed. `profile` is the one this process runs: its replica under
     torchrun, with the run's template and offload folder. `engine`: the engine whose check passed, with what the
-    check prepared for its start. `output_mode`: "new" (refuse an existing output), "resume" or "overwrite"."""
+    check prepared for its start. `output_mode`: "new" (refuse an existing output), "resume" or "overwrite".
+    `reads`: the files and folders the run reads (the profile, the model, the adapter, the offload folder), which
+    no output may be (api.run adds the input, schema and example files)."""
 
     profile: Profile
     source: ModelSource
@@ -60,6 +63,7 @@ class RunContext:
     worker: Worker
     trust_remote_code: bool = False
     force: bool = False
+    reads: Reads = Reads()
 
 
 def preflight(
@@ -84,6 +88,7 @@ def preflight(
 
     stay_offline()  # local files only: no library may reach the network (compat.stay_offline)
     one_of("--engine", engine, ENGINES)
+    profile_file = None if isinstance(profile, Profile) else Path(profile)
     profile = profile if isinstance(profile, Profile) else read_profile(Path(profile))
     batch = within_plan("--batch-size", batch_size, profile.workload.batch_size)
     max_new = within_plan("--max-new-tokens", max_new_tokens, profile.workload.max_new_tokens)
@@ -95,7 +100,10 @@ def preflight(
     worker = Worker.from_env()
     profile = workers_profile(profile, worker)
     checked = check_engine(engine, profile, source, trust_remote_code)
-    return RunContext(profile, source, found, checked, batch, max_new, mode, worker, trust_remote_code, force)
+    reads = model_reads(source, Reads().file(profile_file, "the profile"))
+    reads = reads.folder(found.directory if found is not None else None, "the adapter's folder")
+    reads = reads.folder(profile.offload_dir, "the offload folder")
+    return RunContext(profile, source, found, checked, batch, max_new, mode, worker, trust_remote_code, force, reads)
 
 
 def within_plan(flag: str, value: int | None, planned: int) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from oneke_plan.api.checks import file_flag
 from oneke_plan.api.extraction import extraction_runner, read_records
 from oneke_plan.api.loading import check_machine_noted
 from oneke_plan.api.options import PathLike, Report, RunOptions, given, with_keywords
@@ -124,11 +125,13 @@ def run(
     records = read_records(
         input, options.task, options.schema, options.lang, options.chunk_size, options.example, report
     )
+    reads = context.reads.file(input, "the input file").file(file_flag(options.schema), "the --schema file")
+    reads = reads.file(file_flag(options.example), "the --example file")
     worker, mode = context.worker, context.output_mode
     if worker.restarts and mode == "new":
         mode = "resume"  # torchrun restarted the workers after one failed: each continues its part
     with Group(worker) as group:
-        files = RunOutput(Path(output), Path(input), mode, worker.rank, worker.world_size)
+        files = RunOutput(Path(output), Path(input), mode, worker.rank, worker.world_size, reads)
         if worker.distributed:  # every worker looks at what earlier runs left before any of this run writes
             files.prepare()
             group.barrier()

@@ -33,7 +33,7 @@ from oneke_plan.extract.answer_lines import OutputWriter, encode_line, is_answer
 from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.formats import answers
 from oneke_plan.io import jsonfile
-from oneke_plan.io.files import fsync_dir, os_error, replaceable_stat, same_file, write_all, write_atomic
+from oneke_plan.io.files import Reads, fsync_dir, os_error, output_target, same_file, write_all, write_atomic
 
 JOURNAL_FORMAT = 1
 MODES = ("new", "resume", "overwrite")
@@ -117,13 +117,24 @@ def read_output(path: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the run's files
 
 
-def refuse_same_file(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]) -> None:
-    """BadInput if the output would overwrite the input (appending answers to the file being read)."""
-    same = os.path.realpath(input_path) == os.path.realpath(output_path)
-    if not same and os.path.exists(input_path) and os.path.exists(output_path):
-        same = os.path.samefile(input_path, output_path)
-    if same:
-        raise BadInput(f"{output_path}: the output is the input file: choose another output path")
+FIRST_LINE_BYTES = 4 * 2**20
+"""How much of an existing OUT is read to find its first line (an answer line is a prompt and its answer: a few
+KiB)."""
+
+
+def written_by_oneke_run(path: Path) -> bool:
+    """Whether the file at `path` looks like an output of oneke-run: its first line is an answer line (a prompt's
+    line or a merged one). At most FIRST_LINE_BYTES are read; --resume then validates every line (read_output)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(FIRST_LINE_BYTES)
+    except OSError:
+        return False
+    end = head.find(b"\n")
+    if end < 0:
+        return False
+    line = _decode(head[:end])
+    return is_prompt_line(line) or is_merged_line(line)
 
 
 class RunOutput:
@@ -133,11 +144,20 @@ class RunOutput:
     no answer (a failed load or a refused machine leaves nothing behind).
     """
 
-    def __init__(self, output: Path, input_path: Path | None, mode: str, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        output: Path,
+        input_path: Path | None,
+        mode: str,
+        rank: int = 0,
+        world_size: int = 1,
+        reads: Reads | None = None,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.output = Path(output)
-        self.input_path = Path(input_path) if input_path is not None else None  # None: records not from a file
+        # What the run reads (the input file, None: records not from a file): never OUT nor its journal.
+        self.reads = (reads or Reads()).file(input_path, "the input file")
         self.mode = mode
         self.journal = journal_path(self.output, rank, world_size)
         self.done: dict[str, dict[str, Any]] = {}
@@ -215,11 +235,17 @@ class RunOutput:
         return [line for line in answers if is_prompt_line(line)]
 
     def _check_paths(self) -> None:
-        if self.input_path is not None:
-            refuse_same_file(self.input_path, self.output)
-            refuse_same_file(self.input_path, self.journal)
-        self._output_stat = replaceable_stat(self.output, "--output")
-        replaceable_stat(self.journal, f"--output {self.output}: its journal")
+        self._output_stat = output_target(
+            self.output,
+            "--output",
+            self.reads,
+            written_by_oneke_run,
+            "an output of oneke-run",
+            self.mode == "overwrite",
+            "out.jsonl",
+        )
+        # the journal: validated as one before it is resumed or replaced (_validated_journal)
+        output_target(self.journal, f"--output {self.output}: its journal", self.reads, None, "a journal")
         if self._output_stat is not None and self.mode == "new":
             raise BadInput(
                 f"--output {self.output}: already exists; pass --resume to continue it or --overwrite to replace it"

@@ -1,10 +1,18 @@
 """Writing files whose paths users give, without ever destroying a file the tool did not write.
 
-The rules both CLIs follow (README "When things go wrong"):
+The rules both CLIs follow (README "When things go wrong"), each path checked by output_target before anything is
+written:
 - an existing path is replaced only if it is a regular file with a single link: never a folder, device node,
   FIFO, socket or symbolic link, and never a file with other hard links (replacing it would cut them off);
-- only if it was first validated as the tool's own earlier output, or the user passed --overwrite (an existing
-  empty file is nobody's output: it may be a placeholder, or a name another program is waiting on);
+- only if it looks like the tool's own earlier output of that kind (a profile's header, the picture's mark, an
+  answer line first), or it is empty and the user passed --overwrite: --overwrite is consent to replace an earlier
+  output of the tool (or a placeholder), never anyone else's file (an existing empty file is nobody's output: it
+  may be a name another program is waiting on, so it too needs --overwrite);
+- never a file or folder the command reads (Reads: the model's folder or GGUF file, the profile, the adapter, the
+  inventory, the offload folder, the input, a schema or example file), compared by path and by inode, and nothing is
+  written anywhere inside a folder it reads, nor inside a model's or adapter's folder it does not read (a new
+  model.safetensors.index.json, tokenizer.json or adapter_model.bin there changes what loads), nor inside a Hugging
+  Face cache;
 - new content goes to a temporary file in the same folder, is fsync'd, and moves over the target with
   os.replace, so a crash leaves the old file or the new one, never a mix;
 - every OSError while writing is one BadInput line naming the path (disk full, read-only folder, permissions).
@@ -18,7 +26,8 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from oneke_plan.core.errors import BadInput
@@ -59,7 +68,7 @@ def replaceable_stat(path: str | os.PathLike[str], flag: str) -> os.stat_result 
     """The lstat of `path` if it is a regular file with one link, None if it does not exist; BadInput otherwise,
     and when its folder does not exist (require_folder).
 
-    Says nothing about whose file it is: callers check that (their own output, or --overwrite) before replacing.
+    Says nothing about whose file it is: output_target, which calls it, checks that before anything is replaced.
     """
     require_folder(path, flag)
     try:
@@ -76,6 +85,167 @@ def replaceable_stat(path: str | os.PathLike[str], flag: str) -> os.stat_result 
             f"{flag} {path}: has {info.st_nlink} hard links; replacing it would cut the others off: choose another path"
         )
     return info
+
+
+# ---------------------------------------------------------------- what a command reads is never an output
+
+
+@dataclass(frozen=True)
+class Read:
+    """One file or folder a command reads. `what` names it in messages ("the profile", "the model's folder")."""
+
+    path: Path
+    what: str
+    folder: bool  # a folder: nothing is written anywhere inside it
+
+
+MAX_FOLDER_ENTRIES = 10_000
+"""How many entries of a read folder are looked at for a link to the output (a model folder has tens; an offload
+folder, one per offloaded tensor): past that, a folder is still compared by path."""
+
+
+@dataclass(frozen=True)
+class Reads:
+    """Every file and folder one command reads: the api layer gathers them (api.checks.model_reads, RunContext.reads)
+    and output_target refuses an output that is one of them or inside one of the folders."""
+
+    items: tuple[Read, ...] = ()
+
+    def file(self, path: str | os.PathLike[str] | None, what: str) -> Reads:
+        return self if path is None else Reads((*self.items, Read(Path(path), what, False)))
+
+    def folder(self, path: str | os.PathLike[str] | None, what: str) -> Reads:
+        return self if path is None else Reads((*self.items, Read(Path(path), what, True)))
+
+    def check(self, path: str | os.PathLike[str], flag: str) -> None:
+        """BadInput if writing `path` would replace or add to something this command reads: the same path once
+        links are resolved, the same file (inode: a hard or symbolic link to it), or a path inside a read folder
+        (existing or not: a new file in a model folder changes the model too)."""
+        target = Path(os.path.realpath(path))
+        identity = _identity(path)
+        for item in self.items:
+            real = Path(os.path.realpath(item.path))
+            if target == real or (identity is not None and identity == _identity(item.path)):
+                raise BadInput(
+                    f"{flag} {path}: is {item.what} {item.path}, which this command reads; choose another path"
+                )
+            if not item.folder:
+                continue
+            if real in target.parents or (identity is not None and identity in _identities_in(real)):
+                verb = "is a file of" if identity is not None else "would be written into"
+                raise BadInput(
+                    f"{flag} {path}: {verb} {item.what} {item.path}, which this command reads (nothing is written "
+                    "there); choose a path outside it"
+                )
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(device, inode) of what `path` names, links followed; None when it does not exist or cannot be examined."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _identities_in(folder: Path) -> set[tuple[int, int]]:
+    """(device, inode) of the files under `folder`, links followed (a Hugging Face snapshot's files are links into
+    its blobs), at most MAX_FOLDER_ENTRIES entries looked at; symbolic links to folders are not entered."""
+    found: set[tuple[int, int]] = set()
+    pending, seen = [folder], 0
+    while pending and seen < MAX_FOLDER_ENTRIES:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > MAX_FOLDER_ENTRIES:
+                        break
+                    try:
+                        info = entry.stat(follow_symlinks=True)
+                        if stat.S_ISDIR(info.st_mode):
+                            if not entry.is_symlink():
+                                pending.append(Path(entry.path))
+                            continue
+                    except OSError:
+                        continue
+                    found.add((info.st_dev, info.st_ino))
+        except OSError:
+            continue
+    return found
+
+
+ADAPTER_MARKER = "adapter_config.json"
+MODEL_MARKERS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
+"""Beside a config.json, any of these makes a folder a model's: peft's and transformers' own file names."""
+HUB_CACHE_PREFIXES = ("models--", "datasets--", "spaces--")
+
+
+def model_folder(folder: str | os.PathLike[str]) -> str | None:
+    """What `folder` is, in words, when it is a model's or an adapter's folder (by the files peft and transformers
+    save there: a fixed list of names, so looking costs a few stats) or lies in a Hugging Face cache; None
+    otherwise."""
+    real = Path(os.path.realpath(folder))
+    if any(part.startswith(HUB_CACHE_PREFIXES) for part in real.parts):
+        return "a folder of the Hugging Face cache"
+    if (real / ADAPTER_MARKER).is_file():
+        return f"an adapter's folder (it holds {ADAPTER_MARKER})"
+    if (real / "config.json").is_file():
+        beside = next((name for name in MODEL_MARKERS if (real / name).exists()), None)
+        if beside is not None:
+            return f"a model's folder (it holds config.json and {beside})"
+    return None
+
+
+def output_target(
+    path: str | os.PathLike[str],
+    flag: str,
+    reads: Reads,
+    ours: Callable[[Path], bool] | None,
+    what: str,
+    overwrite: bool = False,
+    example: str = "out",
+) -> os.stat_result | None:
+    """The one check of every path a command writes, before anything is written: the lstat of `path` when it may
+    be replaced, None when it does not exist; BadInput, touching nothing, otherwise.
+
+    Refused, with or without --overwrite (`overwrite`): a file or folder the command reads, or a path inside a folder
+    it reads (Reads.check); a path inside a model's or adapter's folder or the Hugging Face cache (model_folder); a
+    folder, a link, a device, a FIFO, a socket, a file with other hard links (replaceable_stat). An existing regular
+    file is then replaced only if `ours(path)` (it looks like the tool's earlier output: `what`, e.g. "an output of
+    oneke-run"), or it is empty and `overwrite`. `ours` None: the caller validates what it replaces itself.
+    `example`: a file name for the message when `path` is a folder.
+    """
+    path = Path(path)
+    reads.check(path, flag)
+    foreign = model_folder(path.parent)
+    if foreign is not None:
+        verb = "is a file of" if os.path.lexists(path) else "would be written into"
+        raise BadInput(f"{flag} {path}: {verb} {foreign}; no output goes there: choose a path outside it")
+    if path.is_dir() and not path.is_symlink():
+        raise BadInput(f"{flag} {path}: is a folder; give a file name such as {path / example}")
+    existing = replaceable_stat(path, flag)
+    if existing is None or ours is None or ours(path):
+        return existing
+    if existing.st_size == 0:
+        if overwrite:
+            return existing
+        raise BadInput(
+            f"{flag} {path}: exists and is empty, so it is not {what}; pass --overwrite to replace it, or choose "
+            "another path"
+        )
+    raise BadInput(
+        f"{flag} {path}: exists and is not {what}, so it is left as is (--overwrite replaces only that, or an empty "
+        "file): choose another path, or move it away"
+    )
 
 
 def same_file(before: os.stat_result | None, path: str | os.PathLike[str]) -> bool:

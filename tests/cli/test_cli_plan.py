@@ -293,24 +293,31 @@ def test_o_refuses_the_models_own_files_even_with_overwrite(
     config = (model / "config.json").read_bytes()
     for extra in ((), ("--overwrite",)):
         code, _, err = run(capsys, model, "--gpu", "24GiB", "-o", model / "config.json", *extra)
-        assert_one_line_error(code, err, "is a file of the model", "config.json")
+        assert_one_line_error(code, err, "is a file of the model's folder", "config.json")
         assert (model / "config.json").read_bytes() == config
-    code, _, err = run(capsys, model, "--gpu", "24GiB", "-o", model / "plan.yaml")  # a new file there is fine
-    assert code == 0 and yaml.safe_load((model / "plan.yaml").read_text())["device_map"]
+        # a new file there would change the model too (a new model.safetensors.index.json changes what loads)
+        code, _, err = run(capsys, model, "--gpu", "24GiB", "-o", model / "plan.yaml", *extra)
+        assert_one_line_error(code, err, "would be written into the model's folder")
+        assert not (model / "plan.yaml").exists()
 
 
-def test_o_replaces_its_own_profile_and_other_files_only_with_overwrite(
+def test_o_replaces_its_own_profile_and_with_overwrite_an_empty_file_only(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     out = tmp_path / "machine.yaml"
     assert run(capsys, "oneke", "--gpu", "32GiB", "-o", out)[0] == 0
     assert run(capsys, "oneke", "--gpu", "48GiB", "-o", out)[0] == 0  # re-planning replaces its own profile
     assert yaml.safe_load(out.read_text())["devices"][0]["total_bytes"] == 48 * GiB
-    for content in (b"", b"notes: mine\n", b"format_version: 1\ncreated_by: someone else\n"):
+    for content in (b"notes: mine\n", b"format_version: 1\ncreated_by: someone else\n"):
         out.write_bytes(content)
-        code, _, err = run(capsys, "oneke", "--gpu", "32GiB", "-o", out)
-        assert_one_line_error(code, err, "is not a profile written by oneke-plan", "--overwrite")
-        assert out.read_bytes() == content
+        for extra in ((), ("--overwrite",)):  # --overwrite replaces an earlier output, never another file
+            code, _, err = run(capsys, "oneke", "--gpu", "32GiB", "-o", out, *extra)
+            assert_one_line_error(code, err, "is not a profile written by oneke-plan", "left as is")
+            assert out.read_bytes() == content
+    out.write_bytes(b"")  # a placeholder: replaced with --overwrite only
+    code, _, err = run(capsys, "oneke", "--gpu", "32GiB", "-o", out)
+    assert_one_line_error(code, err, "is empty", "--overwrite")
+    assert out.read_bytes() == b""
     assert run(capsys, "oneke", "--gpu", "32GiB", "-o", out, "--overwrite")[0] == 0
     assert yaml.safe_load(out.read_text())["created_by"].startswith("oneke-plan ")
     umask = os.umask(0)

@@ -163,14 +163,15 @@ def test_force_gets_past_the_check_and_fails_in_one_line(
     gpu_profile: Path, deepke_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out.jsonl"
-    out.write_text('{"keep": "me"}\n')
+    earlier = '{"key": "0", "instruction": "an earlier output", "output": "keep me"}\n'
+    out.write_text(earlier)
     assert run(gpu_profile, deepke_dir / "NER" / "test.json", out, "--force", "--overwrite") == 3
     err = capsys.readouterr().err
     assert "warning (--force)" in err  # the check ran and was overridden
     errors = [line for line in err.splitlines() if line.startswith("oneke-run: error:")]
     assert len(errors) == 1 and "GPU 0" in errors[0] and "no CUDA GPU" in errors[0] and "oneke-plan" in errors[0]
     assert "Traceback" not in err and "internal error" not in err
-    assert out.read_text() == '{"keep": "me"}\n'  # --overwrite removes nothing before the model has loaded
+    assert out.read_text() == earlier  # --overwrite removes nothing before the model has loaded
 
 
 def test_config_fingerprint_mismatch_exits_3(

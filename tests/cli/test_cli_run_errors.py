@@ -164,7 +164,7 @@ CASES: dict[str, tuple[Callable[[Case], None], str]] = {
     "empty schema": (_flags("--task", "NER", "--schema", "[]"), "schema"),
     "malformed schema": (_flags("--task", "NER", "--schema", '["a",'), "schema"),
     "schema without task": (_flags("--schema", '["x"]'), "--task"),
-    "output is the input": (lambda c: setattr(c, "output", c.input), "output is the input"),
+    "output is the input": (lambda c: setattr(c, "output", c.input), "is the input file"),
     "output in a missing folder": (lambda c: setattr(c, "output", c.tmp / "nope" / "out.jsonl"), "does not exist"),
     "batch size zero": (_flags("--batch-size", "0"), "--batch-size"),
     "max new tokens negative": (_flags("--max-new-tokens=-1"), "--max-new-tokens"),
@@ -365,10 +365,12 @@ def _fingerprint(path: Path) -> tuple:
 @pytest.mark.parametrize(
     ("kind", "flag", "needle"),
     [
-        ("text file", "--resume", "not an answer line of oneke-run"),
-        ("checkpoint", "--resume", "not an answer line of oneke-run"),
+        ("text file", "--resume", "not an output of oneke-run"),
+        ("text file", "--overwrite", "not an output of oneke-run"),  # --overwrite replaces only the tool's own
+        ("checkpoint", "--resume", "not an output of oneke-run"),
+        ("checkpoint", "--overwrite", "not an output of oneke-run"),
         ("empty file", "--resume", "not an output of oneke-run"),
-        ("empty file", None, "already exists"),
+        ("empty file", None, "is empty"),
         ("FIFO", "--overwrite", "is a FIFO"),
         ("FIFO", "--resume", "is a FIFO"),
         ("device", "--overwrite", "is a character device"),
@@ -442,13 +444,14 @@ def test_overwrite_in_a_read_only_folder_is_one_line_and_keeps_the_output(
 
     case = Case(tmp_path, profile_data, tiny_model_dir)
     case.output = small_tmpfs / "out.jsonl"
-    case.output.write_bytes(b"an earlier output\n")
+    earlier = b'{"key": "0", "instruction": "an earlier output", "output": ""}\n'
+    case.output.write_bytes(earlier)
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True, capture_output=True)
     case.extra = ["--overwrite"]
     assert run_main(case.argv()) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Read-only file system" in err[0] and str(small_tmpfs) in err[0], err
-    assert case.output.read_bytes() == b"an earlier output\n"
+    assert case.output.read_bytes() == earlier
 
 
 def _offload_lm_head(case: Case, folder: Path) -> None:

@@ -368,10 +368,12 @@ def test_output_that_cannot_be_opened(tmp_path: Path) -> None:
 
 def test_refuse_output_equal_to_input(tmp_path: Path) -> None:
     path = write_lines(tmp_path, GOOD)
-    with pytest.raises(BadInput, match="the output is the input"):
-        outputs.refuse_same_file(path, tmp_path / "." / "input.json")
     link = tmp_path / "link.json"
     os.symlink(path, link)
-    with pytest.raises(BadInput, match="the output is the input"):
-        outputs.refuse_same_file(path, link)
-    outputs.refuse_same_file(path, tmp_path / "out.json")  # a different file is fine
+    before = path.read_bytes()
+    for output in (tmp_path / "." / "input.json", link):
+        for mode in outputs.MODES:
+            with pytest.raises(BadInput, match="is the input file"), outputs.RunOutput(output, path, mode) as run:
+                run.prepare()
+    assert path.read_bytes() == before
+    outputs.RunOutput(tmp_path / "out.json", path, "new").prepare()  # a different file is fine

@@ -235,9 +235,13 @@ def test_an_interrupted_overwrite_never_mixes_in_the_old_answers(tmp_path: Path)
 def test_a_new_run_refuses_an_existing_output_or_journal(tmp_path: Path) -> None:
     inp, out = make_input(tmp_path), tmp_path / "out.jsonl"
     records = records_of(inp)
-    out.write_bytes(b"")  # an empty file is nobody's output
-    with RunOutput(out, inp, "new") as output, pytest.raises(BadInput, match="already exists; pass --resume"):
+    out.write_bytes(b"")  # an empty file is nobody's output: only --overwrite replaces it
+    with RunOutput(out, inp, "new") as output, pytest.raises(BadInput, match="is empty.*pass --overwrite"):
         output.start(records)
+    out.write_bytes(b'{"id": 1, "output": "x"}\n')  # another program's: --overwrite would not help either
+    with RunOutput(out, inp, "new") as output, pytest.raises(BadInput, match="not an output of oneke-run") as caught:
+        output.start(records)
+    assert "pass --overwrite" not in str(caught.value)
     out.unlink()
     with RunOutput(out, inp, "new") as output:
         output.start(records)
