@@ -114,12 +114,16 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     tokenizer_config = found["tokenizer_config.json"]
     if not isinstance(tokenizer_config, dict):
         raise BadInput(f"{directory / 'tokenizer_config.json'}: must hold a JSON object; {damaged}")
+    model_map = source.config.get("auto_map")
+    shipped_code = (
+        bool(tokenizer_config.get("auto_map")) or isinstance(model_map, dict) and "AutoTokenizer" in model_map
+    )
     if not trust_remote_code:
         _refuse_tokenizer_code(directory / "tokenizer_config.json", tokenizer_config.get("auto_map"))
-        model_map = source.config.get("auto_map")
         if isinstance(model_map, dict) and "AutoTokenizer" in model_map:
             _refuse_tokenizer_code(directory / "config.json", {"AutoTokenizer": model_map["AutoTokenizer"]})
-    check_sentencepiece_model(directory, source.config, tokenizer_config, found.get("added_tokens.json"))
+    if not shipped_code:  # a model's own tokenizer code reads its tokenizer.model as it likes (tiktoken, say)
+        check_sentencepiece_model(directory, source.config, tokenizer_config, found.get("added_tokens.json"))
     _check_tokenizer_libraries(directory, tokenizer_config)
     # 4.x picks the slow or fast class from this argument only, not from the config; OneKE's config asks for the
     # slow SentencePiece LlamaTokenizer (`use_fast: false`), the route its authors load it by. 5.x has one class.

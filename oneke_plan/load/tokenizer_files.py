@@ -15,6 +15,7 @@ random bytes into a request for tiktoken; 4.x fails with a TypeError, and a FIFO
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ PADDING_ROWS = 128
 """Embedding rows a checkpoint may have past its tokenizer's last id: vocabularies padded up to a multiple of 64 or
 128 for faster matrix products (never produced by the tokenizer, so harmless). More is another model's tokenizer."""
 
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")  # a token in base64, its rank
 _DAMAGED = "copy the tokenizer files again from the model's release"
 
 
@@ -68,6 +70,8 @@ def check_sentencepiece_model(
         return  # check_tokenizer_size refuses the tokenizer transformers builds without it
     if not data:
         raise BadInput(f"{path}: is empty; {remedy}")
+    if _TIKTOKEN_LINE.match(data):
+        return  # tiktoken's ranks (Llama-3's original layout), which transformers 5 converts with tiktoken
     try:
         pieces, fields = read_model_proto(data)
     except ValueError as exc:
@@ -98,10 +102,17 @@ def _load_with_sentencepiece(path: Path, data: bytes, remedy: str) -> None:
     except ImportError:
         return
     try:
-        sentencepiece.SentencePieceProcessor(model_proto=data)
+        processor = sentencepiece.SentencePieceProcessor(model_proto=data)
     except Exception as exc:  # sentencepiece raises RuntimeError, and its bindings others, for a model it refuses
+        if "ParseFromArray" in str(exc):
+            raise BadInput(f"{path}: is not a SentencePiece model (sentencepiece cannot parse it); {remedy}") from None
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise BadInput(f"{path}: sentencepiece cannot load it ({first[:200]}); {remedy}") from None
+    for piece in range(processor.get_piece_size()):  # text, as transformers reads each (5.x fails on one that is not)
+        try:
+            processor.id_to_piece(piece)
+        except UnicodeDecodeError:
+            raise BadInput(f"{path}: piece {piece:,} is not UTF-8 text (the file is damaged); {remedy}") from None
 
 
 def check_tokenizer_size(directory: Path, config: dict[str, Any], tokenizer: Any) -> None:
@@ -136,7 +147,7 @@ def config_vocab_size(config: dict[str, Any]) -> int | None:
 def _added_ids(tokenizer_config: dict[str, Any], added_tokens: Any) -> list[int]:
     """The ids tokenizer_config.json's added_tokens_decoder and added_tokens.json give added tokens."""
     decoder = tokenizer_config.get("added_tokens_decoder")
-    ids = [int(key) for key in decoder if str(key).isdigit()] if isinstance(decoder, dict) else []
+    ids = [int(key) for key in decoder if re.fullmatch(r"[0-9]{1,10}", key)] if isinstance(decoder, dict) else []
     if isinstance(added_tokens, dict):
         ids += [value for value in added_tokens.values() if isinstance(value, int) and not isinstance(value, bool)]
     return [i for i in ids if 0 <= i < 1 << 31]
@@ -146,14 +157,15 @@ def _added_ids(tokenizer_config: dict[str, Any], added_tokens: Any) -> list[int]
 # sentencepiece_model.proto: `repeated SentencePiece pieces = 1; TrainerSpec trainer_spec = 2; NormalizerSpec
 # normalizer_spec = 3; SelfTestData self_test_data = 4; NormalizerSpec denormalizer_spec = 5;` (and extensions).
 # Every writer puts the fields in number order, so a file cut anywhere loses the settings after the pieces.
-_PIECES, _TRAINER_SPEC, _NORMALIZER_SPEC = 1, 2, 3
+_PIECES, _TRAINER_SPEC, _NORMALIZER_SPEC, _LAST_FIELD, _FIRST_EXTENSION = 1, 2, 3, 5, 200
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+_MAX_OTHER_FIELDS = 64  # fields besides the pieces: real models have 2 to 4 (and no extensions)
 
 
 def read_model_proto(data: bytes) -> tuple[int, set[int]]:
     """The number of pieces in a serialized SentencePiece ModelProto and the numbers of its top-level fields, read
     with protobuf's wire format (no protobuf needed); ValueError saying where `data` is not that form."""
-    pieces, fields, at = 0, set(), 0
+    pieces, others, fields, at = 0, 0, set(), 0
     while at < len(data):
         start = at
         tag, at = _varint(data, at)
@@ -169,9 +181,14 @@ def read_model_proto(data: bytes) -> tuple[int, set[int]]:
             at += 8 if wire == _FIXED64 else 4
         if at > len(data):
             raise ValueError(f"the field at byte {start:,} runs past the end of the file, {len(data):,} bytes")
-        if number in (_PIECES, _TRAINER_SPEC, _NORMALIZER_SPEC) and wire != _LENGTH:
+        if number <= _LAST_FIELD and wire != _LENGTH:
             raise ValueError(f"field {number} at byte {start:,} is not a message")
+        if _LAST_FIELD < number < _FIRST_EXTENSION:
+            raise ValueError(f"byte {start:,} starts field {number}, which SentencePiece models do not have")
         pieces += number == _PIECES
+        others += number != _PIECES
+        if others > _MAX_OTHER_FIELDS:
+            raise ValueError(f"more than {_MAX_OTHER_FIELDS} fields besides its pieces")
         fields.add(number)
     return pieces, fields
 

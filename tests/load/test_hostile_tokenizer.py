@@ -154,6 +154,24 @@ def test_every_cut_that_protobuf_reads_is_refused_as_cut_short(sp_model: Path) -
     assert readable > 1000  # most piece boundaries: the cuts transformers would have loaded
 
 
+def test_the_wire_reader_agrees_with_protobuf_and_refuses_what_no_model_holds() -> None:
+    sentencepiece_model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    proto = sentencepiece_model_pb2.ModelProto()
+    for text in ("<unk>", "a", "b"):
+        proto.pieces.add(piece=text, score=0.0)
+    proto.trainer_spec.vocab_size = 3
+    proto.normalizer_spec.add_dummy_prefix = True
+    data = proto.SerializeToString()
+    assert read_model_proto(data) == (3, {1, 2, 3})
+    with pytest.raises(ValueError, match="more than 64 fields besides its pieces"):
+        read_model_proto(data + b"\x22\x00" * 65)  # self_test_data, 65 times: no model has that
+    with pytest.raises(ValueError, match="field 6, which SentencePiece models do not have"):
+        read_model_proto(data + b"\x32\x00")
+    with pytest.raises(ValueError, match="field 2 at byte"):
+        read_model_proto(data + b"\x10\x01")  # trainer_spec as a number
+    assert read_model_proto(data + b"\xc0\x0c\x01") == (3, {1, 2, 3, 200})  # an extension: allowed
+
+
 @pytest.mark.parametrize("fraction", [0.001, 0.1, 0.47, 0.9, 0.999])
 def test_truncated_at_a_piece_boundary_is_cut_short(model: Path, fraction: float) -> None:
     data = (model / "tokenizer.model").read_bytes()
@@ -172,6 +190,34 @@ def _piece_boundary(data: bytes, near: int) -> int:
         at += size + length
         if at >= near:
             return at
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_bytes_changed_anywhere_load_whole_or_are_one_line(model: Path, seed: int) -> None:
+    """A few bytes changed at random (fixed seeds): a piece's text or score changed is still a SentencePiece model of
+    every piece (no checksum can tell), anything else is refused naming the file (a piece that is no UTF-8 text
+    too, which transformers 5 fails on deep in its conversion); never a smaller tokenizer, never a traceback."""
+    rng = random.Random(seed)
+    data = bytearray((model / "tokenizer.model").read_bytes())
+    for _ in range(rng.randint(1, 4)):
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    (model / "tokenizer.model").write_bytes(bytes(data))
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    try:
+        tokenizer = load_tokenizer(resolve_model(str(model)))
+    except BadInput as exc:
+        assert str(exc).startswith(f"{model}/tokenizer.model: ") and "\n" not in str(exc), exc
+        return
+    assert len(tokenizer) == vocab
+
+
+def test_a_tiktoken_file_is_left_to_transformers(model: Path) -> None:
+    """Ranks in tiktoken's text form (Llama-3's original tokenizer.model) are no damaged SentencePiece model:
+    transformers 5 converts them with tiktoken, and says so where it is not installed."""
+    (model / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")
+    with pytest.raises(BadInput) as caught:  # no tiktoken here; transformers 4 has no tiktoken route for LLaMA
+        load_tokenizer(resolve_model(str(model)))
+    assert "SentencePiece" not in str(caught.value) and str(caught.value).startswith(f"{model}: ")
 
 
 def test_another_models_tokenizer_model_is_refused_by_its_piece_count(model: Path) -> None:
