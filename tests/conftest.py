@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,24 @@ needs_bnb_on_cpu = pytest.mark.skipif(
 )
 
 DEEPKE_DIR = Path(__file__).parent.parent / "examples" / "deepke"
+
+
+def put_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str) -> Path:
+    """Lay `model_dir`'s files out as huggingface_hub's download does: content-addressed blobs, a snapshot folder of
+    symbolic links to them named by the commit, and refs/main naming that commit. Returns the snapshot folder."""
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in sorted(model_dir.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        path.rename(blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
 
 _META_MODELS: dict[tuple[str, str, str | None], object] = {}
 

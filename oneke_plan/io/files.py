@@ -17,7 +17,11 @@ written:
   os.replace, so a crash leaves the old file or the new one, never a mix;
 - every OSError while writing is one BadInput line naming the path (disk full, read-only folder, permissions).
 
-A leaf module: standard library and errors only.
+And for the small files a model folder points with (a hub cache's refs/main, a tokenizer.model): `read_regular`
+reads one only if it is a regular file within a size bound, asked of the file system before it is opened, so a FIFO
+never blocks, /dev/zero is never read and a 4 GiB sparse file costs nothing.
+
+A leaf module: standard library, errors and sizes only.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oneke_plan.core.errors import BadInput
+from oneke_plan.core.sizes import format_bytes
 
 
 def os_error(path: str | os.PathLike[str], action: str, exc: OSError, hint: str = "") -> BadInput:
@@ -53,6 +58,71 @@ def _kind(mode: int) -> str | None:
         if test(mode):
             return name
     return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _refuse_irregular(path: str | os.PathLike[str], info: os.stat_result, limit: int, remedy: str) -> None:
+    """BadInput unless `info` (the stat of `path`, links followed) is a regular file of at most `limit` bytes."""
+    kind = _kind(info.st_mode)
+    if kind is not None:
+        if os.path.islink(path):
+            kind = f"a symbolic link to {os.path.realpath(path)}, {kind}"
+        raise BadInput(f"{path}: is {kind}, not a regular file; {remedy}")
+    if info.st_size > limit:
+        raise BadInput(
+            f"{path}: is {format_bytes(info.st_size)}, larger than {format_bytes(limit)}, more than any file of its "
+            f"kind; {remedy}"
+        )
+
+
+def regular_file(path: str | os.PathLike[str], limit: int, remedy: str) -> os.stat_result | None:
+    """The stat of `path` if it is a regular file of at most `limit` bytes (a symbolic link followed: a hub-cache
+    snapshot's files are links into its blobs), None if nothing is there. BadInput, naming the path, what it is
+    and `remedy`, for a link to nothing, a folder, FIFO, device or socket, or a larger file: asked of the file
+    system alone, nothing is opened."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise BadInput(
+                f"{path}: is a symbolic link to {os.readlink(path)}, which does not exist; {remedy}"
+            ) from None
+        return None
+    except OSError as exc:  # a loop of links, a permission on the way
+        raise os_error(path, "be examined", exc, remedy) from None
+    _refuse_irregular(path, info, limit, remedy)
+    return info
+
+
+def read_regular(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes | None:
+    """The bytes of `path` if it is a regular file of at most `limit` bytes (regular_file), None if nothing is
+    there. It is opened without blocking and checked again through the open descriptor, so a file swapped for a
+    FIFO or grown in between is refused too, and at most `limit` + 1 bytes are ever read."""
+    if regular_file(path, limit, remedy) is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise os_error(path, "be read", exc, remedy) from None
+    try:
+        _refuse_irregular(path, os.fstat(fd), limit, remedy)
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise os_error(path, "be read", exc, remedy) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise BadInput(f"{path}: grew past {format_bytes(limit)} while it was read; {remedy}")
+    return data
 
 
 def require_folder(path: str | os.PathLike[str], flag: str = "") -> None:

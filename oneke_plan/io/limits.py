@@ -20,6 +20,14 @@ MAX_JSON_BYTES = 256 * 2**20
 """Largest JSON file (config.json, tokenizer files, a schema or few-shot file) or input line, in bytes (256 MiB).
 The largest real ones are tokenizer.json files of a few tens of MB."""
 
+MAX_SENTENCEPIECE_BYTES = 64 * 2**20
+"""Largest SentencePiece tokenizer.model, in bytes (64 MiB). Real ones are 0.5 MB (LLaMA's 32,000 pieces), 0.8 MB
+(OneKE's 55,296) to about 5 MB (Gemma's 256,000): a bigger one is not a tokenizer, and is never read.
+Checked with stat before the file is opened (oneke_plan.io.files.read_regular)."""
+
+MAX_REF_BYTES = 256
+"""Largest hub-cache ref file (refs/main), in bytes: huggingface_hub writes the commit's 40-digit hash there."""
+
 MAX_INPUT_BYTES = 4 * 2**30
 """Largest input file oneke-run reads (4 GiB, read whole into memory). At the speed of a large GPU, 4 GiB of text
 takes years to answer: split it into parts."""

@@ -22,6 +22,7 @@ from oneke_plan.core.sizes import format_bytes
 from oneke_plan.io import jsonfile
 from oneke_plan.io.files import os_error
 from oneke_plan.load.machine import check_gpus_present
+from oneke_plan.load.tokenizer_files import check_sentencepiece_model, check_tokenizer_files, check_tokenizer_size
 from oneke_plan.measure.adapter import Adapter, check_base, load_onto
 from oneke_plan.measure.checkpoint import Checkpoint, explain_mismatch, key_mismatch, read_checkpoint
 from oneke_plan.measure.compat import (
@@ -92,9 +93,11 @@ def check_offload_dir(folder: str) -> None:
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer, loaded before any weight: its JSON files read with the bounded reader, code it ships
-    (an `auto_map` entry) refused unless trust_remote_code, then AutoTokenizer, whose failures (missing or damaged
-    files) become one line naming the folder."""
+    """The model's tokenizer, loaded before any weight: its files regular files, its JSON files read with the
+    bounded reader, code it ships (an `auto_map` entry) refused unless trust_remote_code, a tokenizer.model it is
+    built from a complete SentencePiece model of the config's vocabulary (load.tokenizer_files), then AutoTokenizer,
+    whose failures (missing or damaged files) become one line naming the folder, and whose tokenizer must cover the
+    model's embedding."""
     from transformers import AutoTokenizer
 
     directory = source.directory
@@ -103,19 +106,24 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     if source.gguf_file is not None:
         return _load_gguf_tokenizer(source.gguf_file)
     damaged = "the tokenizer files are damaged: copy them again from the model's release"
-    tokenizer_config: Any = {}
+    check_tokenizer_files(directory)  # regular files all: a FIFO would block transformers for ever
+    found: dict[str, Any] = {"tokenizer_config.json": {}}
     for name in TOKENIZER_JSON_FILES:
         if (directory / name).is_file():
-            data = jsonfile.read_json_file(directory / name, damaged)
-            if name == "tokenizer_config.json":
-                tokenizer_config = data
+            found[name] = jsonfile.read_json_file(directory / name, damaged)
+    tokenizer_config = found["tokenizer_config.json"]
     if not isinstance(tokenizer_config, dict):
         raise BadInput(f"{directory / 'tokenizer_config.json'}: must hold a JSON object; {damaged}")
+    model_map = source.config.get("auto_map")
+    shipped_code = (
+        bool(tokenizer_config.get("auto_map")) or isinstance(model_map, dict) and "AutoTokenizer" in model_map
+    )
     if not trust_remote_code:
         _refuse_tokenizer_code(directory / "tokenizer_config.json", tokenizer_config.get("auto_map"))
-        model_map = source.config.get("auto_map")
         if isinstance(model_map, dict) and "AutoTokenizer" in model_map:
             _refuse_tokenizer_code(directory / "config.json", {"AutoTokenizer": model_map["AutoTokenizer"]})
+    if not shipped_code:  # a model's own tokenizer code reads its tokenizer.model as it likes (tiktoken, say)
+        check_sentencepiece_model(directory, source.config, tokenizer_config, found.get("added_tokens.json"))
     _check_tokenizer_libraries(directory, tokenizer_config)
     # 4.x picks the slow or fast class from this argument only, not from the config; OneKE's config asks for the
     # slow SentencePiece LlamaTokenizer (`use_fast: false`), the route its authors load it by. 5.x has one class.
@@ -140,6 +148,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
         ) from None
     if not ids:
         raise BadInput(f"{directory}: the tokenizer turns text into no tokens; {damaged}")
+    check_tokenizer_size(directory, source.config, tokenizer)
     return tokenizer
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
+from oneke_plan.io.files import read_regular
 from oneke_plan.io.jsonfile import read_json_file
+from oneke_plan.io.limits import MAX_REF_BYTES
 
 BUILTIN_MODELS = {"oneke": "oneke_config.json"}
 ONEKE_REPO_ID = "zjunlp/OneKE"
@@ -30,6 +32,7 @@ _STRUCTURAL_KEY = re.compile(
     r"|_size$|^(n|num)_|layers|heads|experts|embd|inner|positions"
 )
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # what huggingface_hub writes to refs/main: the commit's SHA-1, in hex
 GGUF_SUFFIX = ".gguf"
 
 GgufReader = Callable[[Path], tuple[dict[str, Any], bool]]
@@ -82,16 +85,30 @@ def find_in_hub_cache(repo_id: str) -> Path | None:
     """The snapshot directory of `repo_id` in the local Hugging Face cache (refs/main first), or None."""
     repo_dir = _hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
     snapshots = repo_dir / "snapshots"
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
-        if (candidate / "config.json").is_file():
-            return candidate
+    commit = _ref_commit(repo_dir / "refs" / "main", repo_id)
+    if commit is not None and (snapshots / commit / "config.json").is_file():
+        return snapshots / commit
     if snapshots.is_dir():
         found = sorted(p for p in snapshots.iterdir() if (p / "config.json").is_file())
         if found:
             return found[-1]
     return None
+
+
+def _ref_commit(ref: Path, repo_id: str) -> str | None:
+    """The commit a hub-cache ref file names, None if there is none; BadInput for anything but the 40-digit hash
+    huggingface_hub writes there, read with a bound (a FIFO, a device or a 4 GiB file is refused, never read)."""
+    remedy = f"download the model again (hf download {repo_id}) to rewrite it"
+    data = read_regular(ref, MAX_REF_BYTES, remedy)
+    if data is None:
+        return None
+    commit = data.decode("ascii", "replace").strip()
+    if not _COMMIT.fullmatch(commit):
+        shown = "it is empty" if not commit else f"it holds {commit[:48]!r}"
+        raise BadInput(
+            f"{ref}: is not a commit hash (40 hexadecimal digits, as huggingface_hub writes): {shown}; {remedy}"
+        )
+    return commit
 
 
 def directory_chat_template(directory: Path) -> bool | None:

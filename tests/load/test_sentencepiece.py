@@ -9,7 +9,6 @@ answers is transformers' from_pretrained + greedy generate, one prompt at a time
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import DEEPKE_DIR
+from conftest import DEEPKE_DIR, put_in_hub_cache
 from packaging.version import Version
 from reference import alone
 from tiny_checkpoint import build_tiny_llama
@@ -163,23 +162,6 @@ def test_missing_tokenizer_library_is_one_line_naming_it(
 
 
 # ------------------------------------------------------------------------- the release, from the hub cache
-
-
-def put_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str) -> Path:
-    """Lay `model_dir`'s files out as huggingface_hub's download does: content-addressed blobs, a snapshot folder of
-    symbolic links to them named by the commit, and refs/main naming that commit. Returns the snapshot folder."""
-    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for path in sorted(model_dir.iterdir()):
-        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
-        path.rename(blob)
-        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def test_released_layout_from_the_hub_cache_runs_offline_like_generate(tmp_path: Path) -> None:
