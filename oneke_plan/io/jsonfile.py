@@ -20,7 +20,7 @@ from typing import Any
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
-from oneke_plan.io.files import os_error
+from oneke_plan.io.files import os_error, read_regular
 from oneke_plan.io.limits import MAX_JSON_BYTES, MAX_NESTING, is_valid_unicode
 
 # A JSON string (escapes included) or a bracket: strings are skipped whole, so brackets inside them do not count.
@@ -102,12 +102,16 @@ def read_bounded(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes
 
 
 def read_json_file(path: str | os.PathLike[str], remedy: str, encoding: str = "utf-8") -> Any:
-    """The JSON value in the file `path`; every failure is one BadInput naming the file (and line), and `remedy`."""
+    """The JSON value in the regular file `path` (a model's or adapter's file: a FIFO, device or folder is refused
+    unopened); every failure is one BadInput naming the file (and line), and `remedy`."""
     path = Path(path)
     try:
-        text = read_bounded(path, MAX_JSON_BYTES, remedy).decode(encoding)
-    except FileNotFoundError:
-        raise BadInput(f"{path}: not found; {remedy}") from None
+        # read_regular, not read_bounded: these are a model's or adapter's own files, never a pipe the user
+        # meant, and a FIFO config.json must be refused, not waited on.
+        data = read_regular(path, MAX_JSON_BYTES, remedy)
+        if data is None:
+            raise BadInput(f"{path}: not found; {remedy}")
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         raise BadInput(f"{path}: not UTF-8 text ({exc.reason}); {remedy}") from None
     except OSError as exc:

@@ -47,9 +47,10 @@ _DAMAGED = "copy the tokenizer files again from the model's release"
 
 
 def check_tokenizer_files(directory: Path) -> None:
-    """Each tokenizer file in `directory` that exists is a regular file of a size a tokenizer file can have:
-    BadInput naming it otherwise (a FIFO, device, folder or dangling link), nothing opened."""
-    for name in TOKENIZER_FILES:
+    """Each tokenizer file in `directory` that exists, and generation_config.json (which transformers reads after
+    the weights), is a regular file of a size such a file can have: BadInput naming it otherwise (a FIFO, device,
+    folder or dangling link), nothing opened."""
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
         limit = MAX_SENTENCEPIECE_BYTES if name == SENTENCEPIECE_FILE else MAX_JSON_BYTES
         regular_file(directory / name, limit, _DAMAGED)
 

@@ -7,13 +7,14 @@ pickle is refused and no tensor data is read.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
-from oneke_plan.io import jsonfile
+from oneke_plan.io import files, jsonfile
 from oneke_plan.io.limits import MAX_JSON_BYTES
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -107,7 +108,7 @@ def read_checkpoint(directory: Path) -> Checkpoint:
         (BIN_INDEX, BIN_SINGLE, _bin_tensors, True),
     ):
         index = directory / index_name
-        if index.is_file():
+        if os.path.lexists(index):  # not is_file(): a FIFO or folder there is refused, not passed over
             try:
                 weight_map, shards = _index_shards(index)
             except (ValueError, KeyError, TypeError, AttributeError):
@@ -219,7 +220,10 @@ def _index_shards(index: Path) -> tuple[dict[str, str], tuple[Path, ...]]:
     """(tensor name -> shard file name, the shard files in the order transformers reads them: sorted names) of a
     checkpoint index. Raises BadInput for an index over the JSON size bound, else what reading or indexing
     malformed JSON raises (OSError, ValueError, KeyError, ...)."""
-    text = jsonfile.read_bounded(index, MAX_JSON_BYTES, "download the checkpoint's index again").decode("utf-8")
+    data = files.read_regular(index, MAX_JSON_BYTES, "download the checkpoint's index again")
+    if data is None:
+        raise FileNotFoundError(index)
+    text = data.decode("utf-8")
     weight_map = jsonfile.loads(text)["weight_map"]
     return weight_map, tuple(index.parent / name for name in sorted(set(weight_map.values())))
 

@@ -264,7 +264,9 @@ def test_a_tokenizer_json_of_another_smaller_model_is_refused(tmp_path: Path) ->
     assert f"the tokenizer transformers builds from these files has {tokens:,} tokens" in message
 
 
-@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"])
+@pytest.mark.parametrize(
+    "name", ["tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "generation_config.json"]
+)
 def test_every_tokenizer_file_is_a_regular_file(tmp_path: Path, name: str, no_hang: None) -> None:
     folder = build_tiny_llama(tmp_path / "bpe", dtype=torch.float32)
     (folder / name).unlink()
