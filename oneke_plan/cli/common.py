@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import logging
 import os
 import signal
@@ -40,11 +41,40 @@ def offline_and_quiet() -> None:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (what, and where to look), not the whole usage text."""
+    """argparse, but a usage mistake is one line (what, and where to look), not the whole usage text; and a flag
+    the command does not have is named as such, with the closest flag it has (unknown_flag), whatever else argparse
+    found wrong first (a misspelt --profile is not a missing --profile)."""
+
+    given: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        unknown = unknown_flag(self, self.given)
+        if unknown is not None:
+            self.exit(2, f"{self.prog}: error: {unknown} (see {self.prog} --help)\n")
         hint = " (a value starting with '-' needs '=', e.g. --gpu=-8GiB)" if "expected one argument" in message else ""
         self.exit(2, f"{self.prog}: error: {message}{hint}; see {self.prog} --help\n")
+
+
+def unknown_flag(parser: argparse.ArgumentParser, args: Sequence[str]) -> str | None:
+    """'unknown flag --profle; did you mean --profile?' for the first `--NAME` in `args` that is none of the
+    parser's flags (nor, as argparse allows, the start of one); None if there is none. Words after a lone `--` are
+    values, as argparse reads them."""
+    flags = [name for action in parser._actions for name in action.option_strings if name.startswith("--")]
+    for arg in args:
+        if arg == "--":
+            return None
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--") or any(flag.startswith(name) for flag in flags):
+            continue
+        close = difflib.get_close_matches(name[2:], [flag[2:] for flag in flags], n=1)
+        return f"unknown flag {name}" + (f"; did you mean --{close[0]}?" if close else "")
+    return None
 
 
 def add_options(parser: argparse.ArgumentParser, *option_types: type) -> None:
