@@ -137,13 +137,34 @@ def options_from(args: argparse.Namespace, options_type: type[Options]) -> Optio
 
 
 class PrintedReport(Report):
-    """The API's notes, printed on stderr one line each after the command's name."""
+    """The API's notes, printed on stderr one line each after the command's name; held until the command's checks
+    have passed (checks_passed, or `release` where the command prints its own output), so that a refusal is the one
+    line a refused command prints: run_main drops the notes held when the command ends in bad input (exit 2: they
+    were about what it refused) and prints them before any other ending's message."""
 
     def __init__(self, prog: str) -> None:
         self.prog = prog
+        self.held: list[str] | None = []  # None: released, notes print at once
 
     def note(self, text: str) -> None:
-        print(f"{self.prog}: {text}", file=sys.stderr)
+        if self.held is not None:
+            self.held.append(text)
+        else:
+            print(f"{self.prog}: {text}", file=sys.stderr)
+
+    def checks_passed(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Print the notes held, and every later one at once."""
+        held, self.held = self.held or [], None
+        for text in held:
+            self.note(text)
+
+    def drop(self) -> None:
+        """Forget the notes held (the command was refused)."""
+        if self.held is not None:
+            self.held = []
 
 
 class Terminated(KeyboardInterrupt):
@@ -177,29 +198,34 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
+def run_main(prog: str, body: Callable[[], int], debug: bool, report: PrintedReport | None = None) -> int:
     """Run `body`; turn our errors into 'prog: error: message' and their exit code. --debug prints the traceback
     before that line and keeps the exit code (a script that adds --debug still tells bad input, 2, from a bug, 1).
 
     SIGINT and SIGTERM end in one line and 128 + the signal's number. An OSError that nothing below turned into a
     message (a full disk, a read-only or unreadable file met inside a library) is one line with its path and exit 2:
-    it is about the machine or the files, not a bug."""
+    it is about the machine or the files, not a bug. `report`: the command's, whose held notes are dropped when the
+    command is refused for bad input (exit 2: the refusal is its one line) and printed before any other ending."""
     try:
         with sigterm_as_interrupt():
-            return body()
+            code = body()
     except Interrupted as exc:
+        _end_notes(report, exc.exit_code)
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_code
     except OnekePlanError as exc:
+        _end_notes(report, exc.exit_code)
         if debug:
             traceback.print_exc(file=sys.stderr)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         signum = interrupted_by(exc)
+        _end_notes(report, 128 + signum)
         print(f"{prog}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     except OSError as exc:
+        _end_notes(report, EXIT_BAD_INPUT)
         if debug:
             traceback.print_exc(file=sys.stderr)
         print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
@@ -207,11 +233,23 @@ def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, never a traceback
+        _end_notes(report, EXIT_INTERNAL)
         if debug:
             traceback.print_exc(file=sys.stderr)
         hint = "" if debug else " (run again with --debug for the traceback)"
         print(f"{prog}: internal error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return EXIT_INTERNAL
+    _end_notes(report, code)
+    return code
+
+
+def _end_notes(report: PrintedReport | None, code: int) -> None:
+    """The notes held when a command ends: dropped for bad input (the refusal is the one line), else printed."""
+    if report is None:
+        return
+    if code == EXIT_BAD_INPUT:
+        report.drop()
+    report.release()
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -237,5 +275,3 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Se
         ).rstrip()
 
     return "\n".join([line(header), *(line(r) for r in rows)])
-
-

@@ -109,9 +109,7 @@ def parse_gpu_spec(spec: str | int, index: int, flag: str = "--gpu") -> Gpu:
         total = parse_size(size_text)
     except SizeError:
         if has_name or text[:1].isdigit() or text[:1] in "-+.":
-            raise BadInput(
-                f"{flag} {spec!r}: not a size; write e.g. 24GiB (binary) or 24GB (decimal)"
-            ) from None
+            raise BadInput(f"{flag} {spec!r}: not a size; write e.g. 24GiB (binary) or 24GB (decimal)") from None
         raise BadInput(
             f"{flag} {spec!r}: unknown card; give a size such as 24GiB, or one of: {', '.join(card_names())}"
         ) from None
