@@ -185,7 +185,9 @@ SVG_NAME_WIDTH = 150  # a device name longer than this wraps at its spaces
 def text_width(text: str, size: float) -> float:
     """How wide `text` is drawn at font size `size` (px), never less than in DejaVu Sans, the widest of the common
     sans-serif fonts (Helvetica and Arial are narrower): the picture is sized from its texts, so nothing is clipped
-    and no two labels overlap whatever font the viewer picks. A character of a wide script (CJK) takes 1 em."""
+    and no two labels overlap whatever font the viewer picks. A character of a wide script (CJK) takes 1 em, as in
+    the fonts that draw them; any other non-ASCII character 1.75 em, DejaVu Sans' widest (names are rarely made of
+    them: a wider picture is the cost)."""
     return size * sum(_em(c) for c in text)
 
 
@@ -194,7 +196,9 @@ def _em(c: str) -> float:
 
     if unicodedata.east_asian_width(c) in "WF" or c in "MWmw@%#&~+=<>^":
         return 1.0
-    if c.isupper() or ord(c) > 127:
+    if ord(c) > 127:
+        return 1.75
+    if c.isupper():
         return 0.8
     return 0.65  # DejaVu Sans: digits 0.64, the widest other lower-case letters and signs 0.64
 
