@@ -90,7 +90,7 @@ def detect_gpus() -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
-def parse_gpu_spec(spec: str | int, index: int, flag: str = "--gpu") -> Gpu:
+def parse_gpu_spec(spec: str | float, index: int, flag: str = "--gpu") -> Gpu:
     """One `--gpu` value (or an inventory's `gpus` entry written the same way, `flag` naming it): a size ('24GiB'),
     a catalog card ('RTX 3090'), or 'CARD:SIZE' to override its memory. A bare number is neither (BARE_NUMBER)."""
     text = str(spec).strip()
