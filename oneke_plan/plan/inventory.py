@@ -135,9 +135,9 @@ def bare_gpu_number(where: str, number: str, prefix: str = "") -> str:
             f"{where}: a bare number is not a card; write {named[0]!r} for that card, or a size such as 24GiB "
             "(oneke-plan --list-cards)"
         )
-    return (
-        f"{where}: a bare number is not a {'size' if prefix else 'card'}; write {prefix}{number}GiB for a {number} GiB "
-        "card" + ("" if prefix else ", or a card name such as 'RTX 4090' (oneke-plan --list-cards)")
+    size = f"{prefix}{number}GiB for a {number} GiB card" if float(number) else f"a size such as {prefix}24GiB"
+    return f"{where}: a bare number is not a {'size' if prefix else 'card'}; write {size}" + (
+        "" if prefix else ", or a card name such as 'RTX 4090' (oneke-plan --list-cards)"
     )
 
 

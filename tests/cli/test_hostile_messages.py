@@ -70,6 +70,7 @@ def one_line(capsys: pytest.CaptureFixture[str], prog: str, argv: list[Any], *ne
         ("4090", ["--gpu 4090:", "a bare number", "'RTX 4090'"]),
         ("3090", ["'RTX 3090'"]),
         ("RTX 3090:24", ["a bare number", "RTX 3090:24GiB"]),
+        ("0", ["a bare number", "a size such as 24GiB", "'RTX 4090'"]),
     ],
 )
 def test_a_bare_number_is_not_a_gpu(capsys: pytest.CaptureFixture[str], gpu: str, needles: list[str]) -> None:
