@@ -180,7 +180,7 @@ def probe(args: argparse.Namespace, model_dir: Path, card: Card, data: dict[str,
             self.loaded = loaded_bytes
 
     report, card_bytes = Findings(), args.card or card.total
-    on_card = {"gpus": [str(card_bytes)], "cpu_memory": 0} if card.cuda else {"cpu_memory": card_bytes}
+    on_card = {"gpus": [f"{card_bytes}B"], "cpu_memory": 0} if card.cuda else {"cpu_memory": card_bytes}
     unbounded = {"gpus": [UNBOUNDED], "cpu_memory": 0} if card.cuda else {"cpu_memory": UNBOUNDED}
     result, row = plan_row(model_dir, on_card, args, 1, report, solve=True)
     planned = row.pop("batch_size")

@@ -23,7 +23,8 @@ api.plan("oneke", batch_size=8) are the same plan.
 Errors are oneke_plan.core.errors': BadInput (what the user gave is wrong; exit 2 in the CLIs) and DoesNotFit (the model
 does not fit, or the machine does not match the profile; exit 3), each one line that says what to do; the flags it
 names are the CLIs', each a field of PlanOptions or RunOptions. Sizes are ints in bytes, or strings such as "24GiB"
-(GiB = 2**30 bytes, GB = 10**9). Notes (what a step found; what force=True let through) go to a Report: the default
+(GiB = 2**30 bytes, GB = 10**9); a GPU's memory (`gpus`) is a string with its unit ("24GiB"), never a bare number.
+Notes (what a step found; what force=True let through) go to a Report: the default
 logs them on the `oneke_plan` logger.
 
 The CLIs are flag parsing and printing around these functions (oneke_plan/cli/).

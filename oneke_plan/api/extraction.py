@@ -43,6 +43,7 @@ def read_records(
     from oneke_plan.formats import oneke
 
     report = report or Report()
+    notes: list[str] = []
     one_of("--lang", lang, LANGUAGES)
     if task is None:
         for flag, value in (("--schema", schema), ("--example", example), ("--chunk-size", chunk_size)):
@@ -60,12 +61,11 @@ def read_records(
         if chunk_size is not None and (chunk_size == 0 or chunk_size < -1):
             raise BadInput(f"--chunk-size must be a positive integer or -1 (no split), not {chunk_size}")
         examples = read_example(json_text(example)) if example is not None else None
-        notes: list[str] = []
         records = read_raw(input, checked, items, lang, chunk_size, examples, notes)
-        for note in notes:
-            report.note(note)
-    if not records:
-        raise BadInput(f"{input}: no prompt to run (see the note above)")
+    if not records:  # the refusal says why in its one line
+        raise BadInput(f"{input}: no prompt to run" + (f": {'; '.join(notes)}" if notes else ""))
+    for note in notes:
+        report.note(note)
     return records
 
 

@@ -52,6 +52,11 @@ class Report:
         """One line: something the user should know (a skipped input line, what force=True let through)."""
         log.warning(text)
 
+    def checks_passed(self) -> None:
+        """Every check of a run has passed and its slow part starts: the weights load (or vLLM starts). The notes
+        until here are about what was asked (an overriding template, what force=True let through): oneke-run holds
+        them until now, so that a refusal is its only line. Does nothing here."""
+
     def weights_loaded(self, profile: Profile, loaded_bytes: dict[int | str, int]) -> None:
         """Right after loading, before the finite-output check: the bytes of the model's weights on each device of
         `profile` (GPU index, "cpu", "disk"), as loaded (loaded_weights.measured_weight_bytes)."""
@@ -81,7 +86,6 @@ class Flag:
     repeat: bool = False
     parse: Callable[[str], Any] | None = None
     positional: bool = False
-
 
     def spellings(self, name: str) -> list[str]:
         """The flag's spellings for the field `name`: its own `names`, else --field-name."""

@@ -143,7 +143,13 @@ def planned_machine(options: PlanOptions, report: Report) -> tuple[Inventory, in
     """The machine to plan for (described GPUs, an inventory file, or the GPUs detected here) with the reserves and
     rates the options give, and the reserve every GPU keeps unless told otherwise, in bytes."""
     from oneke_plan.plan.catalog import GB_PER_S, TFLOPS
-    from oneke_plan.plan.inventory import apply_device_values, build_inventory, parse_device_values, parse_rate
+    from oneke_plan.plan.inventory import (
+        apply_device_values,
+        build_inventory,
+        check_reserves,
+        parse_device_values,
+        parse_rate,
+    )
 
     reserves = parse_device_values("--reserve", listed(options.reserve), lambda v, where: size_bytes(where, v))
     bandwidths = parse_device_values(
@@ -160,6 +166,11 @@ def planned_machine(options: PlanOptions, report: Report) -> tuple[Inventory, in
         options.offload_dir,
     )
     inventory = apply_device_values(inventory, reserves, bandwidths, throughputs)
+    if options.cpu_memory is not None:
+        cpu_where = f"--cpu-memory {options.cpu_memory}"
+    else:
+        cpu_where = f"{options.inventory_file}: cpu_memory" if options.inventory_file else "the memory available here"
+    check_reserves(inventory, reserves, cpu_where)
     if inventory.source == "detected" and not inventory.gpus:
         import torch
 

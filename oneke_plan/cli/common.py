@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import logging
 import os
 import signal
@@ -40,11 +41,40 @@ def offline_and_quiet() -> None:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (what, and where to look), not the whole usage text."""
+    """argparse, but a usage mistake is one line (what, and where to look), not the whole usage text; and a flag
+    the command does not have is named as such, with the closest flag it has (unknown_flag), whatever else argparse
+    found wrong first (a misspelt --profile is not a missing --profile)."""
+
+    given: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        unknown = unknown_flag(self, self.given)
+        if unknown is not None:
+            self.exit(2, f"{self.prog}: error: {unknown} (see {self.prog} --help)\n")
         hint = " (a value starting with '-' needs '=', e.g. --gpu=-8GiB)" if "expected one argument" in message else ""
         self.exit(2, f"{self.prog}: error: {message}{hint}; see {self.prog} --help\n")
+
+
+def unknown_flag(parser: argparse.ArgumentParser, args: Sequence[str]) -> str | None:
+    """'unknown flag --profle; did you mean --profile?' for the first `--NAME` in `args` that is none of the
+    parser's flags (nor, as argparse allows, the start of one); None if there is none. Words after a lone `--` are
+    values, as argparse reads them."""
+    flags = [name for action in parser._actions for name in action.option_strings if name.startswith("--")]
+    for arg in args:
+        if arg == "--":
+            return None
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--") or any(flag.startswith(name) for flag in flags):
+            continue
+        close = difflib.get_close_matches(name[2:], [flag[2:] for flag in flags], n=1)
+        return f"unknown flag {name}" + (f"; did you mean --{close[0]}?" if close else "")
+    return None
 
 
 def add_options(parser: argparse.ArgumentParser, *option_types: type) -> None:
@@ -107,13 +137,34 @@ def options_from(args: argparse.Namespace, options_type: type[Options]) -> Optio
 
 
 class PrintedReport(Report):
-    """The API's notes, printed on stderr one line each after the command's name."""
+    """The API's notes, printed on stderr one line each after the command's name; held until the command's checks
+    have passed (checks_passed, or `release` where the command prints its own output), so that a refusal is the one
+    line a refused command prints: run_main drops the notes held when the command ends in bad input (exit 2: they
+    were about what it refused) and prints them before any other ending's message."""
 
     def __init__(self, prog: str) -> None:
         self.prog = prog
+        self.held: list[str] | None = []  # None: released, notes print at once
 
     def note(self, text: str) -> None:
-        print(f"{self.prog}: {text}", file=sys.stderr)
+        if self.held is not None:
+            self.held.append(text)
+        else:
+            print(f"{self.prog}: {text}", file=sys.stderr)
+
+    def checks_passed(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Print the notes held, and every later one at once."""
+        held, self.held = self.held or [], None
+        for text in held:
+            self.note(text)
+
+    def drop(self) -> None:
+        """Forget the notes held (the command was refused)."""
+        if self.held is not None:
+            self.held = []
 
 
 class Terminated(KeyboardInterrupt):
@@ -147,29 +198,34 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
+def run_main(prog: str, body: Callable[[], int], debug: bool, report: PrintedReport | None = None) -> int:
     """Run `body`; turn our errors into 'prog: error: message' and their exit code. --debug prints the traceback
     before that line and keeps the exit code (a script that adds --debug still tells bad input, 2, from a bug, 1).
 
     SIGINT and SIGTERM end in one line and 128 + the signal's number. An OSError that nothing below turned into a
     message (a full disk, a read-only or unreadable file met inside a library) is one line with its path and exit 2:
-    it is about the machine or the files, not a bug."""
+    it is about the machine or the files, not a bug. `report`: the command's, whose held notes are dropped when the
+    command is refused for bad input (exit 2: the refusal is its one line) and printed before any other ending."""
     try:
         with sigterm_as_interrupt():
-            return body()
+            code = body()
     except Interrupted as exc:
+        _end_notes(report, exc.exit_code)
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_code
     except OnekePlanError as exc:
+        _end_notes(report, exc.exit_code)
         if debug:
             traceback.print_exc(file=sys.stderr)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         signum = interrupted_by(exc)
+        _end_notes(report, 128 + signum)
         print(f"{prog}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     except OSError as exc:
+        _end_notes(report, EXIT_BAD_INPUT)
         if debug:
             traceback.print_exc(file=sys.stderr)
         print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
@@ -177,11 +233,23 @@ def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, never a traceback
+        _end_notes(report, EXIT_INTERNAL)
         if debug:
             traceback.print_exc(file=sys.stderr)
         hint = "" if debug else " (run again with --debug for the traceback)"
         print(f"{prog}: internal error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return EXIT_INTERNAL
+    _end_notes(report, code)
+    return code
+
+
+def _end_notes(report: PrintedReport | None, code: int) -> None:
+    """The notes held when a command ends: dropped for bad input (the refusal is the one line), else printed."""
+    if report is None:
+        return
+    if code == EXIT_BAD_INPUT:
+        report.drop()
+    report.release()
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -207,5 +275,3 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Se
         ).rstrip()
 
     return "\n".join([line(header), *(line(r) for r in rows)])
-
-

@@ -115,14 +115,15 @@ def summary_table(result: PlanResult) -> str:
     return format_table(header, lines, right=right)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, report: PrintedReport) -> int:
     options, command = options_from(args, PlanOptions), options_from(args, PlanCommand)
     if command.list_cards:
         print("\n".join(card_names()))
         return 0
     if not options.model:
         raise BadInput("give a MODEL: 'oneke', a model directory, or a cached repo id; see oneke-plan --help")
-    result = api.plan(options=options, report=PrintedReport("oneke-plan"))
+    result = api.plan(options=options, report=report)
+    report.release()  # planned: the notes it held come before the summary
     plan, profile = result.plan, result.profile
     settings = plan.settings
     if result.solved:
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     offline_and_quiet()
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_main("oneke-plan", lambda: run(args), args.debug or wants_debug(argv))
+    report = PrintedReport("oneke-plan")
+    return run_main("oneke-plan", lambda: run(args, report), args.debug or wants_debug(argv), report)
 
 
 if __name__ == "__main__":

@@ -106,9 +106,10 @@ def peak_table(memory: list[GpuMemory]) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, report: RunReport) -> int:
     options, command = options_from(args, RunOptions), options_from(args, RunCommand)
-    summary = api.run(options=replace(options, progress=not command.no_progress), report=RunReport("oneke-run"))
+    summary = api.run(options=replace(options, progress=not command.no_progress), report=report)
+    report.release()  # a run that loaded nothing (every prompt answered) held its notes until here
     _report(summary)
     if summary.gpu_memory:
         print(peak_table(summary.gpu_memory), file=sys.stderr)
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # --engine vllm: dozens of INFO and WARNING lines
     parser = build_parser()
     args = parser.parse_args(argv)
-    code = run_main("oneke-run", lambda: run(args), args.debug or wants_debug(argv))
+    report = RunReport("oneke-run")
+    code = run_main("oneke-run", lambda: run(args, report), args.debug or wants_debug(argv), report)
     if _under_torchrun_with_peers():
         # By now every file is written and closed, and the workers have left their process group together. Tearing
         # down the interpreter can still abort or crash in torch's gloo threads (seen as SIGABRT / SIGSEGV after the

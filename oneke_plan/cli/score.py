@@ -44,18 +44,32 @@ def _cell(value: float | None) -> str:
 
 
 def score_table(summary: dict[str, Any]) -> str:
+    """P/R/F1 per task and part over the records; then, apart (they count prompt lines, not records), each task's
+    prompt lines whose answer is not a JSON object."""
     rows = []
     for task, score in summary["tasks"].items():
         for part, s in score["parts"].items():
             rows.append(
                 [task, part, _cell(s["precision"]), _cell(s["recall"]), _cell(s["f1"]), str(s["tp"]), str(s["pred"]),
-                 str(s["gold"]), str(score["records"]), str(score["errors"])]
+                 str(s["gold"]), str(score["records"])]
             )  # fmt: skip
-    header = ["task", "part", "P", "R", "F1", "tp", "pred", "gold", "records", "errors"]
-    return format_table(header, rows, right=range(2, 10))
+    header = ["task", "part", "P", "R", "F1", "tp", "pred", "gold", "records"]
+    lines = [format_table(header, rows, right=range(2, 9)), ""]
+    for task, score in summary["tasks"].items():
+        lines.append(f"{task}: {error_text(score['errors'], score['prompts'], score['unanswered'])}")
+    return "\n".join(lines)
+
+
+def error_text(errors: int, prompts: int, unanswered: int) -> str:
+    """'2 of 6 prompt lines are errors (...)': the answers DeepKE's evaluator counts as errors."""
+    got_none = f"; {unanswered} got no answer ('error' lines)" if unanswered else ""
+    why = f"the answer is not a JSON object, so it predicts nothing{got_none}"
+    return f"{errors} of {prompts} prompt lines are errors ({why})"
 
 
 def compare_table(summary: dict[str, Any]) -> str:
+    """Both runs' F1, P and R per task and part, and the records whose items differ; then, per task, how the prompt
+    lines' answers differ (texts can differ where items do not) and each run's errors."""
     rows = []
     for task, score in summary["tasks"].items():
         for part, s in score["parts"].items():
@@ -65,9 +79,28 @@ def compare_table(summary: dict[str, Any]) -> str:
                 [task, part, _cell(a["f1"]), _cell(b["f1"]), change, _cell(a["precision"]), _cell(b["precision"]),
                  _cell(a["recall"]), _cell(b["recall"]), str(score["records"]), str(s["records_differ"])]
             )  # fmt: skip
-    header = ["task", "part", "F1 A", "F1 B", "B-A", "P A", "P B", "R A", "R B", "records", "differ"]
+    header = ["task", "part", "F1 A", "F1 B", "B-A", "P A", "P B", "R A", "R B", "records", "items differ"]
     legend = f"A = {summary['a']}\nB = {summary['b']}\n"
-    return legend + format_table(header, rows, right=range(2, 11))
+    lines = [legend + format_table(header, rows, right=range(2, 11)), ""]
+    for task, score in summary["tasks"].items():
+        lines.append(f"{task}: {answers_text(score['answers'])}")
+        for run in ("a", "b"):
+            errors, prompts, unanswered = (score[key][run] for key in ("errors", "prompts", "unanswered"))
+            lines.append(f"  {run.upper()}: {error_text(errors, prompts, unanswered)}")
+    return "\n".join(lines)
+
+
+def answers_text(answers: dict[str, int]) -> str:
+    """How two runs' answers differ, prompt line by prompt line."""
+    text = f"{answers['text_differs']} of {answers['prompts']} answers differ in their text"
+    kinds = [
+        (answers["neither_parsed"], "not JSON in either run (so neither predicts anything)"),
+        (answers["one_parsed"], "JSON in one run only"),
+        (answers["same_items"], "the same items written differently"),
+        (answers["items_differ"], "different items"),
+    ]
+    shown = [f"{n} {what}" for n, what in kinds if n]
+    return text + (f": {', '.join(shown)}" if shown else "")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -71,6 +71,8 @@ class EngineReport(Protocol):
 
     def note(self, text: str) -> None: ...
 
+    def checks_passed(self) -> None: ...
+
     def weights_loaded(self, profile: Profile, loaded_bytes: dict[int | str, int]) -> None: ...
 
 
@@ -186,7 +188,13 @@ def load_checked(
     tokenizer, stop_ids = checked_tokenizer(profile, source, trust_remote_code)  # before any weight
     checkpoint = read_checkpoint(source.directory) if source.directory and source.gguf_file is None else None
     model = load_model(
-        profile, source, trust_remote_code=trust_remote_code, checkpoint=checkpoint, adapter=adapter, gpus=gpus
+        profile,
+        source,
+        trust_remote_code=trust_remote_code,
+        checkpoint=checkpoint,
+        adapter=adapter,
+        gpus=gpus,
+        checked=report.checks_passed,
     )
     stored = checkpoint.dtypes if checkpoint else None
     report.weights_loaded(
@@ -364,12 +372,15 @@ def vllm_decoder(
     trust_remote_code: bool,
     note: Callable[[str], None],
     settings: VllmSettings | None = None,
+    checked: Callable[[], None] = lambda: None,
 ) -> tuple[VllmDecoder, Any]:
     """The vllm engine for a run: the tokenizer checked and loaded as for hf (the runner encodes and decodes with
     it), the profile's translation (`settings`, the check's; made here when not given) fitted to the installed
     vLLM (its notes and the engine arguments go to `note`), vLLM started; the answers end at the same EOS ids as
-    the hf engine's and the template's stop words (generation.end_token_ids)."""
+    the hf engine's and the template's stop words (generation.end_token_ids). `checked` is called once every check
+    has passed, as vLLM starts."""
     from oneke_plan.extract.generation import end_token_ids
+
     tokenizer, stop_ids = checked_tokenizer(profile, source, trust_remote_code)  # before vLLM starts
     translated = settings if settings is not None else _check_vllm(profile, source, trust_remote_code)
     fitted = plan_for_vllm(translated, profile, batch_size, installed_engine_arguments())
@@ -378,6 +389,7 @@ def vllm_decoder(
         note(f"--engine vllm: {line}")
     shown = {k: v for k, v in fitted.engine_args.items() if k not in ("model", "tokenizer")}
     note(f"--engine vllm: starting vLLM with {shown}" + (f", environment {fitted.env}" if fitted.env else ""))
+    checked()
     llm = start_vllm(profile, fitted)
     # vLLM holds the model in its own processes: the config.json's EOS stands where the loaded model's would
     eos = end_token_ids([source.config.get("eos_token_id")], tokenizer, source.directory, stop_ids)
@@ -386,7 +398,14 @@ def vllm_decoder(
 
 def _start_vllm(run: EngineRun, prepared: VllmSettings, report: EngineReport) -> Started:
     decoder, tokenizer = vllm_decoder(
-        run.profile, run.source, run.batch_size, run.max_new_tokens, run.trust_remote_code, report.note, prepared
+        run.profile,
+        run.source,
+        run.batch_size,
+        run.max_new_tokens,
+        run.trust_remote_code,
+        report.note,
+        prepared,
+        report.checks_passed,
     )
     return Started(decoder, tokenizer, decoder.close)
 

@@ -111,12 +111,32 @@ def _json_object(path: str | os.PathLike[str], number: int, line: str) -> dict[s
     except jsonfile.JsonLimitError as e:
         raise BadInput(f"{path}, line {number}: {e.msg} (column {e.colno}): fix or remove the line") from None
     except json.JSONDecodeError as e:
+        _refuse_one_document(path, number, line)
         raise BadInput(
             f"{path}, line {number}: not JSON ({e.msg}, column {e.colno}): each line must be one JSON object"
         ) from None
     if not isinstance(value, dict):
+        _refuse_one_document(path, number, line)
         raise BadInput(f"{path}, line {number}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _refuse_one_document(path: str | os.PathLike[str], number: int, line: str) -> None:
+    """BadInput for a file that is one JSON document (an array, or an object over several lines) where JSON Lines,
+    one object per line, is read: a line that opens an array or is a lone `{` says so, not 'not JSON (column 2)'.
+    Every reader of JSON Lines here refuses it alike (oneke-run's input, raw or converted, and oneke-score's
+    answers), none accepts it: DeepKE's files are JSON Lines, as oneke-run's output is."""
+    text = line.strip()
+    if text.startswith("["):
+        raise BadInput(
+            f"{path}, line {number}: is a JSON array; the file must be JSON Lines, one JSON object per line (a file "
+            f"holding one array converts with: jq -c '.[]' {path})"
+        )
+    if text == "{":
+        raise BadInput(
+            f"{path}, line {number}: is a lone '{{', as in one JSON object written over several lines; the file must "
+            f"be JSON Lines, one JSON object per line (jq -c . {path} writes it so)"
+        )
 
 
 def read_json_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
@@ -137,6 +157,11 @@ def read_converted(path: str | os.PathLike[str]) -> list[PromptRecord]:
     for number, line in _read_lines(path):
         obj = _json_object(path, number, line)
         where = _where(path, number)
+        if "instruction" not in obj and "text" in obj:
+            raise BadInput(
+                f"{path} looks like a raw DeepKE file (line {number} has 'text' and no 'instruction'): pass --task "
+                "and --schema to make its prompts (converted files carry them)"
+            )
         for name in ("id", "instruction"):
             if name not in obj:
                 raise BadInput(

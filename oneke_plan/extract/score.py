@@ -89,11 +89,22 @@ def _percent(part: int, whole: int) -> float | None:
 
 
 @dataclass
+class Answer:
+    """One prompt line's answer: its text as the model wrote it (`raw_output` where oneke-run kept it, else
+    `output`), whether it is a JSON object, and the items it predicts per part."""
+
+    text: str
+    parsed: bool
+    items: dict[str, list[Item]]
+
+
+@dataclass
 class Record:
-    """One scored record: its gold items and predicted items per part."""
+    """One scored record: its gold items, predicted items per part, and its prompt lines' answers in file order."""
 
     gold: dict[str, list[Item]]
     pred: dict[str, list[Item]] = field(default_factory=dict)
+    answers: list[Answer] = field(default_factory=list)
 
 
 @dataclass
@@ -102,7 +113,8 @@ class TaskScore:
 
     task: str
     records: dict[tuple[str, str], Record] = field(default_factory=dict)
-    errors: int = 0  # outputs that are not a JSON object (the authors' evaluator's "错误数")
+    prompts: int = 0  # prompt lines (merged lines are not)
+    errors: int = 0  # prompt lines whose output is not a JSON object (the authors' evaluator's "错误数")
     unanswered: int = 0  # prompts oneke-run could not answer (lines with `error`; counted in errors too)
 
     def counts(self) -> dict[str, Counts]:
@@ -115,6 +127,7 @@ class TaskScore:
     def summary(self) -> dict[str, Any]:
         return {
             "records": len(self.records),
+            "prompts": self.prompts,
             "errors": self.errors,
             "unanswered": self.unanswered,
             "parts": {part: counts.summary() for part, counts in self.counts().items()},
@@ -133,20 +146,56 @@ def score_file(path: str | os.PathLike[str], task: str | None = None) -> dict[st
         where = f"{path}, line {number}"
         if line.get("merged") is True:
             continue
+        check_answer_line(line, path, number)
         line_task = task or _line_task(line, where)
         score = scores.setdefault(line_task, TaskScore(line_task))
         group = evaluator_group(line, _need(line, "id", where))
         record = score.records.get(group)
         if record is None:
             record = score.records[group] = Record(gold_items(line_task, _label(line, where), where))
-        ok, items = predicted_items(line_task, _need(line, "output", where))
+        ok, items = predicted_items(line_task, line["output"])
+        score.prompts += 1
         score.errors += not ok
         score.unanswered += "error" in line
+        record.answers.append(Answer(answer_text(line), ok, items))
         for part, found in items.items():
             record.pred.setdefault(part, []).extend(found)
     if not scores:
         raise BadInput(f"{path}: no answer lines to score")
     return scores
+
+
+def check_answer_line(line: dict[str, Any], path: str | os.PathLike[str], number: int) -> None:
+    """An answer line has an `output` and the gold `label` it is scored against; BadInput saying what the line is
+    instead: an input line (oneke-run's input, not its output), or an answer without labels (oneke-run's output of
+    an input that had none)."""
+    where = f"{path}, line {number}"
+    if "output" not in line:
+        if "instruction" in line:
+            raise BadInput(
+                f"{where}: an input line (no 'output'), not an answer: run oneke-run on it, then score its output"
+            )
+        if "text" in line:
+            raise BadInput(
+                f"{where}: a raw DeepKE input line (text, no 'output'), not an answer: run oneke-run on it with --task "
+                "and --schema, then score its output"
+            )
+        _need(line, "output", where)
+    if "label" not in line:
+        ours = "key" in line and any(name in line for name in ("parsed", "parse_error", "error"))
+        what = "oneke-run's output of an input without labels" if ours else "answers without labels"
+        raise BadInput(
+            f"no gold labels in {path}: it holds {what} (line {number} has no 'label'), and scoring needs the "
+            "input's labels: run oneke-run on a labelled file (converted lines with 'label', or raw lines with their "
+            "entity/relation/event lists)"
+        )
+
+
+def answer_text(line: dict[str, Any]) -> str:
+    """What the model answered on a prompt line, as text: oneke-run's `raw_output` (its `output` is the answer
+    re-encoded when it parsed), else `output` (DeepKE's inference output), "" for a prompt that got no answer."""
+    text = line.get("raw_output", line.get("output"))
+    return text if isinstance(text, str) else json.dumps(text, ensure_ascii=False, sort_keys=True)
 
 
 def _need(line: dict[str, Any], name: str, where: str) -> Any:
@@ -273,7 +322,9 @@ def _text(value: Any) -> str:
 
 
 def compare(a: dict[str, TaskScore], b: dict[str, TaskScore], a_name: str, b_name: str) -> dict[str, Any]:
-    """Per task and part: both scores, the F1 change (B - A) and how many records' predictions differ.
+    """Per task and part: both scores, the F1 change (B - A) and how many records' predictions differ; per task,
+    how the two runs' answers differ line by line (compare_answers): predictions can agree where answers do not
+    (two answers that are not JSON predict nothing, whatever they say).
 
     The files must be answers to the same input: the same tasks and records (BadInput otherwise).
     """
@@ -304,7 +355,39 @@ def compare(a: dict[str, TaskScore], b: dict[str, TaskScore], a_name: str, b_nam
             }
         tasks[task] = {
             "records": len(score_a.records),
+            "prompts": {"a": score_a.prompts, "b": score_b.prompts},
             "errors": {"a": score_a.errors, "b": score_b.errors},
+            "unanswered": {"a": score_a.unanswered, "b": score_b.unanswered},
+            "answers": compare_answers(score_a, score_b),
             "parts": parts,
         }
     return {"a": a_name, "b": b_name, "tasks": tasks}
+
+
+def compare_answers(a: TaskScore, b: TaskScore) -> dict[str, int]:
+    """The prompt lines of two runs of one input, paired in file order within each record: `prompts` pairs (a line
+    only one run has counts as differing), `text_differs` whose answer texts are not the same, and of those
+    `same_items` (both JSON objects predicting the same items: the text differs in form only), `neither_parsed`
+    (neither is a JSON object, so neither predicts anything), `one_parsed` and `items_differ`."""
+    counts = dict.fromkeys(("prompts", "text_differs", "same_items", "neither_parsed", "one_parsed", "items_differ"), 0)
+    for key, record in a.records.items():
+        theirs = b.records[key].answers
+        for index in range(max(len(record.answers), len(theirs))):
+            counts["prompts"] += 1
+            if index >= len(record.answers) or index >= len(theirs):
+                counts["text_differs"] += 1
+                counts["items_differ"] += 1
+                continue
+            x, y = record.answers[index], theirs[index]
+            if x.text == y.text:
+                continue
+            counts["text_differs"] += 1
+            if not x.parsed and not y.parsed:
+                counts["neither_parsed"] += 1
+            elif x.parsed != y.parsed:
+                counts["one_parsed"] += 1
+            elif {p: Counter(v) for p, v in x.items.items()} == {p: Counter(v) for p, v in y.items.items()}:
+                counts["same_items"] += 1
+            else:
+                counts["items_differ"] += 1
+    return counts

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,10 +244,11 @@ def load_model(
     checkpoint: Checkpoint | None = None,
     adapter: Adapter | None = None,
     gpus: tuple[Gpu, ...] | None = None,
+    checked: Callable[[], None] = lambda: None,
 ) -> Any:
     """The model, loaded into exactly the profile's device_map, ready for generate. `checkpoint`: read_checkpoint of
     the source's directory, and `gpus`: the GPUs detected here, when the caller has them already (else they are read
-    here).
+    here). `checked` is called once every check has passed, as the weights start to load.
 
     First everything that can be checked without loading: the checkpoint's names and shapes against the model
     built as AutoModelForCausalLM on the meta device and tied (renamed and fused as transformers will load them),
@@ -291,6 +293,7 @@ def load_model(
     ):
         _check_offload_space(model, profile, source.directory)
     del model
+    checked()
     device_map = dict(profile.device_map)
     offload = profile.offload_dir
     try:

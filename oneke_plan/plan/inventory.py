@@ -6,6 +6,7 @@ Device ids follow accelerate's device_map: an int for a GPU (its index after CUD
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
-from oneke_plan.core.sizes import SizeError, parse_size
+from oneke_plan.core.sizes import SizeError, format_bytes, parse_size
 from oneke_plan.io.yamlfile import read_yaml
 from oneke_plan.plan.catalog import GB_PER_S, TFLOPS, CardSpec, card_names, find_card
 
@@ -89,31 +90,55 @@ def detect_gpus() -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
-def parse_gpu_spec(spec: str, index: int) -> Gpu:
-    """One `--gpu` value: a size ('24GiB'), a catalog card ('RTX 3090'), or 'CARD:SIZE' to override its memory."""
-    text = spec.strip()
+def parse_gpu_spec(spec: str | float, index: int, flag: str = "--gpu") -> Gpu:
+    """One `--gpu` value (or an inventory's `gpus` entry written the same way, `flag` naming it): a size ('24GiB'),
+    a catalog card ('RTX 3090'), or 'CARD:SIZE' to override its memory. A bare number is neither (BARE_NUMBER)."""
+    text = str(spec).strip()
+    if BARE_NUMBER.match(text):
+        raise BadInput(bare_gpu_number(f"{flag} {text}", text))
     card = find_card(text)
     if card is not None:
         return catalog_gpu(index, card, card.total_bytes)
     name, has_name, size_text = text.rpartition(":")
     base = find_card(name) if has_name else None
     if has_name and base is None:
-        raise BadInput(f"--gpu {spec!r}: unknown card {name!r}; known cards: {', '.join(card_names())}")
+        raise BadInput(f"{flag} {spec!r}: unknown card {name!r}; known cards: {', '.join(card_names())}")
+    if has_name and BARE_NUMBER.match(size_text):
+        raise BadInput(bare_gpu_number(f"{flag} {spec!r}", size_text.strip(), f"{name}:"))
     try:
         total = parse_size(size_text)
     except SizeError:
         if has_name or text[:1].isdigit() or text[:1] in "-+.":
-            raise BadInput(
-                f"--gpu {spec!r}: not a size; write e.g. --gpu 24GiB (binary) or --gpu 24GB (decimal)"
-            ) from None
+            raise BadInput(f"{flag} {spec!r}: not a size; write e.g. 24GiB (binary) or 24GB (decimal)") from None
         raise BadInput(
-            f"--gpu {spec!r}: unknown card; give a size such as 24GiB, or one of: {', '.join(card_names())}"
+            f"{flag} {spec!r}: unknown card; give a size such as 24GiB, or one of: {', '.join(card_names())}"
         ) from None
     if total == 0:
-        raise BadInput(f"--gpu {spec!r}: a GPU with 0 bytes holds nothing; give its memory, e.g. 24GiB")
+        raise BadInput(f"{flag} {spec!r}: a GPU with 0 bytes holds nothing; give its memory, e.g. 24GiB")
     if base is not None:
         return catalog_gpu(index, base, total)
     return Gpu(index, f"GPU {index}", total, total, None)
+
+
+BARE_NUMBER = re.compile(r"^\s*(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*$")
+"""A number without a unit. A GPU's memory is never read from one (`--gpu 24`, an inventory's `memory: 24`):
+people mean 24 GiB, or a card (`--gpu 4090`), far more often than bytes. The other sizes (--cpu-memory, --reserve,
+an inventory's cpu_memory and reserve) read a bare integer as bytes, as accelerate's max_memory does."""
+
+
+def bare_gpu_number(where: str, number: str, prefix: str = "") -> str:
+    """The message for a GPU's memory given as a bare number: the size it likely meant, or the card whose name
+    holds the number (4090: 'RTX 4090')."""
+    named = [name for name in card_names() if re.search(rf"(?<![0-9A-Za-z]){re.escape(number)}(?![0-9A-Za-z])", name)]
+    if named and not prefix:
+        return (
+            f"{where}: a bare number is not a card; write {named[0]!r} for that card, or a size such as 24GiB "
+            "(oneke-plan --list-cards)"
+        )
+    size = f"{prefix}{number}GiB for a {number} GiB card" if float(number) else f"a size such as {prefix}24GiB"
+    return f"{where}: a bare number is not a {'size' if prefix else 'card'}; write {size}" + (
+        "" if prefix else ", or a card name such as 'RTX 4090' (oneke-plan --list-cards)"
+    )
 
 
 def catalog_gpu(index: int, card: CardSpec, total: int) -> Gpu:
@@ -164,6 +189,7 @@ class DeviceValues:
 
     every_gpu: int | None = None
     per_device: tuple[tuple[DeviceId, int], ...] = ()
+    spelled: tuple[tuple[DeviceId | None, str], ...] = ()  # how each was given ('--reserve 1=3GiB'); None: every GPU
 
     def get(self, device: DeviceId) -> int | None:
         """The value for `device`: its own, else (for a GPU) the every-GPU one, else None."""
@@ -176,6 +202,7 @@ def parse_device_values(flag: str, values: Sequence[str | int], parse: Callable[
     turns one value into an int (BadInput naming where); a device given twice is refused."""
     every: int | None = None
     per_device: dict[DeviceId, int] = {}
+    spelled: dict[DeviceId | None, str] = {}
     for value in values:
         text = str(value).strip()
         device_text, has_device, amount = text.rpartition("=")
@@ -184,6 +211,7 @@ def parse_device_values(flag: str, values: Sequence[str | int], parse: Callable[
             if every is not None:
                 raise BadInput(f"{where}: {flag} for every GPU is given twice; give it once (or DEVICE=VALUE)")
             every = parse(value if isinstance(value, int) else amount, where)
+            spelled[None] = where
             continue
         device: DeviceId
         if device_text.strip().isdigit():
@@ -195,7 +223,8 @@ def parse_device_values(flag: str, values: Sequence[str | int], parse: Callable[
         if device in per_device:
             raise BadInput(f"{where}: device {device} is given twice")
         per_device[device] = parse(amount, where)
-    return DeviceValues(every, tuple(per_device.items()))
+        spelled[device] = where
+    return DeviceValues(every, tuple(per_device.items()), tuple(spelled.items()))
 
 
 def apply_device_values(
@@ -238,11 +267,47 @@ def apply_device_values(
     )
 
 
+def check_reserves(inventory: Inventory, reserve: DeviceValues, cpu_memory_where: str) -> None:
+    """Refuse a reserve the user gave (--reserve, an inventory card's reserve) that leaves its device nothing: as
+    large as the memory the plan may use there, or larger. The plan would put nothing on that device, and its
+    message would be about fitting (and advise CPU offload) when the mistake is the reserve. The default reserves
+    are not checked here: a small card beside large ones may stay empty. `cpu_memory_where`: how the host memory
+    was given (--cpu-memory X, the inventory file's cpu_memory, the memory available here)."""
+    given = dict(reserve.spelled)
+    for gpu in inventory.gpus:
+        where = given.get(gpu.index) or given.get(None)
+        if where is None and gpu.reserve_bytes is not None:
+            where = f"{inventory.source}: gpus[{gpu.index}].reserve {format_bytes(gpu.reserve_bytes)}"
+        if where is None or gpu.reserve_bytes is None or gpu.reserve_bytes < gpu.free_bytes:
+            continue
+        free = " free" if gpu.free_bytes != gpu.total_bytes else ""
+        verb = "exceeds" if gpu.reserve_bytes > gpu.free_bytes else "takes all of"
+        raise BadInput(
+            f"{where} on GPU {gpu.index} {verb} its {format_bytes(gpu.free_bytes)}{free}: nothing could be planned "
+            "there; give a reserve smaller than the card (the CUDA context takes about 1 GiB)"
+        )
+    amount, where = inventory.cpu_reserve_bytes, given.get("cpu")
+    if where is None or amount is None or inventory.cpu_bytes <= 0 or amount < inventory.cpu_bytes:
+        return  # no reserve given, no host memory for the model (another message's), or room to spare
+    verb = "exceeds" if amount > inventory.cpu_bytes else "takes all of"
+    raise BadInput(
+        f"{where} {verb} {cpu_memory_where} ({format_bytes(inventory.cpu_bytes)}): nothing could be planned on the "
+        "CPU; give a smaller reserve, or more memory"
+    )
+
+
 def _size_field(value: Any, where: str) -> int:
     try:
         return parse_size(value)
     except SizeError as exc:
         raise BadInput(f"{where}: {exc}") from None
+
+
+def _gpu_memory_field(value: Any, where: str) -> int:
+    """An inventory card's `memory`: a size with its unit; a bare number is refused as --gpu refuses it."""
+    if not isinstance(value, bool) and BARE_NUMBER.match(str(value)):
+        raise BadInput(bare_gpu_number(f"{where} {value}", str(value).strip(), "memory: "))
+    return _size_field(value, where)
 
 
 def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | None]:
@@ -256,8 +321,8 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
     gpus = []
     for i, entry in enumerate(data.get("gpus") or []):
         where = f"{path}: gpus[{i}]"
-        if isinstance(entry, str):
-            gpus.append(parse_gpu_spec(entry, i))
+        if isinstance(entry, (str, int, float)) and not isinstance(entry, bool):
+            gpus.append(parse_gpu_spec(entry, i, where))
             continue
         if not isinstance(entry, dict) or not ({"name", "memory"} & entry.keys()):
             raise BadInput(f"{where}: give a card name or a memory size, e.g. {{name: RTX 3090}} or {{memory: 24GiB}}")
@@ -265,7 +330,7 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
         card = find_card(name) if name else None
         if name and card is None and "memory" not in entry:
             raise BadInput(f"{where}: unknown card {name!r}; add memory: SIZE or use one of: {', '.join(card_names())}")
-        total = _size_field(entry["memory"], where + ".memory") if "memory" in entry else card.total_bytes  # type: ignore[union-attr]
+        total = _gpu_memory_field(entry["memory"], where + ".memory") if "memory" in entry else card.total_bytes  # type: ignore[union-attr]
         if total == 0:
             raise BadInput(f"{where}.memory: a GPU with 0 bytes holds nothing")
         cc = card.compute_capability if card else None

@@ -7,6 +7,7 @@ the three forms and the YAML profile cannot disagree.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,70 +173,140 @@ def device_label(device_id: int | str) -> str:
 
 
 # -- SVG -------------------------------------------------------------------------------------------------------
+SVG_FONT = 12  # px: every text but the title
+SVG_TITLE_FONT = 14
+SVG_LINE = 16  # px between the lines under a bar
+SVG_MARGIN = 20
+SVG_BAR = 60  # a bar's width
+SVG_GAP = 24  # between one device's texts and the next device's
+SVG_NAME_WIDTH = 150  # a device name longer than this wraps at its spaces
+
+
+def text_width(text: str, size: float) -> float:
+    """How wide `text` is drawn at font size `size` (px), never less than in DejaVu Sans, the widest of the common
+    sans-serif fonts (Helvetica and Arial are narrower): the picture is sized from its texts, so nothing is clipped
+    and no two labels overlap whatever font the viewer picks. A character of a wide script (CJK) takes 1 em, as in
+    the fonts that draw them; any other non-ASCII character 1.75 em, DejaVu Sans' widest (names are rarely made of
+    them: a wider picture is the cost)."""
+    return size * sum(_em(c) for c in text)
+
+
+def _em(c: str) -> float:
+    import unicodedata
+
+    if unicodedata.east_asian_width(c) in "WF" or c in "MWmw@%#&~+=<>^":
+        return 1.0
+    if ord(c) > 127:
+        return 1.75
+    if c.isupper():
+        return 0.8
+    return 0.65  # DejaVu Sans: digits 0.64, the widest other lower-case letters and signs 0.64
+
+
+def _wrapped(text: str, width: float, size: float) -> list[str]:
+    """`text` in lines no wider than `width` where its spaces allow (a longer word is a line of its own)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and text_width(f"{lines[-1]} {word}", size) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _xml_text(text: str) -> str:
+    """`text` escaped for XML, characters XML 1.0 forbids (control characters from a device's name) as U+FFFD."""
+    from xml.sax.saxutils import escape  # only when a picture is asked for: it imports urllib (16 ms of start-up)
+
+    allowed = "".join(c if c in "\t\n\r" or (" " <= c <= "\ud7ff") or ("\ue000" <= c <= "\ufffd") or c > "\uffff"
+                      else "\ufffd" for c in text)  # fmt: skip
+    return escape(allowed, {'"': "&quot;"})
+
+
 def plot_svg(result: PlanResult) -> str:
     """Per device, its four terms stacked from the bottom against the memory the plan may use (an outlined box):
     heights in proportion to bytes, one scale for every device (the largest capacity fills the chart). Every box
-    carries its figure as `data-bytes` (and `data-term`, `data-device`), so a reader can check the picture."""
-    from xml.sax.saxutils import escape  # only when a picture is asked for: it imports urllib (16 ms of start-up)
+    carries its figure as `data-bytes` (and `data-term`, `data-device`), so a reader can check the picture.
 
+    The picture is sized from its texts (text_width): each device's column is as wide as its widest line (its
+    label, its name wrapped at SVG_NAME_WIDTH, what it uses, of how much), the legend sits right of the last
+    column, and the canvas holds the title, the columns and the legend."""
     rows = device_rows(result)
     several = len({r.replica for r in rows}) > 1
-    chart, top, left, column = 260.0, 70.0, 70.0, 130.0
+    chart, top, left = 260.0, 70.0, float(SVG_MARGIN)
     scale_bytes = max((r.capacity_bytes or r.estimate.total_bytes for r in rows), default=1) or 1
-    width = int(left + column * len(rows) + 180)
-    height = int(top + chart + 80)
     w = result.profile.workload
     title = (f"{result.profile.model.source}: {result.profile.dtype}, quantization "
              f"{result.profile.quantization.mode}, batch {w.batch_size} x ({w.max_input_tokens} in + "
              f"{w.max_new_tokens} new) tokens")  # fmt: skip
-    out = [
-        '<?xml version="1.0" encoding="UTF-8"?>',
-        SVG_MARK,
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f"<title>{escape(title)}</title>",
-        f'<text x="{left}" y="24" font-size="14">{escape(title)}</text>',
-        f'<text x="{left}" y="44" fill="#555">memory per device: one scale, {format_bytes(scale_bytes)} '
-        "= the full height</text>",
-    ]
+    subtitle = f"memory per device: one scale, {format_bytes(scale_bytes)} = the full height"
     base = top + chart
-    for i, row in enumerate(rows):
-        x = left + column * i + 20
+    body: list[str] = []
+    x = left
+    lowest = base
+    for row in rows:
         label = (f"r{row.replica} " if several else "") + device_label(row.device.id)
-        device = escape(str(row.device.id))
         capacity = row.capacity_bytes
+        texts = [(label, "")]
+        if row.device.name and row.device.name != label:
+            texts += [(line, "#555") for line in _wrapped(row.device.name, SVG_NAME_WIDTH, SVG_FONT)]
+        total = "unbounded" if capacity is None else format_bytes(capacity)
+        texts += [(f"{format_bytes(row.estimate.total_bytes)} used", "#555"), (f"of {total}", "#555")]
+        column = max(SVG_BAR, *(text_width(t, SVG_FONT) for t, _ in texts))
+        device = _xml_text(str(row.device.id))
         if capacity:
             h = capacity * chart / scale_bytes
-            out.append(
+            body.append(
                 f'<rect class="capacity" data-device="{device}" data-bytes="{capacity}" x="{x:.3f}" '
-                f'y="{base - h:.3f}" width="60" height="{h:.3f}" fill="none" stroke="#222" stroke-dasharray="4 2"/>'
+                f'y="{base - h:.3f}" width="{SVG_BAR}" height="{h:.3f}" fill="none" stroke="#222" '
+                'stroke-dasharray="4 2"/>'
             )
         y = base
         for term in TERMS:
             value = getattr(row.estimate, term)
             h = value * chart / scale_bytes
             y -= h
-            out.append(
+            body.append(
                 f'<rect class="term" data-device="{device}" data-term="{term}" data-bytes="{value}" x="{x:.3f}" '
-                f'y="{y:.3f}" width="60" height="{h:.3f}" fill="{SVG_COLOURS[term]}">'
-                f"<title>{escape(label)} {TERM_NAMES[term]}: {format_bytes(value)}</title></rect>"
+                f'y="{y:.3f}" width="{SVG_BAR}" height="{h:.3f}" fill="{SVG_COLOURS[term]}">'
+                f"<title>{_xml_text(label)} {TERM_NAMES[term]}: {format_bytes(value)}</title></rect>"
             )
-        total = "unbounded" if capacity is None else format_bytes(capacity)
-        used = format_bytes(row.estimate.total_bytes)
-        out.append(f'<text x="{x:.3f}" y="{base + 18:.3f}">{escape(label)}</text>')
-        if row.device.name and row.device.name != label:
-            out.append(f'<text x="{x:.3f}" y="{base + 34:.3f}" fill="#555">{escape(row.device.name)}</text>')
-        out.append(f'<text x="{x:.3f}" y="{base + 50:.3f}" fill="#555">{escape(used)} / {escape(total)}</text>')
-    legend_x = left + column * len(rows) + 10
-    for j, term in enumerate(TERMS):
+        for n, (text, colour) in enumerate(texts):
+            fill = f' fill="{colour}"' if colour else ""
+            line_y = base + 18 + SVG_LINE * n
+            lowest = max(lowest, line_y)
+            body.append(f'<text class="label" x="{x:.3f}" y="{line_y:.3f}"{fill}>{_xml_text(text)}</text>')
+        x += column + SVG_GAP
+    legend_x = x + 10 - SVG_GAP
+    legend = [*(TERM_NAMES[term] for term in TERMS), "memory the plan may use"]
+    for j, text in enumerate(legend):
         y = top + 20 * j
-        out.append(f'<rect x="{legend_x}" y="{y}" width="12" height="12" fill="{SVG_COLOURS[term]}"/>')
-        out.append(f'<text x="{legend_x + 18}" y="{y + 11}">{TERM_NAMES[term]}</text>')
-    y = top + 20 * len(TERMS)
-    out.append(f'<rect x="{legend_x}" y="{y}" width="12" height="12" fill="none" stroke="#222" '
-               'stroke-dasharray="4 2"/>')  # fmt: skip
-    out.append(f'<text x="{legend_x + 18}" y="{y + 11}">memory the plan may use</text>')
-    out.append("</svg>")
+        if j < len(TERMS):
+            body.append(f'<rect x="{legend_x:.3f}" y="{y}" width="12" height="12" fill="{SVG_COLOURS[TERMS[j]]}"/>')
+        else:
+            body.append(f'<rect x="{legend_x:.3f}" y="{y}" width="12" height="12" fill="none" stroke="#222" '
+                        'stroke-dasharray="4 2"/>')  # fmt: skip
+        body.append(f'<text class="legend" x="{legend_x + 18:.3f}" y="{y + 11}">{_xml_text(text)}</text>')
+    width = math.ceil(
+        SVG_MARGIN
+        + max(
+            legend_x + 18 + max(text_width(t, SVG_FONT) for t in legend),
+            left + text_width(title, SVG_TITLE_FONT),
+            left + text_width(subtitle, SVG_FONT),
+        )
+    )
+    height = math.ceil(max(lowest, top + 20 * len(legend)) + SVG_MARGIN)
+    out = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        SVG_MARK,
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="{SVG_FONT}">',
+        f"<title>{_xml_text(title)}</title>",
+        f'<text class="title" x="{left}" y="24" font-size="{SVG_TITLE_FONT}">{_xml_text(title)}</text>',
+        f'<text class="subtitle" x="{left}" y="44" fill="#555">{_xml_text(subtitle)}</text>',
+        *body,
+        "</svg>",
+    ]
     return "\n".join(out) + "\n"
 
 

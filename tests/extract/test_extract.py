@@ -87,7 +87,8 @@ def instruction_line(instruction: Any, **fields: Any) -> str:
     [
         (b'{"id": "\xff"}', "line 2: not UTF-8"),
         ("{not json", "line 2: not JSON"),
-        ('["a list"]', "line 2: expected a JSON object"),
+        ('["a list"]', "line 2: is a JSON array"),
+        ('"a string"', "line 2: expected a JSON object, got str"),
         ('{"instruction": "{}"}', "line 2: missing field 'id'"),
         ('{"id": "a"}', "line 2: missing field 'instruction'"),
         (instruction_line({"instruction": "x"}), "line 2: 'instruction' must be a string"),

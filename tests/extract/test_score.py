@@ -187,7 +187,7 @@ def test_compare_refuses_runs_of_different_inputs(perfect_outputs: dict[str, Pat
     ("content", "extra", "needle"),
     [
         ("{oops\n", [], "line 1: not JSON"),
-        ('{"id": "a", "output": "{}", "task": "NER"}\n', [], "no 'label' field"),
+        ('{"id": "a", "output": "{}", "task": "NER"}\n', [], "no gold labels in"),
         ('{"id": "a", "label": "[]", "task": "NER"}\n', [], "no 'output' field"),
         ('{"id": "a", "label": "oops", "output": "{}", "task": "NER"}\n', [], "'label' must be a JSON string"),
         ('{"id": "a", "label": "[{\\"x\\": 1}]", "output": "{}", "task": "NER"}\n', [], "lacks 'entity'"),
