@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
-from oneke_plan.core.sizes import SizeError, parse_size
+from oneke_plan.core.sizes import NumberError, SizeError, parse_int, parse_number, parse_size
 from oneke_plan.io.yamlfile import read_yaml
 from oneke_plan.plan.catalog import GB_PER_S, TFLOPS, CardSpec, card_names, find_card
 
@@ -89,28 +89,29 @@ def detect_gpus() -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
-def parse_gpu_spec(spec: str, index: int) -> Gpu:
-    """One `--gpu` value: a size ('24GiB'), a catalog card ('RTX 3090'), or 'CARD:SIZE' to override its memory."""
-    text = spec.strip()
+def parse_gpu_spec(spec: str, index: int, where: str = "--gpu") -> Gpu:
+    """One `--gpu` value: a size ('24GiB'), a catalog card ('RTX 3090'), or 'CARD:SIZE' to override its memory.
+    `where` names it in a message: the flag, or an inventory file's entry."""
+    text = spec.strip(" \t")  # ASCII spaces: str.strip() takes U+3000 and NBSP too
     card = find_card(text)
     if card is not None:
         return catalog_gpu(index, card, card.total_bytes)
     name, has_name, size_text = text.rpartition(":")
     base = find_card(name) if has_name else None
     if has_name and base is None:
-        raise BadInput(f"--gpu {spec!r}: unknown card {name!r}; known cards: {', '.join(card_names())}")
+        raise BadInput(f"{where} {spec!r}: unknown card {name!r}; known cards: {', '.join(card_names())}")
     try:
         total = parse_size(size_text)
     except SizeError:
-        if has_name or text[:1].isdigit() or text[:1] in "-+.":
+        if has_name or text[:1].isdigit() or text[:1] in "-+.":  # looks meant as a size (any script's digits)
             raise BadInput(
-                f"--gpu {spec!r}: not a size; write e.g. --gpu 24GiB (binary) or --gpu 24GB (decimal)"
+                f"{where} {spec!r}: not a size; write e.g. --gpu 24GiB (binary) or --gpu 24GB (decimal)"
             ) from None
         raise BadInput(
-            f"--gpu {spec!r}: unknown card; give a size such as 24GiB, or one of: {', '.join(card_names())}"
+            f"{where} {spec!r}: unknown card; give a size such as 24GiB, or one of: {', '.join(card_names())}"
         ) from None
     if total == 0:
-        raise BadInput(f"--gpu {spec!r}: a GPU with 0 bytes holds nothing; give its memory, e.g. 24GiB")
+        raise BadInput(f"{where} {spec!r}: a GPU with 0 bytes holds nothing; give its memory, e.g. 24GiB")
     if base is not None:
         return catalog_gpu(index, base, total)
     return Gpu(index, f"GPU {index}", total, total, None)
@@ -149,8 +150,8 @@ def _card_settings(gpu: Gpu, entry: dict[str, Any], where: str) -> Gpu:
 def parse_rate(value: Any, unit: int, where: str, unit_name: str) -> int:
     """A positive number of `unit_name` (e.g. 936 GB/s) -> an int per second (bytes or FLOP)."""
     try:
-        number = float(value) if not isinstance(value, bool) else float("nan")
-    except (TypeError, ValueError):
+        number = parse_number(value, where)
+    except NumberError:
         number = float("nan")
     if not (0 < number < 1e9):  # also refuses nan and inf
         example = {"GB/s": 936, "TFLOPS": 71}.get(unit_name, 1)  # an RTX 3090's (catalog.py)
@@ -177,7 +178,7 @@ def parse_device_values(flag: str, values: Sequence[str | int], parse: Callable[
     every: int | None = None
     per_device: dict[DeviceId, int] = {}
     for value in values:
-        text = str(value).strip()
+        text = str(value).strip(" \t")
         device_text, has_device, amount = text.rpartition("=")
         where = f"{flag} {text}"
         if not has_device:
@@ -186,12 +187,16 @@ def parse_device_values(flag: str, values: Sequence[str | int], parse: Callable[
             every = parse(value if isinstance(value, int) else amount, where)
             continue
         device: DeviceId
-        if device_text.strip().isdigit():
-            device = int(device_text)
-        elif device_text.strip().lower() == "cpu":
+        if device_text.strip(" \t").lower() == "cpu":
             device = "cpu"
         else:
-            raise BadInput(f"{where}: {device_text!r} is not a GPU index or cpu; write e.g. {flag} 1=VALUE")
+            try:
+                device = parse_int(device_text, "GPU index")
+            except NumberError:
+                raise BadInput(
+                    f"{where}: {device_text!r} is not a GPU index or cpu (digits 0-9: 0, 1, ...); "
+                    f"write e.g. {flag} 1=VALUE"
+                ) from None
         if device in per_device:
             raise BadInput(f"{where}: device {device} is given twice")
         per_device[device] = parse(amount, where)
@@ -257,7 +262,7 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
     for i, entry in enumerate(data.get("gpus") or []):
         where = f"{path}: gpus[{i}]"
         if isinstance(entry, str):
-            gpus.append(parse_gpu_spec(entry, i))
+            gpus.append(parse_gpu_spec(entry, i, where))
             continue
         if not isinstance(entry, dict) or not ({"name", "memory"} & entry.keys()):
             raise BadInput(f"{where}: give a card name or a memory size, e.g. {{name: RTX 3090}} or {{memory: 24GiB}}")
@@ -271,7 +276,7 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
         cc = card.compute_capability if card else None
         if "compute_capability" in entry:
             try:
-                major, minor = (int(x) for x in str(entry["compute_capability"]).split("."))
+                major, minor = (parse_int(x, "compute capability") for x in str(entry["compute_capability"]).split("."))
                 cc = (major, minor)
             except ValueError:
                 raise BadInput(f"{where}.compute_capability: write it as MAJOR.MINOR, e.g. 8.6") from None
