@@ -27,7 +27,7 @@ from oneke_plan.io.limits import MAX_JSON_BYTES, MAX_NESTING, is_valid_unicode
 _TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|[\]}]')
 # A \u escape of a surrogate, preceded by any run of backslashes (an odd run makes it an escape).
 _SURROGATE_ESCAPE = re.compile(r"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
-_LONG_NUMBER = re.compile(r"\d{1000,}")
+_LONG_NUMBER = re.compile(r"[0-9]{1000,}")
 
 
 class JsonLimitError(json.JSONDecodeError):
