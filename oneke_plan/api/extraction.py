@@ -65,6 +65,9 @@ def read_records(
             report.note(note)
     if not records:
         raise BadInput(f"{input}: no prompt to run (see the note above)")
+    if all(record.error is not None for record in records):  # nothing the model could be loaded for
+        others = " (and so is every other line)" if len(records) > 1 else ""
+        raise BadInput(f"{input}: no prompt to run: {records[0].error}{others}")
     return records
 
 

@@ -52,10 +52,14 @@ class SizeError(NumberError):
     """A size string that is not a non-negative number followed by a known unit."""
 
 
-def _bounded(text: str, what: str, error: type[NumberError] = NumberError) -> str:
-    """`text` without surrounding ASCII spaces, refused when longer than MAX_NUMBER_CHARS."""
+def _bounded(text: str, what: str, error: type[NumberError] = NumberError, huge: str = "any number it can be") -> str:
+    """`text` without surrounding ASCII spaces, refused when longer than MAX_NUMBER_CHARS (`huge`: what a number
+    that long would be larger than)."""
     if len(text) > MAX_NUMBER_CHARS:
-        raise error(f"{what} {text[:20]!r}... ({len(text)} characters) is longer than any number it can be")
+        shown = f"{what} {text[:20]!r}... ({len(text)} characters)"
+        if text.strip(_SPACES)[:1] in tuple("0123456789."):
+            raise error(f"{shown} is larger than {huge}")
+        raise error(f"{shown} is longer than {huge}")
     return text.strip(_SPACES)
 
 
@@ -101,7 +105,7 @@ def parse_size(text: str | int) -> int:
         if text >= _MAX_BYTES:
             raise SizeError(f"size {text} is larger than any memory or disk (8 EiB)")
         return text
-    stripped = _bounded(str(text), "size", SizeError)
+    stripped = _bounded(str(text), "size", SizeError, "any memory or disk (8 EiB)")
     match = _SIZE.fullmatch(stripped)
     unit = match.group(2).upper() if match else None
     if match is None or unit not in _UNITS:
