@@ -15,6 +15,7 @@ Standard library only (no torch).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
@@ -121,29 +122,39 @@ def _read_lines(
     over `line_limit` bytes comes as a LongInputLine, once its head shows it could be a JSON object. BadInput if the
     file is unreadable, empty, larger than `total_limit`, or a line is not UTF-8 text."""
     count = 0
+    read = lines.read_lines(path, line_limit, total_limit, "split it into parts and run each")
     try:
-        for number, raw in lines.read_lines(path, line_limit, total_limit, "split it into parts and run each"):
-            long = isinstance(raw, lines.LongLine)
-            data = raw.head if isinstance(raw, lines.LongLine) else raw
-            if number == 1 and data.startswith(codecs.BOM_UTF8):
-                data = data[len(codecs.BOM_UTF8) :]
-            try:
-                # a long line's head may end inside a character: only what comes before it must decode
-                text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not long)
-            except UnicodeDecodeError as e:
-                raise BadInput(f"{path}, line {number}: not UTF-8 text ({e.reason}): save the file as UTF-8") from None
-            if long:
-                yield number, _long_line(path, number, text, line_limit)
-                count += 1
-            elif text.strip():
-                yield number, text
-                count += 1
+        # closing: a line refused below closes the file at once (a FIFO's writer then stops), not when collected
+        with contextlib.closing(read):
+            for number, raw in read:
+                line = _decoded(path, number, raw, line_limit)
+                if line is not None:
+                    count += 1
+                    yield number, line
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file: check the input path") from None
     except OSError as e:
         raise BadInput(f"{path}: cannot read it ({e.strerror}): check the path and its permissions") from None
     if not count and not allow_empty:
         raise BadInput(f"{path}: the file is empty: give one JSON object per line")
+
+
+def _decoded(
+    path: str | os.PathLike[str], number: int, raw: bytes | lines.LongLine, line_limit: int
+) -> str | LongInputLine | None:
+    """One line as text (None: blank), or the LongInputLine its head allows; BadInput if it is not UTF-8."""
+    long = isinstance(raw, lines.LongLine)
+    data = raw.head if isinstance(raw, lines.LongLine) else raw
+    if number == 1 and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        # a long line's head may end inside a character: only what comes before it must decode
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not long)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}, line {number}: not UTF-8 text ({e.reason}): save the file as UTF-8") from None
+    if long:
+        return _long_line(path, number, text, line_limit)
+    return text if text.strip() else None
 
 
 def _long_line(path: str | os.PathLike[str], number: int, head: str, limit: int) -> LongInputLine:

@@ -38,7 +38,9 @@ class RunStats:
     seconds: float = 0.0
 
 
-def encode_prompts(tokenizer: Any, records: Sequence[PromptRecord], template: str = ONEKE_TEMPLATE) -> list[Encoded]:
+def encode_prompts(
+    tokenizer: Any, records: Sequence[PromptRecord], template: str = ONEKE_TEMPLATE
+) -> list[Encoded]:
     """Token ids of each record's full chat prompt in `template`, as the model was trained on them.
 
     A prompt of one text part (OneKE's llama2_zh, with the system block folded into [INST]) is that text as the

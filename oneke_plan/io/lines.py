@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 from oneke_plan.core.errors import BadInput
@@ -40,7 +40,7 @@ def too_large(path: str | os.PathLike[str], limit: int, remedy: str, size: int |
 
 def read_lines(
     path: str | os.PathLike[str], line_limit: int, total_limit: int | None, remedy: str
-) -> Iterator[tuple[int, bytes | LongLine]]:
+) -> Generator[tuple[int, bytes | LongLine], None, None]:
     """(line number from 1, the line's bytes without its newline, or a LongLine) for every line of `path`, blank
     ones included; a LongLine is handed over before the rest of its line is read. BadInput (too_large) when the
     file is over `total_limit` bytes (None: no bound); OSError as open and read raise it. Closing the iterator
