@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,9 @@ import pytest
 from oneke_plan.cli import plan as plan_cli
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract import inputs
+from oneke_plan.extract.outputs import RunOutput, read_output
 from oneke_plan.io import jsonfile, lines
-from oneke_plan.io.limits import MAX_INPUT_BYTES, MAX_INPUT_LINE_BYTES, MAX_JSON_BYTES
+from oneke_plan.io.limits import MAX_ANSWER_LINE_BYTES, MAX_INPUT_BYTES, MAX_INPUT_LINE_BYTES, MAX_JSON_BYTES
 
 BIN = Path(sys.executable).parent
 DEEPKE_NER = Path(__file__).resolve().parents[2] / "examples" / "deepke" / "NER" / "test.json"
@@ -249,3 +251,45 @@ def test_a_100mb_line_among_good_lines_is_its_error_line_in_bounded_memory(
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "/dev/zero, line 1: not JSON (the control character U+0000" in err
     assert zero < baseline + 16 * MiB, (zero, baseline)
+
+
+# -- --resume onto files that are no output ------------------------------------------------------------------------
+
+
+def _peak_python_bytes(call) -> int:  # type: ignore[no-untyped-def]
+    """The most memory Python allocated while `call()` ran (tracemalloc: a whole-file read shows as its size)."""
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("first", [b"not an answer line\n", b"x" * (MAX_ANSWER_LINE_BYTES + 1)], ids=["junk", "long"])
+def test_resume_onto_a_huge_file_that_is_no_output_reads_its_first_line_only(tmp_path: Path, first: bytes) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(first)
+    os.truncate(path, 512 * MiB)  # sparse: no disk used
+
+    def resume() -> None:
+        with pytest.raises(BadInput, match=f"^--output {path}, line 1: not an answer line of oneke-run"):
+            read_output(path)
+
+    assert _peak_python_bytes(resume) < 64 * MiB  # a line of at most 16 MiB read, never the 512 MiB
+
+
+@pytest.mark.parametrize("name", ["out.jsonl.journal", "out.jsonl.journal-1-of-2"], ids=["own", "another worker's"])
+def test_resume_onto_a_huge_journal_that_is_no_journal_reads_its_head_only(tmp_path: Path, name: str) -> None:
+    journal = tmp_path / name
+    journal.write_bytes(b'{"not": "a journal header"}\n')
+    os.truncate(journal, 512 * MiB)
+    records = inputs.read_converted(write_lines(tmp_path / "in.json", GOOD))
+
+    def resume() -> None:
+        with pytest.raises(BadInput, match=f"^{journal}: not a journal of this oneke-run version"):
+            with RunOutput(tmp_path / "out.jsonl", tmp_path / "in.json", "resume") as output:
+                output.start(records)
+
+    assert _peak_python_bytes(resume) < 16 * MiB
