@@ -8,6 +8,7 @@ index, a count, a size or a rate: exit 2 and one line, never exit 1 or a value r
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import unicodedata
@@ -158,3 +159,25 @@ def test_ascii_values_of_the_same_flags_still_plan(capsys: pytest.CaptureFixture
     argv += ["--max-new-tokens", "64", "--batch-size", "2", "--replicas", "1", "--nodes", "1"]
     code, lines = _exit_and_lines(plan_main, argv, capsys)
     assert code == 0, lines
+
+
+@pytest.mark.parametrize("bad", ["３", "4", 4.0, True], ids=ascii)
+def test_an_adapter_header_number_is_a_json_integer(bad: object, tmp_path: Path) -> None:
+    """A safetensors header's shapes and offsets are JSON integers; int() read the string "３" as 3 (the adapter's
+    header is read before safetensors' own reader ever sees the file)."""
+    from oneke_plan.core.errors import BadInput
+    from oneke_plan.measure.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
+
+    def write(shape: list[object]) -> None:
+        name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        header = json.dumps({name: {"dtype": "F32", "shape": shape, "data_offsets": [0, 64]}}).encode()
+        (tmp_path / ADAPTER_WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none"}
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(config))
+    write([4, 4])
+    with pytest.raises(BadInput, match="lora_B"):  # the control: the header is read, the pair is incomplete
+        read_adapter(tmp_path)
+    write([bad, 4])
+    with pytest.raises(BadInput, match="not a complete safetensors file .*must be integers"):
+        read_adapter(tmp_path)
