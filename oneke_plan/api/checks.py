@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from oneke_plan.api.options import PathLike
 from oneke_plan.core.errors import BadInput
-from oneke_plan.core.sizes import SizeError, parse_size
+from oneke_plan.core.sizes import NumberError, SizeError, parse_int, parse_size
 from oneke_plan.io.files import Reads
 
 if TYPE_CHECKING:
@@ -46,8 +46,8 @@ def replica_count(replicas: int | str) -> int | str:
     if replicas == "auto" or isinstance(replicas, int):
         return replicas
     try:
-        return int(replicas)
-    except ValueError:
+        return parse_int(replicas, "--replicas")
+    except NumberError:
         raise BadInput(f"--replicas {replicas!r}: give a number of replicas, or auto") from None
 
 

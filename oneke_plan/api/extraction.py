@@ -64,6 +64,9 @@ def read_records(
         records = read_raw(input, checked, items, lang, chunk_size, examples, notes)
     if not records:  # the refusal says why in its one line
         raise BadInput(f"{input}: no prompt to run" + (f": {'; '.join(notes)}" if notes else ""))
+    if all(record.error is not None for record in records):  # nothing the model could be loaded for
+        others = " (and so is every other line)" if len(records) > 1 else ""
+        raise BadInput(f"{input}: no prompt to run: {records[0].error}{others}")
     for note in notes:
         report.note(note)
     return records

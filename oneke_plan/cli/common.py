@@ -21,6 +21,7 @@ from typing import Any
 from oneke_plan.api import Report
 from oneke_plan.api.options import FLAG, Flag, Options
 from oneke_plan.core.errors import EXIT_BAD_INPUT, Interrupted, OnekePlanError, interrupted_by
+from oneke_plan.core.sizes import NumberError, parse_int
 
 EXIT_INTERNAL = 1
 
@@ -116,10 +117,19 @@ def argument_for(item: dataclasses.Field[Any], spec: Flag, hint: Any) -> tuple[l
         settings["required"] = True
     if spec.repeat:
         settings["action"] = "append"
-    parse = spec.parse or (int if value_type is int else None)
+    parse = spec.parse or (integer if value_type is int else None)
     if parse is not None:
         settings["type"] = parse
     return spelled, settings
+
+
+def integer(text: str) -> int:
+    """An int flag's value (core.sizes.parse_int: ASCII digits, a sign; argparse's own `int` takes '٣' and '1_000');
+    the range is the options' check (--chunk-size -1 means no split)."""
+    try:
+        return parse_int(text, "", negative=True)
+    except NumberError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
 
 
 def without_none(hint: Any) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 
 Check = Callable[[Any, str], Any]  # (value, key path) -> the value as the field holds it; raises Invalid
 CHECK = "check"  # the field metadata key
+REQUIRED = "required"  # the field metadata key: the file must have the key, though the dataclass has a default
 REPR_LIMIT = 80  # characters of a refused value shown in a message (a fuzzed file may hold a huge one)
 
 
@@ -32,9 +33,16 @@ class Invalid(Exception):
         self.phrase = phrase
 
 
-def checks(check: Check) -> dict[str, Check]:
-    """Field metadata declaring how the field is read: `field(default=..., metadata=checks(positive_int))`."""
-    return {CHECK: check}
+def checks(check: Check, required: bool = False) -> dict[str, Any]:
+    """Field metadata declaring how the field is read: `field(default=..., metadata=checks(positive_int))`. A field
+    without a default is required in the file; `required` makes one with a default (for the code that builds the
+    record) required in the file too."""
+    return {CHECK: check, REQUIRED: required}
+
+
+def is_required(f: dataclasses.Field[Any]) -> bool:
+    """Whether a file must hold the key of field `f` (a field without a default, or one declared required)."""
+    return not _has_default(f) or bool(f.metadata.get(REQUIRED))
 
 
 def shown(value: Any) -> str:
@@ -102,14 +110,21 @@ def one_of(choices: Collection[Any]) -> Check:
     return check
 
 
+def _nests(check: Check, inner: Check, suffix: str = "") -> Check:
+    """`check`, marked as reading values with `inner` at `suffix` below its own path (required_paths follows it)."""
+    check.inner = inner  # type: ignore[attr-defined]
+    check.suffix = suffix  # type: ignore[attr-defined]
+    return check
+
+
 def optional(check: Check) -> Check:
     """null, or what `check` accepts."""
-    return lambda value, path: None if value is None else check(value, path)
+    return _nests(lambda value, path: None if value is None else check(value, path), check)
 
 
 def null_as(empty: Callable[[], Any], check: Check) -> Check:
     """null reads as `empty()` (a key written as `notes: null` by hand means none)."""
-    return lambda value, path: empty() if value is None else check(value, path)
+    return _nests(lambda value, path: empty() if value is None else check(value, path), check)
 
 
 def list_of(item: Check, nonempty: bool = False) -> Check:
@@ -120,12 +135,12 @@ def list_of(item: Check, nonempty: bool = False) -> Check:
             raise Invalid(path, "is empty")
         return [item(entry, f"{path}[{i}]") for i, entry in enumerate(value)]
 
-    return check
+    return _nests(check, item, "[]")
 
 
-def mapping_of(key: Check, item: Check, nonempty: bool = False, bracket: bool = False) -> Check:
+def mapping_of(key: Check, item: Check, nonempty: bool = False, bracket: bool = False, name: str = "key") -> Check:
     """A mapping whose keys pass `key` and values `item`. A value's path is `path.KEY`, or `path['KEY']` with
-    `bracket` (keys that hold dots, like module names)."""
+    `bracket` (keys that hold dots, like module names); `name` stands for any key in required_paths (`<id>`)."""
 
     def check(value: Any, path: str) -> dict[Any, Any]:
         mapping(value, path)
@@ -137,19 +152,53 @@ def mapping_of(key: Check, item: Check, nonempty: bool = False, bracket: bool = 
             read[key(k, f"{path} key {shown(k)}" if bracket else where)] = item(v, where)
         return read
 
-    return check
+    return _nests(check, item, f".<{name}>")
 
 
-def record(cls: type, also: Callable[[Any, Mapping[str, Any], str], None] | None = None) -> Check:
-    """A mapping read as the record `cls`; `also(read, data, path)` checks what spans fields."""
+def record(
+    cls: type, also: Callable[[Any, Mapping[str, Any], str], None] | None = None, keys: tuple[str, ...] = ()
+) -> Check:
+    """A mapping read as the record `cls`; `also(read, data, path)` checks what spans fields. `keys`: keys the
+    mapping must hold besides the fields' (what `also` reads, e.g. a written total)."""
 
     def check(value: Any, path: str) -> Any:
         read = cls(**read_fields(cls, value, path))
+        for name in keys:
+            if name not in value:
+                raise Invalid("", f"missing '{join(path, name)}'")
         if also is not None:
             also(read, value, path)
         return read
 
+    check.record = cls  # type: ignore[attr-defined]
+    check.keys = keys  # type: ignore[attr-defined]
     return check
+
+
+def required_paths(cls: type, path: str = "") -> list[str]:
+    """The key paths a file must hold for record `cls` (at `path`), in field order, records within records
+    followed: `devices[].total_bytes`, `estimate.<id>.weights_bytes`. A field without a check (its reader gives it)
+    is left out, and so are the keys of a record a field holds that is not required itself (an adapter's keys are
+    required only when it is there). The one list of required keys: read_fields refuses a file without one of
+    them, and the format's documentation is checked against it."""
+    found: list[str] = []
+    for f in dataclasses.fields(cls):
+        check = f.metadata.get(CHECK)
+        if check is None or not is_required(f):
+            continue
+        here = join(path, f.name)
+        found.append(here)
+        suffix = ""
+        while not hasattr(check, "record") and hasattr(check, "inner"):  # through list_of, mapping_of, optional
+            suffix += check.suffix
+            check = check.inner
+        if hasattr(check, "record"):
+            inner = here + suffix
+            if suffix:
+                found.append(inner)
+            found += required_paths(check.record, inner)
+            found += [join(inner, name) for name in check.keys]
+    return found
 
 
 def read_fields(cls: type, data: Any, path: str = "", given: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -160,7 +209,7 @@ def read_fields(cls: type, data: Any, path: str = "", given: Mapping[str, Any] |
         raise Invalid(path, f"must be a mapping, not {shown(data)}")
     values = dict(given or {})
     for f in dataclasses.fields(cls):
-        if f.init and f.name not in values and (f.name in data or not _has_default(f)):
+        if f.init and f.name not in values and (f.name in data or is_required(f)):
             values[f.name] = read_field(cls, f.name, data, path)
     return values
 
@@ -172,7 +221,7 @@ def read_field(cls: type, name: str, data: Mapping[str, Any], path: str = "") ->
     if check is None:
         raise TypeError(f"{cls.__name__}.{name} declares no check: its reader must give it")
     if name not in data:
-        if _has_default(f):
+        if not is_required(f):
             return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         raise Invalid("", f"missing '{join(path, name)}'")
     return check(data[name], join(path, name))

@@ -14,9 +14,13 @@ Standard library only (no torch).
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +28,8 @@ from typing import Any
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.formats import answers, oneke
-from oneke_plan.io import jsonfile
-from oneke_plan.io.limits import MAX_INPUT_BYTES, MAX_JSON_BYTES
+from oneke_plan.io import jsonfile, lines
+from oneke_plan.io.limits import MAX_ANSWER_LINE_BYTES, MAX_INPUT_BYTES, MAX_INPUT_LINE_BYTES, MAX_JSON_BYTES
 
 ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
 """Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
@@ -48,7 +52,9 @@ class PromptRecord:
     """One prompt: what the model reads, and what goes back into its output line.
 
     `key` identifies the prompt within its input file (line number, plus chunk number for raw input), so it
-    is the same on every run over the same file: resume matches lines to prompts by it.
+    is the same on every run over the same file: resume matches lines to prompts by it. `error`: why the line
+    gives no prompt (too long to read: LongInputLine); the runner writes it as the prompt's error line, and the
+    instruction is empty.
     """
 
     key: str
@@ -57,11 +63,20 @@ class PromptRecord:
     instruction: str
     extra: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+    error: str | None = None
 
     @property
     def group(self) -> tuple[str, str]:
-        """The record this prompt belongs to (evaluator_group)."""
+        """The record this prompt belongs to (evaluator_group); a line that was not read is a record of its own
+        (its source and id are unknown: it is merged with no other)."""
+        if self.error is not None:
+            return "", f"unread input line {self.key}"
         return evaluator_group(self.extra, self.id)
+
+
+def unread_record(line: LongInputLine, key: str, record_id: Any, task: str = "", extra: Any = None) -> PromptRecord:
+    """The prompt of a line too long to read: its error line says so."""
+    return PromptRecord(key=key, id=record_id, task=task, instruction="", extra=extra or {}, error=line.error)
 
 
 def evaluator_group(fields: dict[str, Any], record_id: Any) -> tuple[str, str]:
@@ -77,35 +92,98 @@ def text_id(text: str) -> str:
 
 # ---------------------------------------------------------------- reading lines
 
+_NOT_IN_JSON = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # control characters no JSON text holds unescaped
+_LEADING_ID = re.compile(r'\A\s*\{\s*"id"\s*:\s*')
 
-def _read_lines(path: str | os.PathLike[str], allow_empty: bool = False) -> list[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of a UTF-8 file; BadInput if unreadable, empty, or larger than
-    limits.MAX_INPUT_BYTES."""
+
+@dataclass(frozen=True)
+class LongInputLine:
+    """An input line longer than `limit` bytes, not read: its number, and its `id` when the line starts with one."""
+
+    number: int
+    limit: int
+    id: Any = None
+
+    @property
+    def error(self) -> str:
+        return (
+            f"input line {self.number} is longer than {format_bytes(self.limit)}, more than any prompt a plan "
+            "holds; it was not read: shorten or split the line"
+        )
+
+
+def _read_lines(
+    path: str | os.PathLike[str],
+    allow_empty: bool = False,
+    line_limit: int = MAX_INPUT_LINE_BYTES,
+    total_limit: int = MAX_INPUT_BYTES,
+) -> Iterator[tuple[int, str | LongInputLine]]:
+    """(line number, text) of the non-blank lines of a UTF-8 file, read one at a time (oneke_plan.io.lines); a line
+    over `line_limit` bytes comes as a LongInputLine, once its head shows it could be a JSON object. BadInput if the
+    file is unreadable, empty, larger than `total_limit`, or a line is not UTF-8 text."""
+    count = 0
+    read = lines.read_lines(path, line_limit, total_limit, "split it into parts and run each")
     try:
-        data = jsonfile.read_bounded(Path(path), MAX_INPUT_BYTES, "split it into parts and run each")
+        # closing: a line refused below closes the file at once (a FIFO's writer then stops), not when collected
+        with contextlib.closing(read):
+            for number, raw in read:
+                line = _decoded(path, number, raw, line_limit)
+                if line is not None:
+                    count += 1
+                    yield number, line
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file: check the input path") from None
     except OSError as e:
         raise BadInput(f"{path}: cannot read it ({e.strerror}): check the path and its permissions") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise BadInput(f"{path}, line {line}: not UTF-8 text ({e.reason}): save the file as UTF-8") from None
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks on.
-    lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    if not lines and not allow_empty:
+    if not count and not allow_empty:
         raise BadInput(f"{path}: the file is empty: give one JSON object per line")
-    return lines
+
+
+def _decoded(
+    path: str | os.PathLike[str], number: int, raw: bytes | lines.LongLine, line_limit: int
+) -> str | LongInputLine | None:
+    """One line as text (None: blank), or the LongInputLine its head allows; BadInput if it is not UTF-8."""
+    long = isinstance(raw, lines.LongLine)
+    data = raw.head if isinstance(raw, lines.LongLine) else raw
+    if number == 1 and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        # a long line's head may end inside a character: only what comes before it must decode
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not long)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}, line {number}: not UTF-8 text ({e.reason}): save the file as UTF-8") from None
+    if long:
+        return _long_line(path, number, text, line_limit)
+    return text if text.strip() else None
+
+
+def _long_line(path: str | os.PathLike[str], number: int, head: str, limit: int) -> LongInputLine:
+    """A line too long to read, after what its head shows: a line that cannot be a JSON object (a control
+    character, as /dev/zero's endless NUL bytes; no opening brace) is a bad line like any other, refused at once;
+    one that may be is that line's error, with the `id` it starts with, if any (DeepKE's files start with it)."""
+    bad = _NOT_IN_JSON.search(head)
+    if bad is not None:
+        raise BadInput(
+            f"{path}, line {number}: not JSON (the control character U+{ord(bad.group()):04X} at column "
+            f"{bad.start() + 1}): each line must be one JSON object"
+        )
+    stripped = head.lstrip(" \t\r")
+    if stripped and not stripped.startswith("{"):
+        raise BadInput(f"{path}, line {number}: expected a JSON object, and the line starts with {stripped[:1]!r}")
+    record_id = None
+    start = _LEADING_ID.match(head)
+    if start is not None:
+        try:
+            value, _ = json.JSONDecoder().raw_decode(head, start.end())
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and len(str(value)) <= 1000:
+            record_id = value
+    return LongInputLine(number, limit, record_id)
 
 
 def _json_object(path: str | os.PathLike[str], number: int, line: str) -> dict[str, Any]:
     """The JSON object on one input line; BadInput naming the line otherwise."""
-    if len(line) > MAX_JSON_BYTES:
-        raise BadInput(
-            f"{path}, line {number}: longer than {format_bytes(MAX_JSON_BYTES)}, far beyond any prompt a model reads: "
-            "fix or remove the line"
-        )
     try:
         value = jsonfile.loads(line)
     except jsonfile.JsonLimitError as e:
@@ -140,8 +218,17 @@ def _refuse_one_document(path: str | os.PathLike[str], number: int, line: str) -
 
 
 def read_json_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line of a JSON Lines file; BadInput naming the line otherwise."""
-    return [(number, _json_object(path, number, line)) for number, line in _read_lines(path, allow_empty=True)]
+    """(line number, object) for every non-blank line of a JSON Lines file of answers (oneke-score's gold and
+    predictions); BadInput naming the line otherwise, a line over limits.MAX_ANSWER_LINE_BYTES included."""
+    found = []
+    for number, line in _read_lines(path, allow_empty=True, line_limit=MAX_ANSWER_LINE_BYTES):
+        if isinstance(line, LongInputLine):
+            raise BadInput(
+                f"{path}, line {number}: longer than {format_bytes(line.limit)}, more than any answer line holds: "
+                "fix or remove the line"
+            )
+        found.append((number, _json_object(path, number, line)))
+    return found
 
 
 def _where(path: str | os.PathLike[str], number: int) -> str:
@@ -155,6 +242,9 @@ def read_converted(path: str | os.PathLike[str]) -> list[PromptRecord]:
     """Prompts from the authors' converted file: one per line, its instruction string used as is."""
     records = []
     for number, line in _read_lines(path):
+        if isinstance(line, LongInputLine):
+            records.append(unread_record(line, str(number), line.id))  # the line's own id, when it starts with one
+            continue
         obj = _json_object(path, number, line)
         where = _where(path, number)
         if "instruction" not in obj and "text" in obj:
@@ -259,6 +349,11 @@ def read_raw(
     records: list[PromptRecord] = []
     skipped: list[int] = []
     for number, line in _read_lines(path):
+        if isinstance(line, LongInputLine):
+            # the id would be the SHA-256 of the text, which was not read; the line's own id is its input_id
+            own = {"input_id": line.id} if line.id is not None else {}
+            records.append(unread_record(line, f"{number}:0", None, task, {"task": task, "source": folder, **own}))
+            continue
         obj = _json_object(path, number, line)
         where = _where(path, number)
         text = _raw_text(obj, where)

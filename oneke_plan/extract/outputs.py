@@ -34,6 +34,7 @@ from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.formats import answers
 from oneke_plan.io import jsonfile
 from oneke_plan.io.files import Reads, fsync_dir, os_error, output_target, same_file, write_all, write_atomic
+from oneke_plan.io.limits import MAX_ANSWER_LINE_BYTES
 
 JOURNAL_FORMAT = 1
 MODES = ("new", "resume", "overwrite")
@@ -63,6 +64,20 @@ def is_merged_line(line: Any) -> bool:
     return isinstance(line, dict) and line.get("merged") is True and isinstance(line.get("chunks"), list)
 
 
+def _is_output_line(line: Any) -> bool:
+    return is_prompt_line(line) or is_merged_line(line)
+
+
+def _first_line_is_foreign(path: Path) -> bool:
+    """Whether the first line of `path` is complete, not blank and no output line (or longer than any answer line,
+    limits.MAX_ANSWER_LINE_BYTES), read without reading further: a huge file that is no output is refused from it."""
+    with open(path, "rb") as handle:
+        line = handle.readline(MAX_ANSWER_LINE_BYTES + 1)
+    if not line.endswith(b"\n"):
+        return len(line) > MAX_ANSWER_LINE_BYTES
+    return bool(line.strip()) and not _is_output_line(_decode(line))
+
+
 def _complete_lines(data: bytes) -> tuple[list[bytes], int]:
     """The newline-terminated lines of `data`, and the length they cover (a killed writer leaves a partial tail)."""
     end = data.rfind(b"\n") + 1
@@ -74,6 +89,18 @@ def _decode(raw: bytes) -> Any:
         return jsonfile.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
+
+
+_HEAD = 4096  # bytes that hold a journal's header line (under 100)
+
+
+def _may_be_journal(head: bytes) -> bool:
+    """Whether a file starting with `head` (its first _HEAD bytes) may be a journal: its first line is the header,
+    or the file is too short to tell. A file of any size that is not one is refused without reading further."""
+    if b"\n" not in head:
+        return len(head) < _HEAD
+    header, _, _ = _parse_journal(head[: head.index(b"\n") + 1])
+    return header is not None
 
 
 def _parse_journal(data: bytes) -> tuple[dict[str, Any] | None, list[Any], int]:
@@ -93,6 +120,11 @@ def read_output(path: Path) -> list[dict[str, Any]]:
     ever replaced as a whole. BadInput, naming the first foreign line, if the file is not such an output.
     """
     try:
+        if _first_line_is_foreign(path):
+            raise BadInput(
+                f"--output {path}, line 1: not an answer line of oneke-run: it is left as is; choose another path, "
+                "or pass --overwrite to replace the file"
+            )
         data = path.read_bytes()
     except OSError as exc:
         raise os_error(path, "be read", exc) from None
@@ -105,7 +137,7 @@ def read_output(path: Path) -> list[dict[str, Any]]:
     parsed = []
     for number, raw in enumerate(lines, 1):
         line = _decode(raw)
-        if not (is_prompt_line(line) or is_merged_line(line)):
+        if not _is_output_line(line):
             raise BadInput(
                 f"--output {path}, line {number}: not an answer line of oneke-run: it is left as is; choose another "
                 "path, or pass --overwrite to replace the file"
@@ -226,7 +258,7 @@ class RunOutput:
     def _peer_answers(self, peer: Path) -> list[dict[str, Any]]:
         """The answer lines of another worker's journal, read without a lock (validated, never changed); an
         answered line of it is kept over an error line of another."""
-        data = _read_or_none(peer)
+        data = _read_journal_or_none(peer)
         if data is None:
             return []
         header, answers, _ = _parse_journal(data)
@@ -330,7 +362,7 @@ class RunOutput:
     def _validated_journal(self, fd: int) -> tuple[dict[str, Any], list[dict[str, Any]], int, int]:
         """(header, answer lines, length of the complete lines, file size) of a journal; BadInput, touching
         nothing, if it is not one."""
-        data = _read_fd(fd, self.journal)
+        data = _read_fd(fd, self.journal) if _may_be_journal(os.pread(fd, _HEAD, 0)) else b""
         header, answers, end = _parse_journal(data)
         if header is None:
             raise BadInput(
@@ -481,6 +513,16 @@ def _read_fd(fd: int, name: Path) -> bytes:
             offset += len(chunk)
     except OSError as exc:
         raise os_error(name, "be read", exc) from None
+
+
+def _read_journal_or_none(path: Path) -> bytes | None:
+    """Another worker's journal, or None if it cannot be read; only its head when that shows it is no journal."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD)
+            return head + handle.read() if _may_be_journal(head) else head
+    except OSError:
+        return None
 
 
 def _read_or_none(path: Path) -> bytes | None:

@@ -20,6 +20,11 @@ from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.formats import answers
 from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES, chat_messages, special_token_ids
 
+ENCODE_SLICE_CHARS = 2**18
+"""Characters of instructions tokenized in one call (Runner._encoded), unless one instruction alone is longer: some
+500 prompts of OneKE's size, so that the tokenizer's own batching still pays, and a few tens of MB of its memory.
+An input line at its bound (io.limits.MAX_INPUT_LINE_BYTES) is up to 2M characters, tokenized alone."""
+
 
 @dataclass
 class RunStats:
@@ -160,9 +165,12 @@ class Runner:
         from tqdm import tqdm
 
         start = time.perf_counter()
-        encoded = encode_prompts(self.tokenizer, records, self.template)
         fitting = []
-        for item in encoded:
+        for record in records:
+            if record.error is not None:  # a line too long to read (inputs.LongInputLine): never tokenized
+                yield self._fail(record, record.error)
+                self.stats.too_long += 1
+        for item in self._encoded(records):
             if len(item.ids) > self.max_input_tokens:
                 yield self._fail(
                     records[item.index],
@@ -186,6 +194,25 @@ class Runner:
         finally:
             bar.close()
             self.stats.seconds = time.perf_counter() - start
+
+    def _encoded(self, records: Sequence[PromptRecord]) -> Iterator[Encoded]:
+        """encode_prompts of every record with a prompt (error None), indexed in `records`, a slice of at most
+        ENCODE_SLICE_CHARS characters at a time: the tokenizer holds some 100 bytes for each character it encodes
+        (its Encodings, then Python's lists), so one call over a whole file would hold a file's worth at once, and
+        a too-long prompt's ids are dropped before the next slice is encoded."""
+        parts: list[list[int]] = [[]]
+        chars = 0
+        for index, record in enumerate(records):
+            if record.error is not None:
+                continue
+            if parts[-1] and chars + len(record.instruction) > ENCODE_SLICE_CHARS:
+                parts.append([])
+                chars = 0
+            parts[-1].append(index)
+            chars += len(record.instruction)
+        for part in parts:
+            for item in encode_prompts(self.tokenizer, [records[i] for i in part], self.template):
+                yield Encoded(part[item.index], item.ids)
 
     def _decode_all(
         self, records: Sequence[PromptRecord], fitting: list[Encoded], bar: Any, start: float

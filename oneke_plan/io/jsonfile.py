@@ -14,20 +14,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
-from oneke_plan.core.sizes import format_bytes
 from oneke_plan.io.files import os_error, read_regular
 from oneke_plan.io.limits import MAX_JSON_BYTES, MAX_NESTING, is_valid_unicode
+from oneke_plan.io.lines import DROP_CHUNK, too_large
 
 # A JSON string (escapes included) or a bracket: strings are skipped whole, so brackets inside them do not count.
 _TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|[\]}]')
 # A \u escape of a surrogate, preceded by any run of backslashes (an odd run makes it an escape).
 _SURROGATE_ESCAPE = re.compile(r"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
-_LONG_NUMBER = re.compile(r"\d{1000,}")
+_LONG_NUMBER = re.compile(r"[0-9]{1000,}")
 
 
 class JsonLimitError(json.JSONDecodeError):
@@ -93,12 +94,30 @@ def _lone_surrogate_at(text: str) -> int:
 
 
 def read_bounded(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes:
-    """The bytes of `path`, read up to `limit` (a pipe or /dev/zero is read no further); BadInput beyond it."""
+    """The bytes of the text file `path` (JSON, YAML, a schema), at most `limit`; BadInput (lines.too_large) beyond
+    it. A regular file's size is checked before anything is read; a pipe, FIFO or device is read in chunks and
+    refused once it passes `limit`, or at its first NUL byte, which no JSON or YAML text holds (/dev/zero: at once)."""
     with open(path, "rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise BadInput(f"{path}: larger than {format_bytes(limit)}, more than any file of its kind; {remedy}")
-    return data
+        info = os.fstat(handle.fileno())
+        regular = stat.S_ISREG(info.st_mode)
+        if regular and info.st_size > limit:
+            raise too_large(path, limit, remedy, info.st_size)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:
+            # a regular file in one read (one that grows, or /proc's of size 0, reads on), else a chunk at a time
+            want = info.st_size + 1 if regular and not chunks else DROP_CHUNK
+            chunk = handle.read(min(want, limit + 1 - total))
+            if not chunk:
+                break
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                raise BadInput(f"{path}: holds a NUL byte (at byte {total + nul}), which no text file does; {remedy}")
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > limit:
+        raise too_large(path, limit, remedy)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def read_json_file(path: str | os.PathLike[str], remedy: str, encoding: str = "utf-8") -> Any:

@@ -52,8 +52,8 @@ def replan_command(profile: Profile, model: str, gpus: tuple[Gpu, ...]) -> str:
 def machine_problems(profile: Profile, source: ModelSource, gpus: tuple[Gpu, ...], cpu_bytes: int) -> list[str]:
     """Why this machine (or model) does not match the profile; empty when it does."""
     problems = []
-    planned_for = profile.model.config_fingerprint
-    if planned_for and planned_for != source.fingerprint:
+    planned_for = profile.model.config_fingerprint  # required by read_profile: this check always runs
+    if planned_for != source.fingerprint:
         problems.append(
             f"the model's config.json differs from the one the profile was planned for ({profile.model.source})"
         )

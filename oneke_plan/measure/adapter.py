@@ -137,10 +137,13 @@ def _tensor(weights: Path, name: str, entry: dict[str, Any]) -> AdapterTensor:
             "lora_B.weight); oneke-plan plans plain LoRA adapters on Linear layers only"
         )
     start, stop = entry["data_offsets"]
-    shape = tuple(int(n) for n in entry["shape"])
+    shape = tuple(entry["shape"])
+    # JSON integers only: int() would read the string "３" (any script's digits) as 3
+    if not all(type(n) is int for n in (*shape, start, stop)):
+        raise ValueError(f"{name}: shape and data_offsets must be integers, not {shape!r} and {[start, stop]!r}")
     if len(shape) != 2:
         raise ValueError(f"{name} has shape {shape}, not a matrix")
-    return AdapterTensor(".".join(parts[:-2]), parts[-2], shape, str(entry["dtype"]), int(stop) - int(start))
+    return AdapterTensor(".".join(parts[:-2]), parts[-2], shape, str(entry["dtype"]), stop - start)
 
 
 def _fingerprint(*paths: Path) -> str:

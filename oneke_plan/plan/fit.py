@@ -76,10 +76,10 @@ class Slot:
 class DeviceEstimate:
     """What a device holds, in bytes, term by term (docs/memory-model.md); a profile's `estimate.<id>`."""
 
-    weights_bytes: int = field(default=0, metadata=checks(byte_count))
-    kv_cache_bytes: int = field(default=0, metadata=checks(byte_count))
-    workspace_bytes: int = field(default=0, metadata=checks(byte_count))
-    reserve_bytes: int = field(default=0, metadata=checks(byte_count))
+    weights_bytes: int = field(default=0, metadata=checks(byte_count, required=True))
+    kv_cache_bytes: int = field(default=0, metadata=checks(byte_count, required=True))
+    workspace_bytes: int = field(default=0, metadata=checks(byte_count, required=True))
+    reserve_bytes: int = field(default=0, metadata=checks(byte_count, required=True))
 
     @property
     def total_bytes(self) -> int:

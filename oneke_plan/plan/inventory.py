@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
-from oneke_plan.core.sizes import SizeError, format_bytes, parse_size
+from oneke_plan.core.sizes import NumberError, SizeError, format_bytes, parse_int, parse_number, parse_size
 from oneke_plan.io.yamlfile import read_yaml
 from oneke_plan.plan.catalog import GB_PER_S, TFLOPS, CardSpec, card_names, find_card
 
@@ -93,7 +93,7 @@ def detect_gpus() -> tuple[Gpu, ...]:
 def parse_gpu_spec(spec: str | float, index: int, flag: str = "--gpu") -> Gpu:
     """One `--gpu` value (or an inventory's `gpus` entry written the same way, `flag` naming it): a size ('24GiB'),
     a catalog card ('RTX 3090'), or 'CARD:SIZE' to override its memory. A bare number is neither (BARE_NUMBER)."""
-    text = str(spec).strip()
+    text = str(spec).strip(" \t")  # ASCII spaces: str.strip() takes U+3000 and NBSP too
     if BARE_NUMBER.match(text):
         raise BadInput(bare_gpu_number(f"{flag} {text}", text))
     card = find_card(text)
@@ -174,8 +174,8 @@ def _card_settings(gpu: Gpu, entry: dict[str, Any], where: str) -> Gpu:
 def parse_rate(value: Any, unit: int, where: str, unit_name: str) -> int:
     """A positive number of `unit_name` (e.g. 936 GB/s) -> an int per second (bytes or FLOP)."""
     try:
-        number = float(value) if not isinstance(value, bool) else float("nan")
-    except (TypeError, ValueError):
+        number = parse_number(value, where)
+    except NumberError:
         number = float("nan")
     if not (0 < number < 1e9):  # also refuses nan and inf
         example = {"GB/s": 936, "TFLOPS": 71}.get(unit_name, 1)  # an RTX 3090's (catalog.py)
@@ -204,7 +204,7 @@ def parse_device_values(flag: str, values: Sequence[str | int], parse: Callable[
     per_device: dict[DeviceId, int] = {}
     spelled: dict[DeviceId | None, str] = {}
     for value in values:
-        text = str(value).strip()
+        text = str(value).strip(" \t")
         device_text, has_device, amount = text.rpartition("=")
         where = f"{flag} {text}"
         if not has_device:
@@ -214,12 +214,16 @@ def parse_device_values(flag: str, values: Sequence[str | int], parse: Callable[
             spelled[None] = where
             continue
         device: DeviceId
-        if device_text.strip().isdigit():
-            device = int(device_text)
-        elif device_text.strip().lower() == "cpu":
+        if device_text.strip(" \t").lower() == "cpu":
             device = "cpu"
         else:
-            raise BadInput(f"{where}: {device_text!r} is not a GPU index or cpu; write e.g. {flag} 1=VALUE")
+            try:
+                device = parse_int(device_text, "GPU index")
+            except NumberError:
+                raise BadInput(
+                    f"{where}: {device_text!r} is not a GPU index or cpu (digits 0-9: 0, 1, ...); "
+                    f"write e.g. {flag} 1=VALUE"
+                ) from None
         if device in per_device:
             raise BadInput(f"{where}: device {device} is given twice")
         per_device[device] = parse(amount, where)
@@ -336,7 +340,7 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
         cc = card.compute_capability if card else None
         if "compute_capability" in entry:
             try:
-                major, minor = (int(x) for x in str(entry["compute_capability"]).split("."))
+                major, minor = (parse_int(x, "compute capability") for x in str(entry["compute_capability"]).split("."))
                 cc = (major, minor)
             except ValueError:
                 raise BadInput(f"{where}.compute_capability: write it as MAJOR.MINOR, e.g. 8.6") from None

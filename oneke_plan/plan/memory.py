@@ -47,7 +47,7 @@ class Quantization:
     """How Linear weights are stored. `mode` is the public contract; the rest are bitsandbytes settings. The
     defaults are the only ones: a profile without quant_type or double_quant means these."""
 
-    mode: QuantMode = field(default="none", metadata=checks(one_of(QUANT_MODES)))
+    mode: QuantMode = field(default="none", metadata=checks(one_of(QUANT_MODES), required=True))
     # 4-bit only: the data type, and whether the absmaxes are quantized too (QLoRA's default)
     quant_type: str = field(default="nf4", metadata=checks(one_of(QUANT_TYPES)))
     double_quant: bool = field(default=True, metadata=checks(boolean))

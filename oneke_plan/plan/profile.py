@@ -20,6 +20,7 @@ quantization, disk offload needing offload_dir, each total being the sum of its 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -44,6 +45,7 @@ from oneke_plan.core.records import (
     read_field,
     read_fields,
     record,
+    required_paths,
     shown,
     string,
     to_data,
@@ -60,6 +62,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_ATTN_IMPLEMENTATION = "sdpa"  # what profiles written before the key existed were planned for
 ON_LOAD = ("merged", "unmerged")  # what oneke-run does with a LoRA adapter: merges_on_load
 REMEDY = "re-create the profile with oneke-plan"
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 
@@ -67,6 +70,13 @@ def device_id(value: Any, path: str) -> DeviceId:
     if isinstance(value, bool) or not (isinstance(value, int) and value >= 0 or value in ("cpu", "disk")):
         raise Invalid(path, f"{shown(value)} is not a GPU index, 'cpu' or 'disk'")
     return value  # type: ignore[no-any-return]
+
+
+def fingerprint(value: Any, path: str) -> str:
+    """A config fingerprint as model_source.config_fingerprint writes it."""
+    if not (isinstance(value, str) and _FINGERPRINT.fullmatch(value)):
+        raise Invalid(path, f"must be 'sha256:' and 64 hex digits, as oneke-plan writes it, not {shown(value)}")
+    return value
 
 
 def module_name(value: Any, path: str) -> str:
@@ -86,7 +96,8 @@ def _total_is_sum(estimate: DeviceEstimate, data: Mapping[str, Any], path: str) 
 class ProfileDevice:
     id: DeviceId = field(metadata=checks(device_id))  # GPU index, "cpu" or "disk"
     name: str = field(default="", metadata=checks(string))
-    total_bytes: int | None = field(default=None, metadata=checks(optional(byte_count)))
+    # required (the contract's); null only where no size is known (disk), a GPU's is checked in _check_devices
+    total_bytes: int | None = field(default=None, metadata=checks(optional(byte_count), required=True))
     # what the plan was allowed to use (free memory when detected)
     usable_bytes: int | None = field(default=None, metadata=checks(optional(byte_count)))
     compute_capability: str | None = field(default=None, metadata=checks(optional(string)))
@@ -96,13 +107,14 @@ class ProfileDevice:
 
 @dataclass
 class ModelInfo:
-    """What was planned (informational: oneke-run compares the fingerprint, and falls back on the source)."""
+    """What was planned: oneke-run refuses a model whose config has another fingerprint (load.machine), so the
+    fingerprint is required; the rest is informational (the source is what oneke-run loads without --model)."""
 
     source: str | None = field(default=None, metadata=checks(optional(string)))  # oneke, a folder, a repo id, GGUF
     architecture: str | None = field(default=None, metadata=checks(optional(string)))
     model_type: str | None = field(default=None, metadata=checks(optional(string)))
     parameter_count: int | None = field(default=None, metadata=checks(optional(count)))  # tied weights once
-    config_fingerprint: str | None = field(default=None, metadata=checks(optional(string)))  # sha256:...
+    config_fingerprint: str | None = field(default=None, metadata=checks(fingerprint, required=True))  # sha256:...
 
 
 @dataclass(kw_only=True)
@@ -120,7 +132,9 @@ class AdapterRecord:
     on_load: str = field(metadata=checks(one_of(ON_LOAD)))
 
 
-ESTIMATES = null_as(dict, mapping_of(device_id, record(DeviceEstimate, also=_total_is_sum)))
+ESTIMATES = null_as(
+    dict, mapping_of(device_id, record(DeviceEstimate, also=_total_is_sum, keys=("total_bytes",)), name="id")
+)
 SPEED = optional(mapping)  # the speed prediction (speed.SpeedPrediction.to_dict), informational
 
 
@@ -132,7 +146,7 @@ class Replica:
     device_map: dict[str, DeviceId] = field(
         metadata=checks(mapping_of(module_name, device_id, nonempty=True, bracket=True))
     )
-    estimate: dict[DeviceId, DeviceEstimate] = field(default_factory=dict, metadata=checks(ESTIMATES))
+    estimate: dict[DeviceId, DeviceEstimate] = field(default_factory=dict, metadata=checks(ESTIMATES, required=True))
     speed: dict[str, Any] | None = field(default=None, metadata=checks(SPEED))  # this copy's prediction
 
 
@@ -208,6 +222,17 @@ class Profile:
         )
 
 
+def required_keys(version: int = FORMAT_VERSION) -> list[str]:
+    """Every key path a profile of format `version` must hold (`devices[].total_bytes`, `estimate.<id>.reserve_bytes`),
+    as the records declare them (core.records.required_paths): read_profile refuses a profile without one, in one
+    line naming it, and docs/profile-format.md's list is checked against this one (tests)."""
+    if version == REPLICAS_FORMAT_VERSION:
+        copies = ["nodes", "replicas", "replicas[]", *required_paths(Replica, "replicas[]")]
+    else:
+        copies = required_paths(Replica)
+    return ["format_version", *required_paths(Profile), *copies]
+
+
 def write_atomic(path: Path, text: str, expected: os.stat_result | None = None) -> None:
     """Write `text` to `path` so that a crash leaves either the old file or the new one, never half of one.
 
@@ -269,11 +294,24 @@ def _read(data: dict[str, Any], version: int) -> Profile:
     given = {"devices": first.devices, "device_map": first.device_map, "estimate": first.estimate}
     profile = Profile(**read_fields(Profile, data, given={**given, **copies, "format_version": version}))
     for replica, path in zip(replicas, paths, strict=True):
+        _check_devices(replica, path)
         _check_device_map(replica, path)
     _check_adapter(profile)
     if any("disk" in r.device_map.values() for r in replicas) and not profile.offload_dir:
         raise Invalid("", "device_map offloads to disk but offload_dir is not set")
     return profile
+
+
+def _check_devices(replica: Replica, path: str) -> None:
+    """What the machine check and the engines read of each device is there: a GPU's memory (vLLM's share of it),
+    and the plan's use of every device (estimate), which the machine check compares with what is free."""
+    for i, device in enumerate(replica.devices):
+        if isinstance(device.id, int) and not device.total_bytes:
+            raise Invalid(
+                f"{path}devices[{i}].total_bytes", f"is {shown(device.total_bytes)}, not GPU {device.id}'s memory"
+            )
+        if device.id not in replica.estimate:
+            raise Invalid(f"{path}estimate", f"has no entry for device {device.id!r}, which devices lists")
 
 
 def _check_device_map(replica: Replica, path: str) -> None:

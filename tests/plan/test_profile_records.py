@@ -134,6 +134,7 @@ def test_a_bad_value_is_one_line_naming_the_file_and_the_key_path(name: str, tmp
 def test_disk_needs_offload_dir_and_a_replica_is_named_in_the_path(tmp_path: Path) -> None:
     data = yaml.safe_load(FOUR_BIT.read_text(encoding="utf-8"))
     data["devices"].append({"id": "disk", "name": "disk", "total_bytes": None})
+    data["estimate"]["disk"] = DeviceEstimate().to_data()  # every device has an estimate
     data["device_map"] = {"": 0, "lm_head": "disk"}
     path = tmp_path / "P.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -169,6 +169,7 @@ def test_oneke_run_refuses_what_vllm_cannot_express_before_anything(
     on_disk = replace(
         profile,
         devices=[*profile.devices, ProfileDevice("disk", "disk", None)],
+        estimate={**profile.estimate, "disk": DeviceEstimate()},  # every device has an estimate
         device_map={"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "lm_head": "cpu"},
         offload_dir="offload",
     )
