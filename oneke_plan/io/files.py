@@ -59,6 +59,11 @@ def _kind(mode: int) -> str | None:
             return name
     return None if stat.S_ISREG(mode) else "not a regular file"
 
+def too_large(path: str | os.PathLike[str], limit: int, remedy: str, size: int | None = None) -> BadInput:
+    """The one wording for a file over its bound (`size`: its size when known, from fstat)."""
+    its = f" (it is {format_bytes(size)})" if size is not None else ""
+    return BadInput(f"{path}: larger than {format_bytes(limit)}{its}, more than any file of its kind; {remedy}")
+
 
 def _refuse_irregular(path: str | os.PathLike[str], info: os.stat_result, limit: int, remedy: str) -> None:
     """BadInput unless `info` (the stat of `path`, links followed) is a regular file of at most `limit` bytes."""
@@ -68,10 +73,7 @@ def _refuse_irregular(path: str | os.PathLike[str], info: os.stat_result, limit:
             kind = f"a symbolic link to {os.path.realpath(path)}, {kind}"
         raise BadInput(f"{path}: is {kind}, not a regular file; {remedy}")
     if info.st_size > limit:
-        raise BadInput(
-            f"{path}: is {format_bytes(info.st_size)}, larger than {format_bytes(limit)}, more than any file of its "
-            f"kind; {remedy}"
-        )
+        raise too_large(path, limit, remedy, info.st_size)
 
 
 def regular_file(path: str | os.PathLike[str], limit: int, remedy: str) -> os.stat_result | None:
@@ -121,7 +123,7 @@ def read_regular(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes
         os.close(fd)
     data = b"".join(chunks)
     if len(data) > limit:
-        raise BadInput(f"{path}: grew past {format_bytes(limit)} while it was read; {remedy}")
+        raise too_large(path, limit, remedy)
     return data
 
 

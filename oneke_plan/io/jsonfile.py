@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
-from oneke_plan.io.files import os_error, read_regular
+from oneke_plan.io.files import os_error, read_regular, too_large
 from oneke_plan.io.limits import MAX_JSON_BYTES, MAX_NESTING, is_valid_unicode
-from oneke_plan.io.lines import DROP_CHUNK, too_large
+from oneke_plan.io.lines import DROP_CHUNK
 
 # A JSON string (escapes included) or a bracket: strings are skipped whole, so brackets inside them do not count.
 _TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|[\]}]')
@@ -94,7 +94,7 @@ def _lone_surrogate_at(text: str) -> int:
 
 
 def read_bounded(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes:
-    """The bytes of the text file `path` (JSON, YAML, a schema), at most `limit`; BadInput (lines.too_large) beyond
+    """The bytes of the text file `path` (JSON, YAML, a schema), at most `limit`; BadInput (files.too_large) beyond
     it. A regular file's size is checked before anything is read; a pipe, FIFO or device is read in chunks and
     refused once it passes `limit`, or at its first NUL byte, which no JSON or YAML text holds (/dev/zero: at once)."""
     with open(path, "rb") as handle:

@@ -18,8 +18,7 @@ import stat
 from collections.abc import Generator
 from dataclasses import dataclass
 
-from oneke_plan.core.errors import BadInput
-from oneke_plan.core.sizes import format_bytes
+from oneke_plan.io.files import too_large
 
 DROP_CHUNK = 1 << 20
 """Bytes read at a time while skipping the rest of a long line."""
@@ -30,12 +29,6 @@ class LongLine:
     """A line longer than the limit: its first `line_limit` bytes. The rest was read and dropped."""
 
     head: bytes
-
-
-def too_large(path: str | os.PathLike[str], limit: int, remedy: str, size: int | None = None) -> BadInput:
-    """The one wording for a file over its bound (`size`: its size when known, from fstat)."""
-    its = f" (it is {format_bytes(size)})" if size is not None else ""
-    return BadInput(f"{path}: larger than {format_bytes(limit)}{its}, more than any file of its kind; {remedy}")
 
 
 def read_lines(
