@@ -100,7 +100,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "huge-sparse": (  # sparse: no disk taken
         lambda p: os.truncate(p, 4 * 2**30),
-        f"tokenizer.model: is 4.00 GiB, larger than {MAX_SENTENCEPIECE_BYTES // 2**20}.00 MiB",
+        f"tokenizer.model: larger than {MAX_SENTENCEPIECE_BYTES // 2**20}.00 MiB (it is 4.00 GiB)",
     ),
     "random-bytes": (
         lambda p: p.write_bytes(random.Random(0).randbytes(p.stat().st_size)),

@@ -80,7 +80,7 @@ REFS: dict[str, tuple[Callable[[Path], None], str]] = {
     "fifo": (_swap(os.mkfifo), "is a FIFO (named pipe), not a regular file"),
     "dev-zero": (_swap(lambda p: p.symlink_to("/dev/zero")), "is a symbolic link to /dev/zero, a character device"),
     "folder": (_swap(lambda p: p.mkdir()), "is a folder, not a regular file"),
-    "4 GiB sparse": (lambda p: os.truncate(p, 4 * 2**30), "is 4.00 GiB, larger than 256 B"),
+    "4 GiB sparse": (lambda p: os.truncate(p, 4 * 2**30), "larger than 256 B (it is 4.00 GiB)"),
 }
 
 
@@ -122,7 +122,7 @@ def test_a_4_gib_sparse_refs_main_costs_no_memory(tmp_path: Path) -> None:
     env.pop("HF_HUB_CACHE", None)
     code, peak, stderr = peak_rss([Path(sys.executable).parent / "oneke-plan", REPO], env, tmp_path)
     assert code == 2 and stderr.splitlines() == [
-        f"oneke-plan: error: {ref}: is 4.00 GiB, larger than 256 B, more "
+        f"oneke-plan: error: {ref}: larger than 256 B (it is 4.00 GiB), more "
         "than any file of its kind; download the model again (hf download "
         f"{REPO}) to rewrite it"
     ], stderr
