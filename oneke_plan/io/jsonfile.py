@@ -101,11 +101,14 @@ def read_bounded(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes
     return data
 
 
-def read_json_file(path: str | os.PathLike[str], remedy: str, encoding: str = "utf-8") -> Any:
-    """The JSON value in the file `path`; every failure is one BadInput naming the file (and line), and `remedy`."""
+def read_json_file(
+    path: str | os.PathLike[str], remedy: str, encoding: str = "utf-8", limit: int = MAX_JSON_BYTES
+) -> Any:
+    """The JSON value in the file `path` (at most `limit` bytes); every failure is one BadInput naming the file (and
+    line), and `remedy`."""
     path = Path(path)
     try:
-        text = read_bounded(path, MAX_JSON_BYTES, remedy).decode(encoding)
+        text = read_bounded(path, limit, remedy).decode(encoding)
     except FileNotFoundError:
         raise BadInput(f"{path}: not found; {remedy}") from None
     except UnicodeDecodeError as exc:
@@ -118,3 +121,12 @@ def read_json_file(path: str | os.PathLike[str], remedy: str, encoding: str = "u
         raise BadInput(f"{path}:{exc.lineno}: {exc.msg} (column {exc.colno}); {remedy}") from None
     except json.JSONDecodeError as exc:
         raise BadInput(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); {remedy}") from None
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """A JSON value as a message shows it: as JSON (ASCII), cut to about `width` characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError):  # not JSON data, or an integer too long for text
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= width else text[: width - 3] + "..."
