@@ -6,6 +6,7 @@ pickle is refused and no tensor data is read.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -60,7 +61,13 @@ def _safetensors_header(file: Path, limit: int = _MAX_HEADER_BYTES) -> tuple[int
             raise ValueError(f"its header length says {size} bytes, over the limit of {format_bytes(limit)}")
         if 8 + size > file_size:
             raise ValueError(f"its header length says {size} bytes, and the file has {file_size}")
-        meta = jsonfile.loads(raw.read(size).decode("utf-8"))
+        text = raw.read(size)
+    try:
+        meta = jsonfile.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("its header is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:  # and jsonfile's bounds: nesting, long numbers, lone surrogates
+        raise ValueError(f"its header is not JSON oneke-plan reads ({exc.msg}, column {exc.colno})") from None
     if not isinstance(meta, dict):
         raise ValueError("its header is not a JSON object")
     extra = meta.get("__metadata__", {})
