@@ -1,5 +1,5 @@
-"""A LoRA adapter on disk (peft's adapter_config.json + adapter_model.safetensors): read, validated, fingerprinted,
-checked against the base model's modules, and built by peft itself on the meta device.
+"""A LoRA adapter on disk (peft's adapter_config.json + adapter_model.safetensors): read, fingerprinted, checked
+against the base model's modules, and built by peft itself on the meta device.
 
 What an adapter is made of is read from its files, never assumed: the tensors, their shapes and their bytes from
 the safetensors header; the module each pair wraps from peft's own naming (`base_model.model.<module>.lora_A.weight`
@@ -521,6 +521,13 @@ def _check_targets(adapter: Adapter, config: Any, model: Any, modules: dict[str,
     targets = f"target_modules {jsonfile.shown(adapter.config.get('target_modules'))}"
     stored = set(adapter.modules)
     example = min(stored)
+    names = adapter.config.get("target_modules")
+    if isinstance(names, list) and len(set(names)) > len(modules):  # each is matched against each layer: bounded
+        raise BadInput(
+            f"{where}: target_modules names {len(set(names))} layers, more than {type(model).__name__} has "
+            f"({len(modules)}); name the layers the adapter wraps (its tensors are for {len(stored)}, e.g. "
+            f"{example!r})"
+        )
     wrapped = [name for name in modules if check_target_module_exists(config, name)]
     if not wrapped:
         raise BadInput(
@@ -553,6 +560,12 @@ def _check_ranks(adapter: Adapter, modules: dict[str, Any]) -> None:
     where = adapter.directory / ADAPTER_CONFIG
     ranks: dict[str, int] = adapter.config.get("rank_pattern") or {}
     alphas: dict[str, Any] = adapter.config.get("alpha_pattern") or {}
+    for field, keys in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        if len(keys) > len(adapter.modules):  # each is matched against each layer: bounded before that
+            raise BadInput(
+                f"{where}: {field} has {len(keys)} keys, more than the {len(adapter.modules)} layers the adapter "
+                "wraps, so some apply to none; remove those"
+            )
     used: set[tuple[str, str]] = set()
     for name, pair in sorted(adapter.modules.items()):
         rank_key, alpha_key = pattern_keys(ranks, alphas, name)
@@ -634,14 +647,19 @@ def lora_module(parameter: str) -> str:
 def attach_meta(model: Any, adapter: Adapter) -> Any:
     """`model` (on meta) with the adapter's LoRA layers, built by peft as PeftModel.from_pretrained builds them
     (adapter dtype autocast as its default does); returns the transformers model inside, whose module names are the
-    base model's. Modifies `model`. check_base has accepted the adapter for this model; peft creates the LoRA
-    layers' parameters on the meta device too (accelerate's init_empty_weights), so that building them allocates
-    nothing whatever their size."""
+    base model's. Modifies `model`. check_base has accepted the adapter for this model. On meta, peft creates the
+    LoRA layers' parameters on meta too (accelerate's init_empty_weights), so that building them allocates nothing;
+    a model of fake tensors (compat.measures_on_meta) gets real ones, as large as the adapter's checked tensors
+    (fake tensors cannot be moved onto), the adapter's own size."""
+    import contextlib
+
     from accelerate import init_empty_weights
 
     peft = require_peft()
     config = lora_config(adapter)
-    with warnings.catch_warnings(), init_empty_weights():  # peft notes the meta model's name is not the config's
+    fake = getattr(next(model.parameters(), None), "fake_mode", None) is not None
+    empty = contextlib.nullcontext() if fake else init_empty_weights()
+    with warnings.catch_warnings(), empty:  # peft notes the meta model's name is not the config's
         warnings.simplefilter("ignore")
         wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=True)
     return wrapped.base_model.model

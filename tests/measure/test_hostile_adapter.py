@@ -271,6 +271,8 @@ def _targets() -> list[Case]:
         Case("targets mlp", "(LlamaMLP)", {"target_modules": [*TARGETS, "mlp"]}),
         Case("targets norm", "(LlamaRMSNorm)", {"target_modules": [*TARGETS, "input_layernorm"]}),
         Case("targets more", "4 layers the file has no tensors for", {"target_modules": [*TARGETS, "k_proj"]}),
+        Case("targets very many", "more than LlamaForCausalLM has",
+             {"target_modules": [f"layer{i}" for i in range(10_000)]}),  # fmt: skip
         Case("targets fewer", "not wrap 4 layers the file has tensors for", {"target_modules": TARGETS[:-1]}),
         Case("layers_to_transform", "not wrap 12 layers", {"layers_to_transform": [0]}),
     ]
@@ -285,6 +287,8 @@ def _shapes() -> list[Case]:
         Case("rank_pattern 2, tensors 4", "rank_pattern['q_proj'] is 2, but", {"rank_pattern": {"q_proj": 2}}),
         Case("rank_pattern unused", 'rank_pattern key "nope" applies to none', {"rank_pattern": {"nope": 4}}),
         Case("alpha_pattern unused", 'alpha_pattern key "nope" applies to none', {"alpha_pattern": {"nope": 4}}),
+        Case("rank_pattern very many", "rank_pattern has 10000 keys, more than the 16 layers",
+             {"rank_pattern": {f"layer{i}": 4 for i in range(10_000)}}),  # fmt: skip
         Case("rank 65 both", "r is 65, more than", {"r": 65}, _tensors(_rank(65))),
         Case("pair ranks differ", "not one LoRA pair", weights=_tensors(_one("lora_B.weight", lambda t: t[:, :3]))),
         Case("tensor 3-D", "not a matrix", weights=_tensors(_one("lora_A.weight", lambda t: t[None]))),
