@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,8 +196,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    """An int or a finite float (JSON's NaN and Infinity are not numbers here); a bool is not a number."""
-    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+    """A finite float, or an int a float can hold (peft divides by it: JSON's NaN and Infinity, and 10**400, are no
+    numbers here); a bool is not a number."""
+    return (_is_int(value) and abs(value) <= sys.float_info.max) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _regex_problem(pattern: str, *forms: str) -> str | None:

@@ -183,12 +183,12 @@ def _types() -> list[Case]:
     cases = []
     for field, values in (
         ("r", [*wrong, 4.5, 4.0]),
-        ("lora_alpha", [*wrong, math.nan, math.inf]),
+        ("lora_alpha", [*wrong, math.nan, math.inf, 10**400]),
         ("lora_dropout", [*wrong, math.nan]),
         ("qalora_group_size", ["16", 16.0]),
     ):
         cases += [Case(f"{field}={v!r}", f"{field} must be", {field: v}) for v in values]
-    for field, values in (("rank_pattern", [*wrong, 4.5]), ("alpha_pattern", [*wrong, math.inf])):
+    for field, values in (("rank_pattern", [*wrong, 4.5]), ("alpha_pattern", [*wrong, math.inf, 10**400])):
         cases += [Case(f"{field}[q_proj]={v!r}", f'{field} ["q_proj"] must be', {field: {"q_proj": v}}) for v in values]
         cases += [Case(f"{field}={v!r}", f"{field} must be an object", {field: v}) for v in ("x", [], None, 4)]
         cases += [Case(f"{field} key {k!r}", f"{field} key", {field: {k: 4}}) for k in ("(", "")]
