@@ -102,13 +102,13 @@ def read_bounded(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes
 
 
 def read_json_file(
-    path: str | os.PathLike[str], remedy: str, encoding: str = "utf-8", limit: int = MAX_JSON_BYTES
+    path: str | os.PathLike[str], remedy: str, encoding: str = "utf-8", limit: int | None = None
 ) -> Any:
-    """The JSON value in the file `path` (at most `limit` bytes); every failure is one BadInput naming the file (and
-    line), and `remedy`."""
+    """The JSON value in the file `path` (at most `limit` bytes, MAX_JSON_BYTES by default); every failure is one
+    BadInput naming the file (and line), and `remedy`."""
     path = Path(path)
     try:
-        text = read_bounded(path, limit, remedy).decode(encoding)
+        text = read_bounded(path, MAX_JSON_BYTES if limit is None else limit, remedy).decode(encoding)
     except FileNotFoundError:
         raise BadInput(f"{path}: not found; {remedy}") from None
     except UnicodeDecodeError as exc:

@@ -208,6 +208,7 @@ def _types() -> list[Case]:
         Case("exclude_modules='('", "exclude_modules is", {"exclude_modules": "("}),
         Case("not an object", "must hold a JSON object", text="[]"),
         Case("not JSON", "not valid JSON", text="{r: 4"),
+        Case("over 1 MiB", "larger than 1.00 MiB", text='{"r": 4, "x": "' + "x" * 2**20 + '"}'),
         Case("r missing", "r is missing", {"r": DELETE}),
         Case("peft_type missing", "peft_type is missing", {"peft_type": DELETE}),
     ]
