@@ -14,14 +14,16 @@ says what to do (BadInput, exit 2; DoesNotFit, exit 3, for a machine or adapter 
     4  the prompts' template                    --template                          (a note when it overrides)
     5  keep or replace the output, not both     --resume, --overwrite               BadInput
     6  the checkpoint: named, or the profile's  --model, --trust-remote-code        BadInput
-    7  the adapter: the planned one, unchanged  --adapter                           DoesNotFit
+    7  the adapter: valid, the planned one      --adapter                           BadInput, DoesNotFit
     8  where disk-offloaded weights may go      --offload-dir                       BadInput
     9  this worker's replica                    torchrun's variables                BadInput
     10 the engine can run this profile          --engine (vllm: its translation)    BadInput
 
 api.extract, whose caller loaded the model, makes steps 3 and 5 with the same functions. After the
 preflight, api.run reads the input, locks the output, checks the machine, and starts the engine (the tokenizer, the
-checkpoint's tensor names, the load, the weights per device, one finite forward), in that order.
+checkpoint's tensor names, the adapter against the model's layers, the load, the weights per device, one finite
+forward), in that order. (Step 7 checks what the adapter's files say on their own: adapter_config.json's fields, the
+safetensors header, the tensors against the config; measure.adapter.check_base the rest before the load.)
 """
 
 from __future__ import annotations

@@ -120,14 +120,17 @@ def read_bounded(path: str | os.PathLike[str], limit: int, remedy: str) -> bytes
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def read_json_file(path: str | os.PathLike[str], remedy: str, encoding: str = "utf-8") -> Any:
+def read_json_file(
+    path: str | os.PathLike[str], remedy: str, encoding: str = "utf-8", limit: int | None = None
+) -> Any:
     """The JSON value in the regular file `path` (a model's or adapter's file: a FIFO, device or folder is refused
-    unopened); every failure is one BadInput naming the file (and line), and `remedy`."""
+    unopened), at most `limit` bytes (MAX_JSON_BYTES by default); every failure is one BadInput naming the file
+    (and line), and `remedy`."""
     path = Path(path)
     try:
         # read_regular, not read_bounded: these are a model's or adapter's own files, never a pipe the user
         # meant, and a FIFO config.json must be refused, not waited on.
-        data = read_regular(path, MAX_JSON_BYTES, remedy)
+        data = read_regular(path, MAX_JSON_BYTES if limit is None else limit, remedy)
         if data is None:
             raise BadInput(f"{path}: not found; {remedy}")
         text = data.decode(encoding)
@@ -141,3 +144,12 @@ def read_json_file(path: str | os.PathLike[str], remedy: str, encoding: str = "u
         raise BadInput(f"{path}:{exc.lineno}: {exc.msg} (column {exc.colno}); {remedy}") from None
     except json.JSONDecodeError as exc:
         raise BadInput(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); {remedy}") from None
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """A JSON value as a message shows it: as JSON (ASCII), cut to about `width` characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError):  # not JSON data, or an integer too long for text
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= width else text[: width - 3] + "..."

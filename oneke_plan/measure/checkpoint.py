@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
+from oneke_plan.core.sizes import format_bytes
 from oneke_plan.io import files, jsonfile
 from oneke_plan.io.limits import MAX_JSON_BYTES
 
@@ -40,28 +41,98 @@ _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
 
 
+# Bits per element of each dtype safetensors knows (its own list, as of safetensors 0.8).
+SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+                    "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+                    "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}  # fmt: skip
+
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors itself refuses headers over 100 MB
 
 
-def _safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+def _safetensors_header(file: Path, limit: int = _MAX_HEADER_BYTES) -> tuple[int, dict[str, Any]]:
     """(header length in bytes, the JSON header without `__metadata__`) of a safetensors file: 8 bytes of length,
-    little-endian, then that many bytes of JSON. Raises ValueError for a header over 100 MB, OSError if unreadable."""
+    little-endian, then that many bytes of JSON. The length is checked against `limit` and the file's size before
+    anything more is read. Raises ValueError (a header over `limit` or the file, not JSON, not an object, or a
+    `__metadata__` that is not safetensors' map of strings), OSError if unreadable."""
     with file.open("rb") as raw:
         size = int.from_bytes(raw.read(8), "little")
-        if size > _MAX_HEADER_BYTES:
-            raise ValueError(f"header of {size} bytes, over safetensors' own limit of 100 MB")
-        meta = json.loads(raw.read(size))
+        file_size = os.fstat(raw.fileno()).st_size
+        if size > limit:
+            raise ValueError(f"its header length says {size} bytes, over the limit of {format_bytes(limit)}")
+        if 8 + size > file_size:
+            raise ValueError(f"its header length says {size} bytes, and the file has {file_size}")
+        text = raw.read(size)
+    try:
+        meta = jsonfile.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("its header is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:  # and jsonfile's bounds: nesting, long numbers, lone surrogates
+        raise ValueError(f"its header is not JSON oneke-plan reads ({exc.msg}, column {exc.colno})") from None
+    if not isinstance(meta, dict):
+        raise ValueError("its header is not a JSON object")
+    extra = meta.get("__metadata__", {})
+    if not (isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values())):
+        raise ValueError("its header's __metadata__ is not a JSON object of strings")
     return size, {k: v for k, v in meta.items() if k != "__metadata__"}
 
 
-def safetensors_entries(file: Path) -> dict[str, Any]:
-    """The tensors a safetensors file's header lists (name -> dtype, shape, data_offsets), after checking the file
-    holds all the bytes the header says. Raises ValueError (a short file, a header over 100 MB), OSError, or what
-    a damaged header raises (json, key, type errors)."""
-    header, meta = _safetensors_header(file)
-    end = max((v["data_offsets"][1] for v in meta.values()), default=0)
-    if 8 + header + end > file.stat().st_size:
-        raise ValueError("file shorter than its header says")
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 100 else name[:100] + "...")
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one tensor's header entry by safetensors' own rules, or None."""
+    if not isinstance(entry, dict):
+        return "is not a JSON object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
+        return f"has dtype {jsonfile.shown(dtype)}, not one of safetensors' ({', '.join(SAFETENSORS_BITS)})"
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        return f"has shape {jsonfile.shown(shape)}, not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        return f"has data_offsets {jsonfile.shown(offsets)}, not [begin, end] as two non-negative integers"
+    span = offsets[1] - offsets[0]
+    if span < 0:
+        return f"has data_offsets {jsonfile.shown(offsets)}, which end before they begin"
+    bits = 0 if 0 in shape else SAFETENSORS_BITS[dtype]
+    for n in shape:
+        bits *= n
+        if bits > 8 * span:  # already too large: no need to multiply huge numbers on
+            break
+    if bits != 8 * span:
+        return f"has shape {jsonfile.shown(shape)} of {dtype}, which is not the {span} bytes its data_offsets span"
+    return None
+
+
+def safetensors_entries(file: Path, max_header_bytes: int = _MAX_HEADER_BYTES) -> dict[str, Any]:
+    """The tensors a safetensors file's header lists (name -> dtype, shape, data_offsets), after checking the
+    header by safetensors' own rules, so that nothing downstream trusts a header that lies: its length within
+    `max_header_bytes` and the file (checked before it is read), a known dtype, a shape whose bytes are the span
+    of its data_offsets, and the tensors' spans covering the data exactly, without overlaps or gaps, to the end of
+    the file. Raises ValueError saying which tensor and what is wrong, or OSError."""
+    header, meta = _safetensors_header(file, max_header_bytes)
+    for name, entry in meta.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(f"tensor {_shown(name)} {problem}")
+    end = 0
+    for name, entry in sorted(meta.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, stop = entry["data_offsets"]
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else "leaves a gap after the tensor before it"
+            raise ValueError(
+                f"tensor {_shown(name)} has data_offsets {jsonfile.shown([begin, stop])}, which {what} (ending at "
+                f"byte {end})"
+            )
+        end = stop
+    size = file.stat().st_size
+    if 8 + header + end != size:
+        what = "shorter than its header says" if 8 + header + end > size else "longer than its header says"
+        raise ValueError(f"file {what} ({size} bytes; the header describes {8 + header + end})")
     return meta
 
 

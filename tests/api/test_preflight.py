@@ -94,7 +94,7 @@ MISTAKES = {
     "batch and answer length within the plan": ({"batch_size": 10_000}, "--batch-size 10000 is more than"),
     "keep or replace the output, not both": ({"resume": True, "overwrite": True}, "--resume keeps the answers"),
     "the checkpoint: named, or the profile's": ({"model": "no/such-model"}, "no/such-model"),
-    "the adapter: the planned one, unchanged": ({"adapter": "no-such-adapter"}, "no-such-adapter"),
+    "the adapter: valid, the planned one": ({"adapter": "no-such-adapter"}, "no-such-adapter"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Fuzz: random corruptions of a valid profile, inventory, config.json and input file, fed to the real CLIs.
+"""Fuzz: random corruptions of a valid profile, inventory, config.json, input file, and LoRA adapter (its
+adapter_config.json and its safetensors header), fed to the real CLIs.
 
 Every outcome must be an answer (exit 0), one clear refusal (2 bad input, 3 does not fit) and never an internal
 error (exit 1) or a traceback. The corruptions (tests/hostile.py): byte flips, truncations, deleted byte spans,
@@ -28,6 +29,7 @@ from oneke_plan.cli.run import main as run_main
 SEED = 11
 BYTE_CASES = 4  # per byte corruption, per target
 STRUCTURE_CASES = 2  # per structure corruption, per target (successful runs cost a model load: keep it under a minute)
+ADAPTER_STRUCTURE_CASES = 6  # adapter_config.json has some 40 keys, each its own check: more of them are hit
 JSON_CORRUPTIONS = tuple(kind for kind in STRUCTURE_CORRUPTIONS if kind != "alias")  # JSON has no aliases
 NER_FILE = Path(__file__).parents[2] / "examples" / "deepke" / "NER" / "test.json"
 NER_LINE = NER_FILE.read_text("utf-8").splitlines()[0]
@@ -174,3 +176,64 @@ def test_fuzz_input(setup: Setup) -> None:
             line["instruction"] = render_json(mutate(instruction, rng, kind))
             cases.append((f"input-instruction:{kind}:{i}", json.dumps(line).encode() + b"\n"))
     _run_cases(setup, "input", cases, lambda folder, file: (run_main, _run_argv(setup, folder, setup.profile, file)))
+
+
+@pytest.fixture(scope="module")
+def adapter(setup: Setup) -> Path:
+    """A LoRA adapter for the tiny model, saved by peft."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from oneke_plan.measure.compat import dtype_kw
+
+    model = AutoModelForCausalLM.from_pretrained(setup.model, **dtype_kw(torch.float32))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    folder = setup.folder / "adapter"
+    peft.get_peft_model(model, config).save_pretrained(str(folder))
+    return folder
+
+
+def _adapter_command(setup: Setup, adapter: Path, replaced: str) -> Callable[[Path, Path], tuple[Callable, list[str]]]:  # type: ignore[type-arg]
+    """oneke-plan with a copy of `adapter` whose file `replaced` is the case's."""
+
+    def command(folder: Path, file: Path) -> tuple[Callable, list[str]]:  # type: ignore[type-arg]
+        copy = folder / "adapter"
+        copy.mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (copy / name).symlink_to(file if name == replaced else adapter / name)
+        argv = [str(setup.model), "--inventory", str(setup.inventory), "--max-new-tokens", "2", "--batch-size", "1"]
+        return plan_main, [*argv, "--adapter", str(copy)]
+
+    return command
+
+
+def test_fuzz_adapter_config(setup: Setup, adapter: Path) -> None:
+    original = (adapter / "adapter_config.json").read_bytes()
+    cases = list(_cases("adapter_config.json", original, json.loads, functools.partial(render_json, indent=2)))
+    rng = random.Random(f"{SEED}:adapter_config.json:more")
+    data = json.loads(original)
+    for kind in JSON_CORRUPTIONS:
+        for i in range(STRUCTURE_CASES, ADAPTER_STRUCTURE_CASES):
+            text = render_json(mutate(data, rng, kind), indent=2)
+            cases.append((f"adapter_config.json:{kind}:{i}", text.encode("utf-8", "surrogatepass")))
+    _run_cases(setup, "adapter_config.json", cases, _adapter_command(setup, adapter, "adapter_config.json"))
+
+
+def test_fuzz_adapter_header(setup: Setup, adapter: Path) -> None:
+    """The safetensors header: its bytes (the 8-byte length included) corrupted, and its JSON mutated and written
+    back with its new length; the tensors' bytes after it as they were."""
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    end = 8 + int.from_bytes(data[:8], "little")
+    prefix, body = data[:end], data[end:]
+    rng = random.Random(f"{SEED}:adapter header")
+    cases = []
+    for kind, corrupt in BYTE_CORRUPTIONS.items():
+        for i in range(BYTE_CASES):
+            cases.append((f"adapter-header:{kind}:{i}", corrupt(prefix, rng) + body))
+    header = json.loads(prefix[8:])
+    for kind in JSON_CORRUPTIONS:
+        for i in range(ADAPTER_STRUCTURE_CASES):
+            text = render_json(mutate(header, rng, kind)).encode("utf-8", "surrogatepass")
+            cases.append((f"adapter-header:{kind}:{i}", len(text).to_bytes(8, "little") + text + body))
+    _run_cases(setup, "adapter header", cases, _adapter_command(setup, adapter, "adapter_model.safetensors"))

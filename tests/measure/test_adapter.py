@@ -287,7 +287,7 @@ def test_what_is_not_a_plain_lora_adapter_is_one_line_and_exit_2(
         assert says in plan_with(dora)
     (dora / "adapter_config.json").write_text(json.dumps(config))
     (dora / ADAPTER_WEIGHTS).write_bytes((dora / ADAPTER_WEIGHTS).read_bytes()[:-100])
-    assert "not a complete safetensors file" in plan_with(dora)
+    assert "not a valid safetensors file" in plan_with(dora)
     (dora / ADAPTER_WEIGHTS).unlink()
     assert "adapter_model.safetensors: missing" in plan_with(dora)
 
