@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_and_quiet()
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_main("oneke-plan", lambda: run(args), args.debug or wants_debug(argv))
+    return run_main("oneke-plan", lambda: run(args), args.debug or wants_debug(argv), owns_process=argv is None)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # --engine vllm: dozens of INFO and WARNING lines
     parser = build_parser()
     args = parser.parse_args(argv)
-    code = run_main("oneke-run", lambda: run(args), args.debug or wants_debug(argv))
+    code = run_main("oneke-run", lambda: run(args), args.debug or wants_debug(argv), owns_process=argv is None)
     if _under_torchrun_with_peers():
         # By now every file is written and closed, and the workers have left their process group together. Tearing
         # down the interpreter can still abort or crash in torch's gloo threads (seen as SIGABRT / SIGSEGV after the

@@ -9,7 +9,7 @@ The rules both CLIs follow (README "When things go wrong"):
   os.replace, so a crash leaves the old file or the new one, never a mix;
 - every OSError while writing is one BadInput line naming the path (disk full, read-only folder, permissions).
 
-A leaf module: standard library and errors only.
+A leaf module: standard library, errors and core.stops only.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from oneke_plan.core.errors import BadInput
+from oneke_plan.core.stops import held
 
 
 def os_error(path: str | os.PathLike[str], action: str, exc: OSError, hint: str = "") -> BadInput:
@@ -126,9 +127,13 @@ def write_atomic(
 
     `expected` is what the caller validated (lstat of the existing file, or None for "absent"): if the path changed
     since, nothing is replaced. Failures are BadInput naming the path (and `hint`: what to do); the temporary
-    file never stays behind.
+    file never stays behind. A stop signal waits for the end (core.stops.held): the old file or the new one.
     """
-    path = Path(path)
+    with held():
+        _write_atomic(Path(path), chunks, expected, hint)
+
+
+def _write_atomic(path: Path, chunks: Iterable[bytes], expected: os.stat_result | None, hint: str) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
