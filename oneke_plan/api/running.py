@@ -94,18 +94,21 @@ def run(
     The order is oneke-run's: everything about the input and the output is checked, and the output locked, before
     the machine check and the load (minutes), and a run whose prompts are all answered loads nothing. Under
     torchrun, each worker runs its replica on the prompts whose key hashes to it and journals them in its own part;
-    worker 0 writes OUTPUT from all parts. SIGINT and SIGTERM (as KeyboardInterrupt) become Interrupted, whose
-    message says what was kept and how to continue. The workers leave their process group before this returns, but
-    the interpreter's teardown can still abort a finished worker in torch's gloo threads: oneke-run therefore ends
-    with os._exit under torchrun (cli/run.py), and a script that calls run under torchrun may want to do the same.
+    worker 0 writes OUTPUT from all parts; at the start the workers wait at most `join_timeout` seconds for each
+    other, and a worker that did not come is named in one line (BadInput). SIGINT and SIGTERM (as
+    KeyboardInterrupt) become Interrupted, whose message says what was kept and how to continue. The workers leave
+    their process group before this returns, but the interpreter's teardown can still abort a finished worker in
+    torch's gloo threads: oneke-run therefore ends with os._exit under torchrun (cli/run.py), and a script that
+    calls run under torchrun may want to do the same.
     """
     from oneke_plan.extract.outputs import RunOutput
-    from oneke_plan.extract.workers import Group
+    from oneke_plan.extract.workers import Group, join_timeout
 
     keywords.update(given(profile=profile, input=input, output=output))
     options = with_keywords(RunOptions, options, keywords, "run")
     input, output, engine = options.input, options.output, options.engine
     report = report or Report()
+    join = join_timeout(options.join_timeout)  # a flag's value: checked before anything else is read
     context = preflight(
         options.profile,
         model=options.model,
@@ -127,7 +130,7 @@ def run(
     worker, mode = context.worker, context.output_mode
     if worker.restarts and mode == "new":
         mode = "resume"  # torchrun restarted the workers after one failed: each continues its part
-    with Group(worker) as group:
+    with Group(worker, join) as group:
         files = RunOutput(Path(output), Path(input), mode, worker.rank, worker.world_size)
         if worker.distributed:  # every worker looks at what earlier runs left before any of this run writes
             files.prepare()
