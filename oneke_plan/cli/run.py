@@ -22,6 +22,7 @@ from oneke_plan.cli.common import (
     run_main,
     wants_debug,
 )
+from oneke_plan.core import stops
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.extract.workers import Worker
@@ -108,7 +109,14 @@ def peak_table(memory: list[GpuMemory]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     options, command = options_from(args, RunOptions), options_from(args, RunCommand)
-    summary = api.run(options=replace(options, progress=not command.no_progress), report=RunReport("oneke-run"))
+    summary = None
+    try:
+        summary = api.run(options=replace(options, progress=not command.no_progress), report=RunReport("oneke-run"))
+        stops.disarm()  # the run is through: a signal now changes neither its exit code nor its totals
+    except KeyboardInterrupt:
+        if summary is None:
+            raise
+        stops.disarm()  # the signal came as api.run returned: the run is through all the same
     _report(summary)
     if summary.gpu_memory:
         print(peak_table(summary.gpu_memory), file=sys.stderr)

@@ -63,6 +63,11 @@ def disarm() -> int | None:
     return _state.first
 
 
+def seen() -> int | None:
+    """The signal that stopped the command running now, if one has (raised already, or waiting in held())."""
+    return _state.first
+
+
 @contextlib.contextmanager
 def held() -> Iterator[None]:
     """Within the block, a stop waits: a signal that comes inside raises Stopped when the outermost held block

@@ -148,6 +148,8 @@ class RunOutput:
         self._output_stat: os.stat_result | None = None
         self._header_bytes = 0
         self._prepared = False
+        self._kept = False  # close() found answers in the journal (kept for --resume)
+        self._finished = False  # finish() wrote OUT and removed the journals
 
     def __enter__(self) -> RunOutput:
         return self
@@ -354,6 +356,7 @@ class RunOutput:
             self._remove_journal()
             for peer in others:
                 _remove_finished_journal(peer)
+            self._finished = True
         return changed
 
     def _remove_journal(self) -> None:
@@ -373,10 +376,14 @@ class RunOutput:
         return not self._created or os.fstat(self._fd).st_size > self._header_bytes
 
     def interruption_note(self) -> str:
-        """What an interrupted run leaves, and how to continue (for the one line the CLI prints)."""
-        if self._fd is None or not self._journal_has_answers():
+        """What an interrupted run leaves, and how to continue (for the one line the CLI prints), before or after
+        close()."""
+        if self._finished:
+            return f"{self.output} was already complete"
+        kept = self._journal_has_answers() if self._fd is not None else self._kept
+        if not kept:
             return "no prompt was answered yet, so nothing was kept"
-        if not self.journal.exists():  # finish() had written OUT and removed the journal
+        if not self.journal.exists():  # another worker's finish() wrote OUT and removed every part
             return f"{self.output} was already complete"
         return f"every answer so far is kept in {self.journal}: run the same command with --resume to continue"
 
@@ -387,7 +394,8 @@ class RunOutput:
             return
         with held():
             try:
-                if self._created and not self._journal_has_answers():
+                self._kept = self._journal_has_answers()
+                if self._created and not self._kept:
                     self.journal.unlink(missing_ok=True)
             finally:
                 os.close(self._fd)

@@ -107,7 +107,7 @@ class Barrage:
         try:
             self._send()
             deadline = time.monotonic() + 60
-            while stops._state.first is None and time.monotonic() < deadline:
+            while stops.seen() is None and time.monotonic() < deadline:
                 pass  # the handler runs at the next bytecode: it raises here, or (in a held block) notes the signal
         finally:
             # only now: a handler that raised inside the profile function would switch the profile off
@@ -233,7 +233,7 @@ def test_signals_in_any_phase_of_a_resumed_run_end_in_one_line_and_leave_resumab
     assert len(ours) == 1 and err.splitlines()[-1] == ours[0], err
     kept = f"every answer so far is kept in {journal}: run the same command with --resume to continue"
     expected = {
-        "start": f"oneke-run: interrupted by {name}",
+        "start": f"oneke-run: interrupted by {name}: nothing was written yet: run the same command again",
         "final flush": f"oneke-run: interrupted by {name}: {output} was already complete",
     }.get(phase, f"oneke-run: interrupted by {name}: {kept}")
     assert ours[0] == expected
@@ -248,6 +248,26 @@ def test_signals_in_any_phase_of_a_resumed_run_end_in_one_line_and_leave_resumab
     if phase == "writing":  # stopped inside its third answer's write: the line is written whole first
         assert len(_check_journal(journal)) == 3 + 3
     _check_resumable(setup, output)
+
+
+def test_a_signal_inside_a_held_block_waits_for_its_end_and_later_ones_are_ignored() -> None:
+    from oneke_plan.cli.common import stop_signals
+
+    done = []
+    with stop_signals(owns_process=False):
+        stops.arm()
+        try:
+            with pytest.raises(stops.Stopped) as stopped:
+                with stops.held():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    assert stops.seen() == signal.SIGTERM  # the handler ran, and did not raise in here
+                    os.kill(os.getpid(), signal.SIGINT)
+                    done.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # stopping: ignored
+            done.append(True)
+        finally:
+            assert stops.disarm() == signal.SIGTERM
+    assert done == [True, True] and stopped.value.signum == signal.SIGTERM
 
 
 # -- the command itself ----------------------------------------------------------------------------------------------

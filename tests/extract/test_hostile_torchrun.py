@@ -198,7 +198,9 @@ def test_a_worker_waiting_for_the_others_stops_at_sigterm(setup: dict[str, Path]
             time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     code, err = _ended(proc)
-    assert code == 143 and err == ["oneke-run: interrupted by SIGTERM"], err
+    assert code == 143 and err == [
+        "oneke-run: interrupted by SIGTERM: nothing was written yet: run the same command again"
+    ], err
 
 
 def test_two_workers_with_one_rank_are_told_and_the_missing_rank_is_named(
