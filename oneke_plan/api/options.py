@@ -435,6 +435,15 @@ class RunOptions:
         default=False,
         metadata=flag("allow code shipped with the model to run (off by default; OneKE does not need it)", group=RUN),
     )
+    join_timeout: int = field(
+        default=300,
+        metadata=flag(
+            "under torchrun: how long each worker waits at the start for the others, before it stops and names "
+            "those missing (default: %(default)s)",
+            metavar="SECONDS",
+            group=RUN,
+        ),
+    )
     progress: bool = False
 
 

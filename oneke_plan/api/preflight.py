@@ -99,8 +99,8 @@ def preflight(
     source = checkpoint_source(profile, model, trust_remote_code)
     found = run_adapter(profile, adapter)
     profile = replace(profile, offload_dir=offload_folder(profile.offload_dir, offload_dir))
-    worker = Worker.from_env()
-    profile = workers_profile(profile, worker)
+    worker = Worker.from_env(replicas=profile.replica_count, nodes=profile.nodes)
+    profile = profile.replica(worker.local_rank)  # this worker's (one process: replica 0, or the whole profile)
     checked = check_engine(engine, profile, source, trust_remote_code)
     reads = model_reads(source, Reads().file(profile_file, "the profile"))
     reads = reads.folder(found.directory if found is not None else None, "the adapter's folder")
@@ -191,12 +191,3 @@ def offload_folder(from_profile: str | None, from_caller: str | None) -> str | N
             f"files; pass --offload-dir {from_profile} to confirm, or another folder"
         )
     return from_profile
-
-
-def workers_profile(profile: Profile, worker: Worker) -> Profile:
-    """The profile this process runs: under torchrun (or with a profile of several replicas) the workers must be
-    the profile's replicas on its nodes, and each runs its own replica."""
-    if worker.distributed or profile.replicas:
-        worker.check(profile.replica_count, profile.nodes)
-        return profile.replica(worker.local_rank)
-    return profile

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,25 +96,41 @@ def run(
     The order is oneke-run's: everything about the input and the output is checked, and the output locked, before
     the machine check and the load (minutes), and a run whose prompts are all answered loads nothing. Under
     torchrun, each worker runs its replica on the prompts whose key hashes to it and journals them in its own part;
-    worker 0 writes OUTPUT from all parts. SIGINT and SIGTERM (as KeyboardInterrupt) become Interrupted, whose
-    message says what was kept and how to continue. The workers leave their process group before this returns, but
-    the interpreter's teardown can still abort a finished worker in torch's gloo threads: oneke-run therefore ends
-    with os._exit under torchrun (cli/run.py), and a script that calls run under torchrun may want to do the same.
+    worker 0 writes OUTPUT from all parts; at the start the workers wait at most `join_timeout` seconds for each
+    other, and a worker that did not come is named in one line (BadInput). SIGINT and SIGTERM (as
+    KeyboardInterrupt) become Interrupted, whose message says what was kept and how to continue. The workers leave
+    their process group before this returns, but the interpreter's teardown can still abort a finished worker in
+    torch's gloo threads: oneke-run therefore ends with os._exit under torchrun (cli/run.py), and a script that
+    calls run under torchrun may want to do the same.
     """
-    from oneke_plan.extract.outputs import RunOutput
-    from oneke_plan.extract.workers import Group
+    from oneke_plan.extract.workers import join_timeout
 
     keywords.update(given(profile=profile, input=input, output=output))
     options = with_keywords(RunOptions, options, keywords, "run")
-    input, output, engine = options.input, options.output, options.engine
     report = report or Report()
+    join = join_timeout(options.join_timeout)  # a flag's value: checked before anything else is read
+    made: list[RunOutput] = []  # the run's files, once made: what an interruption says was kept
+    try:
+        return _run(options, report, join, made)
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (cli.common): say what was kept, and how to go on
+        signum = interrupted_by(exc)
+        note = made[0].interruption_note() if made else "nothing was written yet: run the same command again"
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}: {note}", signum) from None
+
+
+def _run(options: RunOptions, report: Report, join: timedelta, made: list[RunOutput]) -> RunSummary:
+    """api.run's flow, from the preflight to the summary; the output files, once made, go to `made`."""
+    from oneke_plan.extract.outputs import RunOutput
+    from oneke_plan.extract.workers import Group
+
+    input, output = options.input, options.output
     context = preflight(
         options.profile,
         model=options.model,
         adapter=options.adapter,
         offload_dir=options.offload_dir,
         template=options.template,
-        engine=engine,
+        engine=options.engine,
         batch_size=options.batch_size,
         max_new_tokens=options.max_new_tokens,
         resume=options.resume,
@@ -130,12 +147,13 @@ def run(
     worker, mode = context.worker, context.output_mode
     if worker.restarts and mode == "new":
         mode = "resume"  # torchrun restarted the workers after one failed: each continues its part
-    with Group(worker) as group:
+    with Group(worker, join) as group:
         files = RunOutput(Path(output), Path(input), mode, worker.rank, worker.world_size, reads)
-        if worker.distributed:  # every worker looks at what earlier runs left before any of this run writes
-            files.prepare()
-            group.barrier()
+        made.append(files)
         try:
+            if worker.distributed:  # every worker looks at what earlier runs left before any of this run writes
+                files.prepare()
+                group.barrier()
             mine = _answer(context, records, files, options.progress, report)
             if worker.distributed:
                 if worker.rank != 0:
@@ -145,10 +163,6 @@ def run(
                     files.finish(records, peers=True)
             elif mine is not None:
                 files.finish(records)
-        except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (cli.common): say what was kept, and how to go on
-            signum = interrupted_by(exc)
-            note = files.interruption_note()
-            raise Interrupted(f"interrupted by {signal.Signals(signum).name}: {note}", signum) from None
         finally:
             files.close()
         parts = group.gather(mine)

@@ -20,6 +20,7 @@ from typing import Any
 
 from oneke_plan.api import Report
 from oneke_plan.api.options import FLAG, Flag, Options
+from oneke_plan.core import stops
 from oneke_plan.core.errors import EXIT_BAD_INPUT, Interrupted, OnekePlanError, interrupted_by
 from oneke_plan.core.sizes import NumberError, parse_int
 
@@ -177,48 +178,54 @@ class PrintedReport(Report):
             self.held = []
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what `kill`, systemd, Slurm and container runtimes send), raised in the main thread like Ctrl-C's
-    KeyboardInterrupt so that a terminated command unwinds the same way: a run's journal keeps every answer,
-    temporary files are removed, locks are released."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises Terminated, where Python's default would end the process at once. Left
-    alone where someone already chose a SIGTERM handler (an embedding program), or off the main thread."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
-        signal.SIG_DFL,
-        None,
-    ):
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+def stop_signals(owns_process: bool) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM run core.stops' handler: the first raises Stopped (where Python's
+    default would end the process at once on SIGTERM), later ones are ignored. A signal someone else chose a handler
+    for (an embedding program; SIGINT ignored in a shell's background job) is left alone, as is every signal off the
+    main thread. On leaving, the handlers that were there come back, except where the command is the process itself
+    (`owns_process`: main() without argv): there the signals are ignored from then on, so one that comes while the
+    interpreter exits cannot replace the exit code and line the command ended with by the raw signal (SIG_IGN, not
+    a Python handler: the interpreter's teardown puts the default back for those)."""
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler, None):
+                installed[signum] = signal.signal(signum, stops.on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, previous in installed.items():
+            signal.signal(signum, signal.SIG_IGN if owns_process else previous)
 
 
-def run_main(prog: str, body: Callable[[], int], debug: bool, report: PrintedReport | None = None) -> int:
+def run_main(
+    prog: str, body: Callable[[], int], debug: bool, report: PrintedReport | None = None, *, owns_process: bool = False
+) -> int:
     """Run `body`; turn our errors into 'prog: error: message' and their exit code. --debug prints the traceback
     before that line and keeps the exit code (a script that adds --debug still tells bad input, 2, from a bug, 1).
 
-    SIGINT and SIGTERM end in one line and 128 + the signal's number. An OSError that nothing below turned into a
-    message (a full disk, a read-only or unreadable file met inside a library) is one line with its path and exit 2:
-    it is about the machine or the files, not a bug. `report`: the command's, whose held notes are dropped when the
-    command is refused for bad input (exit 2: the refusal is its one line) and printed before any other ending."""
+    SIGINT and SIGTERM end in one line and 128 + the signal's number, however many come and whenever they come
+    (stop_signals, core.stops). An OSError that nothing below turned into a message (a full disk, a read-only or
+    unreadable file met inside a library) is one line with its path and exit 2: it is about the machine or the
+    files, not a bug. `report`: the command's, whose held notes are dropped when the command is refused for bad
+    input (exit 2: the refusal is its one line) and printed before any other ending."""
+    with stop_signals(owns_process):
+        code = _outcome(prog, body, debug, report)
+    return code
+
+
+def _outcome(prog: str, body: Callable[[], int], debug: bool, report: PrintedReport | None) -> int:
+    """run_main's exit code for `body`, and its line."""
     try:
-        with sigterm_as_interrupt():
+        try:
+            stops.arm()
             code = body()
+        finally:
+            stops.disarm()  # ended: from here on, a signal changes neither the code nor the line
     except Interrupted as exc:
         _end_notes(report, exc.exit_code)
         print(f"{prog}: {exc}", file=sys.stderr)

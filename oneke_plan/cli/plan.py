@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     report = PrintedReport("oneke-plan")
-    return run_main("oneke-plan", lambda: run(args, report), args.debug or wants_debug(argv), report)
+    return run_main(
+        "oneke-plan", lambda: run(args, report), args.debug or wants_debug(argv), report, owns_process=argv is None
+    )
 
 
 if __name__ == "__main__":

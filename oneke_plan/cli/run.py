@@ -22,6 +22,7 @@ from oneke_plan.cli.common import (
     run_main,
     wants_debug,
 )
+from oneke_plan.core import stops
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
 from oneke_plan.extract.workers import Worker
@@ -108,7 +109,14 @@ def peak_table(memory: list[GpuMemory]) -> str:
 
 def run(args: argparse.Namespace, report: RunReport) -> int:
     options, command = options_from(args, RunOptions), options_from(args, RunCommand)
-    summary = api.run(options=replace(options, progress=not command.no_progress), report=report)
+    summary = None
+    try:
+        summary = api.run(options=replace(options, progress=not command.no_progress), report=report)
+        stops.disarm()  # the run is through: a signal now changes neither its exit code nor its totals
+    except KeyboardInterrupt:
+        if summary is None:
+            raise
+        stops.disarm()  # the signal came as api.run returned: the run is through all the same
     report.release()  # a run that loaded nothing (every prompt answered) held its notes until here
     _report(summary)
     if summary.gpu_memory:
@@ -148,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     report = RunReport("oneke-run")
-    code = run_main("oneke-run", lambda: run(args, report), args.debug or wants_debug(argv), report)
+    code = run_main(
+        "oneke-run", lambda: run(args, report), args.debug or wants_debug(argv), report, owns_process=argv is None
+    )
     if _under_torchrun_with_peers():
         # By now every file is written and closed, and the workers have left their process group together. Tearing
         # down the interpreter can still abort or crash in torch's gloo threads (seen as SIGABRT / SIGSEGV after the

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_main("oneke-score", lambda: run(args), args.debug or wants_debug(argv))
+    return run_main("oneke-score", lambda: run(args), args.debug or wants_debug(argv), owns_process=argv is None)
 
 
 if __name__ == "__main__":

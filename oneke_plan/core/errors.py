@@ -36,6 +36,6 @@ class Interrupted(OnekePlanError):
 
 
 def interrupted_by(exc: BaseException) -> int:
-    """The signal number behind a KeyboardInterrupt: SIGTERM for cli.common's Terminated (it carries `signum`),
-    SIGINT otherwise."""
+    """The signal number behind a KeyboardInterrupt: the one core.stops.Stopped carries (`signum`), SIGINT
+    otherwise (Python's own Ctrl-C)."""
     return int(getattr(exc, "signum", signal.SIGINT))

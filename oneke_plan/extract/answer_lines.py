@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
+from oneke_plan.core.stops import held
 from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.formats import answers
 from oneke_plan.io.files import os_error, write_all
@@ -87,13 +88,16 @@ class OutputWriter:
             raise BadInput(f"{target}: cannot open the output for writing ({e.strerror})") from None
 
     def write_line(self, line: dict[str, Any]) -> None:
-        try:
-            write_all(self._fd, encode_line(line))
-        except OSError as e:
-            raise os_error(
-                self.name, "be written", e, "the answers before this one are kept: rerun with --resume"
-            ) from None
-        self.written[str(line["key"])] = line
+        """Append `line` whole, and record it: a stop signal waits for both (core.stops.held)."""
+        data = encode_line(line)
+        with held():
+            try:
+                write_all(self._fd, data)
+            except OSError as e:
+                raise os_error(
+                    self.name, "be written", e, "the answers before this one are kept: rerun with --resume"
+                ) from None
+            self.written[str(line["key"])] = line
 
     def close(self) -> None:
         if self._owned:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from oneke_plan.core.errors import BadInput
+from oneke_plan.core.stops import held
 from oneke_plan.extract.answer_lines import OutputWriter, encode_line, is_answered
 from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.formats import answers
@@ -199,6 +200,8 @@ class RunOutput:
         self._output_stat: os.stat_result | None = None
         self._header_bytes = 0
         self._prepared = False
+        self._kept = False  # close() found answers in the journal (kept for --resume)
+        self._finished = False  # finish() wrote OUT and removed the journals
 
     def __enter__(self) -> RunOutput:
         return self
@@ -285,7 +288,12 @@ class RunOutput:
 
     def _lock(self) -> None:
         """Create the journal already locked and with its header (a temporary file hard-linked into place), or lock
-        the journal an interrupted run left. Another process holding it means another run: BadInput at once."""
+        the journal an interrupted run left. Another process holding it means another run: BadInput at once. A stop
+        signal waits for the end (core.stops.held): the journal is there and recorded as this run's, or not there."""
+        with held():
+            self._lock_held()
+
+    def _lock_held(self) -> None:
         header = {"oneke_run_journal": JOURNAL_FORMAT, "mode": self.mode, "pid": os.getpid()}
         self._header_bytes = len(encode_line(header))
         folder = self.journal.parent
@@ -395,13 +403,18 @@ class RunOutput:
             raise RuntimeError(f"no line for prompts {missing[:5]}: the run ended early")
         data = b"".join(encode_line(line) for line in final_lines(records, self.done))
         changed = not (self._output_stat is not None and _read_or_none(self.output) == data)
-        if changed:
-            write_atomic(
-                self.output, [data], self._output_stat, f"every answer is kept in {self.journal}: rerun with --resume"
-            )
-        self._remove_journal()
-        for peer in others:
-            _remove_finished_journal(peer)
+        with held():  # a stop waits: OUT written and the journals removed, or OUT as it was and the journals kept
+            if changed:
+                write_atomic(
+                    self.output,
+                    [data],
+                    self._output_stat,
+                    f"every answer is kept in {self.journal}: rerun with --resume",
+                )
+            self._remove_journal()
+            for peer in others:
+                _remove_finished_journal(peer)
+            self._finished = True
         return changed
 
     def _remove_journal(self) -> None:
@@ -421,23 +434,30 @@ class RunOutput:
         return not self._created or os.fstat(self._fd).st_size > self._header_bytes
 
     def interruption_note(self) -> str:
-        """What an interrupted run leaves, and how to continue (for the one line the CLI prints)."""
-        if self._fd is None or not self._journal_has_answers():
+        """What an interrupted run leaves, and how to continue (for the one line the CLI prints), before or after
+        close()."""
+        if self._finished:
+            return f"{self.output} was already complete"
+        kept = self._journal_has_answers() if self._fd is not None else self._kept
+        if not kept:
             return "no prompt was answered yet, so nothing was kept"
-        if not self.journal.exists():  # finish() had written OUT and removed the journal
+        if not self.journal.exists():  # another worker's finish() wrote OUT and removed every part
             return f"{self.output} was already complete"
         return f"every answer so far is kept in {self.journal}: run the same command with --resume to continue"
 
     def close(self) -> None:
-        """Release the lock; remove the journal this run created if no answer reached it."""
+        """Release the lock; remove the journal this run created if no answer reached it. A stop signal waits for
+        the end (core.stops.held)."""
         if self._fd is None:
             return
-        try:
-            if self._created and not self._journal_has_answers():
-                self.journal.unlink(missing_ok=True)
-        finally:
-            os.close(self._fd)
-            self._fd = None
+        with held():
+            try:
+                self._kept = self._journal_has_answers()
+                if self._created and not self._kept:
+                    self.journal.unlink(missing_ok=True)
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
 
 def _check_same_input(done: dict[str, dict[str, Any]], records: list[PromptRecord], output: Path) -> None:

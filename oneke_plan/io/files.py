@@ -21,7 +21,7 @@ And for the small files a model folder points with (a hub cache's refs/main, a t
 reads one only if it is a regular file within a size bound, asked of the file system before it is opened, so a FIFO
 never blocks, /dev/zero is never read and a 4 GiB sparse file costs nothing.
 
-A leaf module: standard library, errors and sizes only.
+A leaf module: standard library, errors, sizes and core.stops only.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pathlib import Path
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.sizes import format_bytes
+from oneke_plan.core.stops import held
 
 
 def os_error(path: str | os.PathLike[str], action: str, exc: OSError, hint: str = "") -> BadInput:
@@ -368,9 +369,13 @@ def write_atomic(
 
     `expected` is what the caller validated (lstat of the existing file, or None for "absent"): if the path changed
     since, nothing is replaced. Failures are BadInput naming the path (and `hint`: what to do); the temporary
-    file never stays behind.
+    file never stays behind. A stop signal waits for the end (core.stops.held): the old file or the new one.
     """
-    path = Path(path)
+    with held():
+        _write_atomic(Path(path), chunks, expected, hint)
+
+
+def _write_atomic(path: Path, chunks: Iterable[bytes], expected: os.stat_result | None, hint: str) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
