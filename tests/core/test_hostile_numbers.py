@@ -179,5 +179,5 @@ def test_an_adapter_header_number_is_a_json_integer(bad: object, tmp_path: Path)
     with pytest.raises(BadInput, match="lora_B"):  # the control: the header is read, the pair is incomplete
         read_adapter(tmp_path)
     write([bad, 4])
-    with pytest.raises(BadInput, match="not a complete safetensors file .*must be integers"):
+    with pytest.raises(BadInput, match="not a valid safetensors file: .*not a list of non-negative integers"):
         read_adapter(tmp_path)
