@@ -1,12 +1,20 @@
 """Hostile data for the reliability tests and the fuzz test: alias bombs, deep nesting, and random corruptions of
 YAML and JSON documents (byte flips, truncations, deleted keys, wrong types, huge numbers, deep nesting, aliases,
-Unicode oddities). Every function takes a random.Random, so a fixed seed gives the same cases on every machine."""
+Unicode oddities). Every function takes a random.Random, so a fixed seed gives the same cases on every machine.
+And the one way the reliability tests measure a command's peak memory (`measured`, `imports_peak_bytes`)."""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
-from collections.abc import Callable
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -141,3 +149,57 @@ BYTE_CORRUPTIONS: dict[str, Callable[[bytes, random.Random], bytes]] = {
     "odd_bytes": insert_odd_bytes,
 }
 STRUCTURE_CORRUPTIONS = ("delete", "wrong_type", "huge_number", "odd_string", "odd_key", "deep", "alias")
+
+
+# ---------------------------------------------------------------- peak memory of one command
+
+
+@dataclass(frozen=True)
+class Measured:
+    """How one command ended: its exit code, its stderr, and its peak resident memory in bytes."""
+
+    code: int
+    stderr: str
+    peak_bytes: int
+
+
+def measured(
+    command: list[str | Path], env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 600
+) -> Measured:
+    """Run `command` and read its peak resident memory from os.wait4's rusage, which is that child's alone
+    (RUSAGE_CHILDREN would be the largest of every child the test process ever had). A command still running after
+    `timeout` seconds is killed, and the test fails rather than hangs."""
+    proc = subprocess.Popen(
+        [str(part) for part in command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, env=None if env is None else dict(env), cwd=cwd,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        stderr = proc.stderr.read().decode("utf-8", "replace")  # to its end: the command's pipe never fills
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        killer.cancel()
+        proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode != -9, f"{command[0]} ran past {timeout} s: {stderr[-2000:]}"
+    return Measured(proc.returncode, stderr, usage.ru_maxrss * 1024)  # KiB on Linux
+
+
+BIN = Path(sys.executable).parent
+
+
+def cli(name: str) -> list[str | Path]:
+    """The command line that starts one of the tools (oneke-plan, oneke-run, oneke-score) in this environment."""
+    return [BIN / name]
+
+
+@functools.cache
+def imports_peak_bytes() -> int:
+    """The peak resident memory of a process that only imports what the tools import before a refusal can come
+    (torch, transformers, peft and both CLIs): the floor every refusal's memory is compared with."""
+    imports = "import torch, transformers, peft, oneke_plan.cli.plan, oneke_plan.cli.run"
+    done = measured([sys.executable, "-c", imports])
+    assert done.code == 0, done.stderr
+    return done.peak_bytes

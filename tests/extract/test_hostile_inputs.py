@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import threading
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from hostile import cli, measured
 
 from oneke_plan.cli import plan as plan_cli
 from oneke_plan.core.errors import BadInput
@@ -210,13 +210,9 @@ def tiny_profile(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def run_measured(argv: list[str], folder: Path) -> tuple[int, str, int]:
-    """(exit code, stderr, peak resident bytes) of one oneke-run process: os.wait4's rusage is that child's alone
-    (RUSAGE_CHILDREN would be the largest of every child this test process ever had)."""
-    with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
-        proc = subprocess.Popen([str(BIN / "oneke-run"), *argv, "--no-progress"], stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, (folder / "stderr").read_text(), usage.ru_maxrss * 1024  # KiB on Linux
+    """(exit code, stderr, peak resident bytes) of one oneke-run process (hostile.measured)."""
+    done = measured([*cli("oneke-run"), *argv, "--no-progress"], cwd=folder)
+    return done.code, done.stderr, done.peak_bytes
 
 
 def test_a_100mb_line_among_good_lines_is_its_error_line_in_bounded_memory(

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import transformers_meta_model
+from hostile import imports_peak_bytes, measured
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -450,20 +451,6 @@ def test_adapters_peft_saved_are_accepted_as_peft_builds_them(name: str, files: 
 
 # ---------------------------------------------------------------- bounded memory
 
-_RSS = """
-import resource, subprocess, sys
-subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
-_IMPORTS = "import torch, transformers, peft, oneke_plan.cli.plan; from transformers import AutoModelForCausalLM"
-
-
-def _peak_kib(*command: str) -> int:
-    """The peak resident memory (KiB) of `command` run as the only child of a fresh process."""
-    done = subprocess.run([sys.executable, "-c", _RSS, *command], capture_output=True, text=True, timeout=600)
-    return int(done.stdout.strip())
-
-
 def test_a_huge_rank_is_refused_in_bounded_memory(files: Files, tmp_path: Path) -> None:
     """r = 2**22 on the tiny model: peft would create a 2**22 x 128 float32 lora_A (2 GiB) for each wrapped layer.
     The refusal's peak memory is within 300 MiB of what importing the libraries alone takes."""
@@ -472,7 +459,6 @@ def test_a_huge_rank_is_refused_in_bounded_memory(files: Files, tmp_path: Path) 
     code = "import sys; from oneke_plan.cli.plan import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "r is 4194304, more than" in done.stderr, done.stderr
-    baseline = _peak_kib(sys.executable, "-c", _IMPORTS)
-    refused = _peak_kib(sys.executable, "-c", code, *argv)
-    print(f"peak RSS: imports {baseline / 1024:.0f} MiB, refusal {refused / 1024:.0f} MiB")
-    assert refused - baseline < 300 * 1024, (baseline, refused)  # ru_maxrss is in KiB on Linux
+    baseline, refused = imports_peak_bytes(), measured([sys.executable, "-c", code, *argv]).peak_bytes
+    print(f"peak RSS: imports {baseline / 2**20:.0f} MiB, refusal {refused / 2**20:.0f} MiB")
+    assert refused - baseline < 300 * 2**20, (baseline, refused)

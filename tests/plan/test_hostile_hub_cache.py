@@ -7,13 +7,11 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hostile import cli, measured
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.plan.model_source import resolve_model
@@ -95,32 +93,13 @@ def test_anything_else_in_refs_main_is_one_line(ref: Path, kind: str, no_hang: N
     assert message.endswith(f"download the model again (hf download {REPO}) to rewrite it")
 
 
-MEASURE = textwrap.dedent("""
-    import resource, subprocess, sys
-    ran = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-    print(ran.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print(ran.stderr, end="")
-""")
-
-
-def peak_rss(command: list[str | Path], env: dict[str, str], cwd: Path) -> tuple[int, int, str]:
-    """(exit code, peak resident memory in bytes, stderr) of `command`, run as the only child of a fresh Python (so
-    no earlier child of the test process counts)."""
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE, *map(str, command)], capture_output=True, text=True, env=env, cwd=cwd,
-        timeout=300, check=True,
-    )  # fmt: skip
-    head, _, stderr = done.stdout.partition("\n")
-    code, kib = map(int, head.split())
-    return code, kib * 1024, stderr
-
-
 def test_a_4_gib_sparse_refs_main_costs_no_memory(tmp_path: Path) -> None:
     ref = hub_cache(tmp_path / "hf")
     os.truncate(ref, 4 * 2**30)  # sparse: no disk taken
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    code, peak, stderr = peak_rss([Path(sys.executable).parent / "oneke-plan", REPO], env, tmp_path)
+    done = measured([*cli("oneke-plan"), REPO], env, tmp_path)
+    code, peak, stderr = done.code, done.peak_bytes, done.stderr
     assert code == 2 and stderr.splitlines() == [
         f"oneke-plan: error: {ref}: larger than 256 B (it is 4.00 GiB), more "
         "than any file of its kind; download the model again (hf download "
