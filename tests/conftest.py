@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,10 @@ needs_bnb_on_cpu = pytest.mark.skipif(
 DEEPKE_DIR = Path(__file__).parent.parent / "examples" / "deepke"
 
 
-def put_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str) -> Path:
+def put_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str, keep: bool = False) -> Path:
     """Lay `model_dir`'s files out as huggingface_hub's download does: content-addressed blobs, a snapshot folder of
-    symbolic links to them named by the commit, and refs/main naming that commit. Returns the snapshot folder."""
+    symbolic links to them named by the commit, and refs/main naming that commit (`keep`: copy the files there, not
+    move them). Returns the snapshot folder."""
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     snapshot = repo / "snapshots" / commit
@@ -43,7 +46,10 @@ def put_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str) -> Path:
     snapshot.mkdir(parents=True)
     for path in sorted(model_dir.iterdir()):
         blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
-        path.rename(blob)
+        if keep:
+            shutil.copyfile(path, blob)
+        else:
+            path.rename(blob)
         (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
@@ -315,3 +321,18 @@ def shared_measurements(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(planner, "Measurements", shared)
     yield
+
+
+@pytest.fixture()
+def no_hang():  # yields None
+    """A check that opened a FIFO (or a device) for reading would wait for a writer for ever: an alarm turns that
+    regression into a failure instead of a hung test run."""
+
+    def stuck(signum: int, frame: object) -> None:
+        raise AssertionError("blocked: a FIFO or device was opened for reading")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

@@ -277,10 +277,9 @@ def _connect(worker: Worker, timeout: timedelta, deadline: float, seconds: int) 
                 wait_for_workers=False,
             )
         except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BadInput(
-                f"worker 0 cannot open the rendezvous at MASTER_ADDR:MASTER_PORT {where} ({reason}): choose a free "
-                "port on this host (torchrun --master-port)"
+                f"worker 0 cannot open the rendezvous at MASTER_ADDR:MASTER_PORT {where} ({_reason(exc)}): choose a "
+                "free port on this host (torchrun --master-port)"
             ) from None
     while not _reachable(worker.master_addr, worker.master_port, deadline):
         if time.monotonic() >= deadline:
@@ -296,11 +295,16 @@ def _connect(worker: Worker, timeout: timedelta, deadline: float, seconds: int) 
             wait_for_workers=False,
         )  # fmt: skip
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(
-            f"the rendezvous at MASTER_ADDR:MASTER_PORT {where} answers, but not as torch's store ({reason}): check "
-            "MASTER_ADDR and MASTER_PORT"
+            f"the rendezvous at MASTER_ADDR:MASTER_PORT {where} answers, but not as torch's store ({_reason(exc)}): "
+            "check MASTER_ADDR and MASTER_PORT"
         ) from None
+
+
+def _reason(exc: RuntimeError) -> str:
+    """The first line of torch's store error (the rest is a C++ stack), for a one-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _reachable(host: str, port: int, deadline: float) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import put_in_hub_cache
 
 from oneke_plan.cli.plan import main as plan_main
 from oneke_plan.cli.run import main as run_main
@@ -59,23 +60,6 @@ class World:
     schema: Path
 
 
-def _blob_layout(model: Path, hub: Path, repo_id: str) -> Path:
-    """`model`'s files laid out as huggingface_hub downloads them: blobs named by their hash, a snapshot folder of
-    relative links to them, refs/main. Returns the snapshot folder."""
-    repo = hub / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for path in sorted(model.iterdir()):
-        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
-        shutil.copyfile(path, blob)
-        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
-
-
 def _lora(model: Path, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -93,7 +77,7 @@ def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Wor
     (root / "store").mkdir()
     (linked / "model.safetensors").rename(root / "store" / "weights.safetensors")
     (linked / "model.safetensors").symlink_to(root / "store" / "weights.safetensors")
-    snapshot = _blob_layout(tiny_model_dir, root / "hub", REPO_ID)
+    snapshot = put_in_hub_cache(tiny_model_dir, root, REPO_ID, keep=True)
     adapter = _lora(model, root / "adapter")
     other = Path(shutil.copytree(tiny_model_dir, root / "other"))
     other_adapter = Path(shutil.copytree(adapter, root / "other-adapter"))

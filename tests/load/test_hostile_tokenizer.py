@@ -12,10 +12,9 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,20 +42,6 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model(sp_model: Path, tmp_path: Path) -> Path:
     """A fresh copy of sp_model, to damage."""
     return Path(shutil.copytree(sp_model, tmp_path / "model"))
-
-
-@pytest.fixture()
-def no_hang() -> Iterator[None]:
-    """A check that opened a FIFO for reading would wait for a writer for ever: fail instead."""
-
-    def stuck(signum: int, frame: object) -> None:
-        raise AssertionError("blocked: a FIFO or device was opened for reading")
-
-    previous = signal.signal(signal.SIGALRM, stuck)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def refusal(model_dir: Path | str) -> str:

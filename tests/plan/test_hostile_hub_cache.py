@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,18 +35,6 @@ def hub_cache(root: Path, commits: tuple[str, ...] = (COMMIT,)) -> Path:
 def ref(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     return hub_cache(tmp_path)
-
-
-@pytest.fixture()
-def no_hang() -> Iterator[None]:
-    def stuck(signum: int, frame: object) -> None:
-        raise AssertionError("blocked: refs/main was opened for reading as a FIFO")
-
-    previous = signal.signal(signal.SIGALRM, stuck)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def test_the_commit_huggingface_hub_writes_is_followed(ref: Path, tmp_path: Path) -> None:
