@@ -16,12 +16,14 @@ not come instead of waiting for them for ever.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import socket
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -231,6 +233,27 @@ def join(worker: Worker, timeout: timedelta) -> Any:
     workers that did not come. Waits in short steps, so a stop signal ends it at once."""
     deadline = time.monotonic() + timeout.total_seconds()
     seconds = round(timeout.total_seconds())
+    with _cpp_warnings_silenced():
+        return _join(worker, timeout, deadline, seconds)
+
+
+@contextlib.contextmanager
+def _cpp_warnings_silenced() -> Iterator[None]:
+    """Standard error closed to torch's C++ code while it runs: a store call that finds the store gone logs a
+    warning with a C++ stack on file descriptor 2 before it raises, and the raise becomes our one line. Python's
+    own messages are printed once this is left (they are raised, not printed, in here)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _join(worker: Worker, timeout: timedelta, deadline: float, seconds: int) -> Any:
     store = _connect(worker, timeout, deadline, seconds)
     store.set_timeout(timeout)  # each call on it, and the process group's own connection: bounded as well
     prefix = f"oneke-plan/join/{worker.restarts}/"
