@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -156,35 +157,41 @@ STRUCTURE_CORRUPTIONS = ("delete", "wrong_type", "huge_number", "odd_string", "o
 
 @dataclass(frozen=True)
 class Measured:
-    """How one command ended: its exit code, its stderr, and its peak resident memory in bytes."""
+    """How one command ended: its exit code (negative: killed by that signal), its stderr, and its peak resident
+    memory in bytes."""
 
     code: int
     stderr: str
     peak_bytes: int
 
 
+_WRAPPER = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
+"""
+
+
 def measured(
     command: list[str | Path], env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 600
 ) -> Measured:
-    """Run `command` and read its peak resident memory from os.wait4's rusage, which is that child's alone
-    (RUSAGE_CHILDREN would be the largest of every child the test process ever had). A command still running after
-    `timeout` seconds is killed, and the test fails rather than hangs."""
+    """Run `command` and read its peak resident memory, as the only child of a small fresh Python: Linux counts a
+    child's memory from before its exec too, which for a child forked from this test process (gigabytes, late in a
+    suite) would be this process's own. A command still running after `timeout` seconds is killed with its wrapper,
+    and the test fails rather than hangs."""
     proc = subprocess.Popen(
-        [str(part) for part in command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, env=None if env is None else dict(env), cwd=cwd,
+        [sys.executable, "-c", _WRAPPER, *map(str, command)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=None if env is None else dict(env), cwd=cwd, start_new_session=True,
     )  # fmt: skip
-    assert proc.stderr is not None
-    killer = threading.Timer(timeout, proc.kill)
+    killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
     killer.start()
     try:
-        stderr = proc.stderr.read().decode("utf-8", "replace")  # to its end: the command's pipe never fills
-        _, status, usage = os.wait4(proc.pid, 0)
+        out, err = proc.communicate()
     finally:
         killer.cancel()
-        proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode != -9, f"{command[0]} ran past {timeout} s: {stderr[-2000:]}"
-    return Measured(proc.returncode, stderr, usage.ru_maxrss * 1024)  # KiB on Linux
+    assert proc.returncode == 0 and out.strip(), f"{command[0]} ran past {timeout} s, or its wrapper failed: {err!r}"
+    code, kib = map(int, out.split())
+    return Measured(code, err.decode("utf-8", "replace"), kib * 1024)  # KiB on Linux
 
 
 BIN = Path(sys.executable).parent
