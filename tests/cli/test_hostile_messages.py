@@ -34,6 +34,8 @@ from oneke_plan.core.errors import EXIT_BAD_INPUT
 from oneke_plan.core.sizes import GiB
 from oneke_plan.plan.report import text_width
 
+pytestmark = pytest.mark.newest_only  # the tool's own rules: no library version changes them
+
 SVG = "{http://www.w3.org/2000/svg}"
 COMMANDS: dict[str, tuple[Callable[[list[str] | None], int], Callable[[], argparse.ArgumentParser]]] = {
     "oneke-plan": (plan_cli.main, plan_cli.build_parser),

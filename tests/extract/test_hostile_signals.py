@@ -27,6 +27,8 @@ from oneke_plan.cli import run as run_cli
 from oneke_plan.core import stops
 from oneke_plan.extract.outputs import is_merged_line, is_prompt_line, journal_path
 
+pytestmark = pytest.mark.newest_only  # the tool's own rules: no library version changes them
+
 BIN = Path(sys.executable).parent
 
 

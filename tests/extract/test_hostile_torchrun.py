@@ -24,6 +24,8 @@ from oneke_plan.cli.run import main as run_main
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract.workers import Worker
 
+pytestmark = pytest.mark.newest_only  # the tool's own rules: no library version changes them
+
 BIN = Path(sys.executable).parent
 TORCHRUN_VARIABLES = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",

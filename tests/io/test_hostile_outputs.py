@@ -31,6 +31,8 @@ from oneke_plan.cli.run import main as run_main
 from oneke_plan.measure.compat import dtype_kw
 from oneke_plan.plan.report import drawn_by_oneke_plan
 
+pytestmark = pytest.mark.newest_only  # the tool's own rules: no library version changes them
+
 peft = pytest.importorskip("peft")  # the [lora] extra: the adapter is one of the files a run reads
 
 NER_LINE = json.loads(

@@ -17,6 +17,8 @@ from oneke_plan import api
 from oneke_plan.cli.run import main as run_main
 from oneke_plan.plan.profile import REPLICAS_FORMAT_VERSION, read_profile, required_keys
 
+pytestmark = pytest.mark.newest_only  # the tool's own rules: no library version changes them
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "profile-format.md"
 PLANS = {
     1: {"gpus": ["24GiB", "12GiB"]},  # split over two GPUs: two devices, two estimate entries
