@@ -16,6 +16,7 @@ random bytes into a request for tiktoken; 4.x fails with a TypeError, and a FIFO
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,13 @@ def check_tokenizer_files(directory: Path) -> None:
     """Each tokenizer file in `directory` that exists, and generation_config.json (which transformers reads after
     the weights), is a regular file of a size such a file can have: BadInput naming it otherwise (a FIFO, device,
     folder or dangling link), nothing opened."""
+    built_from_json = (directory / "tokenizer.json").exists()
     for name in (*TOKENIZER_FILES, "generation_config.json"):
-        limit = MAX_SENTENCEPIECE_BYTES if name == SENTENCEPIECE_FILE else MAX_JSON_BYTES
+        limit = MAX_JSON_BYTES
+        if name == SENTENCEPIECE_FILE:
+            # Bounded where it is what the tokenizer is built from. Beside a tokenizer.json it is not read, and it
+            # can be anything: transformers 4.x saves a GGUF-loaded tokenizer with the whole GGUF as tokenizer.model.
+            limit = sys.maxsize if built_from_json else MAX_SENTENCEPIECE_BYTES
         regular_file(directory / name, limit, _DAMAGED)
 
 

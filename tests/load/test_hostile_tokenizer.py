@@ -323,3 +323,20 @@ def test_oneke_run_refuses_a_damaged_hub_cache_blob_before_the_weights(
     DAMAGE[kind][0]((snapshot / "tokenizer.model").resolve())
     ran = run_damaged(snapshot, tmp_path, env, REPO)
     assert_refused(ran, snapshot, "not a regular file", tmp_path)
+
+
+def test_a_big_tokenizer_model_beside_a_tokenizer_json_is_not_bounded(tmp_path: Path) -> None:
+    """transformers 4.x saves a GGUF-loaded tokenizer with the whole GGUF (94 MiB for SmolLM2) as tokenizer.model
+    beside the tokenizer.json the tokenizer is built from: only a tokenizer.model that is read is bounded."""
+    from oneke_plan.load.tokenizer_files import check_tokenizer_files
+
+    os.truncate(_touch(tmp_path / "tokenizer.model"), MAX_SENTENCEPIECE_BYTES + 1)  # sparse: no disk taken
+    with pytest.raises(BadInput, match="tokenizer.model: larger than"):
+        check_tokenizer_files(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    check_tokenizer_files(tmp_path)
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path
