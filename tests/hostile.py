@@ -152,6 +152,17 @@ BYTE_CORRUPTIONS: dict[str, Callable[[bytes, random.Random], bytes]] = {
 STRUCTURE_CORRUPTIONS = ("delete", "wrong_type", "huge_number", "odd_string", "odd_key", "deep", "alias")
 
 
+def replaced(make: Callable[[Path], object]) -> Callable[[Path], None]:
+    """A damage for a test's table: the file at the path is removed and `make` puts something else there (a FIFO,
+    a folder, a link to /dev/zero)."""
+
+    def damage(path: Path) -> None:
+        path.unlink()
+        make(path)
+
+    return damage
+
+
 # ---------------------------------------------------------------- peak memory of one command
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEEPKE_DIR, put_in_hub_cache
+from hostile import replaced
 from tiny_checkpoint import build_tiny_llama, sentencepiece_vocab_size, train_sentencepiece
 
 from oneke_plan.core.errors import BadInput
@@ -63,24 +64,16 @@ def pieces(model_dir: Path) -> int:
 
 
 # -- the file itself ------------------------------------------------------------------------------------------------
-def _replace(make: Callable[[Path], None]) -> Callable[[Path], None]:
-    def damage(path: Path) -> None:
-        path.unlink()
-        make(path)
-
-    return damage
-
-
 DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "empty": (lambda p: p.write_bytes(b""), "tokenizer.model: is empty;"),
-    "fifo": (_replace(lambda p: os.mkfifo(p)), "tokenizer.model: is a FIFO (named pipe), not a regular file"),
+    "fifo": (replaced(lambda p: os.mkfifo(p)), "tokenizer.model: is a FIFO (named pipe), not a regular file"),
     "dev-zero": (
-        _replace(lambda p: p.symlink_to("/dev/zero")),
+        replaced(lambda p: p.symlink_to("/dev/zero")),
         "tokenizer.model: is a symbolic link to /dev/zero, a character device, not a regular file",
     ),
-    "folder": (_replace(lambda p: p.mkdir()), "tokenizer.model: is a folder, not a regular file"),
+    "folder": (replaced(lambda p: p.mkdir()), "tokenizer.model: is a folder, not a regular file"),
     "dangling-link": (
-        _replace(lambda p: p.symlink_to("gone.model")),
+        replaced(lambda p: p.symlink_to("gone.model")),
         "tokenizer.model: is a symbolic link to gone.model, which does not exist",
     ),
     "huge-sparse": (  # sparse: no disk taken

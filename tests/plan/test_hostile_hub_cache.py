@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hostile import cli, measured
+from hostile import cli, measured, replaced
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.plan.model_source import resolve_model
@@ -46,14 +46,6 @@ def test_the_commit_huggingface_hub_writes_is_followed(ref: Path, tmp_path: Path
     assert resolve_model(REPO).directory == ref.parents[1] / "snapshots" / COMMIT
 
 
-def _swap(make: Callable[[Path], None]) -> Callable[[Path], None]:
-    def damage(path: Path) -> None:
-        path.unlink()
-        make(path)
-
-    return damage
-
-
 REFS: dict[str, tuple[Callable[[Path], None], str]] = {
     "empty": (
         lambda p: p.write_text(""),
@@ -62,9 +54,9 @@ REFS: dict[str, tuple[Callable[[Path], None], str]] = {
     "a path": (lambda p: p.write_text("../../../../etc"), "it holds '../../../../etc'"),
     "short": (lambda p: p.write_text(COMMIT[:39]), f"it holds '{COMMIT[:39]}'"),
     "binary": (lambda p: p.write_bytes(b"\xff\x00" * 20), "is not a commit hash"),
-    "fifo": (_swap(os.mkfifo), "is a FIFO (named pipe), not a regular file"),
-    "dev-zero": (_swap(lambda p: p.symlink_to("/dev/zero")), "is a symbolic link to /dev/zero, a character device"),
-    "folder": (_swap(lambda p: p.mkdir()), "is a folder, not a regular file"),
+    "fifo": (replaced(os.mkfifo), "is a FIFO (named pipe), not a regular file"),
+    "dev-zero": (replaced(lambda p: p.symlink_to("/dev/zero")), "is a symbolic link to /dev/zero, a character device"),
+    "folder": (replaced(lambda p: p.mkdir()), "is a folder, not a regular file"),
     "4 GiB sparse": (lambda p: os.truncate(p, 4 * 2**30), "larger than 256 B (it is 4.00 GiB)"),
 }
 
