@@ -15,7 +15,7 @@ allocated it before any block ran (some caches are preallocated). After the forw
 
 One assumption remains, because the meta device has no attention kernel: `scaled_dot_product_attention` is
 accounted as GPUs run it (flash / memory-efficient kernels: the output and a float32 log-sum-exp per query, no
-seq x seq scores). On the meta device torch would run its math fallback, which materializes the scores in
+seq x seq scores; a boolean mask converted to the query's dtype, as torch does before any kernel). On the meta device torch would run its math fallback, which materializes the scores in
 float32. Eager attention is measured as it is. See docs/memory-model.md.
 
 measurer.py turns a handful of such forwards into laws (laws.py) that give the bytes of any batch and length.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import warnings
 import weakref
@@ -75,9 +76,10 @@ def _tracker_classes() -> tuple[type, type]:
     local_scalar = torch.ops.aten._local_scalar_dense.default
 
     class Tracker(TorchDispatchMode):
-        def __init__(self, run: _Run, existing: Sequence[Any] = ()) -> None:
+        def __init__(self, run: _Run, existing: Sequence[Any] = (), padded: bool = True) -> None:
             super().__init__()
             self.run = run
+            self.padded = padded
             self.known: WeakIdKeyDictionary = WeakIdKeyDictionary()
             self.stack: list[str] = []
             self.refs: list[Any] = []
@@ -93,7 +95,7 @@ def _tracker_classes() -> tuple[type, type]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             if func is local_scalar:
-                return _read_meta_value(args[0])
+                return _read_meta_value(args[0], self.padded)
             block = self.block
             storages = self.run.storages
             if block != OUTSIDE:
@@ -120,7 +122,8 @@ def _tracker_classes() -> tuple[type, type]:
     class FusedKernels(TorchFunctionMode):
         """Fused kernels as GPUs run them, by what they allocate.
 
-        `scaled_dot_product_attention`: the output and a float32 log-sum-exp per query. Grouped matmuls (the
+        `scaled_dot_product_attention`: the output and a float32 log-sum-exp per query, and a boolean mask's
+        conversion to the query's dtype. Grouped matmuls (the
         experts of transformers' MoE layers): the output. torch's meta kernel for them accepts only bfloat16, the
         GPU kernel's rule, while the CPU kernel also takes float32: the output is the same either way.
         """
@@ -129,10 +132,13 @@ def _tracker_classes() -> tuple[type, type]:
             kwargs = kwargs or {}
             if func is torch.nn.functional.scaled_dot_product_attention:
                 named = dict(zip(("query", "key", "value"), args, strict=False)) | kwargs  # some models pass names
-                query, value = named["query"], named["value"]
+                query, value, mask = named["query"], named["value"], named.get("attn_mask")
+                # torch's SDPA turns a boolean mask into an additive one of the query's dtype before any kernel
+                # (convert_boolean_attn_mask), alive until the kernel returns
+                additive = query.new_empty(mask.shape) if mask is not None and mask.dtype == torch.bool else None
                 logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
                 out = query.new_empty((*query.shape[:-1], value.shape[-1]))
-                del logsumexp
+                del logsumexp, additive
                 return out
             if func in grouped_mms and args[0].dim() == 2 and args[1].dim() == 3:  # tokens x (experts, in, out)
                 dtype = kwargs.get("out_dtype") or args[0].dtype
@@ -156,18 +162,20 @@ def _tensors(values: Any) -> Iterator[Any]:
 _MASK_FILES = ("transformers/masking_utils.py", "transformers/modeling_attn_mask_utils.py")
 
 
-def _read_meta_value(tensor: Any) -> Any:
+def _read_meta_value(tensor: Any, padded: bool) -> Any:
     """A meta tensor has no value. transformers reads one in one place we know the answer to: whether a batch's
-    attention mask is all ones, to skip building the mask (masking_utils; modeling_attn_mask_utils before 5.0).
-    A batch of prompts of different lengths is padded, so the answer is no, and the mask is built as in
-    generation. Any other read is a value the measurement cannot know: the model cannot be measured."""
+    attention mask is all ones, to skip building the 4D mask (masking_utils; modeling_attn_mask_utils before 5.0).
+    The answer is the planned run's: a batch of prompts of different lengths is padded (`padded`: no), a single
+    prompt is not (yes). Which backends and steps then skip the mask (SDPA does where the query covers the whole
+    cache or is one token; eager never does) is the installed transformers' own code, run as it is. Any other read
+    is a value the measurement cannot know: the model cannot be measured."""
     import sys
 
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_filename.replace("\\", "/").endswith(_MASK_FILES):
             if tensor.dtype == __import__("torch").bool:
-                return False
+                return not padded
         frame = frame.f_back  # type: ignore[assignment]
     raise MeasureError("its forward reads a tensor's value (.item()), which the meta device does not have")
 
@@ -302,9 +310,10 @@ def _summarize(run: _Run, outputs: set[int], blocks: Sequence[str], first: int, 
 def measure_step(
     model: Any, blocks: Sequence[str], batch: int, tokens: int, forward_kwargs: dict[str, Any] | None = None
 ) -> tuple[ForwardMemory, ForwardMemory]:
-    """A prefill of batch x tokens, then one decode step with its cache, as generation runs them (an attention
-    mask of ones, as batched generation passes one). Returns (prefill, decode): the state each leaves behind and
-    the peak of each block during it. Raises MeasureError if the model's forward cannot run on the meta device.
+    """A prefill of batch x tokens, then one decode step with its cache, as generation runs them: with an
+    attention mask, padded where the batch holds more than one prompt (transformers then builds a 4D mask; for a
+    single prompt SDPA skips it). Returns (prefill, decode): the state each leaves behind and the peak of each
+    block during it. Raises MeasureError if the model's forward cannot run on the meta device.
 
     Prefill peaks count tensors that do not outlive the forward. Decode peaks count everything alive beyond the
     state the step leaves: a cache that grows by concatenation holds its old and new storage for a moment.
@@ -313,42 +322,53 @@ def measure_step(
 
     tracker_class, fused_class = _tracker_classes()
     run = _Run()
-    with _inputs_mode(model) as device:
-        ids = torch.zeros((batch, tokens), dtype=torch.long, device=device)
-        mask = torch.ones((batch, tokens), dtype=torch.long, device=device)
-        step_ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        step_mask = torch.ones((batch, tokens + 1), dtype=torch.long, device=device)
-    inputs = [ids, mask, step_ids, step_mask]
-    tracker = tracker_class(run, [*model.parameters(), *model.buffers(), *inputs])
+    tracker = tracker_class(run, [*model.parameters(), *model.buffers()], padded=batch > 1)
     kwargs = dict(forward_kwargs or {})
     kwargs.update(last_logits_only(model))
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     try:
         with (
             torch.no_grad(),
             warnings.catch_warnings(),
             contextlib.redirect_stderr(io.StringIO()),
             _block_hooks(model, blocks, tracker),
-            _fake_mode_of(model),
+            _inputs_mode(model) as device,
             fused_class(),
             tracker,
         ):
             warnings.simplefilter("ignore")
-            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+            inputs = _generation_inputs(batch, tokens, tokens, device, takes_positions)
+            out = model(**inputs, use_cache=True, **kwargs)
             prefill_end = len(run.ops)
-            prefill = _summarize(run, _storages_known(tracker, out), blocks, 0, prefill_end)
+            prefill = _summarize(run, _storages_known(tracker, out, inputs), blocks, 0, prefill_end)
             cache = _cache_object(_cache_of(out))
-            del out
-            out = model(
-                input_ids=step_ids, attention_mask=step_mask, use_cache=True, **{cache_argument(model): cache}, **kwargs
-            )
+            del out, inputs
+            inputs = _generation_inputs(batch, 1, tokens + 1, device, takes_positions)
+            out = model(**inputs, use_cache=True, **{cache_argument(model): cache}, **kwargs)
             del cache  # the step's own cache replaces it (4.x: the legacy tuple would keep the old storage alive)
     except MeasureError:
         raise
     except Exception as exc:  # the model's own code: any failure means it cannot be measured here
         raise MeasureError(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
-    decode = _summarize(run, _storages_known(tracker, out), blocks, prefill_end, len(run.ops))
-    del out
+    decode = _summarize(run, _storages_known(tracker, out, inputs), blocks, prefill_end, len(run.ops))
+    del out, inputs
     return prefill, decode
+
+
+def _generation_inputs(batch: int, tokens: int, mask_tokens: int, device: str, positions: bool) -> dict[str, Any]:
+    """What generation passes a forward of `tokens` new tokens per row, made under the tracker so that their bytes
+    count while it runs: ids, an attention mask over the `mask_tokens` positions so far, and (where the forward
+    takes them) position ids per row, counted from the mask so that padding does not count; a model's rotary
+    embeddings are then batch x tokens, not 1 x tokens as from the cache's positions."""
+    import torch
+
+    inputs = {
+        "input_ids": torch.zeros((batch, tokens), dtype=torch.long, device=device),
+        "attention_mask": torch.ones((batch, mask_tokens), dtype=torch.long, device=device),
+    }
+    if positions:
+        inputs["position_ids"] = torch.zeros((batch, tokens), dtype=torch.long, device=device)
+    return inputs
 
 
 def _fake_mode_of(model: Any) -> Any:
@@ -384,9 +404,10 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _storages_known(tracker: Any, out: Any) -> set[int]:
-    """Indexes of the storages of the model's logits (an output, not state)."""
-    indexes = (tracker.known.get(storage) for storage in _storages_of(getattr(out, "logits", None)))
+def _storages_known(tracker: Any, out: Any, inputs: dict[str, Any]) -> set[int]:
+    """Indexes of the storages of the model's logits and of its inputs: alive while it runs, but not state."""
+    storages = [*_storages_of(getattr(out, "logits", None)), *_storages_of(list(inputs.values()))]
+    indexes = (tracker.known.get(storage) for storage in storages)
     return {i for i in indexes if i is not None and i >= 0}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 def _monomials(batch: int, tokens: int) -> tuple[int, ...]:
     """The terms a tensor's size can have in a transformer's forward: constant, T, T^2, B, B*T, B*T^2 (T: the
-    prompt's length for a prefill, the cache's for a decode step)."""
+    prompt's length for a prefill, the cache's for a decode step). A law of one batch size has the first three."""
     return (1, tokens, tokens * tokens, batch, batch * tokens, batch * tokens * tokens)
 
 
@@ -49,25 +49,30 @@ class Law:
 
     Every tensor a transformer's forward allocates has such a size (a product of batch, length and model sizes),
     so the live bytes at each op are such a polynomial, and a block's peak is the most of them: the polynomials of
-    the block's ops (those no other one exceeds term by term), fitted through the same six shapes."""
+    the block's ops (those no other one exceeds term by term), fitted through the same six shapes. A law for one
+    batch size (a single prompt runs another code path: no padding, so no attention mask) is c . (1, T, T^2),
+    fitted through three lengths at that batch."""
 
     terms: tuple[tuple[int, ...], ...]
     denominator: int
 
     def __call__(self, batch: int, tokens: int) -> int:
         monomials = _monomials(batch, tokens)
-        best = max(sum(c * m for c, m in zip(term, monomials, strict=True)) for term in self.terms)
+        best = max(sum(c * m for c, m in zip(term, monomials, strict=False)) for term in self.terms)
         return -((-best) // self.denominator)  # ceil: never below the fitted bytes
 
     @staticmethod
     def fit(
         shapes: Sequence[tuple[int, int]], series: Sequence[Sequence[int]], ops: Sequence[Sequence[Any]] | None = None
     ) -> Law:
-        """Through `shapes` (six (batch, tokens)): `series[k]` holds the values at shape k, one per op (`ops[k]`).
-        Ops are lined up across the shapes (a shape may run an op the others do not, e.g. for a batch of one);
-        where the peaks are not at ops they share, the law is one polynomial through the peaks, which the
+        """Through `shapes` (six (batch, tokens), or three lengths of one batch): `series[k]` holds the values at
+        shape k, one per op (`ops[k]`). Ops are lined up across the shapes (a shape may run an op the others do
+        not); where the peaks are not at ops they share, the law is one polynomial through the peaks, which the
         whole-model check then confirms or refuses. ValueError if the shapes do not determine the polynomials."""
-        inverse = _inverse([_monomials(b, t) for b, t in shapes])
+        one_batch = len(shapes) == 3 and len({b for b, _ in shapes}) == 1
+        inverse = (
+            _inverse([_monomials(b, t)[: len(shapes)] for b, t in shapes]) if one_batch or len(shapes) == 6 else None
+        )
         if inverse is None:
             raise ValueError("the shapes do not determine a polynomial")
         columns = _line_up(series, ops) if ops is not None else list(zip(*series, strict=True))

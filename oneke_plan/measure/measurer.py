@@ -1,9 +1,10 @@
 """The Measurer: the measured memory of one model, per block, for any workload, from a handful of forwards.
 
-It fits laws (laws.py) through forwards at six small shapes (forward.py's measure_step), on a two-layer copy of the
-model where its layers are alike, and checks them against a forward of the whole model, so that planning many
+It fits laws (laws.py) through forwards at a few small shapes (forward.py's measure_step), on a two-layer copy of
+the model where its layers are alike, and checks them against a forward of the whole model, so that planning many
 workloads (bisection for --solve, what-would-fit suggestions) stays arithmetic; where a law cannot be trusted it
-measures each workload.
+measures each workload. A single prompt and a padded batch run different code (transformers builds no attention
+mask where nothing is padded), so each has its own laws: three lengths at batch 1, six shapes at batches 2 and 3.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ class BlockMemory:
 
 
 Regime = tuple[int, int | None]  # token counts [low, high) a set of laws holds for (high None: unbounded)
+Laws = dict[str, BlockLaws]
 
 
 class Measurer:
     """The measured memory of one model (built on the meta device), per block, for any workload.
 
-    Laws are fitted from forwards at six small shapes, on a two-layer copy of the model when its decoder layers
-    are all alike (same classes, tensors and layer type), and checked against a forward of the whole model at a
-    shape they were not fitted on. Sliding windows (read off the cache transformers builds) split token counts
+    Laws are fitted from forwards at a few small shapes (batch 1 apart from batches of two and more: a single
+    prompt is never padded), on a two-layer copy of the model when its decoder layers are all alike (same
+    classes, tensors and layer type), and checked against a forward of the whole model at a shape they were not
+    fitted on. Sliding windows (read off the cache transformers builds) split token counts
     into two regimes, below the smallest window and from the largest, each with its own laws and check. Where a
     check fails, or for lengths between two windows of different sizes, each workload is measured directly
     (slower, as exact). MeasureError: the model's forward cannot run on the meta device.
@@ -60,14 +63,14 @@ class Measurer:
         self.max_tokens = max_tokens or (1 << 20)
         self.log: list[str] = []
         self._direct: dict[tuple[int, int, int], dict[str, BlockMemory]] = {}
-        self._laws: list[tuple[Regime, dict[str, BlockLaws] | None]] | None = None
+        self._laws: list[tuple[Regime, Laws | None, Laws | None]] | None = None  # regime, batch 1, batches >= 2
         self._margin = 0  # bytes added to every law's peak (laws from the two-layer copy: see _check)
 
     # -- public ------------------------------------------------------------------------------------------------
     def block_memory(self, batch: int, input_tokens: int, total_tokens: int) -> dict[str, BlockMemory]:
         """Per block (and OUTSIDE): the most state it holds and its transient peak, for a generation of `batch`
         prompts of `input_tokens` growing to `total_tokens`."""
-        prefill, decode = self._laws_for(input_tokens), self._laws_for(total_tokens)
+        prefill, decode = self._laws_for(batch, input_tokens), self._laws_for(batch, total_tokens)
         if prefill is None or decode is None:
             return self.measure_directly(batch, input_tokens, total_tokens)
         return {
@@ -97,15 +100,15 @@ class Measurer:
         return self._direct[key]
 
     # -- laws --------------------------------------------------------------------------------------------------
-    def _laws_for(self, tokens: int) -> dict[str, BlockLaws] | None:
+    def _laws_for(self, batch: int, tokens: int) -> Laws | None:
         if self._laws is None:
             self._laws = self._fit_all()
-        for (low, high), laws in self._laws:
+        for (low, high), single, batched in self._laws:
             if tokens >= low and (high is None or tokens < high):
-                return laws
+                return single if batch == 1 else batched
         return None
 
-    def _fit_all(self) -> list[tuple[Regime, dict[str, BlockLaws] | None]]:
+    def _fit_all(self) -> list[tuple[Regime, Laws | None, Laws | None]]:
         reduced = None
         if self.reduced is not None:
             try:
@@ -118,27 +121,34 @@ class Measurer:
         if windows:
             regimes.append((max(windows), None))
             self.log.append(f"measuring: sliding windows of {', '.join(map(str, sorted(windows)))} tokens")
-        fitted: list[tuple[Regime, dict[str, BlockLaws] | None]] = []
-        for regime in regimes:
-            laws = None
-            candidates = ([reduced] if reduced else []) + [(self.model, self.blocks, self.layers)]
-            for candidate in candidates:
-                try:
-                    laws = self._fit(candidate, regime)
-                except (ValueError, MeasureError) as exc:
-                    self.log.append(f"measuring: no laws for {_span(regime)} tokens ({_first_line(exc)})")
-                    laws = None
-                tolerance = self._tolerance() if candidate is reduced else 0
-                if laws is not None and self._check(laws, regime, tolerance):
-                    self._margin = max(self._margin, tolerance)
-                    break
-                laws = None
-            if laws is None:
-                self.log.append(f"measuring: {_span(regime)} tokens are measured one workload at a time")
-            fitted.append((regime, laws))
-        return fitted
+        candidates = ([reduced] if reduced else []) + [(self.model, self.blocks, self.layers)]
+        return [
+            (
+                regime,
+                self._fit_checked(candidates, reduced, regime, True),
+                self._fit_checked(candidates, reduced, regime, False),
+            )
+            for regime in regimes
+        ]
 
-    def _fit(self, candidate: tuple[Any, Sequence[str], Sequence[str]], regime: Regime) -> dict[str, BlockLaws]:
+    def _fit_checked(self, candidates: list[Any], reduced: Any, regime: Regime, single: bool) -> Laws | None:
+        """Laws for batch 1 (`single`) or for batches of two and more, from the first candidate model whose laws the
+        whole model confirms; None (each workload measured) if none does."""
+        which = "a single prompt" if single else "batches"
+        for candidate in candidates:
+            try:
+                laws = self._fit(candidate, regime, single)
+            except (ValueError, MeasureError) as exc:
+                self.log.append(f"measuring: no laws for {which} of {_span(regime)} tokens ({_first_line(exc)})")
+                continue
+            tolerance = self._tolerance() if candidate is reduced else 0
+            if self._check(laws, regime, single, tolerance):
+                self._margin = max(self._margin, tolerance)
+                return laws
+        self.log.append(f"measuring: {which} of {_span(regime)} tokens are measured one workload at a time")
+        return None
+
+    def _fit(self, candidate: tuple[Any, Sequence[str], Sequence[str]], regime: Regime, single: bool) -> Laws:
         model, blocks, layers = candidate
         low, high = regime
         base = low + 8 if low else 16
@@ -146,7 +156,8 @@ class Measurer:
             raise ValueError(f"{_span(regime)} is too short to fit laws in")
         if base + 41 >= self.max_tokens:
             raise ValueError(f"the model takes at most {self.max_tokens} tokens")
-        shapes = [(1, base), (1, base + 16), (1, base + 40), (2, base), (2, base + 16), (2, base + 40)]
+        lengths = (base, base + 16, base + 40)
+        shapes = [(1, t) for t in lengths] if single else [(b, t) for b in (2, 3) for t in lengths]
         runs = [measure_step(model, blocks, b, t) for b, t in shapes]
         decode_shapes = [(b, t + 1) for b, t in shapes]
         prefills = [prefill for prefill, _ in runs]
@@ -178,12 +189,12 @@ class Measurer:
         1 KiB plus 64 bytes a layer, added to every peak when such laws are used: nothing next to a plan's reserve."""
         return 1024 + 64 * len(self.layers)
 
-    def _check(self, laws: dict[str, BlockLaws], regime: Regime, tolerance: int = 0) -> bool:
+    def _check(self, laws: Laws, regime: Regime, single: bool, tolerance: int = 0) -> bool:
         """Whether the laws give what the whole model measures, within `tolerance` bytes, at a shape they were
-        not fitted on."""
+        not fitted on (batch 1 for a single prompt's laws, 4 for the others)."""
         low, high = regime
         tokens = (low + 71) if high is None or low + 72 < high else (low + high) // 2
-        batch, total = 3, tokens + 1
+        batch, total = (1 if single else 4), tokens + 1
         if total >= self.max_tokens:
             return True  # nothing that long can be planned
         prefill, decode = measure_step(self.model, self.blocks, batch, tokens)

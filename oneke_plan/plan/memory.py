@@ -136,7 +136,8 @@ def layer_activation_bytes(shape: AttentionShape, workload: Workload, dtype_byte
     - held by the model's forward: the embedding output (hidden) for the whole forward, and from the second layer
       on the previous layer's output too (2 x hidden), RoPE cos and sin (2 x head_dim), and the 4D attention
       mask, batch x seq x seq, counted at 2 bytes (transformers builds it boolean or in the compute dtype,
-      depending on version and backend; the larger is counted).
+      depending on version and backend; the larger is counted), where transformers builds one: for a batch of
+      prompts (padded), or with eager attention; SDPA with a single prompt has nothing to mask.
     Plus the largest of the layer's three steps:
     - RMSNorm: the residual input and the norm's two fp32 copies (hidden x (dtype + 8 bytes));
     - attention: residual and normed input (2 x hidden), q, k and v with k/v expanded to all heads for
@@ -150,7 +151,8 @@ def layer_activation_bytes(shape: AttentionShape, workload: Workload, dtype_byte
     """
     rows = workload.batch_size * workload.max_input_tokens
     seq = workload.max_input_tokens
-    held = rows * (2 * shape.hidden_size + 2 * shape.head_dim) * dtype_bytes + workload.batch_size * seq * seq * 2
+    mask = workload.batch_size * seq * seq * 2 if eager or workload.batch_size > 1 else 0
+    held = rows * (2 * shape.hidden_size + 2 * shape.head_dim) * dtype_bytes + mask
     norm = rows * shape.hidden_size * (dtype_bytes + 8)
     attention = rows * (2 * shape.hidden_size + 4 * shape.num_attention_heads * shape.head_dim) * dtype_bytes
     if eager:

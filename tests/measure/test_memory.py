@@ -344,8 +344,9 @@ def test_measured_oneke_terms_match_the_llama_formulas(
     """Two independent routes to OneKE's per-layer memory: the forward of transformers' LlamaForCausalLM on the
     meta device (what the planner uses) and the hand-written formulas of memory.py. KV cache: equal to the byte.
     Prefill activations of a middle layer: the formula within 0.1% below and 2% above the measurement with SDPA
-    (it counts the 4D mask at 2 bytes an element; SDPA's is boolean), 15% above with eager attention (it holds
-    every score tensor of the attention step at once; the code frees some before others are made)."""
+    (it counts the 4D mask, where there is one, at 2 bytes an element; SDPA's is boolean), 15% above with eager
+    attention (it holds every score tensor of the attention step at once; the code frees some before others are
+    made)."""
     from oneke_plan.plan.memory import layer_activation_bytes
 
     measurer = oneke.measurer("bfloat16", eager)
