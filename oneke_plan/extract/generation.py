@@ -236,8 +236,12 @@ class GreedyGenerator:
     def _run_continuous(self, prompts: Sequence[Encoded], batch_size: int) -> Iterator[tuple[int, list[int]]]:
         import torch
 
-        groups = prefix_groups(prompts) if self.prefix_reuse else [PrefixGroup(0, list(prompts))]
-        if not self.prefix_reuse:
+        # A batch of one has no other row to take a prefix from, so each prefix would be computed again for its
+        # prompt; and a prompt prefilled after its prefix makes transformers build the 4D attention mask that a
+        # single prompt prefilled at once does not need, and the plan does not count at batch 1.
+        reuse = self.prefix_reuse and batch_size > 1
+        groups = prefix_groups(prompts) if reuse else [PrefixGroup(0, list(prompts))]
+        if not reuse:
             groups[0].members.sort(key=lambda e: (-len(e.ids), e.index))
         queue = [(g, item) for g, group in enumerate(groups) for item in group.members]
         answers: dict[int, list[int]] = {}

@@ -146,6 +146,45 @@ def test_without_prefix_reuse_the_answers_are_the_same(
     assert generator.stats.prefix_tokens == 0
 
 
+class _AttentionMasks(torch.overrides.TorchFunctionMode):
+    """The attn_mask of every scaled_dot_product_attention call (None where transformers passes none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[Any] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            self.masks.append(None if mask is None else tuple(mask.shape))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_single_prompt_runs_without_an_attention_mask(
+    fp32_model: Any, tokenizer: Any, deepke_prompts: list[Encoded], reference: tuple, batch_size: int
+) -> None:
+    """The plan counts no 4D attention mask at batch 1 (measure.forward: nothing is padded, so SDPA skips it) and
+    counts one for a batch. What transformers really passes to SDPA while the decoder runs prompts that share
+    prefixes: at batch 1 never a mask (the decoder prefills each prompt at once, not after its prefix, which would
+    need one), at batch 3 a mask in the prefills of padded rows. Answers equal decoding alone either way."""
+    eos, expected = reference
+    prompts = numbered(deepke_prompts[:6])
+    assert [g for g in prefix_groups(prompts) if g.prefix_length]  # the prompts share prefixes
+    generator = GreedyGenerator(fp32_model, tokenizer, MAX_NEW)
+    generator.eos = eos
+    with _AttentionMasks() as seen:
+        answers = dict(generator.run(prompts, batch_size))
+    assert answers == {item.index: expected[deepke_prompts[item.index].index] for item in prompts}
+    assert seen.masks
+    if batch_size == 1:
+        assert set(seen.masks) == {None}
+        assert generator.stats.prefix_tokens == 0
+    else:
+        assert any(mask is not None and mask[-2] > 1 for mask in seen.masks)  # a prefill of padded rows
+
+
 @needs_bnb_on_cpu
 @pytest.mark.parametrize("bits", [8, 4])
 def test_bitsandbytes_answers_equal_one_at_a_time(fp32_dir: Path, tokenizer: Any, deepke_dir: Path, bits: int) -> None:
