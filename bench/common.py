@@ -131,6 +131,10 @@ CHECKPOINTS: dict[str, dict[str, Any]] = {
     # extraction_speed: >= 100M parameters but only 4 layers, so 72 prompts decode in minutes on 2 cores.
     "0.12B-wide": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                        vocab_size=32000),
+    # memory_accuracy's long prompts: a Qwen2.5-0.5B-shaped layer (hidden 896, 14 heads, 2 KV heads) in 4 layers, so
+    # that a 16k-token prefill runs in seconds on 2 cores; the peak is one layer's, however many there are.
+    "long-0.1B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=4, num_attention_heads=14,
+                      num_key_value_heads=2, vocab_size=32000, max_position_embeddings=32768),
     "0.55B": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
                   vocab_size=32000),
     "0.94B": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=16, num_attention_heads=16,
