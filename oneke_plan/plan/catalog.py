@@ -292,7 +292,8 @@ CARDS: tuple[CardSpec, ...] = (
         torch=_torch(
             7919,
             "'GPU 0 has a total capacity of 79.19 GiB' on an NVIDIA H100 80GB HBM3: public GitHub notes found by "
-            "code search (no URL given by the index); also reported in issue #31",
+            "code search (no URL given by the index); also reported in issue #31. vLLM logs total_gpu_memory "
+            "79.22GiB on an H100, " + GH + "vllm-project/vllm/pull/10511: the smaller is kept",
         ),
     ),
     _card("H800", _nominal(80), (9, 0), 2000, 756, "NVIDIA H800 datasheet (PCIe)"),
