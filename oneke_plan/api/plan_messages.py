@@ -40,6 +40,12 @@ def adapter_notes(adapter: Adapter, measured: AdapterBytes, quant_mode: str) -> 
     ]
 
 
+def card_memory_lines(inventory: Inventory) -> list[str]:
+    """For each GPU named by a catalog card (--gpu 'H100', an inventory's name), which of the catalog's figures its
+    memory is: torch's total capacity, nvidia-smi's total or the nominal size. None for a size the user gave."""
+    return [f"GPU {g.index} ({g.name}): {g.memory_source}" for g in inventory.gpus if g.memory_source]
+
+
 def pricing_lines(costs: Sequence[BlockCost], slots: Sequence[Slot], workload: Workload) -> list[str]:
     """A decoder layer's price, and what each device may use: the log lines before placement's own."""
     lines = []

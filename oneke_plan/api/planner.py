@@ -23,6 +23,7 @@ from oneke_plan import __version__
 from oneke_plan.api.plan_messages import (
     adapter_notes,
     alternative_line,
+    card_memory_lines,
     does_not_fit_message,
     pricing_lines,
     why_not_more,
@@ -149,7 +150,7 @@ class Planner:
         log += self.measurer(dtype, settings.eager_attention, self.unmerged_adapter(settings.quant)).log
         if self.adapter is not None:
             log += adapter_notes(self.adapter, self.measurements.adapter_bytes(dtype, layout), settings.quant.mode)
-        log += pricing_lines(costs, slots, settings.workload)
+        log += card_memory_lines(inventory) + pricing_lines(costs, slots, settings.workload)
         placement = place(costs, slots, settings.strategy)
         plan = Plan(settings, dtype, attn, slots, costs, placement, layout, log + placement.log)
         plan.log += offload_note(plan, inventory)

@@ -34,6 +34,7 @@ class Gpu:
     flops_per_second: int | None = None  # dense 16-bit tensor throughput (catalog or user); None: unknown
     bandwidth_source: str = ""  # where the bandwidth figure comes from
     flops_source: str = ""  # where the throughput figure comes from
+    memory_source: str = ""  # a named card's memory taken from the catalog: which figure and why (memory_basis)
 
     @property
     def capability_text(self) -> str | None:
@@ -98,7 +99,7 @@ def parse_gpu_spec(spec: str | float, index: int, flag: str = "--gpu") -> Gpu:
         raise BadInput(bare_gpu_number(f"{flag} {text}", text))
     card = find_card(text)
     if card is not None:
-        return catalog_gpu(index, card, card.total_bytes)
+        return catalog_gpu(index, card)
     name, has_name, size_text = text.rpartition(":")
     base = find_card(name) if has_name else None
     if has_name and base is None:
@@ -141,9 +142,16 @@ def bare_gpu_number(where: str, number: str, prefix: str = "") -> str:
     )
 
 
-def catalog_gpu(index: int, card: CardSpec, total: int) -> Gpu:
-    """A GPU known to the catalog: its compute capability and vendor speed figures (memory may be overridden)."""
-    return with_catalog_rates(Gpu(index, card.name, total, total, card.compute_capability), card)
+def catalog_gpu(index: int, card: CardSpec, total: int | None = None) -> Gpu:
+    """A GPU known to the catalog: its compute capability and vendor speed figures. Its memory is the user's
+    `total` when given ('RTX 3090:20GiB', an inventory's memory), else the catalog's (CardSpec.total_bytes), and
+    then the GPU says which figure that is (memory_source, a line of the plan's log)."""
+    if total is None:
+        gpu = Gpu(index, card.name, card.total_bytes, card.total_bytes, card.compute_capability)
+        gpu = replace(gpu, memory_source=card.memory_basis)
+    else:
+        gpu = Gpu(index, card.name, total, total, card.compute_capability)
+    return with_catalog_rates(gpu, card)
 
 
 def with_catalog_rates(gpu: Gpu, card: CardSpec) -> Gpu:
@@ -334,7 +342,7 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
         card = find_card(name) if name else None
         if name and card is None and "memory" not in entry:
             raise BadInput(f"{where}: unknown card {name!r}; add memory: SIZE or use one of: {', '.join(card_names())}")
-        total = _gpu_memory_field(entry["memory"], where + ".memory") if "memory" in entry else card.total_bytes  # type: ignore[union-attr]
+        total = _gpu_memory_field(entry["memory"], where + ".memory") if "memory" in entry else None
         if total == 0:
             raise BadInput(f"{where}.memory: a GPU with 0 bytes holds nothing")
         cc = card.compute_capability if card else None
@@ -344,7 +352,11 @@ def read_inventory_file(path: Path) -> tuple[tuple[Gpu, ...], int | None, str | 
                 cc = (major, minor)
             except ValueError:
                 raise BadInput(f"{where}.compute_capability: write it as MAJOR.MINOR, e.g. 8.6") from None
-        gpu = catalog_gpu(i, card, total) if card else Gpu(i, name or f"GPU {i}", total, total, None)
+        if card is not None:
+            gpu = catalog_gpu(i, card, total)
+        else:
+            assert total is not None  # a name the catalog does not know comes with its memory (refused above)
+            gpu = Gpu(i, name or f"GPU {i}", total, total, None)
         gpus.append(_card_settings(replace(gpu, compute_capability=cc), entry, where))
     cpu = _size_field(data["cpu_memory"], f"{path}: cpu_memory") if "cpu_memory" in data else None
     offload = data.get("offload_dir")

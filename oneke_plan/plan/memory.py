@@ -34,9 +34,11 @@ BNB_4BIT_CODE_BYTES = 16 * 4  # the nf4/fp4 lookup table, 16 fp32 values, kept p
 BNB_NESTED_CODE_BYTES = 256 * 4  # the dynamic-quantization map of the nested absmax, 256 fp32 values
 BNB_NESTED_OFFSET_BYTES = 4  # the fp32 mean subtracted from the absmaxes before nesting
 
-# Default per-GPU runtime reserve: the CUDA context (driver, kernels of torch/cuBLAS loaded lazily, about 0.5 GiB
-# on recent drivers) plus cuBLAS workspaces and caching-allocator fragmentation. Not yet calibrated on a GPU
-# (see issue "Check the memory model on a real GPU"): change it with --reserve.
+# Default per-GPU runtime reserve: what a process holds besides torch's allocations. It covers the CUDA context with
+# lazy module loading (CUDA 11.7+: 256-610 MiB published, torch PR #86509 and the others cited in docs/memory-model.md
+# "The GPU reserve"), cuBLAS/cuBLASLt workspaces (about 9 MiB a stream, 64 MiB on Hopper) and allocator rounding,
+# with about 350 MiB to spare. An upper bound from published context sizes, not calibrated on a GPU here (none was
+# lent): raise it with --reserve for CUDA before 11.7, a display on the card, several processes on one card, NCCL.
 DEFAULT_GPU_RESERVE_BYTES = 1 * GiB
 # Host memory the running process needs besides the weights it holds: the Python interpreter with torch,
 # transformers, accelerate and bitsandbytes imported, the tokenizer and I/O buffers (measured: docs/memory-model.md).

@@ -197,7 +197,8 @@ def test_good_inventory_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert code == 0, err
     data = yaml.safe_load(out)
     check_public_keys(data)
-    assert [(d["id"], d["total_bytes"]) for d in data["devices"]] == [(0, 24 * GiB), (1, 12 * GiB), (2, 8 * GiB)]
+    rtx3090 = 24_265 * 1_048_576  # the catalog's: nvidia-smi's total for an RTX 3090 (catalog.py), 25,443,696,640
+    assert [(d["id"], d["total_bytes"]) for d in data["devices"]] == [(0, rtx3090), (1, 12 * GiB), (2, 8 * GiB)]
     assert data["devices"][0]["name"] == "RTX 3090" and data["devices"][0]["compute_capability"] == "8.6"
 
 
