@@ -43,6 +43,7 @@ from oneke_plan.plan.plans import (
     PlanResult,
     PlanSettings,
     check_positive,
+    cpu_quantization_note,
     make_slots,
     offload_note,
     predict_speed,
@@ -153,7 +154,7 @@ class Planner:
         log += card_memory_lines(inventory) + pricing_lines(costs, slots, settings.workload)
         placement = place(costs, slots, settings.strategy)
         plan = Plan(settings, dtype, attn, slots, costs, placement, layout, log + placement.log)
-        plan.log += offload_note(plan, inventory)
+        plan.log += offload_note(plan, inventory) + cpu_quantization_note(plan)
         return plan
 
     def block_costs(self, settings: PlanSettings, dtype: str) -> list[BlockCost]:

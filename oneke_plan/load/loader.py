@@ -348,7 +348,26 @@ def _load_weights(
         _refuse_gguf_missing(loaded, info, source.gguf_file)
     _refuse_meta(loaded, device_map)
     loaded.eval()
+    if quantized and set(device_map.values()) == {"cpu"}:
+        release_freed_heap()
     return loaded
+
+
+def release_freed_heap() -> None:
+    """glibc's malloc_trim(0): hand back to the system the heap that bitsandbytes' quantizing on the CPU freed (the
+    float16 copy of each weight and its temporaries, which glibc otherwise keeps: 216 MiB of SmolLM2-135M's 8-bit
+    load, docs/memory-model.md). Only where the C library is glibc (Linux); nothing elsewhere."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # no libc to load, or one without malloc_trim
+        return
 
 
 def input_device(model: Any) -> Any:

@@ -273,6 +273,27 @@ def stays_quantized(home: DeviceId, assignment: Mapping[str, DeviceId]) -> bool:
     return home == "cpu" and not any(isinstance(d, int) for d in values) and "disk" not in values
 
 
+def quantized_on_cpu(home: DeviceId, assignment: Mapping[str, DeviceId]) -> bool:
+    """Whether bitsandbytes quantizes a block stored on `home` on the CPU itself (a CPU-only plan, stays_quantized).
+
+    Such a block is priced no lower than unquantized (`cpu_quantization_bytes`): its quantized tensors are what the
+    model holds, but the process holds more. Measured on SmolLM2-135M (docs/memory-model.md, "Quantization and
+    offload"): the float checkpoint's pages read while quantizing stay resident as long as an unquantized tensor
+    still maps the file (float32), and glibc keeps the heap of bitsandbytes' per-call buffers (int8 and float16
+    copies of the input, int32 and float32 products): over one prefill an 8-bit process peaked 0.1 to 1.8 GiB
+    above the unquantized one, varying from run to run. That retention depends on the allocator, not on shapes
+    alone, so it cannot be counted; the plan says so (plans.cpu_quantization_note) and prices the CPU as if
+    unquantized, never lower.
+    """
+    return home == "cpu" and stays_quantized(home, assignment)
+
+
+def cpu_quantization_bytes(cost: BlockCost) -> int:
+    """What a block quantized on the CPU adds to the CPU's workspace beyond its quantized weights: the difference
+    to its unquantized weights, so that the CPU is priced at no less than without quantization (quantized_on_cpu)."""
+    return max(cost.unquantized_weights_bytes - cost.weights_bytes, 0)
+
+
 def estimate(
     assignment: dict[str, DeviceId], costs: Sequence[BlockCost], slots: Sequence[Slot]
 ) -> dict[DeviceId, DeviceEstimate]:
@@ -281,7 +302,9 @@ def estimate(
     the prefill, a full one at the end). Workspace = largest activation + logits + largest quantization scratch
     + (on the main GPU) a staging copy of the largest offloaded block. With a LoRA adapter merged on load, the
     device's load peak (weights + the adapter's tensors there + the largest merge transient) is covered too: the
-    workspace is raised where that peak is above what inference holds beside the weights."""
+    workspace is raised where that peak is above what inference holds beside the weights. Blocks bitsandbytes
+    quantizes on the CPU add their unquantized bytes less their quantized ones to the CPU's workspace
+    (cpu_quantization_bytes): 8/4-bit saves no memory there."""
     weights: dict[DeviceId, int] = {}
     kv: dict[DeviceId, int] = {}
     prefill_kv: dict[DeviceId, int] = {}
@@ -291,6 +314,7 @@ def estimate(
     staging: dict[DeviceId, int] = {}
     adapter_load: dict[DeviceId, int] = {}
     merge_scratch: dict[DeviceId, int] = {}
+    cpu_quantization: dict[DeviceId, int] = {}
     main = main_device(assignment, slots)
     for cost in costs:
         if cost.name not in assignment:
@@ -306,6 +330,8 @@ def estimate(
         logits[run] = logits.get(run, 0) + cost.logits_bytes
         if quantized:
             scratch[run] = max(scratch.get(run, 0), cost.quant_scratch_bytes)
+        if quantized_on_cpu(home, assignment):
+            cpu_quantization[home] = cpu_quantization.get(home, 0) + cpu_quantization_bytes(cost)
         if home != run:
             staging[run] = max(staging.get(run, 0), stored)
         if cost.adapter_load_bytes:
@@ -318,6 +344,7 @@ def estimate(
             continue
         workspace = (
             activation.get(slot.id, 0) + logits.get(slot.id, 0) + scratch.get(slot.id, 0) + staging.get(slot.id, 0)
+            + cpu_quantization.get(slot.id, 0)
         )
         reserve = slot.reserve_bytes if slot.id != "disk" else 0
         state = max(kv.get(slot.id, 0), prefill_kv.get(slot.id, 0))

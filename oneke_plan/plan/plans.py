@@ -14,6 +14,8 @@ from oneke_plan.plan.fit import (
     BlockCost,
     Placement,
     Slot,
+    cpu_quantization_bytes,
+    quantized_on_cpu,
 )
 from oneke_plan.plan.inventory import Inventory, runs_bf16
 from oneke_plan.plan.memory import (
@@ -207,6 +209,26 @@ def offload_note(plan: Plan, inventory: Inventory) -> list[str]:
     return [
         f"{head}{cost.step_seconds:.2f} s: about {cost.slowdown:.0f}x slower than with every weight on a GPU "
         f"(the speed prediction's decoding step; {figures})"
+    ]
+
+
+def cpu_quantization_note(plan: Plan) -> list[str]:
+    """A warning when bitsandbytes would quantize weights on the CPU (fit.quantized_on_cpu): 8/4-bit saves no memory
+    there, and the plan prices the CPU as if the weights were not quantized (fit.cpu_quantization_bytes)."""
+    assignment = plan.placement.assignment
+    extra = sum(
+        cpu_quantization_bytes(c)
+        for c in plan.costs
+        if c.name in assignment and quantized_on_cpu(assignment[c.name], assignment)
+    )
+    if plan.settings.quant.mode == "none" or not extra:
+        return []
+    return [
+        f"warning: --quantize {plan.settings.quant.mode} on the CPU saves no memory here: bitsandbytes' CPU path "
+        "keeps more than its quantized weights (the float checkpoint's pages read while quantizing, and buffers of "
+        "every matmul that the allocator keeps), which depends on the allocator and cannot be counted, so the CPU "
+        f"is priced as without quantization ({format_bytes(extra)} more than the quantized weights, in its "
+        "workspace); plan without --quantize on the CPU"
     ]
 
 
