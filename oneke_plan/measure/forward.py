@@ -15,8 +15,9 @@ allocated it before any block ran (some caches are preallocated). After the forw
 
 One assumption remains, because the meta device has no attention kernel: `scaled_dot_product_attention` is
 accounted as GPUs run it (flash / memory-efficient kernels: the output and a float32 log-sum-exp per query, no
-seq x seq scores; a boolean mask converted to the query's dtype, as torch does before any kernel). On the meta device torch would run its math fallback, which materializes the scores in
-float32. Eager attention is measured as it is. See docs/memory-model.md.
+seq x seq scores; a boolean mask converted to the query's dtype, as torch does before any kernel). On the meta
+device torch would run its math fallback, which materializes the scores in float32. Eager attention is measured
+as it is. See docs/memory-model.md.
 
 measurer.py turns a handful of such forwards into laws (laws.py) that give the bytes of any batch and length.
 """
