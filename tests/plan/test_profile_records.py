@@ -104,7 +104,7 @@ CASES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "estimate term": (_set("estimate.0.kv_cache_bytes", -1),
                       "estimate.0.kv_cache_bytes must be a byte count (a non-negative integer), not -1"),
     "estimate total": (_set("estimate.0.total_bytes", 1),
-                       "estimate.0.total_bytes must be the sum of its terms, 10700404320, not 1"),
+                       "estimate.0.total_bytes must be the sum of its terms, 10700686944, not 1"),
     "estimate entry": (_set("estimate.cpu", 5), "estimate.cpu must be a mapping, not 5"),
     "device map names a device": (_set("device_map", {"": 1}),
                                   "device_map[''] names device 1, which is not in devices"),
