@@ -152,31 +152,9 @@ def kv_rows() -> list[list[str]]:
     return rows
 
 
-def profiler_peak(prof) -> int:
-    """Peak of the profiler's running 'Total Allocated' (CPU bytes allocated and not yet freed since it started).
-
-    Read from the exported trace: its [memory] events carry the allocator total at every allocation and free.
-    """
-    import json
-    import os
-
-    fd, trace = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(trace)
-        events = json.loads(Path(trace).read_text())["traceEvents"]
-    finally:
-        os.unlink(trace)
-    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
-                    key=lambda e: e["ts"])
-    if not memory:
-        return 0
-    base = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in memory) - base
-
-
 def workspace_rows() -> list[list[str]]:
     import torch
+    from allocated_peak import profiler_peak  # tools/ (on the path through common), shared with the tests
     from torch.profiler import ProfilerActivity, profile
 
     from oneke_plan.plan.memory import Workload
@@ -203,6 +181,7 @@ def long_prompt_rows() -> list[list[str]]:
     """The workspace of long prefills, measured as workspace_rows measures it: a single prompt, and a left-padded
     batch of four of different lengths (as oneke-run pads them)."""
     import torch
+    from allocated_peak import left_padded_batch, profiler_peak  # tools/ (on the path through common)
     from torch.profiler import ProfilerActivity, profile
 
     from oneke_plan.plan.memory import Workload
@@ -212,12 +191,8 @@ def long_prompt_rows() -> list[list[str]]:
     rows = []
     for n_in, batch in LONG_WORKLOADS:
         _, _, want = predicted(path, "none", Workload(n_in, 1, batch))
-        lengths = [n_in * (batch - row) // batch for row in range(batch)]
-        ids = torch.zeros((batch, n_in), dtype=torch.long)
-        mask = torch.zeros((batch, n_in), dtype=torch.long)
-        for row, length in enumerate(lengths):
-            ids[row, n_in - length:] = torch.randint(3, 1000, (length,), generator=torch.Generator().manual_seed(row))
-            mask[row, n_in - length:] = 1
+        ids, mask = left_padded_batch(batch, n_in, high=1000)
+        lengths = mask.sum(dim=1).tolist()
         start = time.perf_counter()
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, use_cache=False,

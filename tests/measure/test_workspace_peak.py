@@ -15,13 +15,11 @@ not count: the scratch torch's CPU flash-attention kernel allocates and frees in
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from allocated_peak import CPU_ATTENTION_KERNELS, left_padded_batch, profiler_peak
 from tiny_checkpoint import build_tiny_llama
 
 from oneke_plan.api.planner import Planner
@@ -57,44 +55,12 @@ def planned_bytes(directory: Path, batch: int, tokens: int) -> int:
 
 
 def allocated_peak(model: object, ids: torch.Tensor, mask: torch.Tensor) -> int:
-    """The most bytes the CPU allocator held at once beyond what it held when the prefill began."""
+    """The most bytes the CPU allocator held at once during a prefill, beyond what it held when it began."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
-    fd, trace = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(trace)
-        events = json.loads(Path(trace).read_text())["traceEvents"]
-    finally:
-        os.unlink(trace)
-    memory = sorted(
-        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0), key=lambda e: e["ts"]
-    )
-    kernels = [
-        (e["ts"], e["ts"] + e["dur"])
-        for e in events
-        if e.get("ph") == "X" and e.get("name") == "aten::_scaled_dot_product_flash_attention_for_cpu"
-    ]
-
-    def inside(ts: float) -> tuple[float, float] | None:
-        return next((span for span in kernels if span[0] <= ts <= span[1]), None)
-
-    scratch = set()  # indexes of the events of allocations a CPU attention kernel makes and frees within its call
-    for i, event in enumerate(memory):
-        span = inside(event["ts"])
-        if span is not None and event["args"]["Bytes"] > 0:
-            address = event["args"]["Addr"]
-            free = next((j for j in range(i + 1, len(memory)) if memory[j]["args"]["Addr"] == address), None)
-            if free is not None and memory[free]["ts"] <= span[1]:
-                scratch.update((i, free))
-    total = peak = 0
-    for i, event in enumerate(memory):
-        if i not in scratch:
-            total += event["args"]["Bytes"]
-            peak = max(peak, total)
-    return peak
+    return profiler_peak(prof, scratch_of=CPU_ATTENTION_KERNELS)
 
 
 @pytest.mark.parametrize("batch, tokens", [(1, 1024), (1, 3072), (3, 2048)])
@@ -104,13 +70,7 @@ def test_planned_memory_covers_the_real_prefill_peak(long_dir: Path, batch: int,
     from oneke_plan.measure.compat import dtype_kw
 
     model = AutoModelForCausalLM.from_pretrained(long_dir, **dtype_kw(torch.float32)).eval()
-    # left-padded as oneke-run pads a batch: the rows are 1, 2/3 and 1/3 of the longest
-    lengths = [tokens * (batch - row) // batch for row in range(batch)]
-    ids = torch.zeros((batch, tokens), dtype=torch.long)
-    mask = torch.zeros((batch, tokens), dtype=torch.long)
-    for row, length in enumerate(lengths):
-        ids[row, tokens - length :] = torch.randint(3, 200, (length,), generator=torch.Generator().manual_seed(row))
-        mask[row, tokens - length :] = 1
+    ids, mask = left_padded_batch(batch, tokens, high=200)  # rows of 1, 2/3 and 1/3 of the longest
     measured = allocated_peak(model, ids, mask)
     planned = planned_bytes(long_dir, batch, tokens)
     assert planned >= measured, (planned, measured)
