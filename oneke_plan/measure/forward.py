@@ -132,7 +132,8 @@ def _tracker_classes() -> tuple[type, type]:
         def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             kwargs = kwargs or {}
             if func is torch.nn.functional.scaled_dot_product_attention:
-                named = dict(zip(("query", "key", "value"), args, strict=False)) | kwargs  # some models pass names
+                names = ("query", "key", "value", "attn_mask")
+                named = dict(zip(names, args, strict=False)) | kwargs  # some models pass names, some positions
                 query, value, mask = named["query"], named["value"], named.get("attn_mask")
                 # torch's SDPA turns a boolean mask into an additive one of the query's dtype before any kernel
                 # (convert_boolean_attn_mask), alive until the kernel returns

@@ -50,15 +50,15 @@ class Law:
     Every tensor a transformer's forward allocates has such a size (a product of batch, length and model sizes),
     so the live bytes at each op are such a polynomial, and a block's peak is the most of them: the polynomials of
     the block's ops (those no other one exceeds term by term), fitted through the same six shapes. A law for one
-    batch size (a single prompt runs another code path: no padding, so no attention mask) is c . (1, T, T^2),
-    fitted through three lengths at that batch."""
+    batch size (a single prompt runs another code path: nothing is padded, so SDPA gets no attention mask) is
+    c . (1, T, T^2), fitted through three lengths at that batch, and holds at that batch only."""
 
     terms: tuple[tuple[int, ...], ...]
     denominator: int
 
     def __call__(self, batch: int, tokens: int) -> int:
         monomials = _monomials(batch, tokens)
-        best = max(sum(c * m for c, m in zip(term, monomials, strict=False)) for term in self.terms)
+        best = max(sum(c * m for c, m in zip(term, monomials[: len(term)], strict=True)) for term in self.terms)
         return -((-best) // self.denominator)  # ceil: never below the fitted bytes
 
     @staticmethod

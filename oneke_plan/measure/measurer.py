@@ -3,8 +3,9 @@
 It fits laws (laws.py) through forwards at a few small shapes (forward.py's measure_step), on a two-layer copy of
 the model where its layers are alike, and checks them against a forward of the whole model, so that planning many
 workloads (bisection for --solve, what-would-fit suggestions) stays arithmetic; where a law cannot be trusted it
-measures each workload. A single prompt and a padded batch run different code (transformers builds no attention
-mask where nothing is padded), so each has its own laws: three lengths at batch 1, six shapes at batches 2 and 3.
+measures each workload. A single prompt and a padded batch run different code (with SDPA, transformers builds no
+attention mask where nothing is padded), so each has its own laws: three lengths at batch 1, six shapes at batches
+2 and 3, each set fitted when a plan first asks for it.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class Measurer:
         self.max_tokens = max_tokens or (1 << 20)
         self.log: list[str] = []
         self._direct: dict[tuple[int, int, int], dict[str, BlockMemory]] = {}
-        self._laws: list[tuple[Regime, Laws | None, Laws | None]] | None = None  # regime, batch 1, batches >= 2
+        self._laws: dict[bool, list[tuple[Regime, Laws | None]]] = {}  # batch 1 (True) or >= 2: per regime
+        self._candidates: list[tuple[Regime, list[Any], Any]] | None = None
         self._margin = 0  # bytes added to every law's peak (laws from the two-layer copy: see _check)
 
     # -- public ------------------------------------------------------------------------------------------------
@@ -101,35 +103,38 @@ class Measurer:
 
     # -- laws --------------------------------------------------------------------------------------------------
     def _laws_for(self, batch: int, tokens: int) -> Laws | None:
-        if self._laws is None:
-            self._laws = self._fit_all()
-        for (low, high), single, batched in self._laws:
+        """The laws for `batch` prompts of `tokens` (None: measure it directly). The laws of a single prompt and of a
+        batch are fitted the first time each is asked for: a plan for one batch size needs one set."""
+        single = batch == 1
+        if single not in self._laws:
+            self._laws[single] = [
+                (regime, self._fit_checked(candidates, reduced, regime, single))
+                for regime, candidates, reduced in self._regimes()
+            ]
+        for (low, high), laws in self._laws[single]:
             if tokens >= low and (high is None or tokens < high):
-                return single if batch == 1 else batched
+                return laws
         return None
 
-    def _fit_all(self) -> list[tuple[Regime, Laws | None, Laws | None]]:
-        reduced = None
-        if self.reduced is not None:
-            try:
-                reduced = self.reduced()
-            except Exception as exc:  # noqa: BLE001 - the whole model is measured instead
-                self.log.append(f"measuring: the whole model (no two-layer copy: {_first_line(exc)})")
-        first_model, first_blocks = (reduced[0], reduced[1]) if reduced else (self.model, self.blocks)
-        windows = sliding_windows(first_model, first_blocks)
-        regimes: list[Regime] = [(0, min(windows))] if windows else [(0, None)]
-        if windows:
-            regimes.append((max(windows), None))
-            self.log.append(f"measuring: sliding windows of {', '.join(map(str, sorted(windows)))} tokens")
-        candidates = ([reduced] if reduced else []) + [(self.model, self.blocks, self.layers)]
-        return [
-            (
-                regime,
-                self._fit_checked(candidates, reduced, regime, True),
-                self._fit_checked(candidates, reduced, regime, False),
-            )
-            for regime in regimes
-        ]
+    def _regimes(self) -> list[tuple[Regime, list[Any], Any]]:
+        """Each token regime with the models to fit its laws on (the two-layer copy first, where there is one) and
+        the copy itself (None if there is none). Computed once."""
+        if self._candidates is None:
+            reduced = None
+            if self.reduced is not None:
+                try:
+                    reduced = self.reduced()
+                except Exception as exc:  # noqa: BLE001 - the whole model is measured instead
+                    self.log.append(f"measuring: the whole model (no two-layer copy: {_first_line(exc)})")
+            first_model, first_blocks = (reduced[0], reduced[1]) if reduced else (self.model, self.blocks)
+            windows = sliding_windows(first_model, first_blocks)
+            regimes: list[Regime] = [(0, min(windows))] if windows else [(0, None)]
+            if windows:
+                regimes.append((max(windows), None))
+                self.log.append(f"measuring: sliding windows of {', '.join(map(str, sorted(windows)))} tokens")
+            candidates = ([reduced] if reduced else []) + [(self.model, self.blocks, self.layers)]
+            self._candidates = [(regime, candidates, reduced) for regime in regimes]
+        return self._candidates
 
     def _fit_checked(self, candidates: list[Any], reduced: Any, regime: Regime, single: bool) -> Laws | None:
         """Laws for batch 1 (`single`) or for batches of two and more, from the first candidate model whose laws the
