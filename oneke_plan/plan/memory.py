@@ -36,8 +36,9 @@ BNB_NESTED_OFFSET_BYTES = 4  # the fp32 mean subtracted from the absmaxes before
 
 # Default per-GPU runtime reserve: what a process holds besides torch's allocations. It covers the CUDA context with
 # lazy module loading (CUDA 11.7+: 256-610 MiB published, torch PR #86509 and the others cited in docs/memory-model.md
-# "The GPU reserve"), cuBLAS/cuBLASLt workspaces (about 9 MiB a stream, 64 MiB on Hopper) and allocator rounding,
-# with about 350 MiB to spare. An upper bound from published context sizes, not calibrated on a GPU here (none was
+# "The GPU reserve"; 778 MiB of non-torch memory in the largest published case, an H100 during a forward),
+# cuBLAS/cuBLASLt workspaces (about 9 MiB a stream, 64 MiB on Hopper) and allocator rounding, with about 180 MiB to
+# spare in that case. An upper bound from published context sizes, not calibrated on a GPU here (none was
 # lent): raise it with --reserve for CUDA before 11.7, a display on the card, several processes on one card, NCCL.
 DEFAULT_GPU_RESERVE_BYTES = 1 * GiB
 # Host memory the running process needs besides the weights it holds: the Python interpreter with torch,
@@ -145,7 +146,8 @@ def layer_activation_bytes(shape: AttentionShape, workload: Workload, dtype_byte
     - attention: residual and normed input (2 x hidden), q, k and v with k/v expanded to all heads for
       grouped-query attention, and the attention output (4 x heads x head_dim);
     - MLP: residual and normed input (2 x hidden), gate, up and act(gate) * up (3 x intermediate).
-    With SDPA (transformers' default) the attention scores are never materialized; with eager attention
+    With SDPA (transformers' default) the attention scores are never materialized, but for a batch torch converts
+    the boolean mask to an additive one of the compute dtype for the call (batch x seq x seq); with eager attention
     (`eager=True`) the attention step also holds batch x heads x seq x seq scores: in the compute dtype, their
     fp32 softmax and its cast back (2 x dtype + 4 bytes each).
     Cross-checked against the measurement (tests/measure/test_memory.py) and torch.profiler on CPU
@@ -159,6 +161,8 @@ def layer_activation_bytes(shape: AttentionShape, workload: Workload, dtype_byte
     attention = rows * (2 * shape.hidden_size + 4 * shape.num_attention_heads * shape.head_dim) * dtype_bytes
     if eager:
         attention += workload.batch_size * shape.num_attention_heads * seq * seq * (2 * dtype_bytes + 4)
+    elif workload.batch_size > 1:
+        attention += workload.batch_size * seq * seq * dtype_bytes
     mlp = rows * (2 * shape.hidden_size + 3 * shape.intermediate_size) * dtype_bytes
     return held + max(norm, attention, mlp)
 
