@@ -4,10 +4,11 @@ speed prediction uses (speed.py): memory bandwidth and dense 16-bit tensor throu
 Memory is `nvidia-smi`'s total (`memory.total`, MiB) as published nvidia-smi outputs show it for the card, each row
 naming the page it was read from (`memory_source`). Where cards of one name show different totals (an RTX 3090 shows
 24,576 MiB on some drivers and 24,265 MiB on others; ECC on a data-center card hides part of it) the smaller is
-kept. Where no nvidia-smi output was found the row keeps the nominal size (N GiB = N x 1024 MiB) and says so.
+kept where both are cited. Where no nvidia-smi output was found the row keeps the nominal size (N GiB = N x 1024
+MiB) and says so.
 
 A process cannot allocate all of nvidia-smi's total: CUDA never exposes the driver's own reservation (`nvidia-smi
--q` lists it as "Reserved"). torch's OOM message prints what CUDA exposes ("GPU 0 has a total capacity of 79.19
+-q` lists it as "Reserved"). torch's OOM message prints what CUDA exposes ("GPU 0 has a total capacity of 79.22
 GiB", torch.cuda.mem_get_info's total); where a published one is known for the card (`torch_gib`, `torch_source`)
 the plan budgets that figure (never above nvidia-smi's total: the message rounds to hundredths), else nvidia-smi's
 total. `memory_basis` says which, in the plan's log. The CUDA context and the rest of the runtime come out of it
@@ -131,22 +132,30 @@ CARDS: tuple[CardSpec, ...] = (
     _card("GTX 1080 Ti", _nominal(11), (6, 1), 484, None, "NVIDIA GeForce GTX 1080 Ti specifications"),
     _card("Tesla P40", _nominal(24), (6, 1), 346, None, "NVIDIA Tesla P40 datasheet"),
     _card("Tesla P100", _nominal(16), (6, 0), 732, 18.7, "NVIDIA Tesla P100 PCIe datasheet (FP16, no tensor cores)"),
-    _card("Tesla V100 16GB", _nominal(16), (7, 0), 900, 112, "NVIDIA Tesla V100 datasheet (PCIe; SXM2: 125 TFLOPS)"),
     _card(
-        "Tesla V100",
-        _smi(32768, GH + "Wan-Video/Wan2.1/issues/5 (Tesla V100-SXM2, 32768MiB)"),
+        "Tesla V100 16GB",
+        _nominal(16),
         (7, 0),
         900,
         112,
         "NVIDIA Tesla V100 datasheet (PCIe; SXM2: 125 TFLOPS)",
+        torch=_torch(1578, GH + "kchengiva/Shift-GCN/issues/34 (16G V100: 15.78 GiB total capacity)"),
+    ),
+    _card(
+        "Tesla V100",
+        _smi(
+            32768,
+            GH + "Wan-Video/Wan2.1/issues/5 (Tesla V100-SXM2, 32768MiB); other outputs show 32510MiB (no URL at hand)",
+        ),
+        (7, 0),
+        900,
+        112,
+        "NVIDIA Tesla V100 datasheet (PCIe; SXM2: 125 TFLOPS)",
+        torch=_torch(3174, GH + "liucongg/ChatGLM-Finetuning/issues/73 (V100 32GB: 31.74 GiB total capacity)"),
     ),
     _card(
         "Tesla T4",
-        _smi(
-            15109,
-            "15109MiB with ECC on: nvidia-smi tables in several public GitHub files found by code search (no URL "
-            "given by the index); 15360 MiB with ECC off: " + MODAL,
-        ),
+        _smi(15360, MODAL + "; with ECC on T4s show 15109MiB (no URL at hand), below torch's figure either way"),
         (7, 5),
         320,
         65,
@@ -162,7 +171,15 @@ CARDS: tuple[CardSpec, ...] = (
     _card("RTX 2080 Ti", _nominal(11), (7, 5), 616, None, "NVIDIA GeForce RTX 2080 Ti specifications"),
     _card("TITAN RTX", _nominal(24), (7, 5), 672, None, "NVIDIA TITAN RTX specifications"),
     _card("RTX 3060", _nominal(12), (8, 6), 360, None, "NVIDIA GeForce RTX 3060 specifications"),
-    _card("RTX 3070", _nominal(8), (8, 6), 448, None, "NVIDIA GeForce RTX 3070 specifications"),
+    _card(
+        "RTX 3070",
+        _nominal(8),
+        (8, 6),
+        448,
+        None,
+        "NVIDIA GeForce RTX 3070 specifications",
+        torch=_torch(778, GH + "akshitac8/OW-DETR/issues/46 (RTX 3070: 7.78 GiB total capacity)"),
+    ),
     _card(
         "RTX 3080",
         _nominal(10),
@@ -195,7 +212,15 @@ CARDS: tuple[CardSpec, ...] = (
         None,
         "NVIDIA GeForce RTX 3090 Ti specifications",
     ),
-    _card("RTX A4000", _nominal(16), (8, 6), 448, None, "NVIDIA RTX A4000 datasheet"),
+    _card(
+        "RTX A4000",
+        _nominal(16),
+        (8, 6),
+        448,
+        None,
+        "NVIDIA RTX A4000 datasheet",
+        torch=_torch(1561, GH + "DengKaiCQ/VGGT-Long/issues/6 (RTX A4000: a total capacity of 15.61 GiB)"),
+    ),
     _card("RTX A5000", _nominal(24), (8, 6), 768, None, "NVIDIA RTX A5000 datasheet"),
     _card("RTX A6000", _nominal(48), (8, 6), 768, 154.8, "NVIDIA RTX A6000 datasheet (309.7 TFLOPS with sparsity)"),
     _card(
@@ -213,11 +238,20 @@ CARDS: tuple[CardSpec, ...] = (
     _card("A40", _nominal(48), (8, 6), 696, 149.7, "NVIDIA A40 datasheet"),
     _card(
         "A100 40GB",
-        _smi(40960, GH + "bottlerocket-os/bottlerocket-core-kit/pull/834 (A100-SXM4-40GB, 40960MiB); " + MODAL),
+        _smi(
+            40960,
+            GH + "bottlerocket-os/bottlerocket-core-kit/pull/834 (A100-SXM4-40GB, 40960MiB); " + MODAL + "; other "
+            "outputs show 40536MiB (no URL at hand)",
+        ),
         (8, 0),
         1555,
         312,
         "NVIDIA A100 datasheet",
+        torch=_torch(
+            3939,
+            GH + "bottlerocket-os/bottlerocket/pull/3873 (deviceQuery on an A100-SXM4-40GB: 42,298,834,944 bytes of "
+            "global memory, what CUDA exposes and torch reports: 39.39 GiB)",
+        ),
     ),
     _card(
         "A100",
@@ -290,10 +324,9 @@ CARDS: tuple[CardSpec, ...] = (
         756,
         "NVIDIA H100 datasheet (PCIe; SXM: 3,350 GB/s, 989 TFLOPS)",
         torch=_torch(
-            7919,
-            "'GPU 0 has a total capacity of 79.19 GiB' on an NVIDIA H100 80GB HBM3: public GitHub notes found by "
-            "code search (no URL given by the index); also reported in issue #31. vLLM logs total_gpu_memory "
-            "79.22GiB on an H100, " + GH + "vllm-project/vllm/pull/10511: the smaller is kept",
+            7922,
+            GH + "vllm-project/vllm/pull/10511 (vLLM logs total_gpu_memory 79.22GiB on an H100: "
+            "torch.cuda.mem_get_info's total, what torch's OOM message prints as its total capacity)",
         ),
     ),
     _card("H800", _nominal(80), (9, 0), 2000, 756, "NVIDIA H800 datasheet (PCIe)"),
