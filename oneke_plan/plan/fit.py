@@ -280,8 +280,9 @@ def quantized_on_cpu(home: DeviceId, assignment: Mapping[str, DeviceId]) -> bool
     model holds, but the process holds more. Measured on SmolLM2-135M (docs/memory-model.md, "Quantization and
     offload"): the float checkpoint's pages read while quantizing stay resident as long as an unquantized tensor
     still maps the file (float32), and glibc keeps the heap of bitsandbytes' per-call buffers (int8 and float16
-    copies of the input, int32 and float32 products): over one prefill an 8-bit process peaked 0.1 to 1.8 GiB
-    above the unquantized one, varying from run to run. That retention depends on the allocator, not on shapes
+    copies of the input, int32 and float32 products): over one prefill an 8-bit process peaked up to 1.2 GiB
+    above the unquantized one in the runs of docs/benchmarks.md's table (1.8 GiB in an earlier bfloat16 run),
+    varying from run to run: the CPU's reserve, not the plan's terms, has to hold that. That retention depends on the allocator, not on shapes
     alone, so it cannot be counted; the plan says so (plans.cpu_quantization_note) and prices the CPU as if
     unquantized, never lower.
     """
