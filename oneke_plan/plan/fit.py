@@ -282,9 +282,9 @@ def quantized_on_cpu(home: DeviceId, assignment: Mapping[str, DeviceId]) -> bool
     still maps the file (float32), and glibc keeps the heap of bitsandbytes' per-call buffers (int8 and float16
     copies of the input, int32 and float32 products): over one prefill an 8-bit process peaked up to 1.2 GiB
     above the unquantized one in the runs of docs/benchmarks.md's table (1.8 GiB in an earlier bfloat16 run),
-    varying from run to run: the CPU's reserve, not the plan's terms, has to hold that. That retention depends on the allocator, not on shapes
-    alone, so it cannot be counted; the plan says so (plans.cpu_quantization_note) and prices the CPU as if
-    unquantized, never lower.
+    varying from run to run: the CPU's reserve, not the plan's terms, has to hold that. That retention depends on
+    the allocator, not on shapes alone, so it cannot be counted; the plan says so (plans.cpu_quantization_note)
+    and prices the CPU as if unquantized, never lower.
     """
     return home == "cpu" and stays_quantized(home, assignment)
 
