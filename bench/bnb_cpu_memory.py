@@ -1,6 +1,6 @@
 """bitsandbytes on the CPU: what a process holds after loading a real model with 8/4-bit, and over a prefill.
 
-Each measurement runs in a fresh process (a child of a small wrapper, tests/hostile.py's way: the peak RSS of a
+Each measurement runs in a fresh process (tools/allocated_peak.measured, as the tests measure: the peak RSS of a
 child forked from a big process would count the parent's pages). The child plans for this CPU with the planner,
 writes a profile, loads with oneke_plan.load.loader.load_model (what oneke-run does), and reports:
 - rss_load: VmRSS right after load_model returns;
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -74,15 +73,15 @@ def child(args: argparse.Namespace) -> None:
     out["tensors"] = storage_bytes(model_tensors(model))
     out["parts_load"] = rss_parts()
     if args.trim:
-        import ctypes
+        from oneke_plan.load.loader import release_freed_heap
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        release_freed_heap()
         out["rss_trimmed"] = status_kib("VmRSS") * 1024
         out["parts_trimmed"] = rss_parts()
     if args.batch:
         ids = torch.randint(3, 1000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
         if args.profile:
-            from memory_accuracy import profiler_peak
+            from allocated_peak import profiler_peak
             from torch.profiler import ProfilerActivity, profile
 
             with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -99,24 +98,18 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(out), file=sys.stderr)
 
 
-WRAPPER = """
-import resource, subprocess, sys
-code = subprocess.call(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
-"""
-
-
 def run_one(model: str, mode: str, dtype: str, batch: int, tokens: int, trim: bool, env: dict[str, str],
             extra: tuple[str, ...] = ()) -> dict:
+    from allocated_peak import measured
+
     cmd = [sys.executable, __file__, model, "--child", "--mode", mode, "--dtype", dtype, "--batch", str(batch),
            "--tokens", str(tokens), *extra] + (["--trim"] if trim else [])
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, env=env)
-    code, kib = map(int, proc.stdout.split())
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("RESULT ")]
-    if code or not lines:
-        raise SystemExit(f"{mode} {dtype}: exit {code}\n{proc.stderr[-3000:]}")
+    done = measured(cmd, env=env)
+    lines = [x for x in done.stderr.splitlines() if x.startswith("RESULT ")]
+    if done.code or not lines:
+        raise SystemExit(f"{mode} {dtype}: exit {done.code}\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    result["maxrss"] = kib * 1024
+    result["maxrss"] = done.peak_bytes
     return result
 
 
@@ -136,7 +129,7 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
-    from common import machine_line
+    from common import machine_line  # puts tools/ on the path too
 
     print(machine_line())
     env = dict(os.environ)

@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
-import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from allocated_peak import Measured, measured  # noqa: F401 - tools/, shared with the benchmarks; tests import them here
 
 
 def billion_laughs(levels: int = 9, width: int = 9) -> str:
@@ -163,46 +159,7 @@ def replaced(make: Callable[[Path], object]) -> Callable[[Path], None]:
     return damage
 
 
-# ---------------------------------------------------------------- peak memory of one command
-
-
-@dataclass(frozen=True)
-class Measured:
-    """How one command ended: its exit code (negative: killed by that signal), its stderr, and its peak resident
-    memory in bytes."""
-
-    code: int
-    stderr: str
-    peak_bytes: int
-
-
-_WRAPPER = """
-import resource, subprocess, sys
-code = subprocess.call(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
-"""
-
-
-def measured(
-    command: list[str | Path], env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 600
-) -> Measured:
-    """Run `command` and read its peak resident memory, as the only child of a small fresh Python: Linux counts a
-    child's memory from before its exec too, which for a child forked from this test process (gigabytes, late in a
-    suite) would be this process's own. A command still running after `timeout` seconds is killed with its wrapper,
-    and the test fails rather than hangs."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WRAPPER, *map(str, command)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=None if env is None else dict(env), cwd=cwd, start_new_session=True,
-    )  # fmt: skip
-    killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    killer.start()
-    try:
-        out, err = proc.communicate()
-    finally:
-        killer.cancel()
-    assert proc.returncode == 0 and out.strip(), f"{command[0]} ran past {timeout} s, or its wrapper failed: {err!r}"
-    code, kib = map(int, out.split())
-    return Measured(code, err.decode("utf-8", "replace"), kib * 1024)  # KiB on Linux
+# ---------------------------------------------------------------- peak memory of one command (measured: tools/)
 
 
 BIN = Path(sys.executable).parent

@@ -1,14 +1,20 @@
-"""Real memory peaks on the CPU, for the checks of the memory model (tests/measure/test_workspace_peak.py,
-bench/memory_accuracy.py): torch's profiler records every allocation and free of the CPU allocator, kernels
-included, while a real model runs; these read its peak back, and make the left-padded batches oneke-run makes.
+"""Real memory peaks on the CPU, for the checks of the memory model and the benchmarks: a command's peak
+resident memory (`measured`: tests/hostile.py, bench/bnb_cpu_memory.py), and torch's profiler, which records every
+allocation and free of the CPU allocator, kernels included, while a real model runs (`profiler_peak`:
+tests/measure/test_workspace_peak.py, bench/memory_accuracy.py), with the left-padded batches oneke-run makes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +69,42 @@ def left_padded_batch(batch: int, tokens: int, high: int) -> tuple[Any, Any]:
         ids[row, tokens - length :] = torch.randint(3, high, (length,), generator=torch.Generator().manual_seed(row))
         mask[row, tokens - length :] = 1
     return ids, mask
+
+
+@dataclass(frozen=True)
+class Measured:
+    """How one command ended: its exit code (negative: killed by that signal), its stderr, and its peak resident
+    memory in bytes."""
+
+    code: int
+    stderr: str
+    peak_bytes: int
+
+
+_WRAPPER = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
+"""
+
+
+def measured(
+    command: list[str | Path], env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 600
+) -> Measured:
+    """Run `command` and read its peak resident memory, as the only child of a small fresh Python: Linux counts a
+    child's memory from before its exec too, which for a child forked from this test process (gigabytes, late in a
+    suite) would be this process's own. A command still running after `timeout` seconds is killed with its wrapper,
+    and the test fails rather than hangs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRAPPER, *map(str, command)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=None if env is None else dict(env), cwd=cwd, start_new_session=True,
+    )  # fmt: skip
+    killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    killer.start()
+    try:
+        out, err = proc.communicate()
+    finally:
+        killer.cancel()
+    assert proc.returncode == 0 and out.strip(), f"{command[0]} ran past {timeout} s, or its wrapper failed: {err!r}"
+    code, kib = map(int, out.split())
+    return Measured(code, err.decode("utf-8", "replace"), kib * 1024)  # KiB on Linux
