@@ -36,7 +36,7 @@ from oneke_plan.measure.compat import (
 )
 from oneke_plan.measure.gguf import gguf_key_mismatch, load_kwargs
 from oneke_plan.measure.layout import device_map_problem, load_config
-from oneke_plan.plan.fit import device_owner, stays_quantized
+from oneke_plan.plan.fit import device_owner, quantized_on_cpu, stays_quantized
 from oneke_plan.plan.inventory import Gpu, detect_gpus
 from oneke_plan.plan.model_source import ModelSource
 from oneke_plan.plan.profile import Profile
@@ -348,7 +348,7 @@ def _load_weights(
         _refuse_gguf_missing(loaded, info, source.gguf_file)
     _refuse_meta(loaded, device_map)
     loaded.eval()
-    if quantized and set(device_map.values()) == {"cpu"}:
+    if quantized and quantized_on_cpu("cpu", device_map):
         release_freed_heap()
     return loaded
 

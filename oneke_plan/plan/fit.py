@@ -295,6 +295,17 @@ def cpu_quantization_bytes(cost: BlockCost) -> int:
     return max(cost.unquantized_weights_bytes - cost.weights_bytes, 0)
 
 
+def cpu_quantization_by_device(assignment: Mapping[str, DeviceId], costs: Sequence[BlockCost]) -> dict[DeviceId, int]:
+    """Per device, what the blocks bitsandbytes quantizes there on the CPU add to its workspace
+    (cpu_quantization_bytes); devices without such blocks are left out."""
+    added: dict[DeviceId, int] = {}
+    for cost in costs:
+        home = assignment.get(cost.name)
+        if home is not None and quantized_on_cpu(home, assignment):
+            added[home] = added.get(home, 0) + cpu_quantization_bytes(cost)
+    return added
+
+
 def estimate(
     assignment: dict[str, DeviceId], costs: Sequence[BlockCost], slots: Sequence[Slot]
 ) -> dict[DeviceId, DeviceEstimate]:
@@ -315,7 +326,7 @@ def estimate(
     staging: dict[DeviceId, int] = {}
     adapter_load: dict[DeviceId, int] = {}
     merge_scratch: dict[DeviceId, int] = {}
-    cpu_quantization: dict[DeviceId, int] = {}
+    cpu_quantization = cpu_quantization_by_device(assignment, costs)
     main = main_device(assignment, slots)
     for cost in costs:
         if cost.name not in assignment:
@@ -331,8 +342,6 @@ def estimate(
         logits[run] = logits.get(run, 0) + cost.logits_bytes
         if quantized:
             scratch[run] = max(scratch.get(run, 0), cost.quant_scratch_bytes)
-        if quantized_on_cpu(home, assignment):
-            cpu_quantization[home] = cpu_quantization.get(home, 0) + cpu_quantization_bytes(cost)
         if home != run:
             staging[run] = max(staging.get(run, 0), stored)
         if cost.adapter_load_bytes:

@@ -14,8 +14,7 @@ from oneke_plan.plan.fit import (
     BlockCost,
     Placement,
     Slot,
-    cpu_quantization_bytes,
-    quantized_on_cpu,
+    cpu_quantization_by_device,
 )
 from oneke_plan.plan.inventory import Inventory, runs_bf16
 from oneke_plan.plan.memory import (
@@ -214,13 +213,9 @@ def offload_note(plan: Plan, inventory: Inventory) -> list[str]:
 
 def cpu_quantization_note(plan: Plan) -> list[str]:
     """A warning when bitsandbytes would quantize weights on the CPU (fit.quantized_on_cpu): 8/4-bit saves no memory
-    there, and the plan prices the CPU as if the weights were not quantized (fit.cpu_quantization_bytes)."""
-    assignment = plan.placement.assignment
-    extra = sum(
-        cpu_quantization_bytes(c)
-        for c in plan.costs
-        if c.name in assignment and quantized_on_cpu(assignment[c.name], assignment)
-    )
+    there, and the plan prices the CPU as if the weights were not quantized (fit.cpu_quantization_by_device, the
+    bytes fit.estimate adds)."""
+    extra = sum(cpu_quantization_by_device(plan.placement.assignment, plan.costs).values())
     if plan.settings.quant.mode == "none" or not extra:
         return []
     return [
