@@ -53,7 +53,7 @@ from oneke_plan.extract.kv_cache import (
     uses_sliding_window,
 )
 from oneke_plan.load.loader import input_device
-from oneke_plan.measure.forward import cache_argument, last_logits_only
+from oneke_plan.measure.forward import cache_argument, forward_parameters, last_logits_only
 
 
 @dataclass
@@ -113,9 +113,7 @@ def _forward_names(model: Any) -> tuple[dict[str, int], str, set[str]]:
     """Keyword arguments that differ across transformers versions and models, as the planner measured the forward
     with them (measure.forward): the request for the last position's logits only, the KV cache's name, and the
     names forward takes."""
-    import inspect
-
-    return last_logits_only(model), cache_argument(model), set(inspect.signature(model.forward).parameters)
+    return last_logits_only(model), cache_argument(model), forward_parameters(model)
 
 
 # ---------------------------------------------------------------------------------------------- the decoder

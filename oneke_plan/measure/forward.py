@@ -327,7 +327,7 @@ def measure_step(
     tracker = tracker_class(run, [*model.parameters(), *model.buffers()], padded=batch > 1)
     kwargs = dict(forward_kwargs or {})
     kwargs.update(last_logits_only(model))
-    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    takes_positions = "position_ids" in forward_parameters(model)
     try:
         with (
             torch.no_grad(),
@@ -389,21 +389,22 @@ def _inputs_mode(model: Any) -> Iterator[str]:
         yield "meta" if isinstance(mode, contextlib.nullcontext) else "cpu"
 
 
+def forward_parameters(model: Any) -> set[str]:
+    """The names the model's forward takes (they differ across transformers versions and models)."""
+    return set(inspect.signature(model.forward).parameters)
+
+
 def last_logits_only(model: Any) -> dict[str, int]:
     """The forward's request for the last position's logits only (`logits_to_keep`, `num_logits_to_keep` before
     transformers 4.50), as generation makes it; {} for models without one."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
+    params = forward_parameters(model)
     return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
 
 
 def cache_argument(model: Any) -> str:
     """The name the model's forward takes the cache under: `cache` in recent transformers 5.x (where
     `past_key_values` still works through a slower deprecation shim), `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
 
 
 def _storages_known(tracker: Any, out: Any, inputs: dict[str, Any]) -> set[int]:

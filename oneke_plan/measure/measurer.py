@@ -65,7 +65,8 @@ class Measurer:
         self.log: list[str] = []
         self._direct: dict[tuple[int, int, int], dict[str, BlockMemory]] = {}
         self._laws: dict[bool, list[tuple[Regime, Laws | None]]] = {}  # batch 1 (True) or >= 2: per regime
-        self._candidates: list[tuple[Regime, list[Any], Any]] | None = None
+        self._regime_list: list[Regime] | None = None  # read once (_regimes)
+        self._reduced: tuple[Any, Sequence[str], Sequence[str]] | None = None  # the two-layer copy, if any
         self._margin = 0  # bytes added to every law's peak (laws from the two-layer copy: see _check)
 
     # -- public ------------------------------------------------------------------------------------------------
@@ -107,46 +108,41 @@ class Measurer:
         batch are fitted the first time each is asked for: a plan for one batch size needs one set."""
         single = batch == 1
         if single not in self._laws:
-            self._laws[single] = [
-                (regime, self._fit_checked(candidates, reduced, regime, single))
-                for regime, candidates, reduced in self._regimes()
-            ]
+            self._laws[single] = [(regime, self._fit_checked(regime, single)) for regime in self._regimes()]
         for (low, high), laws in self._laws[single]:
             if tokens >= low and (high is None or tokens < high):
                 return laws
         return None
 
-    def _regimes(self) -> list[tuple[Regime, list[Any], Any]]:
-        """Each token regime with the models to fit its laws on (the two-layer copy first, where there is one) and
-        the copy itself (None if there is none). Computed once."""
-        if self._candidates is None:
-            reduced = None
+    def _regimes(self) -> list[Regime]:
+        """The token regimes laws are fitted for (split by sliding windows), read once, with the two-layer copy
+        (`_reduced`) the laws are fitted on first."""
+        if self._regime_list is None:
             if self.reduced is not None:
                 try:
-                    reduced = self.reduced()
+                    self._reduced = self.reduced()
                 except Exception as exc:  # noqa: BLE001 - the whole model is measured instead
                     self.log.append(f"measuring: the whole model (no two-layer copy: {_first_line(exc)})")
-            first_model, first_blocks = (reduced[0], reduced[1]) if reduced else (self.model, self.blocks)
-            windows = sliding_windows(first_model, first_blocks)
-            regimes: list[Regime] = [(0, min(windows))] if windows else [(0, None)]
+            model, blocks = (self._reduced[0], self._reduced[1]) if self._reduced else (self.model, self.blocks)
+            windows = sliding_windows(model, blocks)
+            self._regime_list = [(0, min(windows))] if windows else [(0, None)]
             if windows:
-                regimes.append((max(windows), None))
+                self._regime_list.append((max(windows), None))
                 self.log.append(f"measuring: sliding windows of {', '.join(map(str, sorted(windows)))} tokens")
-            candidates = ([reduced] if reduced else []) + [(self.model, self.blocks, self.layers)]
-            self._candidates = [(regime, candidates, reduced) for regime in regimes]
-        return self._candidates
+        return self._regime_list
 
-    def _fit_checked(self, candidates: list[Any], reduced: Any, regime: Regime, single: bool) -> Laws | None:
-        """Laws for batch 1 (`single`) or for batches of two and more, from the first candidate model whose laws the
-        whole model confirms; None (each workload measured) if none does."""
+    def _fit_checked(self, regime: Regime, single: bool) -> Laws | None:
+        """Laws for batch 1 (`single`) or for batches of two and more, from the two-layer copy or else the whole
+        model, the first whose laws the whole model confirms; None (each workload measured) if neither does."""
         which = "a single prompt" if single else "batches"
+        candidates = ([self._reduced] if self._reduced else []) + [(self.model, self.blocks, self.layers)]
         for candidate in candidates:
             try:
                 laws = self._fit(candidate, regime, single)
             except (ValueError, MeasureError) as exc:
                 self.log.append(f"measuring: no laws for {which} of {_span(regime)} tokens ({_first_line(exc)})")
                 continue
-            tolerance = self._tolerance() if candidate is reduced else 0
+            tolerance = self._tolerance() if candidate is self._reduced else 0
             if self._check(laws, regime, single, tolerance):
                 self._margin = max(self._margin, tolerance)
                 return laws

@@ -146,11 +146,9 @@ def catalog_gpu(index: int, card: CardSpec, total: int | None = None) -> Gpu:
     """A GPU known to the catalog: its compute capability and vendor speed figures. Its memory is the user's
     `total` when given ('RTX 3090:20GiB', an inventory's memory), else the catalog's (CardSpec.total_bytes), and
     then the GPU says which figure that is (memory_source, a line of the plan's log)."""
-    if total is None:
-        gpu = Gpu(index, card.name, card.total_bytes, card.total_bytes, card.compute_capability)
-        gpu = replace(gpu, memory_source=card.memory_basis)
-    else:
-        gpu = Gpu(index, card.name, total, total, card.compute_capability)
+    source = card.memory_basis if total is None else ""
+    total = card.total_bytes if total is None else total
+    gpu = Gpu(index, card.name, total, total, card.compute_capability, memory_source=source)
     return with_catalog_rates(gpu, card)
 
 
