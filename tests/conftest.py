@@ -81,14 +81,15 @@ def transformers_meta_model(config, dtype: str = "bfloat16", attn: str | None = 
     return _META_MODELS[key]
 
 
-def llama2_zh_ids(tokenizer, instruction: str) -> list[int]:  # type: ignore[no-untyped-def]
-    """Token ids of DeepKE's llama2_zh chat prompt around `instruction`, BOS included: the template written out here
+def llama2_zh_ids(tokenizer, instruction: str, bos: bool = True) -> list[int]:  # type: ignore[no-untyped-def]
+    """Token ids of DeepKE's llama2_zh chat prompt around `instruction`, BOS included (`bos`: checked to be there;
+    a tokenizer that adds none, as SmolLM2's, passes False): the template written out here
     (/work/shared/oneke/README.md, "Prompt format"), not templates.Template.render or runner.encode_prompts."""
     prompt = (
         "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n" + instruction + " [/INST]"
     )
     ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    assert ids[0] == tokenizer.bos_token_id
+    assert ids[0] == tokenizer.bos_token_id or not bos
     return ids
 
 

@@ -72,6 +72,30 @@ def read_records(
     return records
 
 
+def windowed(
+    records: list[PromptRecord],
+    tokenizer: Any,
+    profile: Profile,
+    split_long: bool,
+    window_overlap: int | None,
+    report: Report,
+) -> list[PromptRecord]:
+    """`records` as a run answers them: with `split_long`, each prompt longer than the profile's max_input_tokens
+    replaced by windows of its text that fit (oneke_plan.extract.windows; `window_overlap` tokens repeated across
+    each cut, None: one sentence), what was split said in a Report note."""
+    if not split_long:
+        if window_overlap is not None:
+            raise BadInput("--window-overlap needs --split-long: without it no text is split")
+        return records
+    from oneke_plan.extract.windows import split_long as split
+    from oneke_plan.extract.windows import summary
+
+    done = split(records, tokenizer, profile.template, profile.workload.max_input_tokens, window_overlap)
+    for note in summary(done):
+        report.note(note)
+    return done.records
+
+
 def extraction_runner(
     decoder: Decoder, tokenizer: Any, profile: Profile, writer: OutputWriter | None, batch_size: int, progress: bool
 ) -> Runner:
@@ -138,7 +162,10 @@ def extract(
     overwrite: bool = False,
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
+    split_long: bool = False,
+    window_overlap: int | None = None,
     progress: bool = False,
+    report: Report | None = None,
 ) -> Extraction:
     """Answer `records` (read_records) with a model loaded by `load`, as oneke-run does; iterate the result for
     each prompt's answer line as soon as it is written.
@@ -149,7 +176,9 @@ def extract(
     written in input order with a merged line per record of several prompts; `resume` keeps the answers an
     earlier run left (in OUTPUT or its journal) and answers the rest and the failed ones, `overwrite` replaces
     OUTPUT (an earlier output, or an empty file; never another file), neither refuses an existing one. Only
-    prompts answered by this call are yielded. `input` is the file the records came from, so that OUTPUT is never
+    prompts answered by this call are yielded. `split_long` and `window_overlap`: as oneke-run's --split-long and
+    --window-overlap (windowed): each window is a prompt of its own, yielded as it is answered, and OUTPUT holds
+    one line per split record. `input` is the file the records came from, so that OUTPUT is never
     that file (nor in the model's folder or the offload folder). Stopping the iteration early keeps the journal
     (resume continues it). Under torchrun with several workers, an output file needs api.run (it splits and merges).
     """
@@ -157,6 +186,7 @@ def extract(
     from oneke_plan.extract.workers import Worker
 
     batch = within_plan("--batch-size", batch_size, profile.workload.batch_size)
+    records = windowed(records, tokenizer, profile, split_long, window_overlap, report or Report())
     max_new = within_plan("--max-new-tokens", max_new_tokens, profile.workload.max_new_tokens)
     mode = output_mode(resume, overwrite)
     name = getattr(model, "name_or_path", None)

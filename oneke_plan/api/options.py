@@ -319,6 +319,7 @@ class PlanOptions:
 # oneke-run's --help sections, in the order --help shows them
 RAW_INPUT = "raw text input"
 GENERATION = "generation (defaults: the profile's workload)"
+LONG_DOCUMENTS = "long documents"
 RUN = "run"
 
 
@@ -404,6 +405,23 @@ class RunOptions:
             choices=list(TEMPLATES),
             metavar="NAME",
             group=GENERATION,
+        ),
+    )
+    split_long: bool = field(
+        default=False,
+        metadata=flag(
+            "split the text of a prompt longer than the plan's max_input_tokens into windows that fit, answer each "
+            "and merge the answers into the record's line (default: such a prompt gets an error line)",
+            group=LONG_DOCUMENTS,
+        ),
+    )
+    window_overlap: int | None = field(
+        default=None,
+        metadata=flag(
+            "with --split-long: tokens of each window's end repeated at the start of the next, so that what straddles "
+            "a cut is seen whole once (default: the window's last sentence)",
+            metavar="N",
+            group=LONG_DOCUMENTS,
         ),
     )
     resume: bool = field(

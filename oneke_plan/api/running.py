@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oneke_plan.api.checks import file_flag
-from oneke_plan.api.extraction import extraction_runner, read_records
+from oneke_plan.api.extraction import extraction_runner, read_records, windowed
 from oneke_plan.api.loading import check_machine_noted
 from oneke_plan.api.options import PathLike, Report, RunOptions, given, with_keywords
 from oneke_plan.api.preflight import RunContext, preflight
@@ -142,6 +142,7 @@ def _run(options: RunOptions, report: Report, join: timedelta, made: list[RunOut
     records = read_records(
         input, options.task, options.schema, options.lang, options.chunk_size, options.example, report
     )
+    records, tokenizer = _windows(context, records, options, report)
     reads = context.reads.file(input, "the input file").file(file_flag(options.schema), "the --schema file")
     reads = reads.file(file_flag(options.example), "the --example file")
     worker, mode = context.worker, context.output_mode
@@ -154,7 +155,7 @@ def _run(options: RunOptions, report: Report, join: timedelta, made: list[RunOut
             if worker.distributed:  # every worker looks at what earlier runs left before any of this run writes
                 files.prepare()
                 group.barrier()
-            mine = _answer(context, records, files, options.progress, report)
+            mine = _answer(context, records, files, options.progress, report, tokenizer)
             if worker.distributed:
                 if worker.rank != 0:
                     files.close()  # worker 0 reads and removes this part once every worker is through
@@ -172,8 +173,27 @@ def _run(options: RunOptions, report: Report, join: timedelta, made: list[RunOut
     return RunSummary(Path(output), len(records), worker, parts, memory)
 
 
+def _windows(
+    context: RunContext, records: list[PromptRecord], options: RunOptions, report: Report
+) -> tuple[list[PromptRecord], tuple[Any, list[int]] | None]:
+    """The records with long texts split (--split-long), and the checked tokenizer that measured them (None without
+    --split-long), which the engine's start then reuses."""
+    if not options.split_long:
+        return windowed(records, None, context.profile, False, options.window_overlap, report), None
+    from oneke_plan.extract.engines import checked_tokenizer
+
+    checked = checked_tokenizer(context.profile, context.source, context.trust_remote_code)
+    split = windowed(records, checked[0], context.profile, True, options.window_overlap, report)
+    return split, checked
+
+
 def _answer(
-    context: RunContext, records: list[PromptRecord], files: RunOutput, progress: bool, report: Report
+    context: RunContext,
+    records: list[PromptRecord],
+    files: RunOutput,
+    progress: bool,
+    report: Report,
+    tokenizer: tuple[Any, list[int]] | None = None,
 ) -> tuple[RunStats, int] | None:
     """Lock the output and find the prompts left, check the machine, then start the engine (for hf, load's checks
     and load) and answer them. Returns the run's statistics and how many prompts were pending, or None when every
@@ -189,7 +209,14 @@ def _answer(
         return None
     assert files.writer is not None
     run = EngineRun(
-        profile, source, context.batch_size, context.max_new_tokens, context.trust_remote_code, context.adapter, gpus
+        profile,
+        source,
+        context.batch_size,
+        context.max_new_tokens,
+        context.trust_remote_code,
+        context.adapter,
+        gpus,
+        tokenizer,
     )
     started = context.engine.start(run, report)
     try:

@@ -53,6 +53,66 @@ def error_line(record: PromptRecord, reason: str) -> dict[str, Any]:
     return line
 
 
+WINDOW_FIELDS = ("key", "output", "raw_output", "parsed", "parse_error", "error")
+"""What a split record's line keeps of each window's own line in its `windows` entries (with the window's place in
+the text): the rest, id, instruction and the input's fields, is the window's prompt, rebuilt from the input on
+--resume (unfolded_lines)."""
+
+
+def folded_line(whole: PromptRecord, windows: list[PromptRecord], lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """The line of a record whose text was split into windows (extract/windows.py): the record's own fields and
+    instruction, its answer the merge of the windows' answers (answers.merge_outputs, duplicates removed by the
+    scorer's rule), and `windows`, each window's place (`start`, `end`: characters of the text) and its own answer.
+
+    A window with no answer (out of memory) makes the record's line an `error` line, so that --resume runs that
+    window again; windows whose answer is no JSON are listed in `failed_windows`, and with none parsed the line's
+    `output` is "" and `parse_error` says so.
+    """
+    line = _base_line(whole)
+    unanswered = [item for item in lines if "error" in item]
+    good = [item["parsed"] for item in lines if "parsed" in item]
+    if unanswered:
+        line["output"] = ""
+        line["error"] = f"{len(unanswered)} of {len(lines)} windows got no answer: {unanswered[0]['error']}"
+    elif good:
+        merged = answers.merge_outputs(whole.task, good)
+        line["output"] = json.dumps(merged, ensure_ascii=False)
+        line["parsed"] = merged
+    else:
+        line["output"] = ""
+        line["parse_error"] = f"no window's answer is one: {lines[0].get('parse_error')}"
+    failed = [item["key"] for item in lines if "parse_error" in item]
+    if failed and good:
+        line["failed_windows"] = failed
+    line["key"] = whole.key
+    line["windows"] = [
+        {**{name: item[name] for name in WINDOW_FIELDS if name in item}, **_place(window)}
+        for window, item in zip(windows, lines, strict=True)
+    ]
+    return line
+
+
+def _place(window: PromptRecord) -> dict[str, int]:
+    assert window.window is not None
+    return {"start": window.window.start, "end": window.window.end}
+
+
+def unfolded_lines(line: dict[str, Any], windows: list[PromptRecord]) -> list[dict[str, Any]] | None:
+    """The windows' own lines, rebuilt from a split record's line (folded_line) and the windows this run cut the
+    record's text into; None when they are not the same windows (another plan, overlap or input)."""
+    entries = line.get("windows")
+    if not isinstance(entries, list) or len(entries) != len(windows):
+        return None
+    found = []
+    for window, entry in zip(windows, entries, strict=True):
+        if not isinstance(entry, dict) or entry.get("key") != window.key:
+            return None
+        if {name: entry.get(name) for name in ("start", "end")} != _place(window):
+            return None
+        found.append({**_base_line(window), **{name: entry[name] for name in WINDOW_FIELDS if name in entry}})
+    return found
+
+
 def is_answered(line: dict[str, Any]) -> bool:
     """Whether a prompt line holds the model's answer (good JSON or not), rather than a reason it got none.
 

@@ -88,6 +88,7 @@ class EngineRun:
     trust_remote_code: bool = False
     adapter: Adapter | None = None
     gpus: tuple[Gpu, ...] | None = None  # what the machine check found here (None: not read yet)
+    checked: tuple[Any, list[int]] | None = None  # checked_tokenizer's answer, when the run already asked for it
 
 
 def _nothing() -> None:
@@ -177,15 +178,17 @@ def load_checked(
     report: EngineReport,
     adapter: Adapter | None = None,
     gpus: tuple[Gpu, ...] | None = None,
+    checked: tuple[Any, list[int]] | None = None,
 ) -> Loaded:
     """Everything cheap first (device_map, offload folder, tokenizer and its template), then load (with the
     adapter), report the weights per device, and check the model computes finite numbers. `gpus`: the GPUs the
-    machine check found, when it ran (else the load reads them)."""
+    machine check found, when it ran (else the load reads them); `checked`: checked_tokenizer's answer, when the
+    caller has it (a run that split long texts with it)."""
     from oneke_plan.load.loaded_weights import measured_weight_bytes
     from oneke_plan.load.loader import check_finite_outputs, load_model
     from oneke_plan.measure.checkpoint import read_checkpoint
 
-    tokenizer, stop_ids = checked_tokenizer(profile, source, trust_remote_code)  # before any weight
+    tokenizer, stop_ids = checked or checked_tokenizer(profile, source, trust_remote_code)  # before any weight
     checkpoint = read_checkpoint(source.directory) if source.directory and source.gguf_file is None else None
     model = load_model(
         profile,
@@ -224,7 +227,7 @@ def hf_decoder(
 
 def _start_hf(run: EngineRun, prepared: None, report: EngineReport) -> Started:
     """load's checks and load, then the decoder; the model is freed with the last reference to it."""
-    loaded = load_checked(run.profile, run.source, run.trust_remote_code, report, run.adapter, run.gpus)
+    loaded = load_checked(run.profile, run.source, run.trust_remote_code, report, run.adapter, run.gpus, run.checked)
     # a GGUF's end tokens are its own (config and tokenizer from its metadata): transformers reads no
     # generation_config.json beside a GGUF, and neither does the decoder
     checkpoint_dir = run.source.directory if run.source.gguf_file is None else None

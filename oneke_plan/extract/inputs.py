@@ -31,7 +31,10 @@ from oneke_plan.formats import answers, oneke
 from oneke_plan.io import jsonfile, lines
 from oneke_plan.io.limits import MAX_ANSWER_LINE_BYTES, MAX_INPUT_BYTES, MAX_INPUT_LINE_BYTES, MAX_JSON_BYTES
 
-ANSWER_FIELDS = ("output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks")
+ANSWER_FIELDS = (
+    "output", "raw_output", "parsed", "parse_error", "error", "key", "merged", "chunks", "failed_chunks", "windows",
+    "failed_windows",
+)  # fmt: skip
 """Fields answer lines carry; an input carrying them (e.g. a previous output fed back in) has them dropped."""
 
 GOLD_FIELDS = {
@@ -54,7 +57,8 @@ class PromptRecord:
     `key` identifies the prompt within its input file (line number, plus chunk number for raw input), so it
     is the same on every run over the same file: resume matches lines to prompts by it. `error`: why the line
     gives no prompt (too long to read: LongInputLine); the runner writes it as the prompt's error line, and the
-    instruction is empty.
+    instruction is empty. `window`: set on one window of a long text (extract/windows.py), whose key is the whole
+    prompt's key plus `#wN`.
     """
 
     key: str
@@ -64,6 +68,7 @@ class PromptRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     text: str = ""
     error: str | None = None
+    window: TextWindow | None = None
 
     @property
     def group(self) -> tuple[str, str]:
@@ -72,6 +77,20 @@ class PromptRecord:
         if self.error is not None:
             return "", f"unread input line {self.key}"
         return evaluator_group(self.extra, self.id)
+
+
+@dataclass(frozen=True)
+class TextWindow:
+    """Where one window of a long text lies: window `number` (1-based) of `count` cut from `whole`'s text, its
+    characters [start, end) of that text, of which [new_from, end) are in no earlier window (the ones before are the
+    overlap with the previous window). Character offsets are Python string indices (code points)."""
+
+    whole: PromptRecord
+    number: int
+    count: int
+    start: int
+    end: int
+    new_from: int
 
 
 def unread_record(line: LongInputLine, key: str, record_id: Any, task: str = "", extra: Any = None) -> PromptRecord:

@@ -30,7 +30,7 @@ from typing import Any
 
 from oneke_plan.core.errors import BadInput
 from oneke_plan.core.stops import held
-from oneke_plan.extract.answer_lines import OutputWriter, encode_line, is_answered
+from oneke_plan.extract.answer_lines import OutputWriter, encode_line, folded_line, is_answered, unfolded_lines
 from oneke_plan.extract.inputs import PromptRecord
 from oneke_plan.formats import answers
 from oneke_plan.io import jsonfile
@@ -221,9 +221,10 @@ class RunOutput:
         if self.mode == "resume":
             # An interrupted --overwrite's journal: the old OUT is to be replaced, its answers are not kept.
             if header.get("mode") != "overwrite" and self._output_stat is not None:
+                windows = windows_of(records)
                 for line in read_output(self.output):
                     if is_prompt_line(line):
-                        self.done[line["key"]] = line
+                        self._keep(line, windows)
             for peer in self.peer_journals():
                 for line in self._peer_answers(peer):
                     self.done.setdefault(line["key"], line)
@@ -237,6 +238,23 @@ class RunOutput:
             for r in records
             if (mine is None or mine(r)) and (r.key not in self.done or not is_answered(self.done[r.key]))
         ]
+
+    def _keep(self, line: dict[str, Any], windows: dict[str, list[PromptRecord]]) -> None:
+        """Keep one prompt line of OUT as done; a split record's line as its windows' lines, when this run cuts its
+        text into the same windows."""
+        key = line["key"]
+        if "windows" not in line or key not in windows:
+            self.done[key] = line
+            return
+        unfolded = unfolded_lines(line, windows[key])
+        if unfolded is None:
+            raise BadInput(
+                f"{self.output}: its line for key {key} was split into other windows than this run splits the text "
+                "into: resume with the same profile (its max_input_tokens), --window-overlap and input, or use a new "
+                "--output"
+            )
+        for window in unfolded:
+            self.done[window["key"]] = window
 
     def prepare(self) -> None:
         """What start() checks before it creates anything: the paths, and (a new run) that no worker of an earlier
@@ -477,16 +495,44 @@ def _check_same_input(done: dict[str, dict[str, Any]], records: list[PromptRecor
             )
 
 
+def windows_of(records: list[PromptRecord]) -> dict[str, list[PromptRecord]]:
+    """The windows of each split record (extract/windows.py), by the whole record's key, in order."""
+    found: dict[str, list[PromptRecord]] = {}
+    for record in records:
+        if record.window is not None:
+            found.setdefault(record.window.whole.key, []).append(record)
+    return found
+
+
+def _whole_lines(
+    records: list[PromptRecord], done: dict[str, dict[str, Any]]
+) -> Iterator[tuple[PromptRecord, dict[str, Any]]]:
+    """(prompt, its line) in input order, the windows of a split record folded into that record's line."""
+    windows: list[PromptRecord] = []
+    for record in records:
+        if record.window is None:
+            yield record, done[record.key]
+            continue
+        windows.append(record)
+        if record.window.number == record.window.count:
+            whole = record.window.whole
+            yield whole, folded_line(whole, windows, [done[window.key] for window in windows])
+            windows = []
+
+
 def final_lines(records: list[PromptRecord], done: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Every prompt's line in input order; after the last prompt of a record with several, its merged line."""
+    """Every prompt's line in input order (a split record's windows folded into one line); after the last prompt of
+    a record with several, its merged line."""
+    whole = list(_whole_lines(records, done))
     groups: dict[tuple[str, str], list[PromptRecord]] = {}
-    for record in records:
+    for record, _ in whole:
         groups.setdefault(record.group, []).append(record)
-    for record in records:
-        yield done[record.key]
+    lines = {record.key: line for record, line in whole}
+    for record, line in whole:
+        yield line
         members = groups[record.group]
         if len(members) > 1 and members[-1] is record:
-            yield merged_line(record.task, [done[m.key] for m in members])
+            yield merged_line(record.task, [lines[m.key] for m in members])
 
 
 def merged_line(task: str, lines: list[dict[str, Any]]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from oneke_plan.formats import answers
 from oneke_plan.formats.templates import ONEKE_TEMPLATE, TEMPLATES, chat_messages, special_token_ids
 
 ENCODE_SLICE_CHARS = 2**18
-"""Characters of instructions tokenized in one call (Runner._encoded), unless one instruction alone is longer: some
+"""Characters of instructions tokenized in one call (encoded_prompts), unless one instruction alone is longer: some
 500 prompts of OneKE's size, so that the tokenizer's own batching still pays, and a few tens of MB of its memory.
 An input line at its bound (io.limits.MAX_INPUT_LINE_BYTES) is up to 2M characters, tokenized alone."""
 
@@ -52,6 +52,9 @@ def encode_prompts(
     The model's own chat template (templates.MODEL_TEMPLATE) is rendered by transformers' apply_chat_template
     with the generation prompt, and its text encoded without adding special tokens, as apply_chat_template's own
     tokenize=True does (the template writes every special token itself).
+
+    verbose=False: transformers' warning about prompts over the tokenizer's model_max_length is not this tool's
+    limit; the runner holds each prompt to the plan's max_input_tokens itself.
     """
     tmpl = TEMPLATES[template]
     if tmpl.from_tokenizer:
@@ -59,16 +62,16 @@ def encode_prompts(
             tokenizer.apply_chat_template(chat_messages(r.instruction), add_generation_prompt=True, tokenize=False)
             for r in records
         ]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
         return [Encoded(i, list(row)) for i, row in enumerate(ids)]
     parts = [tmpl.parts(record.instruction) for record in records]
     if all(len(p) == 1 and isinstance(p[0], str) for p in parts):
         texts = [str(p[0]) for p in parts]
-        ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else []
         return [Encoded(i, list(row)) for i, row in enumerate(ids)]
     head = _added_bos(tokenizer)
     texts = [part for p in parts for part in p if isinstance(part, str)]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    encoded = iter(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else [])
     special = special_token_ids(tmpl, tokenizer, "the tokenizer")  # checked before any weight (check_tokenizer)
     out = []
     for i, prompt in enumerate(parts):
@@ -77,6 +80,31 @@ def encode_prompts(
             row += list(next(encoded)) if isinstance(part, str) else [special[part.text]]
         out.append(Encoded(i, row))
     return out
+
+
+def encoded_prompts(tokenizer: Any, records: Sequence[PromptRecord], template: str) -> Iterator[Encoded]:
+    """encode_prompts of every record with a prompt (error None), indexed in `records`, a slice of at most
+    ENCODE_SLICE_CHARS characters at a time: the tokenizer holds some 100 bytes for each character it encodes (its
+    Encodings, then Python's lists), so one call over a whole file would hold a file's worth at once, and a caller
+    can drop what it does not keep before the next slice is encoded."""
+    parts: list[list[int]] = [[]]
+    chars = 0
+    for index, record in enumerate(records):
+        if record.error is not None:
+            continue
+        if parts[-1] and chars + len(record.instruction) > ENCODE_SLICE_CHARS:
+            parts.append([])
+            chars = 0
+        parts[-1].append(index)
+        chars += len(record.instruction)
+    for part in parts:
+        for item in encode_prompts(tokenizer, [records[i] for i in part], template):
+            yield Encoded(part[item.index], item.ids)
+
+
+def prompt_tokens(tokenizer: Any, record: PromptRecord, template: str) -> int:
+    """How many tokens `record`'s whole prompt is, as the runner encodes it (BOS and template included)."""
+    return len(encode_prompts(tokenizer, [record], template)[0].ids)
 
 
 def _added_bos(tokenizer: Any) -> list[int]:
@@ -170,13 +198,14 @@ class Runner:
             if record.error is not None:  # a line too long to read (inputs.LongInputLine): never tokenized
                 yield self._fail(record, record.error)
                 self.stats.too_long += 1
-        for item in self._encoded(records):
+        for item in encoded_prompts(self.tokenizer, records, self.template):
             if len(item.ids) > self.max_input_tokens:
                 yield self._fail(
                     records[item.index],
                     f"prompt has {len(item.ids)} tokens, more than the plan's "
                     f"max_input_tokens ({self.max_input_tokens}); it was not cut: re-plan with "
-                    f"--max-input-tokens {len(item.ids)} to run it",
+                    f"--max-input-tokens {len(item.ids)} to run it whole, or run with --split-long to split its "
+                    "text into windows that fit",
                 )
                 self.stats.too_long += 1
             else:
@@ -194,25 +223,6 @@ class Runner:
         finally:
             bar.close()
             self.stats.seconds = time.perf_counter() - start
-
-    def _encoded(self, records: Sequence[PromptRecord]) -> Iterator[Encoded]:
-        """encode_prompts of every record with a prompt (error None), indexed in `records`, a slice of at most
-        ENCODE_SLICE_CHARS characters at a time: the tokenizer holds some 100 bytes for each character it encodes
-        (its Encodings, then Python's lists), so one call over a whole file would hold a file's worth at once, and
-        a too-long prompt's ids are dropped before the next slice is encoded."""
-        parts: list[list[int]] = [[]]
-        chars = 0
-        for index, record in enumerate(records):
-            if record.error is not None:
-                continue
-            if parts[-1] and chars + len(record.instruction) > ENCODE_SLICE_CHARS:
-                parts.append([])
-                chars = 0
-            parts[-1].append(index)
-            chars += len(record.instruction)
-        for part in parts:
-            for item in encode_prompts(self.tokenizer, [records[i] for i in part], self.template):
-                yield Encoded(part[item.index], item.ids)
 
     def _decode_all(
         self, records: Sequence[PromptRecord], fitting: list[Encoded], bar: Any, start: float
