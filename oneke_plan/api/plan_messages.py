@@ -116,3 +116,13 @@ def why_not_more(what: str, value: int, more: Plan | None) -> str:
     refusal = more.placement.first_refusal()
     why = explain_refusal(refusal, more.slots) if refusal is not None else "it does not fit"
     return f"solve: {flag} {value} fits; at {value + 1}, {why}"
+
+
+def long_document_line(workload: Workload) -> str:
+    """What the plan's max_input_tokens means for long texts: the window oneke-run --split-long cuts them into."""
+    limit = workload.max_input_tokens
+    return (
+        f"long documents: a prompt of up to {limit:,} tokens (template, instruction, schema and text together) runs "
+        f"whole; with oneke-run --split-long a longer text is cut into windows that each fit in {limit:,} "
+        "(README: Long documents)"
+    )

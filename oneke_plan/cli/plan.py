@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from oneke_plan import __version__, api
 from oneke_plan.api.options import OUTPUT, PlanOptions, flag
+from oneke_plan.api.plan_messages import long_document_line
 from oneke_plan.cli.common import (
     OneLineParser,
     PrintedReport,
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace, report: PrintedReport) -> int:
         file=sys.stderr,
     )
     print(f"prompt template: {profile.template} ({result.template_reason})", file=sys.stderr)
+    print(long_document_line(w), file=sys.stderr)
     print(summary_table(result), file=sys.stderr)
     print(BAR_LEGEND, file=sys.stderr)
     for line in speed_lines(profile.speed, w.batch_size, w.sequence_tokens):

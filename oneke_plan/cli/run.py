@@ -37,6 +37,9 @@ examples:
   # raw text lines with a task and a schema:
   oneke-run --profile P.yaml --model /models/OneKE --input texts.jsonl --output out.jsonl \\
             --task NER --schema '["人物", "地理位置", "组织机构"]' --lang zh
+  # texts longer than the plan's max_input_tokens: cut into windows that fit, each answered, answers merged:
+  oneke-run --profile P.yaml --model /models/OneKE --input articles.jsonl --output out.jsonl \\
+            --task NER --schema '["人物", "地理位置", "组织机构"]' --split-long
   # continue an interrupted run, and retry prompts that failed (too long, out of memory) after re-planning:
   oneke-run --profile P.yaml --model /models/OneKE --input IN --output OUT --resume
   # the same run on vLLM (pip install 'oneke-plan[vllm]'), the profile translated for it:
