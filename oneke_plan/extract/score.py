@@ -29,10 +29,9 @@ from typing import Any
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract.inputs import evaluator_group, known_task, read_json_objects
 from oneke_plan.formats import oneke
+from oneke_plan.formats.answers import NAN, argument_text, event_trigger, is_kg_empty, pair_ends
 from oneke_plan.io import jsonfile
 
-NAN = "NAN"
-KG_EMPTY = ("无", "nan")
 PARTS: dict[str, tuple[str, ...]] = {
     "NER": ("entity",),
     "RE": ("triple",),
@@ -279,8 +278,7 @@ def _pairs(answer: dict[str, Any]) -> list[Item]:
         for item in items if isinstance(items, list) else []:
             if not isinstance(item, dict):
                 continue
-            head = item.get("head", item.get("subject", ""))
-            tail = item.get("tail", item.get("object", ""))
+            head, tail = pair_ends(item)
             if isinstance(head, str) and isinstance(tail, str):
                 triples.append((head, relation, tail))
     return triples
@@ -292,7 +290,7 @@ def _kg_triples(answer: dict[str, Any]) -> list[Item]:
         for entity, attributes in entities.items() if isinstance(entities, dict) else []:
             for attribute, value in attributes.items() if isinstance(attributes, dict) else []:
                 for v in value if isinstance(value, list) else [value]:
-                    if isinstance(v, str) and v.lower() not in KG_EMPTY:
+                    if isinstance(v, str) and not is_kg_empty(v):
                         triples.append((entity, attribute, v))
     return triples
 
@@ -302,20 +300,15 @@ def _events(answer: dict[str, Any]) -> dict[str, list[Item]]:
     arguments: list[Item] = []
     for event_type, found in answer.items():
         for event in found if isinstance(found, list) else []:
-            if not isinstance(event, dict) or not isinstance(event.get("trigger", ""), str):
+            if not isinstance(event, dict) or not isinstance(trigger := event_trigger(event), str):
                 continue
-            events.append((event_type, event.get("trigger", "")))
+            events.append((event_type, trigger))
             roles = event.get("arguments", {})
             for role, value in roles.items() if isinstance(roles, dict) else []:
                 for v in value if isinstance(value, list) else [value]:
                     if v != NAN:
-                        arguments.append((event_type, _text(v), role))
+                        arguments.append((event_type, argument_text(v), role))
     return {"event": events, "argument": arguments}
-
-
-def _text(value: Any) -> str:
-    """An argument value as text: strings as they are, anything else as its JSON (it never equals a gold string)."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------- two runs side by side
