@@ -22,17 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, machine_line, quiet_libraries, table
-
-
-def document(chars: int) -> str:
-    """DeepKE's test inputs joined, cut after the first sentence end past `chars` characters."""
-    text = ""
-    for path in sorted((ROOT / "examples" / "deepke").glob("*/test.json")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            text += json.loads(json.loads(line)["instruction"])["input"]
-    ends = [k + 1 for k, c in enumerate(text) if c in "。！？；" and k + 1 >= chars]
-    return text[: ends[0]] if ends else text
+from common import machine_line, quiet_libraries, table
 
 
 def main() -> int:
@@ -51,12 +41,13 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     import real_checkpoint
+    from long_text import deepke_text
 
     from oneke_plan import api
     from oneke_plan.extract.inputs import read_raw
 
     directory = real_checkpoint.checkpoint_dir()
-    text = document(args.chars)
+    text = deepke_text(args.chars, samples=False)
     with tempfile.TemporaryDirectory() as tmp:
         inventory = Path(tmp) / "inventory.yaml"
         inventory.write_text("gpus: []\ncpu_memory: 16GiB\n")

@@ -130,12 +130,17 @@ def merge_outputs(task: str, parsed_list: list[Any]) -> dict[str, Any]:
     the same place, which the scorer does not read; where none has the shape, odd values are joined (_merge_odd).
     """
     check_task(task)
-    values_by_key: dict[str, list[Any]] = {}
-    for parsed in parsed_list:
-        if isinstance(parsed, dict):
-            for key, value in parsed.items():
-                values_by_key.setdefault(key, []).append(value)
-    return {key: _merge_key(task, values) for key, values in values_by_key.items()}
+    answers = [parsed for parsed in parsed_list if isinstance(parsed, dict)]
+    return {key: _merge_key(task, values) for key, values in _values_by_key(answers).items()}
+
+
+def _values_by_key(dicts: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Each key of `dicts` (first-seen order) with its value in every dict that has it, in order."""
+    found: dict[str, list[Any]] = {}
+    for mapping in dicts:
+        for key, value in mapping.items():
+            found.setdefault(key, []).append(value)
+    return found
 
 
 def _merge_key(task: str, values: list[Any]) -> Any:
@@ -176,12 +181,8 @@ def _one_item(task: str, group: list[Any]) -> Any:
 
 def _merge_entities(types: list[dict[str, Any]]) -> dict[str, Any]:
     """One KG entity type's entities from all answers: an entity's attributes merged attribute by attribute."""
-    by_entity: dict[str, list[Any]] = {}
-    for entities in types:
-        for name, attributes in entities.items():
-            by_entity.setdefault(name, []).append(attributes)
     merged: dict[str, Any] = {}
-    for name, found in by_entity.items():
+    for name, found in _values_by_key(types).items():
         attributes = [a for a in found if isinstance(a, dict)]
         merged[name] = _merge_attributes(attributes, _exact, is_kg_empty) if attributes else _merge_odd(found)
     return merged
@@ -193,12 +194,8 @@ def _merge_attributes(
     """EE roles or KG attributes from all answers, name by name: the distinct values (by `identity`, the scorer's
     reading) in first-seen order, the `empty` ones ("not found") dropped where a real value exists. A plain value
     where every answer gave one and they agree, else a list."""
-    by_name: dict[str, list[Any]] = {}
-    for found in dicts:
-        for name, value in found.items():
-            by_name.setdefault(name, []).append(value)
     merged: dict[str, Any] = {}
-    for name, given in by_name.items():
+    for name, given in _values_by_key(dicts).items():
         distinct: dict[str, Any] = {}
         for value in (v for g in given for v in (g if isinstance(g, list) else [g])):
             distinct.setdefault(identity(value), value)

@@ -10,13 +10,13 @@ Bad input through the CLI: each refusal is one line and exit 2."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from conftest import llama2_zh_ids
+from long_text import chinese_text, deepke_text
 from transformers import AutoTokenizer
 
 from oneke_plan.cli.plan import main as plan_main
@@ -24,32 +24,6 @@ from oneke_plan.cli.run import main as run_main
 from oneke_plan.cli.score import main as score_main
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-FILLER = "的一是在不了有和这中大为上个我以要时来用们生到作于出就分对成会可主发年动同工也能下过子说产种面而方后"
-
-
-def chinese_text(chars: int, seed: int = 11) -> str:
-    rng = random.Random(seed)
-    parts: list[str] = []
-    while sum(map(len, parts)) < chars:
-        parts.append("".join(rng.choice(FILLER) for _ in range(rng.randint(10, 60))) + rng.choice("。！？；"))
-        if rng.random() < 0.05:
-            parts.append("\n")
-    return "".join(parts)
-
-
-def deepke_text(chars: int) -> str:
-    """Real Chinese text: the inputs of DeepKE's test and sample files (examples/deepke), joined, cut after the first
-    sentence end past `chars` characters."""
-    root = Path(__file__).resolve().parents[2] / "examples" / "deepke"
-    text = ""
-    for path in sorted(root.glob("*/test.json")):
-        text += "".join(json.loads(json.loads(line)["instruction"])["input"] for line in path.read_text().splitlines())
-    for path in sorted(root.glob("*/sample.json")):
-        text += "".join(json.loads(line)["text"] for line in path.read_text().splitlines())
-    end = next(k + 1 for k, c in enumerate(text) if k + 1 >= chars and c in "。！？；")
-    return text[:end]
-
 
 def converted_line(text: str, record_id: str = "long-1") -> dict[str, Any]:
     instruction = {"instruction": "你是专门进行实体抽取的专家。", "schema": ["人物", "地理位置"], "input": text}
@@ -114,7 +88,7 @@ def test_a_20000_character_text_becomes_windows_that_fit(tiny_model_dir: Path, t
 def test_split_long_on_real_weights(smollm2_dir: Path, tmp_path: Path) -> None:
     """SmolLM2 under its own chat template (ChatML): the windows' prompts are what transformers' apply_chat_template
     encodes, each within the plan's 512 tokens."""
-    text = chinese_text(1_200, seed=3)
+    text = chinese_text(1_200, seed=3, sentence=(10, 60), newlines=0.05)
     source = converted_line(text, "real-1")
     data = tmp_path / "long.json"
     data.write_text(json.dumps(source, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import llama2_zh_ids
+from long_text import chinese_text
 from transformers import AutoTokenizer
 
 from oneke_plan.core.errors import BadInput
@@ -27,17 +28,6 @@ def tokenizer(request: pytest.FixtureRequest) -> Any:
     """A real byte-level BPE tokenizer (SmolLM2's, with offsets) and the tiny model's SentencePiece one."""
     name = "smollm2_dir" if request.param == "smollm2" else "tiny_model_dir"
     return AutoTokenizer.from_pretrained(request.getfixturevalue(name))
-
-
-def chinese_text(chars: int, seed: int = 0) -> str:
-    pool = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说"
-    rng = random.Random(seed)
-    parts: list[str] = []
-    while sum(map(len, parts)) < chars:
-        parts.append("".join(rng.choice(pool) for _ in range(rng.randint(8, 40))) + rng.choice("。！？；"))
-        if rng.random() < 0.1:
-            parts.append("\n")
-    return "".join(parts)
 
 
 def record(text: str, task: str = "NER", schema: Any = ("人物", "地理位置"), lang: str = "zh") -> PromptRecord:
