@@ -22,6 +22,7 @@ The windows' texts, overlaps removed (text[new_from:end]), concatenate to the re
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import unicodedata
@@ -86,26 +87,47 @@ class Windowed:
     overlap_dropped: int = 0  # cuts where the overlap left no room for new text
 
 
+PROBE_CHARS_PER_TOKEN = 4
+"""Characters per token of the limit that a first probe of a far cut encodes (OneKE's Chinese is about 1 character
+per token, English 4): a window that reaches a cut further away is tried on that many characters first, then twice
+as many, and so on, and refused as soon as a prefix does not fit; a sentence of a million characters thus costs each
+window a few bounded probes, never the whole sentence (nor, for the tokenizer, one million-character word)."""
+
+
 class _Prompt:
-    """One record's prompt with any part of its text as input, measured in tokens."""
+    """One record's prompt with any part of its text as input, measured in tokens as the runner encodes it; the
+    instruction JSON is decoded once."""
 
     def __init__(self, record: PromptRecord, tokenizer: Any, template: str, max_input_tokens: int) -> None:
         self.record, self.tokenizer, self.template = record, tokenizer, template
         self.max_input_tokens = max_input_tokens
-        self.probes = 0
+        self.fields = json.loads(record.instruction)
+        self.probe_chars = PROBE_CHARS_PER_TOKEN * max_input_tokens
 
     def tokens(self, text: str) -> int:
-        self.probes += 1
-        return prompt_tokens(self.tokenizer, with_input(self.record, text, 0), self.template)
+        return prompt_tokens(self.tokenizer, with_input(self.record, text, 0, fields=self.fields), self.template)
 
     def fits(self, start: int, end: int) -> bool:
+        """Whether the window [start, end) of the text fits (PROBE_CHARS_PER_TOKEN: prefixes first)."""
+        span = self.probe_chars
+        while end - start > span:
+            if self.tokens(self.record.text[start : start + span]) > self.max_input_tokens:
+                return False
+            span *= 2
         return self.tokens(self.record.text[start:end]) <= self.max_input_tokens
 
 
-def with_input(record: PromptRecord, text: str, number: int, window: TextWindow | None = None) -> PromptRecord:
-    """`record` with `text` as its input: the instruction JSON decoded and written again with the same keys in the same
-    order and ensure_ascii=False, as the authors write it (oneke.make_instruction); key KEY#wN for window N."""
-    instruction = json.loads(record.instruction)
+def with_input(
+    record: PromptRecord,
+    text: str,
+    number: int,
+    window: TextWindow | None = None,
+    fields: dict[str, Any] | None = None,
+) -> PromptRecord:
+    """`record` with `text` as its input: the instruction JSON (`fields`: already decoded) written again with the
+    same keys in the same order and ensure_ascii=False, as the authors write it (oneke.make_instruction); key
+    KEY#wN for window N."""
+    instruction = dict(fields if fields is not None else json.loads(record.instruction))
     instruction["input"] = text
     return PromptRecord(
         key=f"{record.key}#w{number}",
@@ -165,14 +187,22 @@ def _window_end(
 ) -> int | None:
     """The furthest cut after `done` whose window from `start` fits; inside a sentence too long for any window, the
     furthest token end that fits and is no word's inside. None if not even one more token fits."""
-    after = [c for c in cuts if c > done]
+    text = prompt.record.text
+    after = cuts[bisect.bisect_right(cuts, done) :]
     end = _largest(after, lambda c: prompt.fits(start, c))
     if end is not None:
         return end
-    sentence_end = after[0]  # the sentence from `done` does not fit whole: cut it by tokens
-    ends = [e for e in token_ends(tokenizer, prompt.record.text, done, sentence_end) if e > done]
-    safe = [e for e in ends if not inside_word(prompt.record.text, e)] or ends
-    end = _largest(safe, lambda e: prompt.fits(start, e))
+    # The sentence from `done` does not fit whole: cut it by tokens, encoding only as much of it as a window can
+    # hold (more only if all of that fits, which the bound makes rare).
+    span = prompt.probe_chars
+    while True:
+        stop = min(after[0], done + span)
+        ends = [e for e in token_ends(tokenizer, text, done, stop) if e > done]
+        safe = [e for e in ends if not inside_word(text, e)] or ends
+        end = _largest(safe, lambda e: prompt.fits(start, e))
+        if end is None or end < stop or stop == after[0]:
+            break
+        span *= 2
     if end is not None and prompt.record.key not in windowed.token_cut:
         windowed.token_cut.append(prompt.record.key)
     return end
@@ -183,7 +213,7 @@ def _next_start(
 ) -> int:
     """Where the window after [start, end) starts: `end` less the overlap (module docstring, step 4)."""
     text = prompt.record.text
-    inside = [c for c in cuts if start < c < end]
+    inside = cuts[bisect.bisect_right(cuts, start) : bisect.bisect_left(cuts, end)]
     if overlap_tokens is None:
         return inside[-1] if inside else end  # the window's last whole sentence
     if overlap_tokens == 0:
@@ -191,7 +221,7 @@ def _next_start(
     starts = [first for first, _ in token_spans(tokenizer, text, start, end)]
 
     def tail_tokens(at: int) -> int:  # tokens of the window from `at` on, as the window's text is encoded alone
-        return sum(1 for first in starts if first >= at)
+        return len(starts) - bisect.bisect_left(starts, at)
 
     for candidate in inside:  # the earliest sentence start whose tail is short enough
         if tail_tokens(candidate) <= overlap_tokens:
@@ -244,7 +274,7 @@ def split_long(
         spans = split_windows(prompt, tokenizer, overlap_tokens, windowed)
         for number, (start, end, new_from) in enumerate(spans, 1):
             where = TextWindow(record, number, len(spans), start, end, new_from)
-            windowed.records.append(with_input(record, record.text[start:end], number, where))
+            windowed.records.append(with_input(record, record.text[start:end], number, where, prompt.fields))
         windowed.split += 1
         windowed.windows += len(spans)
     return windowed

@@ -149,3 +149,38 @@ def test_an_overlap_as_large_as_a_window_is_refused(tokenizer: Any) -> None:
     assert split_long([whole], tokenizer, TEMPLATE, 300, room - 1).split == 1
     with pytest.raises(BadInput, match="--window-overlap must be 0 or a positive"):
         split_long([whole], tokenizer, TEMPLATE, 300, -1)
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the characters each call encodes, and otherwise is the real one."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.calls: list[int] = []
+
+    def __call__(self, text: Any, **kwargs: Any) -> Any:
+        self.calls.append(sum(map(len, text)) if isinstance(text, list) else len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("sentence_ends", [True, False])
+def test_the_tokenizer_work_grows_with_the_text_not_its_square(tokenizer: Any, sentence_ends: bool) -> None:
+    """A long text, even one long sentence, costs each window probes about its own size: the characters encoded per
+    character of text stay the same from 10,000 to 30,000 characters (probing the rest of the text from each window
+    would triple them), and no probe is much larger than a window."""
+    per_character = []
+    for chars in (10_000, 30_000):
+        text = chinese_text(chars, seed=2)
+        if not sentence_ends:
+            text = "".join(c for c in text if c not in SENTENCE_ENDS)
+        counting = CountingTokenizer(tokenizer)
+        done = split_long([record(text)], counting, TEMPLATE, 512)
+        assert done.windows >= 20 and (done.token_cut == []) == sentence_ends
+        first, *probes = counting.calls
+        assert first >= len(text)  # the whole prompt, measured once to see it is too long
+        assert max(probes) <= 8 * 4 * 512
+        per_character.append(sum(probes) / len(text))
+    assert per_character[1] <= 1.25 * per_character[0], per_character
