@@ -53,16 +53,16 @@ def error_line(record: PromptRecord, reason: str) -> dict[str, Any]:
     return line
 
 
-WINDOW_FIELDS = ("key", "output", "raw_output", "parsed", "parse_error", "error")
-"""What a split record's line keeps of each window's own line in its `windows` entries (with the window's place in
-the text): the rest, id, instruction and the input's fields, is the window's prompt, rebuilt from the input on
---resume (unfolded_lines)."""
+WINDOW_FIELDS = ("key", "raw_output", "parse_error", "error")
+"""What a split record's line keeps of each window's own line in its `windows` entries, with the window's place in
+the text: the model's text (or why there is none), from which --resume rebuilds the window's line (unfolded_lines);
+its parsed answer is in the record's merge, and each window's would only repeat it."""
 
 
 def folded_line(whole: PromptRecord, windows: list[PromptRecord], lines: list[dict[str, Any]]) -> dict[str, Any]:
     """The line of a record whose text was split into windows (extract/windows.py): the record's own fields and
     instruction, its answer the merge of the windows' answers (answers.merge_outputs, duplicates removed by the
-    scorer's rule), and `windows`, each window's place (`start`, `end`: characters of the text) and its own answer.
+    scorer's rule), and `windows`, each window's place (`start`, `end`: characters of the text) and its own text.
 
     A window with no answer (out of memory) makes the record's line an `error` line, so that --resume runs that
     window again; windows whose answer is no JSON are listed in `failed_windows`, and with none parsed the line's
@@ -99,8 +99,12 @@ def _place(window: PromptRecord) -> dict[str, int]:
 
 def unfolded_lines(line: dict[str, Any], windows: list[PromptRecord]) -> list[dict[str, Any]] | None:
     """The windows' own lines, rebuilt from a split record's line (folded_line) and the windows this run cut the
-    record's text into; None when they are not the same windows (another plan, overlap or input)."""
+    record's text into: each answer parsed again from its text, as the run parsed it. None when they are not the
+    same record (its id or instruction changed) or not the same windows (another plan, overlap or input)."""
     entries = line.get("windows")
+    whole = windows[0].window.whole if windows and windows[0].window else None
+    if whole is None or (line.get("id"), line.get("instruction")) != (whole.id, whole.instruction):
+        return None
     if not isinstance(entries, list) or len(entries) != len(windows):
         return None
     found = []
@@ -109,7 +113,13 @@ def unfolded_lines(line: dict[str, Any], windows: list[PromptRecord]) -> list[di
             return None
         if {name: entry.get(name) for name in ("start", "end")} != _place(window):
             return None
-        found.append({**_base_line(window), **{name: entry[name] for name in WINDOW_FIELDS if name in entry}})
+        if isinstance(entry.get("error"), str):
+            found.append(error_line(window, entry["error"]))
+        elif isinstance(entry.get("raw_output"), str):
+            raw = entry["raw_output"]
+            found.append(answer_line(window, raw, *answers.parse_output(window.task, raw)))
+        else:
+            return None
     return found
 
 

@@ -249,9 +249,9 @@ class RunOutput:
         unfolded = unfolded_lines(line, windows[key])
         if unfolded is None:
             raise BadInput(
-                f"{self.output}: its line for key {key} was split into other windows than this run splits the text "
-                "into: resume with the same profile (its max_input_tokens), --window-overlap and input, or use a new "
-                "--output"
+                f"{self.output}: its line for key {key} was written for another prompt (different id or instruction) "
+                "or split into other windows than this run's: resume only with the same input, schema, language, "
+                "profile (its max_input_tokens) and --window-overlap, or use a new --output"
             )
         for window in unfolded:
             self.done[window["key"]] = window

@@ -10,9 +10,10 @@ its `input`, and it is measured as the runner will run it: the whole prompt enco
    number of sentences (each probe encodes one candidate prompt, so a book costs a few probes per window).
 3. A sentence longer than a window is cut at the token boundary nearest the limit (the tokenizer's own offsets),
    never inside a word of a spaced script (a Chinese text has no spaces: any character boundary is a word boundary)
-   nor between a character and its combining marks; Python strings index whole code points, so no multi-byte
-   character is ever split.
-4. The next window starts `overlap` before the end: by default at the last whole sentence of the window, or, with
+   nor between a character and its marks, unless one word is longer than a window (a URL, a run of digits); Python
+   strings index whole code points, so no multi-byte character is ever split.
+4. The next window starts `overlap` before the end: by default at the last whole sentence of the window (where the
+   window ends inside a sentence longer than a window: its last min(64, room / 8) tokens, token_overlap), or, with
    --window-overlap N, at the earliest sentence start (else token boundary) whose remaining text is at most N tokens.
    An entity or a triple that straddles a cut is then seen whole in one window. Where the overlap would leave no
    room for new text, the next window starts at the end instead (no overlap there).
@@ -35,6 +36,7 @@ from oneke_plan.extract.inputs import PromptRecord, TextWindow
 from oneke_plan.extract.runner import encoded_prompts, prompt_tokens
 
 _SENTENCE_END = re.compile(r"(?:[。！？；]+|[.!?]+(?=\s))[”’」』）)\"']*\s*|\n\s*")
+_JOINERS = "\u200c\u200d\ufe0e\ufe0f"  # zero-width (non-)joiner, text and emoji variation selectors
 _CLOSED_SCRIPT = 0x2E80  # from here on (CJK radicals, kana, ideographs, Hangul): no spaces between words
 
 
@@ -47,11 +49,12 @@ def sentence_cuts(text: str) -> list[int]:
 
 def inside_word(text: str, at: int) -> bool:
     """Whether offset `at` falls inside a word of a spaced script (letters or digits on both sides, both below the
-    CJK blocks) or before a combining mark: no cut goes there."""
+    CJK blocks), before a mark (a combining accent, a Thai or Devanagari vowel sign) or next to a joiner or variation
+    selector: no cut goes there unless a word is longer than a window."""
     if not 0 < at < len(text):
         return False
     before, after = text[at - 1], text[at]
-    if unicodedata.combining(after):
+    if unicodedata.category(after).startswith("M") or after in _JOINERS or before in _JOINERS:
         return True
     spaced = ord(before) < _CLOSED_SCRIPT and ord(after) < _CLOSED_SCRIPT
     return spaced and before.isalnum() and after.isalnum()
@@ -85,6 +88,7 @@ class Windowed:
     windows: int = 0  # windows they became
     token_cut: list[str] = field(default_factory=list)  # keys of records with a sentence longer than a window
     overlap_dropped: int = 0  # cuts where the overlap left no room for new text
+    reencoded: int = 0  # prompts that fit once their instruction JSON was written without \u escapes
 
 
 PROBE_CHARS_PER_TOKEN = 4
@@ -103,6 +107,7 @@ class _Prompt:
         self.max_input_tokens = max_input_tokens
         self.fields = json.loads(record.instruction)
         self.probe_chars = PROBE_CHARS_PER_TOKEN * max_input_tokens
+        self.room = max_input_tokens - self.tokens("")  # tokens of text a window holds
 
     def tokens(self, text: str) -> int:
         return prompt_tokens(self.tokenizer, with_input(self.record, text, 0, fields=self.fields), self.template)
@@ -173,8 +178,12 @@ def split_windows(
             windowed.overlap_dropped += 1
             start = done
             end = _window_end(prompt, tokenizer, cuts, start, done, windowed)
-        if end is None:
-            raise RuntimeError(f"no window fits at character {done} of {prompt.record.key}")  # checked before
+        if end is None:  # one character takes more tokens than the room (an emoji's bytes, a rare CJK character)
+            raise BadInput(
+                f"prompt {prompt.record.key}: its text at character {done} ({text[done]!r}) does not fit in the "
+                f"{prompt.room} tokens a window leaves for text: re-plan with a larger --max-input-tokens, or use a "
+                "smaller --chunk-size or fewer --example items"
+            )
         found.append((start, end, done))
         if end < len(text):
             start = _next_start(prompt, tokenizer, cuts, start, end, overlap_tokens)
@@ -198,8 +207,10 @@ def _window_end(
     while True:
         stop = min(after[0], done + span)
         ends = [e for e in token_ends(tokenizer, text, done, stop) if e > done]
-        safe = [e for e in ends if not inside_word(text, e)] or ends
+        safe = [e for e in ends if not inside_word(text, e)]
         end = _largest(safe, lambda e: prompt.fits(start, e))
+        if end is None:  # a word longer than a window (a URL, a run of digits): cut inside it, at a token's end
+            end = _largest(ends, lambda e: prompt.fits(start, e))
         if end is None or end < stop or stop == after[0]:
             break
         span *= 2
@@ -215,7 +226,10 @@ def _next_start(
     text = prompt.record.text
     inside = cuts[bisect.bisect_right(cuts, start) : bisect.bisect_left(cuts, end)]
     if overlap_tokens is None:
-        return inside[-1] if inside else end  # the window's last whole sentence
+        at = bisect.bisect_left(cuts, end)
+        if inside and at < len(cuts) and cuts[at] == end:
+            return inside[-1]  # the window's last whole sentence
+        overlap_tokens = token_overlap(prompt.room)  # it ends inside a sentence: its last tokens
     if overlap_tokens == 0:
         return end
     starts = [first for first, _ in token_spans(tokenizer, text, start, end)]
@@ -230,6 +244,12 @@ def _next_start(
         if candidate > start and tail_tokens(candidate) <= overlap_tokens and not inside_word(text, candidate):
             return candidate
     return end
+
+
+def token_overlap(room: int) -> int:
+    """The default overlap, in tokens, after a window that ends inside a sentence (one longer than a window): an
+    eighth of the window's room for text, at most 64 tokens."""
+    return min(64, room // 8)
 
 
 def check_overlap(overlap_tokens: int | None) -> int | None:
@@ -257,7 +277,7 @@ def split_long(
             windowed.records.append(record)
             continue
         prompt = _Prompt(record, tokenizer, template, max_input_tokens)
-        bare = prompt.tokens("")
+        bare = max_input_tokens - prompt.room
         if bare >= max_input_tokens:
             raise BadInput(
                 f"prompt {record.key}: without any input text it already takes {bare} tokens, "
@@ -265,7 +285,7 @@ def split_long(
                 "one token of text: re-plan with a larger --max-input-tokens, or use a smaller --chunk-size or "
                 "fewer --example items"
             )
-        room = max_input_tokens - bare
+        room = prompt.room
         if overlap_tokens is not None and overlap_tokens >= room:
             raise BadInput(
                 f"--window-overlap {overlap_tokens} is not smaller than a window: prompt {record.key}'s template, "
@@ -275,20 +295,32 @@ def split_long(
         for number, (start, end, new_from) in enumerate(spans, 1):
             where = TextWindow(record, number, len(spans), start, end, new_from)
             windowed.records.append(with_input(record, record.text[start:end], number, where, prompt.fields))
-        windowed.split += 1
-        windowed.windows += len(spans)
+        if len(spans) == 1:  # the instruction fits once written without \u escapes (ensure_ascii=True)
+            windowed.reencoded += 1
+        else:
+            windowed.split += 1
+            windowed.windows += len(spans)
     return windowed
 
 
 def summary(windowed: Windowed) -> list[str]:
     """What splitting did, as notes for the run's report (nothing when no record was split)."""
+    notes = []
+    if windowed.reencoded:
+        notes.append(
+            f"--split-long: {windowed.reencoded} prompts fit once their instruction JSON is written without \\u "
+            "escapes (as the authors write it), in one window"
+        )
     if not windowed.split:
-        return []
-    notes = [f"--split-long: {windowed.split} long texts became {windowed.windows} windows"]
+        return notes
+    notes.append(
+        f"--split-long: {windowed.split} prompts too long for the plan (a text per schema chunk) became "
+        f"{windowed.windows} windows"
+    )
     if windowed.token_cut:
         keys = ", ".join(windowed.token_cut[:5]) + (" ..." if len(windowed.token_cut) > 5 else "")
         notes.append(
-            f"{len(windowed.token_cut)} texts have a sentence longer than a window, cut at token boundaries "
+            f"{len(windowed.token_cut)} prompts have a sentence longer than a window, cut at token boundaries "
             f"(prompts {keys})"
         )
     if windowed.overlap_dropped:

@@ -12,12 +12,14 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from transformers import AutoTokenizer
 
+from oneke_plan.core.errors import BadInput
 from oneke_plan.extract.batching import Encoded
 from oneke_plan.extract.inputs import PromptRecord, read_raw
 from oneke_plan.extract.outputs import RunOutput
@@ -113,10 +115,10 @@ def test_a_long_document_split_and_merged_scores_100(tokenizer: Any, tmp_path: P
     # ... and several windows answer the same triple, which must count once
     lines = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     found = Counter(
-        (relation, item["head"], item["tail"])
+        (relation, item["subject"], item["object"])
         for line in lines
         for window in line.get("windows", [])
-        for relation, items in window["parsed"].items()
+        for relation, items in json.loads(window["raw_output"]).items()
         for item in items
     )
     assert max(found.values()) >= 2 and len(found) == len(gold)
@@ -141,7 +143,7 @@ def test_without_overlap_the_straddling_triples_are_lost(tokenizer: Any, tmp_pat
 
 
 def test_an_interrupted_split_run_resumes_window_by_window(tokenizer: Any, tmp_path: Path) -> None:
-    _, windows, gold = windowed_records(tokenizer, tmp_path)
+    records, windows, gold = windowed_records(tokenizer, tmp_path)
     whole = tmp_path / "whole.jsonl"
     answer(tokenizer, windows, ScriptedDecoder(tokenizer, gold), whole, "new")
     output = tmp_path / "out.jsonl"
@@ -152,6 +154,11 @@ def test_an_interrupted_split_run_resumes_window_by_window(tokenizer: Any, tmp_p
     pending = answer(tokenizer, windows, resumed, output, "resume")
     assert len(pending) == len(resumed.asked) == len(windows) - 7
     assert output.read_bytes() == whole.read_bytes()
+    # an edited text (one name changed, same length, same id and keys): refused, not resumed from the old answers
+    old, new = gold[0]["head"], "人丙丁"
+    edited = [replace(r, instruction=r.instruction.replace(old, new), text=r.text.replace(old, new)) for r in records]
+    with pytest.raises(BadInput, match="written for another prompt"):
+        answer(tokenizer, split_long(edited, tokenizer, "llama2_zh", LIMIT).records, resumed, output, "resume")
     # a complete output is resumed from its split lines: nothing is asked again
     again = ScriptedDecoder(tokenizer, gold)
     assert answer(tokenizer, windows, again, output, "resume") == [] and again.asked == []

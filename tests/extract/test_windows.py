@@ -70,6 +70,8 @@ def test_inside_word() -> None:
     assert inside_word("hello world", 2) and not inside_word("hello world", 5) and not inside_word("hello world", 6)
     assert not inside_word("中文文本", 2)  # no spaces in Chinese: any character boundary is a word boundary
     assert inside_word("cafe\u0301", 4)  # never between a letter and its combining accent
+    assert inside_word("\u0e01\u0e47", 1)  # nor before a Thai vowel sign (a mark, though not "combining")
+    assert inside_word("\U0001f469\u200d\U0001f4bb", 1) and inside_word("\u2764\ufe0f", 1)  # joiners, selectors
 
 
 def test_a_prompt_that_fits_is_left_as_it_is(tokenizer: Any) -> None:
@@ -115,6 +117,29 @@ def test_a_text_without_sentence_ends_is_cut_at_tokens_outside_words(tokenizer: 
         assert window.window is not None and not inside_word(text, window.window.end)
 
 
+def test_the_default_overlap_inside_a_long_sentence_is_its_last_tokens(tokenizer: Any) -> None:
+    """Where a window ends inside a sentence, no sentence can be repeated: the next starts with the window's last
+    tokens instead (min(64, an eighth of the room)), so what straddles that cut is seen whole too."""
+    text = "".join(c for c in chinese_text(6000, seed=4) if c not in SENTENCE_ENDS)
+    whole = record(text)
+    done = split_long([whole], tokenizer, TEMPLATE, 400)
+    check_windows(tokenizer, whole, done.records, 400)
+    room = 400 - tokens(tokenizer, with_input(whole, "", 0).instruction)
+    for window, after in zip(done.records, done.records[1:], strict=False):
+        assert window.window is not None and after.window is not None
+        shared = text[after.window.start : window.window.end]
+        assert 0 < len(tokenizer(shared, add_special_tokens=False)["input_ids"]) <= min(64, room // 8) + 1
+
+
+def test_a_word_longer_than_a_window_is_cut_inside_it(tokenizer: Any) -> None:
+    """A URL (or any run of letters) longer than a window can only be cut inside: at a token's end, said once."""
+    text = "See http://example.org/" + "abcdefgh" * 800 + " for more. Then it ends here."
+    whole = record(text, schema=["person"], lang="en")
+    done = split_long([whole], tokenizer, TEMPLATE, 300, 0)
+    check_windows(tokenizer, whole, done.records, 300)
+    assert done.token_cut == ["7"]
+
+
 def test_converted_lines_keep_the_authors_instruction(tokenizer: Any, deepke_dir: Path) -> None:
     """A converted line's instruction is rebuilt with its keys in order and ensure_ascii=False: with its own text
     it is byte for byte the file's."""
@@ -139,6 +164,16 @@ def test_no_room_for_text_is_one_line_with_the_numbers(tokenizer: Any) -> None:
         split_long([whole], tokenizer, TEMPLATE, bare - 5)
     assert f"it already takes {bare} tokens, 6 more than the plan's max_input_tokens ({bare - 5})" in str(refused.value)
     assert "--max-input-tokens" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_character_larger_than_the_room_is_one_line(smollm2_dir: Path) -> None:
+    """Room for one token of text, and a text of emoji, each several byte tokens: no window can hold a character."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    whole = record("\U0001f600" * 200)
+    bare = tokens(tokenizer, with_input(whole, "", 0).instruction)
+    assert len(tokenizer("\U0001f600", add_special_tokens=False)["input_ids"]) > 1
+    with pytest.raises(BadInput, match=r"its text at character 0 \('\U0001f600'\) does not fit in the 1 tokens"):
+        split_long([whole], tokenizer, TEMPLATE, bare + 1)
 
 
 def test_an_overlap_as_large_as_a_window_is_refused(tokenizer: Any) -> None:

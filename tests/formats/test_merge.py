@@ -2,7 +2,9 @@
 predict counts once in the merged answer.
 
 Checked by an independent route, the scorer (score.predicted_items): the merged answer's items, as a multiset, are
-the distinct items of the answers merged, each exactly once. The merge keeps no copy of the scorer's reading.
+the distinct items of the answers merged, each exactly once. The two share only the accessors of formats/answers.py
+(pair_ends, event_trigger, argument_text, is_kg_empty: which field is a head, a trigger); what counts as one item is
+the scorer's own tuples.
 """
 
 from __future__ import annotations
