@@ -57,6 +57,11 @@ def score_table(summary: dict[str, Any]) -> str:
     lines = [format_table(header, rows, right=range(2, 9)), ""]
     for task, score in summary["tasks"].items():
         lines.append(f"{task}: {error_text(score['errors'], score['prompts'], score['unanswered'])}")
+        if score["windows"]:
+            lines.append(
+                f"{task}: {score['failed_windows']} of the {score['windows']} windows of split prompts gave no answer "
+                "or one that is not JSON (their prompts' merged answers leave them out)"
+            )
     return "\n".join(lines)
 
 

@@ -115,6 +115,8 @@ class TaskScore:
     prompts: int = 0  # prompt lines (merged lines are not)
     errors: int = 0  # prompt lines whose output is not a JSON object (the authors' evaluator's "错误数")
     unanswered: int = 0  # prompts oneke-run could not answer (lines with `error`; counted in errors too)
+    windows: int = 0  # windows of split lines (oneke-run --split-long): each line is one prompt above
+    failed_windows: int = 0  # of those, windows whose answer is not JSON or that got none (left out of the merge)
 
     def counts(self) -> dict[str, Counts]:
         totals = {part: Counts() for part in PARTS[self.task]}
@@ -129,6 +131,8 @@ class TaskScore:
             "prompts": self.prompts,
             "errors": self.errors,
             "unanswered": self.unanswered,
+            "windows": self.windows,
+            "failed_windows": self.failed_windows,
             "parts": {part: counts.summary() for part, counts in self.counts().items()},
         }
 
@@ -156,6 +160,11 @@ def score_file(path: str | os.PathLike[str], task: str | None = None) -> dict[st
         score.prompts += 1
         score.errors += not ok
         score.unanswered += "error" in line
+        windows = line.get("windows")
+        if isinstance(windows, list):  # a split line: its answer merges its windows', some of which may have failed
+            score.windows += len(windows)
+            failed = [w for w in windows if isinstance(w, dict) and ("parse_error" in w or "error" in w)]
+            score.failed_windows += len(failed)
         record.answers.append(Answer(answer_text(line), ok, items))
         for part, found in items.items():
             record.pred.setdefault(part, []).extend(found)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
+from oneke_plan.cli.score import main as score_main
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract.batching import Encoded
 from oneke_plan.extract.inputs import PromptRecord, read_raw
@@ -63,8 +64,10 @@ def instruction_of(tokenizer: Any, ids: Sequence[int]) -> dict[str, Any]:
 class ScriptedDecoder:
     """Answers each prompt with the gold triples of its schema whose head and tail it sees whole in its input."""
 
-    def __init__(self, tokenizer: Any, gold: list[dict[str, str]], stop_after: int | None = None) -> None:
-        self.tokenizer, self.gold, self.stop_after = tokenizer, gold, stop_after
+    def __init__(
+        self, tokenizer: Any, gold: list[dict[str, str]], stop_after: int | None = None, garbled: int | None = None
+    ) -> None:
+        self.tokenizer, self.gold, self.stop_after, self.garbled = tokenizer, gold, stop_after, garbled
         self.in_flight: set[int] = set()
         self.asked: list[str] = []
 
@@ -79,6 +82,8 @@ class ScriptedDecoder:
                 if triple["relation"] in answer and triple["head"] in seen["input"] and triple["tail"] in seen["input"]:
                     answer[triple["relation"]].append({"subject": triple["head"], "object": triple["tail"]})
             text = json.dumps(answer, ensure_ascii=False)
+            if len(self.asked) - 1 == self.garbled:  # this one answers with no JSON
+                text = "I cannot tell."
             yield item.index, self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -140,6 +145,22 @@ def test_without_overlap_the_straddling_triples_are_lost(tokenizer: Any, tmp_pat
     answer(tokenizer, windows, ScriptedDecoder(tokenizer, gold), output, "new")
     triples = score_file(output)["RE"].counts()["triple"]
     assert triples.tp == triples.pred < len(gold)
+
+
+def test_oneke_score_says_which_windows_gave_no_answer(
+    tokenizer: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, windows, gold = windowed_records(tokenizer, tmp_path)
+    output = tmp_path / "out.jsonl"
+    answer(tokenizer, windows, ScriptedDecoder(tokenizer, gold, garbled=3), output, "new")
+    lines = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    entries = [w for line in lines for w in line.get("windows", [])]
+    assert [w["raw_output"] for w in entries if "parse_error" in w] == ["I cannot tell."]
+    assert sum("failed_windows" in line for line in lines) == 1
+    score = score_file(output)["RE"].summary()
+    assert (score["errors"], score["failed_windows"], score["windows"]) == (0, 1, len(windows))
+    assert score_main([str(output)]) == 0
+    assert f"RE: 1 of the {len(windows)} windows of split prompts gave no answer" in capsys.readouterr().out
 
 
 def test_an_interrupted_split_run_resumes_window_by_window(tokenizer: Any, tmp_path: Path) -> None:
