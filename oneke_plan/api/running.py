@@ -177,14 +177,14 @@ def _windows(
     context: RunContext, records: list[PromptRecord], options: RunOptions, report: Report
 ) -> tuple[list[PromptRecord], tuple[Any, list[int]] | None]:
     """The records with long texts split (--split-long), and the checked tokenizer that measured them (None without
-    --split-long), which the engine's start then reuses."""
-    if not options.split_long:
-        return windowed(records, None, context.profile, False, options.window_overlap, report), None
-    from oneke_plan.extract.engines import checked_tokenizer
+    --split-long), which the engine's start then reuses instead of loading and checking it again."""
+    checked = None
+    if options.split_long:
+        from oneke_plan.extract.engines import checked_tokenizer
 
-    checked = checked_tokenizer(context.profile, context.source, context.trust_remote_code)
-    split = windowed(records, checked[0], context.profile, True, options.window_overlap, report)
-    return split, checked
+        checked = checked_tokenizer(context.profile, context.source, context.trust_remote_code)
+    tokenizer = checked[0] if checked else None
+    return windowed(records, tokenizer, context.profile, options.split_long, options.window_overlap, report), checked
 
 
 def _answer(

@@ -376,15 +376,16 @@ def vllm_decoder(
     note: Callable[[str], None],
     settings: VllmSettings | None = None,
     checked: Callable[[], None] = lambda: None,
+    tokenizer_checked: tuple[Any, list[int]] | None = None,
 ) -> tuple[VllmDecoder, Any]:
     """The vllm engine for a run: the tokenizer checked and loaded as for hf (the runner encodes and decodes with
     it), the profile's translation (`settings`, the check's; made here when not given) fitted to the installed
     vLLM (its notes and the engine arguments go to `note`), vLLM started; the answers end at the same EOS ids as
     the hf engine's and the template's stop words (generation.end_token_ids). `checked` is called once every check
-    has passed, as vLLM starts."""
+    has passed, as vLLM starts. `tokenizer_checked`: checked_tokenizer's answer, when the run already has it."""
     from oneke_plan.extract.generation import end_token_ids
 
-    tokenizer, stop_ids = checked_tokenizer(profile, source, trust_remote_code)  # before vLLM starts
+    tokenizer, stop_ids = tokenizer_checked or checked_tokenizer(profile, source, trust_remote_code)  # before vLLM
     translated = settings if settings is not None else _check_vllm(profile, source, trust_remote_code)
     fitted = plan_for_vllm(translated, profile, batch_size, installed_engine_arguments())
     check_quantization_method(fitted)
@@ -409,6 +410,7 @@ def _start_vllm(run: EngineRun, prepared: VllmSettings, report: EngineReport) ->
         report.note,
         prepared,
         report.checks_passed,
+        run.checked,
     )
     return Started(decoder, tokenizer, decoder.close)
 

@@ -34,6 +34,7 @@ from typing import Any
 from oneke_plan.core.errors import BadInput
 from oneke_plan.extract.inputs import PromptRecord, TextWindow
 from oneke_plan.extract.runner import encoded_prompts, prompt_tokens
+from oneke_plan.io import jsonfile
 
 _SENTENCE_END = re.compile(r"(?:[。！？；]+|[.!?]+(?=\s))[”’」』）)\"']*\s*|\n\s*")
 _JOINERS = "\u200c\u200d\ufe0e\ufe0f"  # zero-width (non-)joiner, text and emoji variation selectors
@@ -84,11 +85,26 @@ class Windowed:
     """Records with every long one replaced by its windows (in place, in order), and what was done."""
 
     records: list[PromptRecord]
-    split: int = 0  # records split
-    windows: int = 0  # windows they became
     token_cut: list[str] = field(default_factory=list)  # keys of records with a sentence longer than a window
     overlap_dropped: int = 0  # cuts where the overlap left no room for new text
-    reencoded: int = 0  # prompts that fit once their instruction JSON was written without \u escapes
+
+    def _windows(self, split: bool) -> list[PromptRecord]:
+        return [r for r in self.records if r.window is not None and (r.window.count > 1) == split]
+
+    @property
+    def windows(self) -> int:
+        """Windows of the prompts split in several."""
+        return len(self._windows(True))
+
+    @property
+    def split(self) -> int:
+        """Prompts split in several windows."""
+        return sum(1 for r in self._windows(True) if r.window is not None and r.window.number == 1)
+
+    @property
+    def reencoded(self) -> int:
+        """Prompts in one window: they fit once their instruction JSON was written without \\u escapes."""
+        return len(self._windows(False))
 
 
 PROBE_CHARS_PER_TOKEN = 4
@@ -105,7 +121,7 @@ class _Prompt:
     def __init__(self, record: PromptRecord, tokenizer: Any, template: str, max_input_tokens: int) -> None:
         self.record, self.tokenizer, self.template = record, tokenizer, template
         self.max_input_tokens = max_input_tokens
-        self.fields = json.loads(record.instruction)
+        self.fields = jsonfile.loads(record.instruction)  # read as the input reader read it (inputs.py)
         self.probe_chars = PROBE_CHARS_PER_TOKEN * max_input_tokens
         self.room = max_input_tokens - self.tokens("")  # tokens of text a window holds
 
@@ -132,7 +148,7 @@ def with_input(
     """`record` with `text` as its input: the instruction JSON (`fields`: already decoded) written again with the
     same keys in the same order and ensure_ascii=False, as the authors write it (oneke.make_instruction); key
     KEY#wN for window N."""
-    instruction = dict(fields if fields is not None else json.loads(record.instruction))
+    instruction = dict(fields if fields is not None else jsonfile.loads(record.instruction))
     instruction["input"] = text
     return PromptRecord(
         key=f"{record.key}#w{number}",
@@ -268,7 +284,10 @@ def split_long(
 ) -> Windowed:
     """`records`, each whose prompt has more than `max_input_tokens` tokens replaced by its windows (module
     docstring). BadInput when the prompt without any text is already too long, or the overlap is not smaller than
-    the text a window holds."""
+    the text a window holds.
+
+    Every prompt is encoded here to find the long ones, and the runner encodes the ones it runs again: keeping the
+    ids of a whole corpus between the two would hold what encoded_prompts encodes slice by slice so as not to hold."""
     overlap_tokens = check_overlap(overlap_tokens)
     windowed = Windowed([])
     lengths = {item.index: len(item.ids) for item in encoded_prompts(tokenizer, records, template)}
@@ -295,11 +314,6 @@ def split_long(
         for number, (start, end, new_from) in enumerate(spans, 1):
             where = TextWindow(record, number, len(spans), start, end, new_from)
             windowed.records.append(with_input(record, record.text[start:end], number, where, prompt.fields))
-        if len(spans) == 1:  # the instruction fits once written without \u escapes (ensure_ascii=True)
-            windowed.reencoded += 1
-        else:
-            windowed.split += 1
-            windowed.windows += len(spans)
     return windowed
 
 
